@@ -1,0 +1,48 @@
+"""The desired-state format of the reconciler (SPEC §2): reading, checking, its schema.
+
+This package knows nothing of the reconciler: it turns YAML files into
+:class:`EnvironmentSpec` objects and :class:`FileError` lists.
+"""
+
+from .durations import format_duration, parse_duration
+from .errors import FileError
+from .loader import (
+    DesiredState,
+    ParsedFile,
+    assemble,
+    is_environment_file,
+    load_directory,
+    load_files,
+    parse_environment_file,
+)
+from .models import (
+    NAME_RE,
+    SERVICE_RE,
+    VERSION_RE,
+    EnvironmentSpec,
+    Service,
+    Strategy,
+    Window,
+)
+from .schema import json_schema
+
+__all__ = [
+    "NAME_RE",
+    "SERVICE_RE",
+    "VERSION_RE",
+    "DesiredState",
+    "EnvironmentSpec",
+    "FileError",
+    "ParsedFile",
+    "Service",
+    "Strategy",
+    "Window",
+    "assemble",
+    "format_duration",
+    "is_environment_file",
+    "json_schema",
+    "load_directory",
+    "load_files",
+    "parse_duration",
+    "parse_environment_file",
+]

@@ -1,0 +1,485 @@
+"""`reconciler` command line (SPEC §7): parse, call one function, print.
+
+Exit status: 0 success, 1 a failure the command reports, 2 bad usage or configuration.
+Errors are one sentence on stderr; set RECONCILER_DEBUG=1 to see a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import sys
+from collections.abc import Callable, Coroutine, Mapping
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import click
+from sqlalchemy.exc import SQLAlchemyError
+
+from desired_state import DesiredState, json_schema, load_directory, parse_duration
+from reconciler import operations as ops
+from reconciler.config import Config, ConfigError, config_path, load_config
+from reconciler.logs import setup_logging
+from reconciler.output import (
+    DEPLOYMENT_COLUMNS,
+    decisions_table,
+    deployments_table,
+    print_csv,
+    print_json,
+    show_deployment,
+)
+from reconciler.source import SourceError
+from reconciler.store import STATUSES, StoreError
+
+T = TypeVar("T")
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    click.echo(f"reconciler: {message}", err=True)
+    sys.exit(code)
+
+
+class Group(click.Group):
+    """Turns every expected failure into one line on stderr and the SPEC's exit status."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except ConfigError as exc:
+            fail(str(exc), 2)
+        except ops.OperationError as exc:
+            fail(str(exc), exc.code)
+        except SourceError as exc:
+            fail(str(exc), 1)
+        except StoreError as exc:
+            fail(str(exc), 1)
+        except SQLAlchemyError as exc:
+            if os.environ.get("RECONCILER_DEBUG"):
+                raise
+            fail(
+                f"database error: {str(exc.orig if hasattr(exc, 'orig') and exc.orig else exc).splitlines()[0]}",
+                1,
+            )
+        except (
+            click.exceptions.Exit,
+            click.ClickException,
+            click.Abort,
+            SystemExit,
+            KeyboardInterrupt,
+        ):
+            raise
+        except Exception as exc:
+            if os.environ.get("RECONCILER_DEBUG"):
+                raise
+            fail(
+                f"internal error: {type(exc).__name__}: {exc} (set RECONCILER_DEBUG=1 for details)",
+                1,
+            )
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coro)
+
+
+def cfg(ctx: click.Context) -> Config:
+    obj: dict[str, Any] = ctx.ensure_object(dict)
+    if "config" not in obj:
+        obj["config"] = load_config(obj.get("config_path"))
+    config: Config = obj["config"]
+    return config
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Daemon configuration (default: $RECONCILER_CONFIG, else /etc/reconciler/reconciler.toml).",
+)
+@click.version_option(package_name="reconciler")
+@click.pass_context
+def main(ctx: click.Context, config_path: str | None) -> None:
+    """GitOps reconciler: git desired state in, recorded deployments out."""
+    ctx.ensure_object(dict)["config_path"] = config_path
+
+
+# ---- the daemon ----------------------------------------------------------------------
+
+
+@main.command("run")
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default=None,
+    help="Log line format (default: text, key=value).",
+)
+@click.pass_context
+def run_cmd(ctx: click.Context, log_format: str | None) -> None:
+    """Run the daemon in the foreground (what systemd starts)."""
+    from reconciler.daemon import run_daemon
+    from reconciler.lock import AlreadyRunning
+
+    config = cfg(ctx)
+    setup_logging(log_format or "text")
+    try:
+        run_daemon(config)
+    except AlreadyRunning as exc:
+        pid = exc.args[0]
+        fail(
+            f"another reconciler daemon{f' (pid {pid})' if pid else ''} uses {config.state_dir}", 2
+        )
+
+
+# ---- reconciling ---------------------------------------------------------------------
+
+
+def _progress_printer() -> Callable[[int, Mapping[str, Any]], None]:
+    def show(dep_id: int, ev: Mapping[str, Any]) -> None:
+        pct = f"{ev['percent']:>3}% " if ev.get("percent") is not None else ""
+        click.echo(f"  #{dep_id} {ev.get('status', '')}: {pct}{ev.get('message', '')}", err=True)
+
+    return show
+
+
+@main.command("sync")
+@click.option("--env", "environment", help="Only this environment.")
+@click.option(
+    "--service", help="Only this service (with --env): also retries a version that gave up."
+)
+@click.option(
+    "--wait/--no-wait", default=True, help="Wait for the deployments (standalone always waits)."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the deployments as JSON.")
+@click.pass_context
+def sync_cmd(
+    ctx: click.Context, environment: str | None, service: str | None, wait: bool, as_json: bool
+) -> None:
+    """Reconcile now; exit 1 if any deployment failed."""
+    if service and not environment:
+        raise click.UsageError("--service needs --env")
+    config = cfg(ctx)
+    report = run(
+        ops.sync(
+            config,
+            environment=environment,
+            service=service,
+            listener=None if as_json else _progress_printer(),
+        )
+    )
+    if report.delegated_to is not None:
+        click.echo(f"asked the running daemon (pid {report.delegated_to}) to sync", err=True)
+        return
+    outcome = report.outcome
+    if outcome.result == "failed":
+        fail(outcome.message or "sync failed")
+    if as_json:
+        print_json(
+            {
+                "sync_id": outcome.sync_id,
+                "commit": outcome.commit,
+                "result": outcome.result,
+                "environments_changed": outcome.environments_changed,
+                "errors": outcome.errors,
+                "deployments": [d.to_json() for d in report.deployments],
+            }
+        )
+    else:
+        for err in outcome.errors:
+            click.echo(err, err=True)
+        if report.deployments:
+            deployments_table(report.deployments)
+        else:
+            click.echo(f"nothing to deploy at {(outcome.commit or '')[:9]}")
+    if report.failed or outcome.errors:
+        sys.exit(1)
+
+
+@main.command("plan")
+@click.option("--env", "environment", help="Only this environment.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def plan_cmd(ctx: click.Context, environment: str | None, as_json: bool) -> None:
+    """What a sync would do now, doing nothing."""
+    engine, decisions = run(ops.decisions(cfg(ctx), fetch=True, environment=environment))
+    actions = [d for d in decisions if d.state not in ("synced",)]
+    if as_json:
+        print_json([d.to_json() for d in actions])
+        return
+    if not actions:
+        click.echo(f"everything is in sync at {engine.commit.sha[:9] if engine.commit else '-'}")
+        return
+    decisions_table(actions, engine.commit.sha if engine.commit else None)
+
+
+@main.command("status")
+@click.option("--env", "environment", help="Only this environment.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def status_cmd(ctx: click.Context, environment: str | None, as_json: bool) -> None:
+    """Per service: desired, deployed, state, last commit."""
+    engine, decisions = run(ops.decisions(cfg(ctx), fetch=False, environment=environment))
+    commit = engine.commit.sha if engine.commit else None
+    if as_json:
+        print_json(
+            [
+                {
+                    "environment": d.environment,
+                    "service": d.service,
+                    "desired": d.desired,
+                    "deployed": d.deployed,
+                    "state": d.state,
+                    "commit": commit,
+                    "last_deployment_id": d.last_deployment_id,
+                    "message": d.message or None,
+                }
+                for d in decisions
+            ]
+        )
+        return
+    if commit is None:
+        click.echo("no sync recorded yet: run `reconciler sync` or start the daemon", err=True)
+    decisions_table(decisions, commit)
+
+
+# ---- validating ----------------------------------------------------------------------
+
+
+@main.command("validate")
+@click.argument("directory", required=False, type=click.Path(exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the errors as JSON.")
+@click.pass_context
+def validate_cmd(ctx: click.Context, directory: str | None, as_json: bool) -> None:
+    """Check a desired-state folder (default: the configured repository at its branch head)."""
+    state: DesiredState
+    if directory is not None:
+        providers = _known_providers(ctx)
+        state = load_directory(Path(directory), providers)
+    else:
+        engine, _ = run(ops.decisions(cfg(ctx), fetch=True))
+        assert engine.desired is not None
+        state = engine.desired
+    if as_json:
+        print_json(
+            {
+                "environments": sorted(state.environments),
+                "errors": [e.to_dict() for e in state.errors],
+            }
+        )
+    else:
+        for err in state.errors:
+            click.echo(str(err), err=True)
+        files = len(state.sources) + len(state.broken_files)
+        click.echo(
+            f"{files} file{'s' if files != 1 else ''}, {len(state.environments)} valid "
+            f"environment{'s' if len(state.environments) != 1 else ''}, {len(state.errors)} "
+            f"error{'s' if len(state.errors) != 1 else ''}"
+        )
+    if state.errors:
+        sys.exit(1)
+
+
+def _known_providers(ctx: click.Context) -> set[str] | None:
+    """Provider names to check against, when a configuration is at hand."""
+    obj = ctx.ensure_object(dict)
+    path = config_path(obj.get("config_path"), os.environ)
+    if obj.get("config_path") is None and not path.exists():
+        return None
+    return set(cfg(ctx).providers)
+
+
+@main.command("schema")
+def schema_cmd() -> None:
+    """Print the JSON Schema of the desired-state format."""
+    print_json(json_schema())
+
+
+# ---- history -------------------------------------------------------------------------
+
+
+def _since(value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    if re.fullmatch(r"\d+[smhd]?(\d+[smhd])*", value):
+        return datetime.now(UTC) - timedelta(seconds=parse_duration(value))
+    try:
+        t = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise click.BadParameter(
+            "use a time (2026-11-26T10:00:00Z, 2026-11-26) or an age (2h, 7d)"
+        ) from None
+    return t if t.tzinfo else t.replace(tzinfo=UTC)
+
+
+@main.command("history")
+@click.option("--env", "environment")
+@click.option("--service")
+@click.option("--status", type=click.Choice(sorted(STATUSES)))
+@click.option("--since", help="A time (2026-11-26T10:00:00Z) or an age (2h, 7d).")
+@click.option("--limit", type=click.IntRange(1, 100000), default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--csv", "as_csv", is_flag=True)
+@click.pass_context
+def history_cmd(
+    ctx: click.Context,
+    environment: str | None,
+    service: str | None,
+    status: str | None,
+    since: str | None,
+    limit: int,
+    as_json: bool,
+    as_csv: bool,
+) -> None:
+    """Deployments, newest first."""
+    if as_json and as_csv:
+        raise click.UsageError("choose one of --json and --csv")
+    store = ops.open_store(cfg(ctx))
+    records = store.history(
+        environment=environment, service=service, status=status, since=_since(since), limit=limit
+    )
+    if as_json:
+        print_json([r.to_json() for r in records])
+    elif as_csv:
+        print_csv([r.to_json() for r in records], DEPLOYMENT_COLUMNS)
+    elif records:
+        deployments_table(records)
+    else:
+        click.echo("no deployments match", err=True)
+
+
+@main.command("show")
+@click.argument("deployment_id", type=int)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def show_cmd(ctx: click.Context, deployment_id: int, as_json: bool) -> None:
+    """One deployment, its progress timeline and log."""
+    store = ops.open_store(cfg(ctx))
+    record = store.get_deployment(deployment_id, with_progress=True, with_log=True)
+    if record is None:
+        fail(f"no deployment {deployment_id}")
+    if as_json:
+        print_json(record.to_json())
+    else:
+        show_deployment(record)
+
+
+# ---- operator actions ----------------------------------------------------------------
+
+
+def _manual_warning(config: Config, environment: str) -> None:
+    suspended = environment in ops.open_store(config).suspended_environments()
+    if not suspended:
+        click.echo(
+            f"warning: {environment} is not suspended: git wins at the next sync "
+            f"(run `reconciler suspend --env {environment}` to keep this version)",
+            err=True,
+        )
+
+
+def _print_runs(records: list[Any], as_json: bool) -> None:
+    if as_json:
+        print_json([r.to_json() for r in records])
+    else:
+        deployments_table(records)
+    if any(r.status != "completed" for r in records):
+        sys.exit(1)
+
+
+@main.command("deploy")
+@click.option("--env", "environment", required=True)
+@click.option("--version", "version", required=True)
+@click.option(
+    "--service", "services", multiple=True, help="Default: every service of the environment."
+)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def deploy_cmd(
+    ctx: click.Context, environment: str, version: str, services: tuple[str, ...], as_json: bool
+) -> None:
+    """Deploy a version now (trigger `manual`)."""
+    from desired_state.models import VERSION_RE
+
+    if not re.fullmatch(VERSION_RE, version):
+        raise click.BadParameter(f"'{version}' is not a valid version", param_hint="--version")
+    config = cfg(ctx)
+    _manual_warning(config, environment)
+    records = run(
+        ops.deploy(
+            config,
+            environment=environment,
+            version=version,
+            services=services or None,
+            listener=None if as_json else _progress_printer(),
+        )
+    )
+    _print_runs(records, as_json)
+
+
+@main.command("rollback")
+@click.option("--env", "environment", required=True)
+@click.option("--service", required=True)
+@click.option("--to", "to_version", help="Default: the previous completed version.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def rollback_cmd(
+    ctx: click.Context, environment: str, service: str, to_version: str | None, as_json: bool
+) -> None:
+    """Deploy the previous (or given) completed version (trigger `rollback`)."""
+    config = cfg(ctx)
+    target = to_version or run(ops.rollback_target(config, environment, service))
+    _manual_warning(config, environment)
+    records = run(
+        ops.deploy(
+            config,
+            environment=environment,
+            version=target,
+            services=[service],
+            trigger="rollback",
+            listener=None if as_json else _progress_printer(),
+        )
+    )
+    _print_runs(records, as_json)
+
+
+@main.command("suspend")
+@click.option("--env", "environment", required=True)
+@click.option("--reason", help="Kept with the operator action.")
+@click.pass_context
+def suspend_cmd(ctx: click.Context, environment: str, reason: str | None) -> None:
+    """Stop deploying to an environment (drift is still recorded)."""
+    run(ops.set_suspended(cfg(ctx), environment, True, reason))
+    click.echo(f"{environment} suspended")
+
+
+@main.command("resume")
+@click.option("--env", "environment", required=True)
+@click.pass_context
+def resume_cmd(ctx: click.Context, environment: str) -> None:
+    """Deploy to an environment again."""
+    run(ops.set_suspended(cfg(ctx), environment, False, None))
+    click.echo(f"{environment} resumed")
+
+
+# ---- database ------------------------------------------------------------------------
+
+
+@main.group("db", cls=Group)
+def db_group() -> None:
+    """Database maintenance."""
+
+
+@db_group.command("upgrade")
+@click.pass_context
+def db_upgrade_cmd(ctx: click.Context) -> None:
+    """Apply migrations (the daemon also does it at start)."""
+    from reconciler.store import make_engine, upgrade
+
+    engine = make_engine(cfg(ctx).database_url)
+    applied = upgrade(engine)
+    click.echo(f"applied {', '.join(applied)}" if applied else "database is up to date")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

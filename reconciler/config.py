@@ -1,0 +1,226 @@
+"""The daemon configuration (SPEC §3): one TOML file, overridable by environment variables.
+
+Every mistake becomes a :class:`ConfigError` with one sentence naming the file and the key,
+so that the CLI can print it and exit 2.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+
+from desired_state import parse_duration
+
+DEFAULT_CONFIG_PATH = Path("/etc/reconciler/reconciler.toml")
+ENV_PREFIX = "RECONCILER_"
+PROVIDER_TYPES = (
+    "command",
+    "docker",
+    "kubernetes",
+    "ecs",
+    "lambda",
+    "vercel",
+    "netlify",
+    "railway",
+)
+
+
+class ConfigError(Exception):
+    """A configuration mistake, worded for the operator (exit status 2)."""
+
+
+def _seconds(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 30s, 5m or 2h")
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        if value < 0:
+            raise ValueError("a duration cannot be negative")
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(parse_duration(value))
+        except ValueError as exc:
+            raise ValueError(str(exc)) from None
+    raise ValueError("expected a duration such as 30s, 5m or 2h")
+
+
+Seconds = Annotated[float, BeforeValidator(_seconds)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RepositoryConfig(_Section):
+    url: str
+    branch: str = "main"
+    path: str = "."
+    poll_interval: Seconds = 30.0
+    watch: bool = True
+    allowed_signers: str | None = None
+    allow_force_push: bool = False
+
+
+class DatabaseConfig(_Section):
+    url: str | None = None  # default: SQLite in the state directory
+
+
+class DaemonConfig(_Section):
+    state_dir: str = "state"
+    max_parallel: int = Field(default=4, ge=1, le=256)
+    retries: int = Field(default=3, ge=1, le=100)
+    retry_backoff: Seconds = 30.0
+    shutdown_grace: Seconds = 60.0
+    # How long a stopped command gets between SIGTERM and SIGKILL (SPEC §4 rule 7: 10 s).
+    kill_grace: Seconds = 10.0
+    timezone: str | None = None  # windows without `timezone:`; default: the host's
+
+
+class ServerConfig(_Section):
+    listen: str = "127.0.0.1:8080"
+    token_file: str | None = None
+    webhook_secret_file: str | None = None
+
+
+class ProviderConfig(BaseModel):
+    """One provider instance. Type-specific keys stay in `settings` for the provider to check."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    type: Literal[
+        "command", "docker", "kubernetes", "ecs", "lambda", "vercel", "netlify", "railway"
+    ]
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class Config(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    repository: RepositoryConfig
+    database: DatabaseConfig = DatabaseConfig()
+    daemon: DaemonConfig = DaemonConfig()
+    server: ServerConfig = ServerConfig()
+    providers: dict[str, ProviderConfig] = Field(default_factory=dict)
+    # Where the file lives: relative paths inside it are resolved against this folder.
+    base_dir: Path = Path(".")
+
+    def resolve(self, path: str) -> Path:
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else (self.base_dir / p).resolve()
+
+    @property
+    def state_dir(self) -> Path:
+        return self.resolve(self.daemon.state_dir)
+
+    @property
+    def database_url(self) -> str:
+        url = self.database.url
+        if url is None:
+            return f"sqlite:///{self.state_dir / 'reconciler.db'}"
+        prefix = "sqlite:///"
+        if url.startswith(prefix) and not url.startswith(prefix + "/") and url != prefix:
+            return prefix + str(self.resolve(url[len(prefix) :]))
+        return url
+
+    @property
+    def repository_url(self) -> str:
+        url = self.repository.url
+        if "://" in url or url.startswith("git@"):
+            return url
+        return str(self.resolve(url))
+
+
+def _parse_override(raw: str) -> Any:
+    """An override's value is read as a TOML value when it is one (4, true, ["a"]), else as text."""
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def apply_env_overrides(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+    """`RECONCILER_<SECTION>__<KEY>=value` overrides `[section] key` (nested with more `__`).
+
+    Section and key are lower-cased; in provider names `_` stays `_` (write the name as declared).
+    """
+    for name, raw in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        parts = [p.lower() for p in name[len(ENV_PREFIX) :].split("__")]
+        if len(parts) < 2 or not all(parts):
+            continue
+        node = data
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{name}: cannot override '{part}', it is not a section")
+            node = child
+        node[parts[-1]] = _parse_override(raw)
+    return data
+
+
+def _format_error(source: str, exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "missing":
+        msg = "required key missing"
+    elif err["type"] == "extra_forbidden":
+        msg = "unknown key"
+    else:
+        msg = str(err["msg"]).removeprefix("Value error, ")
+    more = len(exc.errors()) - 1
+    suffix = f" (and {more} more error{'s' if more > 1 else ''})" if more else ""
+    return f"{source}: {loc}: {msg}{suffix}"
+
+
+def config_path(explicit: str | os.PathLike[str] | None, environ: Mapping[str, str]) -> Path:
+    if explicit:
+        return Path(explicit)
+    if environ.get("RECONCILER_CONFIG"):
+        return Path(environ["RECONCILER_CONFIG"])
+    return DEFAULT_CONFIG_PATH
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None
+) -> Config:
+    environ = os.environ if environ is None else environ
+    file = config_path(path, environ)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"configuration file {file} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration file {file}: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{file}: {exc}") from None
+    data = apply_env_overrides(data, environ)
+    data.pop("base_dir", None)
+    try:
+        config = Config.model_validate({**data, "base_dir": file.resolve().parent})
+    except ValidationError as exc:
+        raise ConfigError(_format_error(str(file), exc)) from None
+    _check(config, file)
+    return config
+
+
+def _check(config: Config, file: Path) -> None:
+    if config.daemon.timezone is not None:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(config.daemon.timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ConfigError(
+                f"{file}: daemon.timezone: unknown time zone '{config.daemon.timezone}'"
+            ) from None

@@ -1,0 +1,539 @@
+"""The reconcile engine: commits in, deployments out, everything recorded.
+
+One asyncio event loop owns it. A sync reads the branch head, loads only the environment
+files that changed since the last synced commit, records the sync, and wakes the
+environments whose desired state changed. Each environment has one runner task that asks
+the planner for the next action and runs it, so inside an environment one deployment runs
+at a time, in file order, and a commit storm coalesces into "deploy the newest version"
+(the runner always plans from the latest desired state). A semaphore bounds how many
+environments deploy at once. APScheduler only decides *when* to look again (polling,
+retry backoff, windows opening); the runners decide *whether*.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Collection, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, tzinfo
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+from desired_state import (
+    DesiredState,
+    EnvironmentSpec,
+    FileError,
+    ParsedFile,
+    assemble,
+    parse_environment_file,
+)
+from reconciler.config import Config
+from reconciler.executor import Executor, Job, Listener, utcnow
+from reconciler.plan import (
+    Decision,
+    PlanSettings,
+    RecordedState,
+    ServiceRecord,
+    dependency_triples,
+    plan,
+)
+from reconciler.providers import Provider
+from reconciler.source import CommitInfo, GitSource, SourceError
+from reconciler.store import CommitMeta, DeploymentRecord, EnvironmentStateRecord, Store
+
+log = logging.getLogger(__name__)
+
+INTERRUPTED = "interrupted: reconciler stopped during the run"
+FAILURES = frozenset({"failed", "timed_out"})
+
+
+@dataclass
+class SyncOutcome:
+    sync_id: int | None
+    commit: str | None
+    result: str  # ok | errors | failed | unchanged
+    environments_changed: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    message: str | None = None
+
+
+def host_timezone() -> tzinfo:
+    tz = datetime.now().astimezone().tzinfo
+    return tz if tz is not None else UTC
+
+
+def _meta(info: CommitInfo) -> CommitMeta:
+    return CommitMeta(sha=info.sha, author=info.author, time=info.authored_at, subject=info.subject)
+
+
+class Engine:
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        source: GitSource,
+        providers: Mapping[str, Provider],
+        *,
+        listener: Listener | None = None,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.source = source
+        self.providers = dict(providers)
+        self.clock = clock
+        self.executor = Executor(
+            store,
+            self.providers,
+            kill_grace=config.daemon.kill_grace,
+            listener=listener,
+            clock=clock,
+        )
+        tz = ZoneInfo(config.daemon.timezone) if config.daemon.timezone else host_timezone()
+        self.settings = PlanSettings(
+            retries=config.daemon.retries, retry_backoff=config.daemon.retry_backoff, timezone=tz
+        )
+        # Desired state as of the last synced commit.
+        self.parsed: dict[str, ParsedFile] = {}
+        self.commit: CommitMeta | None = None
+        self.sync_id: int | None = None
+        self.desired: DesiredState | None = None
+        self.effective: dict[str, EnvironmentSpec] = {}
+        self.invalid: dict[str, str] = {}
+        self._path_env: dict[str, str] = {}  # file path -> the environment it last declared
+        # Runners.
+        self.slots = asyncio.Semaphore(config.daemon.max_parallel)
+        self.stopping = False
+        self._wake: dict[str, asyncio.Event] = {}
+        self._runners: dict[str, asyncio.Task[None]] = {}
+        self._deploying: dict[str, DeploymentRecord] = {}
+        self._active: set[str] = set()  # environments whose runner is awake
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._sync_lock = asyncio.Lock()
+        self._last_fetch_error: str | None = None
+        self.scheduler: AsyncIOScheduler | None = None
+        self.on_sync: Callable[[SyncOutcome], None] | None = None
+
+    # ---- desired state ---------------------------------------------------------------
+
+    async def recover(self) -> list[int]:
+        """End what a previous process left running (SPEC §4 rule 8)."""
+        ids = await asyncio.to_thread(
+            self.store.interrupt_unfinished, message=INTERRUPTED, at=self.clock()
+        )
+        if ids:
+            log.warning("event=recovered interrupted=%s", ",".join(map(str, ids)))
+        return ids
+
+    def _parse(self, files: Mapping[str, bytes]) -> dict[str, ParsedFile]:
+        prefix = self.config.repository.path.strip("/")
+        shown = (lambda p: p) if prefix in ("", ".") else (lambda p: f"{prefix}/{p}")
+        return {path: parse_environment_file(shown(path), data) for path, data in files.items()}
+
+    async def sync(self, trigger: str = "manual") -> SyncOutcome:
+        """One pass over the branch head: fetch, load, record; wake what changed."""
+        async with self._sync_lock:
+            seen = self.clock()
+            try:
+                head = await asyncio.to_thread(self.source.fetch)
+            except SourceError as exc:
+                return await self._fetch_failed(trigger, seen, str(exc))
+            self._last_fetch_error = None
+            if head == (self.commit.sha if self.commit else None) and trigger in (
+                "poll",
+                "watch",
+                "webhook",
+            ):
+                return SyncOutcome(self.sync_id, head, "unchanged")
+            old = self.commit.sha if self.commit else None
+            changes = await asyncio.to_thread(self.source.load, old, head)
+            info = await asyncio.to_thread(self.source.commit_info, head)
+            reparsed = await asyncio.to_thread(self._parse, changes.files)
+            parsed = {} if changes.full else dict(self.parsed)
+            for path in changes.deleted:
+                parsed.pop(path, None)
+            parsed.update(reparsed)
+            desired = assemble(parsed.values(), providers=self.providers.keys())
+            effective, invalid = await asyncio.to_thread(self._effective, desired, parsed)
+            changed = sorted(
+                env
+                for env in set(effective) | set(self.effective) | set(invalid) | set(self.invalid)
+                if effective.get(env) != self.effective.get(env)
+                or invalid.get(env) != self.invalid.get(env)
+            )
+            meta = _meta(info)
+            errors = [e.to_dict() for e in desired.errors]
+            sync_id = await asyncio.to_thread(
+                self.store.begin_sync, trigger=trigger, seen_at=seen, commit=meta
+            )
+            await asyncio.to_thread(self._save_states, desired, head)
+            result = "errors" if errors else "ok"
+            note = changes.reason
+            await asyncio.to_thread(
+                self.store.finish_sync,
+                sync_id,
+                result=result,
+                ended_at=self.clock(),
+                environments_changed=changed,
+                errors=errors,
+                full_load=changes.full,
+                note=note,
+            )
+            self.parsed, self.desired, self.commit, self.sync_id = parsed, desired, meta, sync_id
+            self.effective, self.invalid = effective, invalid
+            log.info(
+                "event=sync trigger=%s commit=%s result=%s changed=%s errors=%d full=%s%s",
+                trigger,
+                head[:12],
+                result,
+                ",".join(changed) or "-",
+                len(errors),
+                changes.full,
+                f" note={note!r}" if note else "",
+            )
+            for err in desired.errors:
+                log.warning("event=invalid_file error=%r", str(err))
+            outcome = SyncOutcome(sync_id, head, result, changed, [str(e) for e in desired.errors])
+            self.wake(effective if old is None or changes.full else changed)
+            if self.on_sync is not None:
+                self.on_sync(outcome)
+            return outcome
+
+    async def _fetch_failed(self, trigger: str, seen: datetime, message: str) -> SyncOutcome:
+        log.error("event=fetch_failed error=%r", message)
+        sync_id = None
+        if message != self._last_fetch_error:  # the same outage is recorded once, not every poll
+            sync_id = await asyncio.to_thread(
+                self.store.begin_sync, trigger=trigger, seen_at=seen, commit=None
+            )
+            await asyncio.to_thread(
+                self.store.finish_sync,
+                sync_id,
+                result="failed",
+                ended_at=self.clock(),
+                environments_changed=[],
+                errors=[],
+                full_load=False,
+                error_message=message,
+            )
+        self._last_fetch_error = message
+        return SyncOutcome(sync_id, None, "failed", message=message)
+
+    def _effective(
+        self, desired: DesiredState, parsed: Mapping[str, ParsedFile]
+    ) -> tuple[dict[str, EnvironmentSpec], dict[str, str]]:
+        """Valid environments as written; a broken one keeps its last valid desired state.
+
+        A file too broken to name its environment is matched to the environment it declared
+        before (by path), so that environment shows as invalid instead of vanishing.
+        """
+        effective = dict(desired.environments)
+        failing: dict[str, list[FileError]] = {e: list(errs) for e, errs in desired.invalid.items()}
+        saved: dict[str, EnvironmentStateRecord] | None = None
+        by_shown_path = {p.path: p for p in parsed.values()}
+        for path, errs in desired.broken_files.items():
+            pf = by_shown_path.get(path)
+            name = pf.env_name if pf is not None else None
+            if name is None:
+                name = self._path_env.get(path)
+            if name is None:
+                saved = saved if saved is not None else self.store.environment_states()
+                name = next((e for e, st in saved.items() if st.source_path == path), None)
+            if name is not None and name not in effective:
+                failing.setdefault(name, list(errs))
+        invalid: dict[str, str] = {}
+        for env, errs in failing.items():
+            invalid[env] = str(errs[0]) + (f" (+{len(errs) - 1} more)" if len(errs) > 1 else "")
+            effective.pop(env, None)
+            previous = self.effective.get(env)
+            if previous is None:
+                saved = saved if saved is not None else self.store.environment_states()
+                if env in saved:
+                    previous = EnvironmentSpec.model_validate(saved[env].spec)
+            if previous is not None:
+                effective[env] = previous
+        for env, path in desired.sources.items():
+            self._path_env[path] = env
+        return effective, invalid
+
+    def _save_states(self, desired: DesiredState, commit: str) -> None:
+        at = self.clock()
+        for env, spec in desired.environments.items():
+            if self.effective.get(env) != spec:
+                self.store.save_environment_state(
+                    env,
+                    spec=spec.model_dump(mode="json"),
+                    source_path=desired.sources[env],
+                    commit=commit,
+                    at=at,
+                )
+
+    async def load_at_last_sync(self) -> None:
+        """The desired state of the last synced commit, from the local clone (for `status`)."""
+        sha = await asyncio.to_thread(self.store.last_synced_commit)
+        if sha is not None:
+            await self._load_full(sha)
+
+    async def preview(self) -> None:
+        """The desired state at the fetched branch head, recording nothing (for `plan`)."""
+        await self._load_full(await asyncio.to_thread(self.source.fetch))
+
+    async def _load_full(self, sha: str) -> None:
+        changes = await asyncio.to_thread(self.source.load, None, sha)
+        info = await asyncio.to_thread(self.source.commit_info, sha)
+        self.parsed = await asyncio.to_thread(self._parse, changes.files)
+        self.desired = assemble(self.parsed.values(), providers=self.providers.keys())
+        self.effective, self.invalid = await asyncio.to_thread(
+            self._effective, self.desired, self.parsed
+        )
+        self.commit = _meta(info)
+
+    # ---- planning --------------------------------------------------------------------
+
+    def recorded(self, environments: Iterable[str] | None = None) -> RecordedState:
+        envs = None if environments is None else set(environments)
+        specs = (
+            self.effective
+            if envs is None
+            else {e: s for e, s in self.effective.items() if e in envs}
+        )
+        deps = {d for s in specs.values() for d in s.depends_on}
+        states = self.store.service_states(None if envs is None else envs | deps)
+        services = {
+            key: ServiceRecord(
+                deployed_version=st.deployed_version,
+                running=st.running_deployment_id is not None,
+                last_status=st.last_status,
+                last_version=st.last_version,
+                last_deployment_id=st.last_deployment_id,
+                streak_version=st.streak_version,
+                streak_count=st.streak_count,
+                streak_last_at=st.streak_last_at,
+            )
+            for key, st in states.items()
+        }
+        triples = dependency_triples(specs)
+        completed = self.store.completed_versions(triples) if triples else set()
+        return RecordedState(
+            services=services,
+            operator_suspended=frozenset(self.store.suspended_environments()),
+            completed=frozenset(completed),
+        )
+
+    async def decisions(self, environments: Iterable[str] | None = None) -> list[Decision]:
+        envs = None if environments is None else list(environments)
+        recorded = await asyncio.to_thread(self.recorded, envs)
+        desired = (
+            self.effective
+            if envs is None
+            else {e: s for e, s in self.effective.items() if e in envs}
+        )
+        invalid = (
+            self.invalid if envs is None else {e: m for e, m in self.invalid.items() if e in envs}
+        )
+        declared = {e: s.services.keys() for e, s in self.effective.items()}
+        return plan(desired, recorded, self.clock(), self.settings, invalid, declared)
+
+    # ---- runners ---------------------------------------------------------------------
+
+    def wake(self, environments: Iterable[str]) -> None:
+        for env in environments:
+            if self.stopping:
+                return
+            event = self._wake.get(env)
+            if event is None:
+                event = self._wake[env] = asyncio.Event()
+                self._runners[env] = asyncio.get_running_loop().create_task(
+                    self._runner(env), name=f"runner:{env}"
+                )
+            event.set()
+            self._idle.clear()
+
+    async def _runner(self, env: str) -> None:
+        event = self._wake[env]
+        while not self.stopping:
+            await event.wait()
+            event.clear()
+            if self.stopping:
+                return
+            self._active.add(env)
+            try:
+                await self.drain(env)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the store was unreachable, say: try again at the next wake
+                log.exception("event=runner_error environment=%s", env)
+                self._schedule_wake(env, self.clock().timestamp() + self.settings.retry_backoff)
+            finally:
+                self._active.discard(env)
+                if not self._active and not any(e.is_set() for e in self._wake.values()):
+                    self._idle.set()
+
+    async def drain(
+        self, env: str, *, once: bool = False, services: Collection[str] | None = None
+    ) -> list[DeploymentRecord]:
+        """Run this environment's due actions one at a time until none is due.
+
+        `once`: each service at most one attempt (a standalone `sync` pass).
+        `services`: only these services (an operator's `sync --service`).
+        """
+        done: list[DeploymentRecord] = []
+        tried: set[str] = set()
+        if services is not None and env in self.effective:
+            tried = set(self.effective[env].services) - set(services)
+        while not self.stopping and env in self.effective and env not in self.invalid:
+            decisions = await self.decisions([env])
+            due = [
+                d for d in decisions if d.environment == env and d.deploy and d.service not in tried
+            ]
+            if not due:
+                self._schedule_next(env, decisions)
+                break
+            decision = due[0]
+            if once:
+                tried.add(decision.service)
+            async with self.slots:
+                if self.stopping:
+                    break
+                done.extend(await self._deploy(self.effective[env], decision))
+        return done
+
+    async def _deploy(self, spec: EnvironmentSpec, d: Decision) -> list[DeploymentRecord]:
+        assert d.desired is not None and d.trigger is not None
+        job = Job(
+            spec=spec,
+            service=d.service,
+            version=d.desired,
+            previous_version=d.deployed,
+            trigger=d.trigger,
+            attempt=d.attempt,
+            commit=self.commit,
+            sync_id=self.sync_id,
+        )
+        rec = await self.run_job(job)
+        out = [rec]
+        if (
+            rec.status in FAILURES
+            and spec.on_failure == "rollback"
+            and d.deployed is not None
+            and not self.stopping
+        ):
+            back = Job(
+                spec=spec,
+                service=d.service,
+                version=d.deployed,
+                previous_version=d.desired,
+                trigger="rollback",
+                commit=self.commit,
+                sync_id=self.sync_id,
+                rollback_of=rec.id,
+            )
+            rb = await self.run_job(back)
+            out.append(rb)
+            if rb.status == "completed" and rec.status == "failed":
+                out[0] = await asyncio.to_thread(
+                    self.store.set_status,
+                    rec.id,
+                    "rolled_back",
+                    at=self.clock(),
+                    message=f"rolled back to {d.deployed} by deployment {rb.id}",
+                )
+        return out
+
+    async def run_job(self, job: Job) -> DeploymentRecord:
+        rec = await self.executor.create(job)
+        self._deploying[job.environment] = rec
+        log.info(
+            "event=deployment_started id=%d environment=%s service=%s version=%s trigger=%s attempt=%d",
+            rec.id,
+            job.environment,
+            job.service,
+            job.version,
+            job.trigger,
+            job.attempt,
+        )
+        try:
+            final = await self.executor.run(job, rec)
+        finally:
+            self._deploying.pop(job.environment, None)
+        level = logging.INFO if final.status == "completed" else logging.WARNING
+        log.log(
+            level,
+            "event=deployment_ended id=%d environment=%s service=%s version=%s status=%s%s",
+            final.id,
+            job.environment,
+            job.service,
+            job.version,
+            final.status,
+            f" error={final.error_message!r}" if final.error_message else "",
+        )
+        if final.status == "completed":
+            self.wake(e for e, s in self.effective.items() if job.environment in s.depends_on)
+        return final
+
+    def _schedule_next(self, env: str, decisions: list[Decision]) -> None:
+        times = [d.not_before for d in decisions if d.not_before is not None]
+        if times:
+            self._schedule_wake(env, min(times).timestamp())
+
+    def _schedule_wake(self, env: str, timestamp: float) -> None:
+        if self.scheduler is None or self.stopping:
+            return
+        self.scheduler.add_job(
+            self.wake,
+            "date",
+            run_date=datetime.fromtimestamp(timestamp + 0.05, UTC),
+            args=[[env]],
+            id=f"wake:{env}",
+            replace_existing=True,
+            misfire_grace_time=None,
+        )
+
+    @property
+    def deploying(self) -> dict[str, DeploymentRecord]:
+        return dict(self._deploying)
+
+    async def idle(self) -> None:
+        """Wait until no runner has anything to do right now (for tests and standalone runs)."""
+        await self._idle.wait()
+
+    async def stop(self, grace: float) -> list[int]:
+        """Stop starting work; let running deployments finish within `grace` seconds, then
+        cancel them (they end `cancelled`). Returns the ids of the cancelled deployments."""
+        self.stopping = True
+        if self.scheduler is not None and self.scheduler.running:
+            self.scheduler.shutdown(wait=False)
+        for event in self._wake.values():
+            event.set()
+        tasks = list(self._runners.values())
+        if not tasks:
+            return []
+        _, pending = await asyncio.wait(tasks, timeout=grace)
+        cancelled = [rec.id for rec in self._deploying.values()]
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending)
+        return cancelled
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "commit": self.commit.sha if self.commit else None,
+            "deploying": len(self._deploying),
+            "environments": len(self.effective),
+            "invalid": sorted(self.invalid),
+        }
+
+
+def open_source(config: Config) -> GitSource:
+    return GitSource(
+        config.repository_url,
+        config.repository.branch,
+        config.repository.path,
+        Path(config.state_dir) / "repo.git",
+    )

@@ -1,0 +1,252 @@
+"""Desired state + recorded state → one decision per service (SPEC §4 rules 1–5).
+
+Pure: no git, no database, no clock of its own. The engine passes values in and acts on the
+decisions; `reconciler plan` and `reconciler status` print them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta, tzinfo
+from zoneinfo import ZoneInfo
+
+from croniter import croniter
+
+from desired_state import EnvironmentSpec, Window, format_duration
+
+
+@dataclass(frozen=True)
+class ServiceRecord:
+    """What the ledger says about one service (a row of the store's service_state)."""
+
+    deployed_version: str | None = None
+    running: bool = False
+    last_status: str | None = None
+    last_version: str | None = None
+    last_deployment_id: int | None = None
+    streak_version: str | None = None  # version of the current run of failed attempts
+    streak_count: int = 0
+    streak_last_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class RecordedState:
+    services: Mapping[tuple[str, str], ServiceRecord] = field(default_factory=dict)
+    operator_suspended: frozenset[str] = frozenset()
+    # (environment, service, version) triples with a completed deployment: for depends_on.
+    completed: frozenset[tuple[str, str, str]] = frozenset()
+
+
+@dataclass(frozen=True)
+class PlanSettings:
+    retries: int = 3
+    retry_backoff: float = 30.0
+    timezone: tzinfo = UTC
+
+
+@dataclass(frozen=True)
+class Decision:
+    environment: str
+    service: str
+    desired: str | None
+    deployed: str | None
+    state: str  # synced | out_of_sync | deploying | failed | waiting | suspended | invalid
+    message: str
+    deploy: bool = False  # start a deployment now
+    trigger: str | None = None  # git | retry, when deploy
+    attempt: int = 0
+    not_before: datetime | None = None  # when a waiting decision may change by itself
+    last_deployment_id: int | None = None
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "environment": self.environment,
+            "service": self.service,
+            "desired": self.desired,
+            "deployed": self.deployed,
+            "state": self.state,
+            "action": "deploy" if self.deploy else None,
+            "trigger": self.trigger,
+            "attempt": self.attempt or None,
+            "message": self.message,
+            "not_before": _iso(self.not_before),
+            "last_deployment_id": self.last_deployment_id,
+        }
+
+
+FAILURE_STATUSES = frozenset({"failed", "timed_out", "rolled_back"})
+
+
+def _iso(t: datetime | None) -> str | None:
+    return None if t is None else t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def dependency_triples(desired: Mapping[str, EnvironmentSpec]) -> set[tuple[str, str, str]]:
+    """The (environment, service, version) facts that `depends_on` needs from the ledger."""
+    out: set[tuple[str, str, str]] = set()
+    for spec in desired.values():
+        for dep in spec.depends_on:
+            for name, svc in spec.services.items():
+                out.add((dep, name, svc.version))
+    return out
+
+
+def window_state(
+    windows: Iterable[Window], now: datetime, default_tz: tzinfo
+) -> tuple[bool, datetime | None]:
+    """(open now, next opening). No windows means always open."""
+    windows = list(windows)
+    if not windows:
+        return True, None
+    next_open: datetime | None = None
+    for w in windows:
+        tz = ZoneInfo(w.timezone) if w.timezone else default_tz
+        local_now = now.astimezone(tz)
+        # The latest opening at or before now is the first cron time after now - duration.
+        start = croniter(w.cron, local_now - timedelta(seconds=w.duration)).get_next(datetime)
+        if start <= local_now:
+            return True, None
+        nxt = croniter(w.cron, local_now).get_next(datetime)
+        if next_open is None or nxt < next_open:
+            next_open = nxt
+    return False, next_open
+
+
+def _when(t: datetime, now: datetime) -> str:
+    local = t.astimezone(now.tzinfo) if now.tzinfo else t
+    if local.date() == now.date():
+        return local.strftime("%H:%M")
+    return local.strftime("%a %d %b %H:%M")
+
+
+def plan_environment(
+    spec: EnvironmentSpec,
+    recorded: RecordedState,
+    now: datetime,
+    settings: PlanSettings,
+    declared: Mapping[str, Collection[str]] | None = None,
+) -> list[Decision]:
+    """One decision per service of one environment, in file order.
+
+    `declared` maps each environment to the services it declares: a `depends_on` environment
+    only gates the services it has (None: it gates all of them).
+    """
+    env = spec.environment
+    out: list[Decision] = []
+    suspended = spec.suspended or env in recorded.operator_suspended
+    is_open, next_open = window_state(spec.windows, now, settings.timezone)
+    for name, svc in spec.services.items():
+        rec = recorded.services.get((env, name), ServiceRecord())
+        base = Decision(
+            environment=env,
+            service=name,
+            desired=svc.version,
+            deployed=rec.deployed_version,
+            state="",
+            message="",
+            last_deployment_id=rec.last_deployment_id,
+        )
+        if rec.running:
+            out.append(replace(base, state="deploying", message="deployment running"))
+            continue
+        if rec.deployed_version == svc.version:
+            if suspended:
+                out.append(replace(base, state="suspended", message=_why_suspended(spec)))
+            else:
+                out.append(replace(base, state="synced", message=""))
+            continue
+        if suspended:
+            msg = f"{_why_suspended(spec)}; wants {svc.version}"
+            out.append(replace(base, state="suspended", message=msg))
+            continue
+        failures = rec.streak_count if rec.streak_version == svc.version else 0
+        if failures >= settings.retries:
+            msg = (
+                f"gave up after {failures} attempt{'s' if failures != 1 else ''}; commit a new "
+                f"version or run `reconciler sync --env {env} --service {name}`"
+            )
+            out.append(replace(base, state="failed", message=msg))
+            continue
+        if failures and rec.streak_last_at is not None:
+            retry_at = rec.streak_last_at + timedelta(
+                seconds=settings.retry_backoff * 2 ** (failures - 1)
+            )
+            if retry_at > now:
+                wait = format_duration((retry_at - now).total_seconds())
+                msg = f"attempt {failures} failed; retry in {wait}"
+                out.append(replace(base, state="failed", message=msg, not_before=retry_at))
+                continue
+        if not is_open:
+            assert next_open is not None
+            msg = f"waiting: window opens {_when(next_open, now.astimezone(next_open.tzinfo))}"
+            out.append(
+                replace(base, state="waiting", message=msg, not_before=next_open.astimezone(UTC))
+            )
+            continue
+        blocked = [
+            dep
+            for dep in spec.depends_on
+            if (dep, name, svc.version) not in recorded.completed
+            and (declared is None or name in declared.get(dep, ()))
+        ]
+        if blocked:
+            msg = f"waiting: depends_on {', '.join(blocked)} ({name} {svc.version} not completed there)"
+            out.append(replace(base, state="waiting", message=msg))
+            continue
+        trigger = "retry" if failures else "git"
+        msg = "out_of_sync" if not failures else f"retry {failures + 1} of {settings.retries}"
+        out.append(
+            replace(
+                base,
+                state="out_of_sync",
+                message=msg,
+                deploy=True,
+                trigger=trigger,
+                attempt=failures + 1,
+            )
+        )
+    return out
+
+
+def _why_suspended(spec: EnvironmentSpec) -> str:
+    return "suspended in git" if spec.suspended else "suspended by operator"
+
+
+def plan(
+    desired: Mapping[str, EnvironmentSpec],
+    recorded: RecordedState,
+    now: datetime,
+    settings: PlanSettings,
+    invalid: Mapping[str, str] | None = None,
+    declared: Mapping[str, Collection[str]] | None = None,
+) -> list[Decision]:
+    """Decisions for every service; environments whose file is broken deploy nothing.
+
+    `declared`: the services of every environment, when `desired` is only a part of them.
+    """
+    out: list[Decision] = []
+    invalid = invalid or {}
+    if declared is None:
+        declared = {env: spec.services.keys() for env, spec in desired.items()}
+    for env, message in invalid.items():
+        if env not in desired:  # never valid: no services known
+            out.append(Decision(env, "*", None, None, state="invalid", message=message))
+    for env, spec in desired.items():
+        if env in invalid:
+            for name, svc in spec.services.items():
+                rec = recorded.services.get((env, name), ServiceRecord())
+                out.append(
+                    Decision(
+                        environment=env,
+                        service=name,
+                        desired=svc.version,
+                        deployed=rec.deployed_version,
+                        state="invalid",
+                        message=invalid[env],
+                        last_deployment_id=rec.last_deployment_id,
+                    )
+                )
+            continue
+        out.extend(plan_environment(spec, recorded, now, settings, declared))
+    return out

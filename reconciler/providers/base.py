@@ -1,0 +1,150 @@
+"""The provider interface: what every executor type (command, docker, kubernetes, ...) implements.
+
+Providers know nothing of the store or the scheduler. They receive a :class:`DeployContext`
+that carries the request and the ways to talk back (progress, log) and to learn that they
+must stop (the deadline, cancellation: their task is cancelled, and they clean up in
+``finally``/``except CancelledError`` before re-raising).
+"""
+
+from __future__ import annotations
+
+import abc
+import re
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from reconciler.config import ConfigError, ProviderConfig
+
+
+class DeploymentFailed(Exception):
+    """The run ended unsuccessfully; the message becomes the record's error_message."""
+
+
+@dataclass(frozen=True)
+class DeployRequest:
+    environment: str
+    service: str
+    version: str
+    previous_version: str | None
+    deployment_id: int
+    commit: str | None
+    timeout_seconds: int
+    strategy: Mapping[str, Any]
+    params: Mapping[str, Any]
+    trigger: str
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    message: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "ok": self.ok, "message": self.message}
+
+
+@dataclass(frozen=True)
+class Validation:
+    checks: tuple[Check, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"ok": self.ok, "checks": [c.to_json() for c in self.checks]}
+
+    def failure_message(self) -> str:
+        bad = [f"{c.name}: {c.message}" if c.message else c.name for c in self.checks if not c.ok]
+        return "validation failed: " + "; ".join(bad)
+
+
+ProgressFn = Callable[[int | None, str, Mapping[str, Any] | None], Awaitable[None]]
+LogFn = Callable[[str, str], None]
+
+
+@dataclass
+class DeployContext:
+    request: DeployRequest
+    deadline: float  # time.monotonic() value at which the run is stopped
+    _progress: ProgressFn
+    _log: LogFn
+    kill_grace: float = 10.0
+
+    async def report_progress(
+        self, percent: int | None, message: str, details: Mapping[str, Any] | None = None
+    ) -> None:
+        await self._progress(percent, message, details)
+
+    def log(self, line: str, stream: str = "stdout") -> None:
+        self._log(stream, line)
+
+    def remaining(self) -> float:
+        return max(0.0, self.deadline - time.monotonic())
+
+
+_SECRET_KEY = re.compile(r"token|secret|password|passwd|credential|api_?key", re.IGNORECASE)
+
+
+class Provider(abc.ABC):
+    """A configured provider instance (one `[providers.NAME]` table)."""
+
+    type: ClassVar[str]
+
+    def __init__(self, name: str, config: ProviderConfig, base_dir: Path) -> None:
+        self.name = name
+        self.config = config
+        self.base_dir = base_dir
+
+    def config_error(self, key: str, message: str) -> ConfigError:
+        return ConfigError(f"providers.{self.name}.{key}: {message}")
+
+    def resolve(self, path: str) -> Path:
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else (self.base_dir / p).resolve()
+
+    def supported_strategies(self) -> frozenset[str]:
+        return frozenset({"rolling"})
+
+    async def validate(self, request: DeployRequest) -> Validation:
+        """Checks before the run; the default checks the strategy. Recorded in `validation`."""
+        kind = str(request.strategy.get("type", "rolling"))
+        supported = self.supported_strategies()
+        ok = kind in supported
+        msg = "" if ok else f"{self.type} supports {', '.join(sorted(supported))}, not {kind}"
+        return Validation((Check("strategy", ok, msg),))
+
+    @abc.abstractmethod
+    async def deploy(self, ctx: DeployContext) -> None:
+        """Bring the service to the version; raise DeploymentFailed on failure."""
+
+    async def current_version(
+        self, environment: str, service: str, params: Mapping[str, Any]
+    ) -> str | None:
+        """The version actually running, where the target can tell (for drift); None: unknown."""
+        return None
+
+    def secrets(self) -> list[str]:
+        """Values to redact from logs: settings whose key looks secret, and token files."""
+        out: list[str] = []
+        for key, value in self.config.settings.items():
+            if isinstance(value, str) and _SECRET_KEY.search(key):
+                out.append(value)
+            if isinstance(value, dict):
+                out.extend(str(v) for k, v in value.items() if _SECRET_KEY.search(str(k)))
+        return [s for s in out if len(s) >= 4]
+
+
+@dataclass
+class Redactor:
+    secrets: list[str] = field(default_factory=list)
+
+    def __call__(self, text: str) -> str:
+        for s in self.secrets:
+            if s in text:
+                text = text.replace(s, "***")
+        return text

@@ -1,0 +1,131 @@
+"""Engines and migrations.
+
+`make_engine` builds an engine configured for the reconciler (SQLite: WAL, busy timeout,
+foreign keys, real transactions; PostgreSQL: pre-ping). `upgrade` applies the Alembic
+migrations that live inside this package, configured programmatically (no alembic.ini).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Connection, Engine, create_engine, event, text
+from sqlalchemy.engine import make_url
+
+MIGRATIONS_DIR = Path(__file__).resolve().with_name("migrations")
+
+#: Execution option: on SQLite, open transactions with ``BEGIN IMMEDIATE`` (take the write
+#: lock at once, waiting up to the busy timeout) instead of a deferred ``BEGIN``, so that
+#: a read-then-write transaction never fails on a lock upgrade.
+SQLITE_WRITE_OPTION = "reconciler_sqlite_write"
+
+#: Key of the PostgreSQL advisory lock serialising concurrent `upgrade` calls (replicas).
+_PG_MIGRATION_LOCK = 0x7265636F6E63  # "reconc"
+
+SQLITE_BUSY_TIMEOUT_MS = 30000
+
+
+def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
+    # Take transaction control away from pysqlite (it does not BEGIN before SELECT or
+    # DDL); the "begin" listener below emits BEGIN itself.
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+    finally:
+        cursor.close()
+
+
+def _sqlite_on_begin(connection: Connection) -> None:
+    if connection.get_execution_options().get(SQLITE_WRITE_OPTION):
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+    else:
+        connection.exec_driver_sql("BEGIN")
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for ``url`` (``sqlite:///path`` or ``postgresql+psycopg://...``)."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        database = parsed.database
+        if database and database != ":memory:" and not database.startswith("file:"):
+            Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(
+            parsed,
+            pool_pre_ping=True,
+            connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False},
+        )
+        event.listen(engine, "connect", _sqlite_on_connect)
+        event.listen(engine, "begin", _sqlite_on_begin)
+        return engine
+    return create_engine(parsed, pool_pre_ping=True)
+
+
+def write_engine(engine: Engine) -> Engine:
+    """``engine`` whose transactions take the SQLite write lock at BEGIN (no-op elsewhere)."""
+    return engine.execution_options(**{SQLITE_WRITE_OPTION: True})
+
+
+def alembic_config(connection: Connection | None = None) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    if connection is not None:
+        config.attributes["connection"] = connection
+    return config
+
+
+def _script() -> ScriptDirectory:
+    return ScriptDirectory.from_config(alembic_config())
+
+
+def head_revision() -> str:
+    head = _script().get_current_head()
+    if head is None:  # pragma: no cover - the package always ships a migration
+        raise RuntimeError("no migrations found in " + str(MIGRATIONS_DIR))
+    return head
+
+
+def _current(connection: Connection) -> str | None:
+    return MigrationContext.configure(connection).get_current_revision()
+
+
+def current_revision(engine: Engine) -> str | None:
+    """The revision the database is at; None for an empty (never migrated) database."""
+    with engine.connect() as connection:
+        return _current(connection)
+
+
+def needs_upgrade(engine: Engine) -> bool:
+    return current_revision(engine) != head_revision()
+
+
+def upgrade(engine: Engine) -> list[str]:
+    """Apply the migrations up to head; return the revision ids applied, oldest first.
+
+    Safe to call from several processes at once: on PostgreSQL an advisory lock, on SQLite
+    the write lock, serialise them, and the late ones find nothing to do.
+    """
+    script = _script()
+    with write_engine(engine).begin() as connection:
+        if connection.dialect.name == "postgresql":
+            connection.execute(
+                text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_MIGRATION_LOCK}
+            )
+        before = _current(connection)
+        pending = [
+            revision.revision
+            for revision in script.iterate_revisions("heads", before)
+            if revision is not None
+        ]
+        pending.reverse()
+        if pending:
+            command.upgrade(alembic_config(connection), "head")
+    return pending

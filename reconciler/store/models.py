@@ -1,0 +1,216 @@
+"""SQLAlchemy models of the reconciler's database.
+
+The schema itself is owned by the Alembic migrations in ``migrations/versions``; these
+models must match them (a test compares the two with Alembic's autogenerate).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+#: 64-bit ids on PostgreSQL; on SQLite an INTEGER PRIMARY KEY is the (64-bit) rowid.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timezone-aware UTC datetime.
+
+    Stored as ``timestamp with time zone`` on PostgreSQL and as naive UTC text on SQLite;
+    always returned aware, in UTC. Naive datetimes are refused when binding.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise ValueError(f"naive datetime {value!r}: the store needs timezone-aware times")
+        value = value.astimezone(UTC)
+        if dialect.name == "sqlite":
+            return value.replace(tzinfo=None)
+        return value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class Sync(Base):
+    __tablename__ = "syncs"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    trigger: Mapped[str] = mapped_column(String(16))
+    commit_sha: Mapped[str | None] = mapped_column(String(64))
+    commit_author: Mapped[str | None] = mapped_column(String(512))
+    commit_time: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    commit_subject: Mapped[str | None] = mapped_column(Text)
+    seen_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    result: Mapped[str | None] = mapped_column(String(16))
+    full_load: Mapped[bool] = mapped_column(Boolean, default=False)
+    note: Mapped[str | None] = mapped_column(Text)
+    environments_changed: Mapped[list[str]] = mapped_column(JSON)
+    errors: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    error_message: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (Index("ix_syncs_result_id", "result", "id"),)
+
+
+class Deployment(Base):
+    __tablename__ = "deployments"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    environment: Mapped[str] = mapped_column(String(63))
+    service: Mapped[str] = mapped_column(String(255))
+    version: Mapped[str] = mapped_column(String(128))
+    previous_version: Mapped[str | None] = mapped_column(String(128))
+    provider: Mapped[str] = mapped_column(String(255))
+    provider_type: Mapped[str] = mapped_column(String(64))
+    strategy: Mapped[dict[str, Any]] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(16))
+    error_message: Mapped[str | None] = mapped_column(Text)
+    trigger: Mapped[str] = mapped_column(String(16))
+    commit: Mapped[str | None] = mapped_column(String(64))
+    commit_author: Mapped[str | None] = mapped_column(String(512))
+    attempt: Mapped[int] = mapped_column(Integer)
+    timeout_seconds: Mapped[int] = mapped_column(Integer)
+    validation: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    params: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    sync_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("syncs.id"))
+    rollback_of: Mapped[int | None] = mapped_column(BigId, ForeignKey("deployments.id"))
+
+    __table_args__ = (
+        Index("ix_deployments_environment_id", "environment", "id"),
+        Index("ix_deployments_environment_service_id", "environment", "service", "id"),
+        Index("ix_deployments_status_id", "status", "id"),
+        # completed_versions (depends_on) and previous-version lookups.
+        Index(
+            "ix_deployments_environment_service_version_status",
+            "environment",
+            "service",
+            "version",
+            "status",
+        ),
+        Index("ix_deployments_created_at", "created_at"),
+        Index("ix_deployments_sync_id", "sync_id"),
+        Index("ix_deployments_rollback_of", "rollback_of"),
+    )
+
+
+class DeploymentEvent(Base):
+    __tablename__ = "deployment_events"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    deployment_id: Mapped[int] = mapped_column(BigId, ForeignKey("deployments.id"))
+    status: Mapped[str] = mapped_column(String(16))
+    message: Mapped[str] = mapped_column(Text)
+    percent: Mapped[int | None] = mapped_column(Integer)
+    details: Mapped[dict[str, Any]] = mapped_column(JSON)
+    at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+    __table_args__ = (Index("ix_deployment_events_deployment_id_id", "deployment_id", "id"),)
+
+
+class DeploymentLog(Base):
+    __tablename__ = "deployment_logs"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    deployment_id: Mapped[int] = mapped_column(BigId, ForeignKey("deployments.id"))
+    stream: Mapped[str] = mapped_column(String(8))
+    line: Mapped[str] = mapped_column(Text)
+    at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+    __table_args__ = (Index("ix_deployment_logs_deployment_id_id", "deployment_id", "id"),)
+
+
+class ServiceStateRow(Base):
+    """Derived per-service summary; see `records.ServiceState` for the semantics."""
+
+    __tablename__ = "service_state"
+
+    environment: Mapped[str] = mapped_column(String(63), primary_key=True)
+    service: Mapped[str] = mapped_column(String(255), primary_key=True)
+    deployed_version: Mapped[str | None] = mapped_column(String(128))
+    deployed_deployment_id: Mapped[int | None] = mapped_column(BigId)
+    last_deployment_id: Mapped[int | None] = mapped_column(BigId)
+    last_status: Mapped[str | None] = mapped_column(String(16))
+    last_version: Mapped[str | None] = mapped_column(String(128))
+    last_ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    running_deployment_id: Mapped[int | None] = mapped_column(BigId)
+    streak_version: Mapped[str | None] = mapped_column(String(128))
+    streak_count: Mapped[int] = mapped_column(Integer, default=0)
+    streak_last_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    #: Deployments with an id up to this one no longer count in the streak
+    #: (set by `Store.reset_streak`); kept across `Store.rebuild_service_state`.
+    streak_reset_id: Mapped[int | None] = mapped_column(BigId)
+
+
+class EnvironmentState(Base):
+    __tablename__ = "environment_state"
+
+    name: Mapped[str] = mapped_column(String(63), primary_key=True)
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    source_path: Mapped[str] = mapped_column(Text)
+    commit: Mapped[str] = mapped_column(String(64))
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class OperatorAction(Base):
+    __tablename__ = "operator_actions"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime())
+    environment: Mapped[str] = mapped_column(String(63))
+    service: Mapped[str | None] = mapped_column(String(255))
+    action: Mapped[str] = mapped_column(String(16))
+    actor: Mapped[str] = mapped_column(String(255))
+    note: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (Index("ix_operator_actions_environment_id", "environment", "id"),)
+
+
+class OperatorSuspended(Base):
+    """Environments an operator suspended (`reconciler suspend`), until resumed."""
+
+    __tablename__ = "operator_suspended"
+
+    environment: Mapped[str] = mapped_column(String(63), primary_key=True)
+    since: Mapped[datetime] = mapped_column(UTCDateTime())
+    actor: Mapped[str] = mapped_column(String(255))

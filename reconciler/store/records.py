@@ -1,0 +1,244 @@
+"""Plain values the store hands to callers.
+
+Callers never see ORM objects or sessions: every query returns these frozen dataclasses.
+`DeploymentRecord.to_json` is the SPEC §5 record, key order included.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+STATUSES: tuple[str, ...] = (
+    "pending",
+    "validating",
+    "in_progress",
+    "completed",
+    "failed",
+    "rolled_back",
+    "timed_out",
+    "cancelled",
+)
+ACTIVE_STATUSES: frozenset[str] = frozenset({"pending", "validating", "in_progress"})
+TERMINAL_STATUSES: frozenset[str] = frozenset(
+    {"completed", "failed", "rolled_back", "timed_out", "cancelled"}
+)
+#: Terminal statuses that count as a failed attempt of a version (retry streak).
+FAILURE_STATUSES: frozenset[str] = frozenset({"failed", "timed_out", "rolled_back"})
+TRIGGERS: tuple[str, ...] = ("git", "manual", "rollback", "retry", "drift")
+
+SYNC_TRIGGERS: tuple[str, ...] = ("startup", "poll", "watch", "webhook", "manual")
+SYNC_RESULTS: tuple[str, ...] = ("ok", "errors", "failed", "unchanged")
+#: Sync results whose commit counts as applied (see `Store.last_synced_commit`).
+SYNC_APPLIED_RESULTS: tuple[str, ...] = ("ok", "errors", "unchanged")
+
+LOG_STREAMS: tuple[str, ...] = ("stdout", "stderr", "system")
+OPERATOR_ACTIONS: tuple[str, ...] = ("suspend", "resume", "retry", "deploy", "rollback")
+
+
+class StoreError(Exception):
+    """A request the store refuses (unknown id, forbidden status change, bad value)."""
+
+
+def format_time(value: datetime | None) -> str | None:
+    """RFC 3339 UTC with a ``Z`` suffix, seconds precision: ``2026-11-26T10:00:00Z``."""
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(frozen=True, slots=True)
+class CommitMeta:
+    sha: str
+    author: str | None
+    time: datetime | None
+    subject: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class NewDeployment:
+    environment: str
+    service: str
+    version: str
+    previous_version: str | None
+    provider: str
+    provider_type: str
+    strategy: dict[str, Any]
+    trigger: str
+    commit: str | None
+    commit_author: str | None
+    attempt: int
+    timeout_seconds: int
+    params: dict[str, Any]
+    sync_id: int | None = None
+    rollback_of: int | None = None
+    #: When the deployment was planned; None means the wall clock at insert.
+    created_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EventRecord:
+    id: int
+    deployment_id: int
+    status: str
+    message: str
+    percent: int | None
+    details: dict[str, Any]
+    at: datetime
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "status": self.status,
+            "message": self.message,
+            "percent": self.percent,
+            "details": self.details,
+            "at": format_time(self.at),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class LogLine:
+    stream: str
+    line: str
+    at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class DeploymentRecord:
+    id: int
+    environment: str
+    service: str
+    version: str
+    previous_version: str | None
+    provider: str
+    provider_type: str
+    strategy: dict[str, Any]
+    status: str
+    error_message: str | None
+    trigger: str
+    commit: str | None
+    commit_author: str | None
+    attempt: int
+    timeout_seconds: int
+    validation: dict[str, Any] | None
+    started_at: datetime | None
+    completed_at: datetime | None
+    created_at: datetime
+    params: dict[str, Any]
+    sync_id: int | None = None
+    rollback_of: int | None = None
+    progress: list[EventRecord] | None = None
+    log: list[LogLine] | None = None
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL_STATUSES
+
+    @property
+    def duration_seconds(self) -> float | None:
+        """Run time from start to end, rounded to milliseconds; None until both are known."""
+        if self.started_at is None or self.completed_at is None:
+            return None
+        return round((self.completed_at - self.started_at).total_seconds(), 3)
+
+    def to_json(self) -> dict[str, Any]:
+        """The SPEC §5 record, keys in the documented order.
+
+        ``progress`` and ``log`` are added only when they were loaded
+        (``Store.get_deployment(..., with_progress=True, with_log=True)``).
+        """
+        out: dict[str, Any] = {
+            "id": self.id,
+            "environment": self.environment,
+            "service": self.service,
+            "version": self.version,
+            "previous_version": self.previous_version,
+            "provider": self.provider,
+            "provider_type": self.provider_type,
+            "strategy": self.strategy,
+            "status": self.status,
+            "error_message": self.error_message,
+            "trigger": self.trigger,
+            "commit": self.commit,
+            "commit_author": self.commit_author,
+            "attempt": self.attempt,
+            "timeout_seconds": self.timeout_seconds,
+            "validation": self.validation,
+            "started_at": format_time(self.started_at),
+            "completed_at": format_time(self.completed_at),
+            "duration_seconds": self.duration_seconds,
+        }
+        if self.progress is not None:
+            out["progress"] = [event.to_json() for event in self.progress]
+        if self.log is not None:
+            out["log"] = "\n".join(entry.line for entry in self.log)
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class SyncRecord:
+    id: int
+    trigger: str
+    commit_sha: str | None
+    commit_author: str | None
+    commit_time: datetime | None
+    commit_subject: str | None
+    seen_at: datetime
+    ended_at: datetime | None
+    result: str | None
+    full_load: bool
+    note: str | None
+    environments_changed: list[str]
+    errors: list[dict[str, Any]]
+    error_message: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceState:
+    """Derived summary of one service's deployments (kept by the store, never by callers).
+
+    - ``deployed_*``: the latest (by id) ``completed`` deployment, any trigger.
+    - ``last_*``: the latest deployment created, whatever its status (``last_ended_at``
+      is its ``completed_at``, None while it runs).
+    - ``running_deployment_id``: the latest deployment not yet terminal, if any.
+    - ``streak_*``: consecutive most recent failed attempts (failed, timed_out,
+      rolled_back) of one version, ignoring rollback deployments, cancelled and unfinished
+      ones; reset by a completed non-rollback deployment or by `Store.reset_streak`.
+      ``streak_last_at`` is when the newest failure of the streak ended.
+    """
+
+    environment: str
+    service: str
+    deployed_version: str | None
+    deployed_deployment_id: int | None
+    last_deployment_id: int | None
+    last_status: str | None
+    last_version: str | None
+    last_ended_at: datetime | None
+    running_deployment_id: int | None
+    streak_version: str | None
+    streak_count: int
+    streak_last_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class EnvironmentStateRecord:
+    name: str
+    spec: dict[str, Any]
+    source_path: str
+    commit: str
+    updated_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class OperatorActionRecord:
+    id: int
+    at: datetime
+    environment: str
+    service: str | None
+    action: str
+    actor: str
+    note: str | None

@@ -1,0 +1,903 @@
+"""The queries: every read and write of the reconciler's records.
+
+Each public method runs in its own short transaction and returns plain records
+(`reconciler.store.records`), so a `Store` can be shared by threads (the engine's pool
+gives each call its own connection; callers use ``asyncio.to_thread``).
+
+`service_state` is a derived table kept up to date in the same transaction as every
+deployment insert or status change; `rebuild_service_state` recomputes it from the
+deployments with the same rules (`_ServiceFold`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterator, Sequence
+from dataclasses import dataclass, fields
+from datetime import UTC, datetime
+from functools import lru_cache
+from itertools import groupby
+from typing import Any
+
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Row,
+    Select,
+    Table,
+    and_,
+    bindparam,
+    delete,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError
+
+from reconciler.store.db import make_engine, upgrade, write_engine
+from reconciler.store.models import (
+    Base,
+    Deployment,
+    DeploymentEvent,
+    DeploymentLog,
+    EnvironmentState,
+    OperatorAction,
+    OperatorSuspended,
+    ServiceStateRow,
+    Sync,
+)
+from reconciler.store.records import (
+    ACTIVE_STATUSES,
+    FAILURE_STATUSES,
+    LOG_STREAMS,
+    OPERATOR_ACTIONS,
+    STATUSES,
+    SYNC_APPLIED_RESULTS,
+    SYNC_RESULTS,
+    SYNC_TRIGGERS,
+    TERMINAL_STATUSES,
+    TRIGGERS,
+    CommitMeta,
+    DeploymentRecord,
+    EnvironmentStateRecord,
+    EventRecord,
+    LogLine,
+    NewDeployment,
+    ServiceState,
+    StoreError,
+    SyncRecord,
+)
+
+#: Values per IN (...) / OR chunk: stays far below SQLite's bound-variable limit.
+_CHUNK = 300
+#: Rows fetched at a time when scanning one service's deployments backwards.
+_SCAN_PAGE = 64
+
+
+def _table(model: type[Base]) -> Table:
+    return Base.metadata.tables[model.__tablename__]
+
+
+_D = _table(Deployment)
+_E = _table(DeploymentEvent)
+_L = _table(DeploymentLog)
+_S = _table(Sync)
+_SS = _table(ServiceStateRow)
+_ENV = _table(EnvironmentState)
+_OA = _table(OperatorAction)
+_OS = _table(OperatorSuspended)
+
+_ACTIVE = tuple(sorted(ACTIVE_STATUSES))
+_TERMINAL = tuple(sorted(TERMINAL_STATUSES))
+
+_DEFAULT_MESSAGES = {
+    "pending": "deployment queued",
+    "validating": "validating",
+    "in_progress": "deployment started",
+    "completed": "deployment completed",
+    "failed": "deployment failed",
+    "rolled_back": "deployment rolled back",
+    "timed_out": "deployment timed out",
+    "cancelled": "deployment cancelled",
+}
+
+# Columns the service-state fold reads, newest deployment first.
+_FOLD_COLUMNS = (_D.c.id, _D.c.version, _D.c.status, _D.c.trigger, _D.c.completed_at)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _aware(value: datetime, name: str) -> datetime:
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise StoreError(f"{name} must be a timezone-aware datetime")
+    return value
+
+
+def _check(value: str, allowed: Collection[str], what: str) -> None:
+    if value not in allowed:
+        raise StoreError(f"unknown {what} {value!r}; expected one of {', '.join(allowed)}")
+
+
+def _chunks(items: Sequence[Any], size: int = _CHUNK) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+# --------------------------------------------------------------------------- row mapping
+
+
+def _deployment(
+    row: Row[Any],
+    progress: list[EventRecord] | None = None,
+    log: list[LogLine] | None = None,
+) -> DeploymentRecord:
+    m = row._mapping
+    return DeploymentRecord(
+        id=m["id"],
+        environment=m["environment"],
+        service=m["service"],
+        version=m["version"],
+        previous_version=m["previous_version"],
+        provider=m["provider"],
+        provider_type=m["provider_type"],
+        strategy=m["strategy"],
+        status=m["status"],
+        error_message=m["error_message"],
+        trigger=m["trigger"],
+        commit=m["commit"],
+        commit_author=m["commit_author"],
+        attempt=m["attempt"],
+        timeout_seconds=m["timeout_seconds"],
+        validation=m["validation"],
+        started_at=m["started_at"],
+        completed_at=m["completed_at"],
+        created_at=m["created_at"],
+        params=m["params"],
+        sync_id=m["sync_id"],
+        rollback_of=m["rollback_of"],
+        progress=progress,
+        log=log,
+    )
+
+
+def _event(row: Row[Any]) -> EventRecord:
+    m = row._mapping
+    return EventRecord(
+        id=m["id"],
+        deployment_id=m["deployment_id"],
+        status=m["status"],
+        message=m["message"],
+        percent=m["percent"],
+        details=m["details"] if m["details"] is not None else {},
+        at=m["at"],
+    )
+
+
+def _sync(row: Row[Any]) -> SyncRecord:
+    m = row._mapping
+    return SyncRecord(
+        id=m["id"],
+        trigger=m["trigger"],
+        commit_sha=m["commit_sha"],
+        commit_author=m["commit_author"],
+        commit_time=m["commit_time"],
+        commit_subject=m["commit_subject"],
+        seen_at=m["seen_at"],
+        ended_at=m["ended_at"],
+        result=m["result"],
+        full_load=bool(m["full_load"]),
+        note=m["note"],
+        environments_changed=list(m["environments_changed"] or []),
+        errors=list(m["errors"] or []),
+        error_message=m["error_message"],
+    )
+
+
+#: service_state columns in the order of `ServiceState`'s fields.
+_SERVICE_STATE_COLUMNS = tuple(_SS.c[f.name] for f in fields(ServiceState))
+
+
+# --------------------------------------------------------------------------- service state
+
+
+@dataclass
+class _ServiceFold:
+    """Derives one service's `service_state` from its deployments, newest first.
+
+    The single definition of the rules, used by the incremental update (which stops
+    reading as soon as `done`) and by `Store.rebuild_service_state` (which feeds all).
+    """
+
+    reset_id: int | None
+    track_running: bool
+    seen: int = 0
+    last_deployment_id: int | None = None
+    last_status: str | None = None
+    last_version: str | None = None
+    last_ended_at: datetime | None = None
+    deployed_version: str | None = None
+    deployed_deployment_id: int | None = None
+    deployed_done: bool = False
+    running_deployment_id: int | None = None
+    running_done: bool = False
+    streak_version: str | None = None
+    streak_count: int = 0
+    streak_last_at: datetime | None = None
+    streak_done: bool = False
+
+    @property
+    def done(self) -> bool:
+        return (
+            self.deployed_done
+            and self.streak_done
+            and (self.running_done or not self.track_running)
+        )
+
+    def feed(self, row: Sequence[Any]) -> None:
+        ident, version, status, trigger, completed_at = row
+        if self.seen == 0:
+            self.last_deployment_id = ident
+            self.last_status = status
+            self.last_version = version
+            self.last_ended_at = completed_at
+        self.seen += 1
+        if not self.deployed_done and status == "completed":
+            self.deployed_version = version
+            self.deployed_deployment_id = ident
+            self.deployed_done = True
+        if self.track_running and not self.running_done and status in ACTIVE_STATUSES:
+            self.running_deployment_id = ident
+            self.running_done = True
+        if self.streak_done:
+            return
+        if self.reset_id is not None and ident <= self.reset_id:
+            self.streak_done = True
+            return
+        if trigger == "rollback" or status == "cancelled" or status in ACTIVE_STATUSES:
+            return
+        if status in FAILURE_STATUSES:
+            if self.streak_count == 0:
+                self.streak_version = version
+                self.streak_count = 1
+                self.streak_last_at = completed_at
+            elif version == self.streak_version:
+                self.streak_count += 1
+            else:
+                self.streak_done = True
+        else:  # completed
+            self.streak_done = True
+
+    def values(self) -> dict[str, Any]:
+        return {
+            "deployed_version": self.deployed_version,
+            "deployed_deployment_id": self.deployed_deployment_id,
+            "last_deployment_id": self.last_deployment_id,
+            "last_status": self.last_status,
+            "last_version": self.last_version,
+            "last_ended_at": self.last_ended_at,
+            "running_deployment_id": self.running_deployment_id,
+            "streak_version": self.streak_version,
+            "streak_count": self.streak_count,
+            "streak_last_at": self.streak_last_at,
+        }
+
+
+def _insert_ignore(conn: Connection, table: Any, values: dict[str, Any], keys: list[str]) -> None:
+    """INSERT ... ON CONFLICT (keys) DO NOTHING."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(
+            postgresql.insert(table).values(**values).on_conflict_do_nothing(index_elements=keys)
+        )
+    elif conn.dialect.name == "sqlite":
+        conn.execute(
+            sqlite.insert(table).values(**values).on_conflict_do_nothing(index_elements=keys)
+        )
+    else:  # pragma: no cover - only SQLite and PostgreSQL are supported
+        where = [table.c[key] == values[key] for key in keys]
+        if conn.execute(select(*[table.c[key] for key in keys]).where(*where)).first() is None:
+            conn.execute(insert(table).values(**values))
+
+
+def _upsert(conn: Connection, table: Any, values: dict[str, Any], keys: list[str]) -> None:
+    """INSERT ... ON CONFLICT (keys) DO UPDATE SET every other column."""
+    changes = {name: value for name, value in values.items() if name not in keys}
+    if conn.dialect.name == "postgresql":
+        pg = postgresql.insert(table).values(**values)
+        conn.execute(pg.on_conflict_do_update(index_elements=keys, set_=changes))
+    elif conn.dialect.name == "sqlite":
+        lite = sqlite.insert(table).values(**values)
+        conn.execute(lite.on_conflict_do_update(index_elements=keys, set_=changes))
+    else:  # pragma: no cover
+        where = [table.c[key] == values[key] for key in keys]
+        if conn.execute(update(table).where(*where).values(**changes)).rowcount == 0:
+            conn.execute(insert(table).values(**values))
+
+
+@lru_cache(maxsize=16)
+def _completed_query(size: int) -> Select[str, str, str]:
+    """Which of ``size`` (environment, service, version) triples have a completed deployment.
+
+    One OR term per triple (bound as ``e<i>``, ``s<i>``, ``v<i>``), each an index search on
+    (environment, service, version, status); ``status || ''`` keeps SQLite's planner (no
+    statistics) from scanning the status index instead. Built once per size: building
+    thousands of expressions costs more than running the query.
+    """
+    completed = _D.c.status.concat("") == "completed"
+    terms = [
+        and_(
+            _D.c.environment == bindparam(f"e{index}"),
+            _D.c.service == bindparam(f"s{index}"),
+            _D.c.version == bindparam(f"v{index}"),
+            completed,
+        )
+        for index in range(size)
+    ]
+    return select(_D.c.environment, _D.c.service, _D.c.version).where(or_(*terms)).distinct()
+
+
+def _refresh_service_state(conn: Connection, environment: str, service: str) -> None:
+    """Recompute one service's row from its deployments, inside the caller's transaction."""
+    key = (_SS.c.environment == environment, _SS.c.service == service)
+    # Make sure the row exists, then lock it: concurrent refreshes of one service
+    # serialise here (PostgreSQL; SQLite writers are serialised by BEGIN IMMEDIATE).
+    _insert_ignore(
+        conn,
+        _SS,
+        {"environment": environment, "service": service, "streak_count": 0},
+        ["environment", "service"],
+    )
+    reset_id = conn.execute(select(_SS.c.streak_reset_id).where(*key).with_for_update()).scalar()
+
+    fold = _ServiceFold(reset_id=reset_id, track_running=False)
+    where = (_D.c.environment == environment, _D.c.service == service)
+    before: int | None = None
+    while not fold.done:
+        query = select(*_FOLD_COLUMNS).where(*where).order_by(_D.c.id.desc()).limit(_SCAN_PAGE)
+        if before is not None:
+            query = query.where(_D.c.id < before)
+        rows = conn.execute(query).all()
+        for row in rows:
+            fold.feed(row)
+            if fold.done:
+                break
+        if len(rows) < _SCAN_PAGE:
+            break
+        before = rows[-1][0]
+    fold.running_deployment_id = conn.execute(
+        select(func.max(_D.c.id)).where(*where, _D.c.status.in_(_ACTIVE))
+    ).scalar()
+    conn.execute(update(_SS).where(*key).values(**fold.values()))
+
+
+# --------------------------------------------------------------------------- the store
+
+
+class Store:
+    """All reads and writes of the reconciler's records."""
+
+    engine: Engine
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._writer = write_engine(engine)
+
+    @classmethod
+    def from_url(cls, url: str, *, migrate: bool = True) -> Store:
+        engine = make_engine(url)
+        if migrate:
+            upgrade(engine)
+        return cls(engine)
+
+    def close(self) -> None:
+        """Close the pooled connections (the store can still be used afterwards)."""
+        self.engine.dispose()
+
+    # ------------------------------------------------------------------ syncs
+
+    def begin_sync(self, *, trigger: str, seen_at: datetime, commit: CommitMeta | None) -> int:
+        _check(trigger, SYNC_TRIGGERS, "sync trigger")
+        values: dict[str, Any] = {
+            "trigger": trigger,
+            "seen_at": _aware(seen_at, "seen_at"),
+            "full_load": False,
+            "environments_changed": [],
+            "errors": [],
+        }
+        if commit is not None:
+            values.update(
+                commit_sha=commit.sha,
+                commit_author=commit.author,
+                commit_time=commit.time,
+                commit_subject=commit.subject,
+            )
+        with self._writer.begin() as conn:
+            return int(conn.execute(insert(_S).values(**values).returning(_S.c.id)).scalar_one())
+
+    def finish_sync(
+        self,
+        sync_id: int,
+        *,
+        result: str,
+        ended_at: datetime,
+        environments_changed: list[str],
+        errors: list[dict[str, Any]],
+        full_load: bool,
+        note: str | None = None,
+        error_message: str | None = None,
+    ) -> None:
+        _check(result, SYNC_RESULTS, "sync result")
+        with self._writer.begin() as conn:
+            changed = conn.execute(
+                update(_S)
+                .where(_S.c.id == sync_id)
+                .values(
+                    result=result,
+                    ended_at=_aware(ended_at, "ended_at"),
+                    environments_changed=list(environments_changed),
+                    errors=[dict(error) for error in errors],
+                    full_load=full_load,
+                    note=note,
+                    error_message=error_message,
+                )
+            ).rowcount
+            if changed == 0:
+                raise StoreError(f"no sync {sync_id}")
+
+    def last_synced_commit(self) -> str | None:
+        """The commit of the latest sync that applied (result ok, errors or unchanged)."""
+        with self.engine.connect() as conn:
+            sha: str | None = conn.execute(
+                select(_S.c.commit_sha)
+                .where(_S.c.result.in_(SYNC_APPLIED_RESULTS), _S.c.commit_sha.is_not(None))
+                .order_by(_S.c.id.desc())
+                .limit(1)
+            ).scalar()
+            return sha
+
+    def list_syncs(self, limit: int = 20) -> list[SyncRecord]:
+        """The latest syncs, newest first."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(_S).order_by(_S.c.id.desc()).limit(limit)).all()
+            return [_sync(row) for row in rows]
+
+    # ------------------------------------------------------------------ deployments
+
+    def create_deployment(self, new: NewDeployment) -> DeploymentRecord:
+        """Record a planned deployment, status ``pending``, with its first progress event."""
+        _check(new.trigger, TRIGGERS, "trigger")
+        created_at = _aware(new.created_at, "created_at") if new.created_at else _now()
+        with self._writer.begin() as conn:
+            try:
+                deployment_id = int(
+                    conn.execute(
+                        insert(_D)
+                        .values(
+                            environment=new.environment,
+                            service=new.service,
+                            version=new.version,
+                            previous_version=new.previous_version,
+                            provider=new.provider,
+                            provider_type=new.provider_type,
+                            strategy=dict(new.strategy),
+                            status="pending",
+                            trigger=new.trigger,
+                            commit=new.commit,
+                            commit_author=new.commit_author,
+                            attempt=new.attempt,
+                            timeout_seconds=new.timeout_seconds,
+                            params=dict(new.params),
+                            created_at=created_at,
+                            sync_id=new.sync_id,
+                            rollback_of=new.rollback_of,
+                        )
+                        .returning(_D.c.id)
+                    ).scalar_one()
+                )
+            except IntegrityError as exc:
+                raise StoreError(
+                    f"cannot record deployment: unknown sync {new.sync_id} "
+                    f"or deployment {new.rollback_of}"
+                ) from exc
+            conn.execute(
+                insert(_E).values(
+                    deployment_id=deployment_id,
+                    status="pending",
+                    message=_DEFAULT_MESSAGES["pending"],
+                    percent=None,
+                    details={},
+                    at=created_at,
+                )
+            )
+            _refresh_service_state(conn, new.environment, new.service)
+            return _deployment(conn.execute(select(_D).where(_D.c.id == deployment_id)).one())
+
+    def set_status(
+        self,
+        deployment_id: int,
+        status: str,
+        *,
+        at: datetime,
+        error_message: str | None = None,
+        validation: dict[str, Any] | None = None,
+        message: str | None = None,
+    ) -> DeploymentRecord:
+        """Move a deployment to ``status`` and append the matching progress event.
+
+        ``validating``/``in_progress`` set ``started_at`` the first time; terminal statuses
+        set ``completed_at``. A terminal record is never changed, except ``failed`` →
+        ``rolled_back`` (which keeps its error message and end time).
+        """
+        _check(status, STATUSES, "status")
+        _aware(at, "at")
+        with self._writer.begin() as conn:
+            return self._set_status(
+                conn,
+                deployment_id,
+                status,
+                at=at,
+                error_message=error_message,
+                validation=validation,
+                message=message,
+            )
+
+    def _set_status(
+        self,
+        conn: Connection,
+        deployment_id: int,
+        status: str,
+        *,
+        at: datetime,
+        error_message: str | None,
+        validation: dict[str, Any] | None,
+        message: str | None,
+    ) -> DeploymentRecord:
+        row = conn.execute(
+            select(_D).where(_D.c.id == deployment_id).with_for_update()
+        ).one_or_none()
+        if row is None:
+            raise StoreError(f"no deployment {deployment_id}")
+        current = _deployment(row)
+        values: dict[str, Any] = {"status": status}
+        if current.status in TERMINAL_STATUSES:
+            if not (current.status == "failed" and status == "rolled_back"):
+                raise StoreError(
+                    f"deployment {deployment_id} is {current.status}: "
+                    f"a finished deployment cannot become {status}"
+                )
+            # failed -> rolled_back: keep error_message and completed_at.
+            if current.error_message is None and error_message is not None:
+                values["error_message"] = error_message
+        else:
+            if status == "pending" and current.status != "pending":
+                raise StoreError(f"deployment {deployment_id} is {current.status}: not pending")
+            if status in ("validating", "in_progress") and current.started_at is None:
+                values["started_at"] = at
+            if status in TERMINAL_STATUSES:
+                values["completed_at"] = at
+            if error_message is not None:
+                values["error_message"] = error_message
+        if validation is not None:
+            values["validation"] = dict(validation)
+        conn.execute(update(_D).where(_D.c.id == deployment_id).values(**values))
+        conn.execute(
+            insert(_E).values(
+                deployment_id=deployment_id,
+                status=status,
+                message=message or error_message or _DEFAULT_MESSAGES[status],
+                percent=100 if status == "completed" else None,
+                details={},
+                at=at,
+            )
+        )
+        _refresh_service_state(conn, current.environment, current.service)
+        return _deployment(conn.execute(select(_D).where(_D.c.id == deployment_id)).one())
+
+    def add_event(
+        self,
+        deployment_id: int,
+        *,
+        status: str,
+        message: str,
+        percent: int | None,
+        details: dict[str, Any] | None,
+        at: datetime,
+    ) -> None:
+        """Append a progress event (e.g. a provider's report) without changing the status."""
+        with self._writer.begin() as conn:
+            try:
+                conn.execute(
+                    insert(_E).values(
+                        deployment_id=deployment_id,
+                        status=status,
+                        message=message,
+                        percent=percent,
+                        details=dict(details or {}),
+                        at=_aware(at, "at"),
+                    )
+                )
+            except IntegrityError as exc:
+                raise StoreError(f"no deployment {deployment_id}") from exc
+
+    def append_log(self, deployment_id: int, lines: Sequence[tuple[str, str, datetime]]) -> None:
+        """Append captured output lines: ``(stream, line, at)``, stream stdout/stderr/system."""
+        if not lines:
+            return
+        rows = []
+        for stream, line, at in lines:
+            _check(stream, LOG_STREAMS, "log stream")
+            rows.append(
+                {
+                    "deployment_id": deployment_id,
+                    "stream": stream,
+                    "line": line,
+                    "at": _aware(at, "at"),
+                }
+            )
+        with self._writer.begin() as conn:
+            try:
+                conn.execute(insert(_L), rows)
+            except IntegrityError as exc:
+                raise StoreError(f"no deployment {deployment_id}") from exc
+
+    def get_deployment(
+        self, deployment_id: int, *, with_progress: bool = False, with_log: bool = False
+    ) -> DeploymentRecord | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(_D).where(_D.c.id == deployment_id)).one_or_none()
+            if row is None:
+                return None
+            progress = None
+            if with_progress:
+                progress = [
+                    _event(event)
+                    for event in conn.execute(
+                        select(_E).where(_E.c.deployment_id == deployment_id).order_by(_E.c.id)
+                    )
+                ]
+            log = None
+            if with_log:
+                log = [
+                    LogLine(stream=entry.stream, line=entry.line, at=entry.at)
+                    for entry in conn.execute(
+                        select(_L.c.stream, _L.c.line, _L.c.at)
+                        .where(_L.c.deployment_id == deployment_id)
+                        .order_by(_L.c.id)
+                    )
+                ]
+            return _deployment(row, progress, log)
+
+    def events_after(self, deployment_id: int, after_event_id: int) -> list[EventRecord]:
+        """Progress events of a deployment with an id above ``after_event_id``, in order."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(_E)
+                .where(_E.c.deployment_id == deployment_id, _E.c.id > after_event_id)
+                .order_by(_E.c.id)
+            ).all()
+            return [_event(row) for row in rows]
+
+    def history(
+        self,
+        *,
+        environment: str | None = None,
+        service: str | None = None,
+        status: str | None = None,
+        since: datetime | None = None,
+        limit: int = 50,
+        before_id: int | None = None,
+    ) -> list[DeploymentRecord]:
+        """Deployments, newest first (id descending); ``before_id`` pages further back."""
+        query = select(_D)
+        if environment is not None:
+            query = query.where(_D.c.environment == environment)
+        if service is not None:
+            query = query.where(_D.c.service == service)
+        if status is not None:
+            query = query.where(_D.c.status == status)
+        if since is not None:
+            query = query.where(_D.c.created_at >= _aware(since, "since"))
+        if before_id is not None:
+            query = query.where(_D.c.id < before_id)
+        query = query.order_by(_D.c.id.desc()).limit(limit)
+        with self.engine.connect() as conn:
+            return [_deployment(row) for row in conn.execute(query)]
+
+    def service_states(
+        self, environments: Collection[str] | None = None
+    ) -> dict[tuple[str, str], ServiceState]:
+        query = select(*_SERVICE_STATE_COLUMNS)
+        rows: list[Any] = []
+        with self.engine.connect() as conn:
+            if environments is None:
+                rows = list(conn.execute(query).all())
+            else:
+                for chunk in _chunks(sorted(set(environments))):
+                    rows.extend(conn.execute(query.where(_SS.c.environment.in_(chunk))).all())
+        # Positional construction: this runs for every service of every status query.
+        return {(row[0], row[1]): ServiceState(*row) for row in rows}
+
+    def completed_versions(
+        self, triples: Collection[tuple[str, str, str]]
+    ) -> set[tuple[str, str, str]]:
+        """Which ``(environment, service, version)`` have at least one completed deployment."""
+        wanted = sorted(set(triples))
+        found: set[tuple[str, str, str]] = set()
+        with self.engine.connect() as conn:
+            for chunk in _chunks(wanted):
+                params: dict[str, str] = {}
+                for index, (environment, service, version) in enumerate(chunk):
+                    params[f"e{index}"] = environment
+                    params[f"s{index}"] = service
+                    params[f"v{index}"] = version
+                query = _completed_query(len(chunk))
+                found.update((row[0], row[1], row[2]) for row in conn.execute(query, params))
+        return found
+
+    def previous_completed_version(
+        self, environment: str, service: str, *, before_version: str | None = None
+    ) -> str | None:
+        """The latest completed version other than ``before_version`` (rollback target)."""
+        query = select(_D.c.version).where(
+            _D.c.environment == environment,
+            _D.c.service == service,
+            _D.c.status == "completed",
+        )
+        if before_version is not None:
+            query = query.where(_D.c.version != before_version)
+        with self.engine.connect() as conn:
+            version: str | None = conn.execute(query.order_by(_D.c.id.desc()).limit(1)).scalar()
+            return version
+
+    def reset_streak(self, environment: str, service: str) -> None:
+        """Forget the service's failed attempts so far (an operator asked for a retry)."""
+        with self._writer.begin() as conn:
+            marker = conn.execute(
+                select(func.max(_D.c.id)).where(
+                    _D.c.environment == environment,
+                    _D.c.service == service,
+                    _D.c.status.in_(_TERMINAL),
+                )
+            ).scalar()
+            if marker is None:
+                return
+            _refresh_service_state(conn, environment, service)  # ensures the row exists
+            conn.execute(
+                update(_SS)
+                .where(_SS.c.environment == environment, _SS.c.service == service)
+                .values(streak_reset_id=marker)
+            )
+            _refresh_service_state(conn, environment, service)
+
+    def interrupt_unfinished(self, *, message: str, at: datetime) -> list[int]:
+        """End every unfinished deployment ``failed`` with ``message`` (crash recovery)."""
+        _aware(at, "at")
+        with self._writer.begin() as conn:
+            ids = list(
+                conn.execute(
+                    select(_D.c.id).where(_D.c.status.in_(_ACTIVE)).order_by(_D.c.id)
+                ).scalars()
+            )
+            for deployment_id in ids:
+                self._set_status(
+                    conn,
+                    deployment_id,
+                    "failed",
+                    at=at,
+                    error_message=message,
+                    validation=None,
+                    message=message,
+                )
+            return ids
+
+    def rebuild_service_state(self) -> None:
+        """Recompute the whole `service_state` table from the deployments (repairs)."""
+        with self._writer.begin() as conn:
+            resets = {
+                (row.environment, row.service): row.streak_reset_id
+                for row in conn.execute(
+                    select(_SS.c.environment, _SS.c.service, _SS.c.streak_reset_id).where(
+                        _SS.c.streak_reset_id.is_not(None)
+                    )
+                )
+            }
+            conn.execute(delete(_SS))
+            rows = conn.execute(
+                select(_D.c.environment, _D.c.service, *_FOLD_COLUMNS)
+                .order_by(_D.c.environment, _D.c.service, _D.c.id.desc())
+                .execution_options(yield_per=10_000)
+            )
+            batch: list[dict[str, Any]] = []
+            for (environment, service), group in groupby(rows, key=lambda r: (r[0], r[1])):
+                fold = _ServiceFold(reset_id=resets.get((environment, service)), track_running=True)
+                for row in group:
+                    if not fold.done:
+                        fold.feed(row[2:])
+                batch.append(
+                    {
+                        "environment": environment,
+                        "service": service,
+                        "streak_reset_id": fold.reset_id,
+                        **fold.values(),
+                    }
+                )
+                if len(batch) >= 5000:
+                    conn.execute(insert(_SS), batch)
+                    batch = []
+            rows.close()
+            if batch:
+                conn.execute(insert(_SS), batch)
+
+    # ------------------------------------------------------------------ environments
+
+    def save_environment_state(
+        self, name: str, *, spec: dict[str, Any], source_path: str, commit: str, at: datetime
+    ) -> None:
+        """Remember the last valid desired state applied for an environment."""
+        with self._writer.begin() as conn:
+            _upsert(
+                conn,
+                _ENV,
+                {
+                    "name": name,
+                    "spec": dict(spec),
+                    "source_path": source_path,
+                    "commit": commit,
+                    "updated_at": _aware(at, "at"),
+                },
+                ["name"],
+            )
+
+    def environment_states(self) -> dict[str, EnvironmentStateRecord]:
+        with self.engine.connect() as conn:
+            return {
+                row.name: EnvironmentStateRecord(
+                    name=row.name,
+                    spec=row.spec,
+                    source_path=row.source_path,
+                    commit=row.commit,
+                    updated_at=row.updated_at,
+                )
+                for row in conn.execute(select(_ENV).order_by(_ENV.c.name))
+            }
+
+    def record_operator_action(
+        self,
+        *,
+        environment: str,
+        service: str | None,
+        action: str,
+        actor: str,
+        note: str | None,
+        at: datetime,
+    ) -> None:
+        """Record what an operator did; ``suspend``/``resume`` also (un)suspend it."""
+        _check(action, OPERATOR_ACTIONS, "operator action")
+        _aware(at, "at")
+        with self._writer.begin() as conn:
+            conn.execute(
+                insert(_OA).values(
+                    at=at,
+                    environment=environment,
+                    service=service,
+                    action=action,
+                    actor=actor,
+                    note=note,
+                )
+            )
+            if action == "suspend":
+                _insert_ignore(
+                    conn,
+                    _OS,
+                    {"environment": environment, "since": at, "actor": actor},
+                    ["environment"],
+                )
+            elif action == "resume":
+                conn.execute(delete(_OS).where(_OS.c.environment == environment))
+
+    def suspended_environments(self) -> set[str]:
+        with self.engine.connect() as conn:
+            return set(conn.execute(select(_OS.c.environment)).scalars())

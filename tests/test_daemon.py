@@ -1,0 +1,151 @@
+"""The daemon as users run it: a real process, a real repository, signals."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from reconciler.config import load_config
+from reconciler.store import Store
+from tests.support import RECONCILER, World, alive, cli_env, wait_for
+
+pytestmark = pytest.mark.timeout(90)
+
+
+class DaemonProcess:
+    def __init__(self, world: World) -> None:
+        self.world = world
+        self.stderr = world.tmp / f"daemon-{time.monotonic_ns()}.log"
+        self.proc = subprocess.Popen(
+            [*RECONCILER, "--config", str(world.config), "run"],
+            cwd=world.tmp,
+            env=cli_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=self.stderr.open("w"),
+        )
+
+    def log(self) -> str:
+        return self.stderr.read_text()
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        self.proc.send_signal(sig)
+        return self.proc.wait(timeout)
+
+
+def store_for(world: World) -> Store:
+    return Store.from_url(load_config(world.config, environ={}).database_url, migrate=False)
+
+
+def history(world: World) -> list[dict]:
+    out = world.cli("history", "--json", check=True)
+    return json.loads(out.stdout)
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> World:
+    return World(tmp_path)
+
+
+def test_a_commit_is_deployed_by_the_watching_daemon(world: World):
+    world.repo.set_env("staging", {"api": "1.0"})
+    daemon = DaemonProcess(world)
+    try:
+        wait_for(
+            lambda: any(d["status"] == "completed" for d in history(world)), what="first deployment"
+        )
+        sha = world.repo.set_env("staging", {"api": "1.1"})
+        done = wait_for(
+            lambda: [
+                d for d in history(world) if d["version"] == "1.1" and d["status"] == "completed"
+            ],
+            what="the commit to be deployed",
+        )
+        assert done[0]["commit"] == sha and done[0]["previous_version"] == "1.0"
+        assert daemon.stop() == 0
+    finally:
+        if daemon.proc.poll() is None:
+            daemon.proc.kill()
+    log = daemon.log()
+    assert "event=sync trigger=watch" in log and "event=stopped" in log
+    assert "Traceback" not in log
+
+
+def test_kill_9_mid_deployment_is_recorded_interrupted_and_recovered(world: World):
+    world.repo.set_env("staging", {"api": "1.0-hang"})
+    daemon = DaemonProcess(world)
+    try:
+        wait_for(world.pids.exists, what="the deployment to start")
+        daemon.stop(signal.SIGKILL)
+    finally:
+        if daemon.proc.poll() is None:
+            daemon.proc.kill()
+    # The run itself is orphaned, as after a real crash; end it as the host's reboot would.
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(int(world.pids.read_text().split()[0]), signal.SIGKILL)
+    [running] = history(world)
+    assert running["status"] == "in_progress"
+    world.repo.set_env("staging", {"api": "1.1"})
+    daemon = DaemonProcess(world)
+    try:
+        wait_for(
+            lambda: any(
+                d["version"] == "1.1" and d["status"] == "completed" for d in history(world)
+            ),
+            what="recovery",
+        )
+        daemon.stop()
+    finally:
+        if daemon.proc.poll() is None:
+            daemon.proc.kill()
+    records = {d["version"]: d for d in history(world)}
+    assert records["1.0-hang"]["status"] == "failed"
+    assert records["1.0-hang"]["error_message"] == "interrupted: reconciler stopped during the run"
+    assert records["1.1"]["previous_version"] is None
+
+
+def test_sigterm_stops_within_shutdown_grace_and_cancels_the_run(tmp_path: Path):
+    world = World(tmp_path, shutdown_grace="1s")
+    world.repo.set_env("staging", {"api": "1.0-hang"})
+    daemon = DaemonProcess(world)
+    try:
+        wait_for(world.pids.exists, what="the deployment to start")
+        t0 = time.monotonic()
+        code = daemon.stop(signal.SIGTERM)
+        elapsed = time.monotonic() - t0
+    finally:
+        if daemon.proc.poll() is None:
+            daemon.proc.kill()
+    assert code == 0
+    assert elapsed < 1 + 1 + 5  # grace + kill grace + start-up slack
+    [record] = history(world)
+    assert record["status"] == "cancelled"
+    assert not any(alive(int(p)) for p in world.pids.read_text().split())
+
+
+def test_a_second_daemon_on_the_same_state_refuses(world: World):
+    world.repo.set_env("staging", {"api": "1.0"})
+    daemon = DaemonProcess(world)
+    try:
+        wait_for(
+            lambda: (world.tmp / "state" / "reconciler.lock").exists() and history(world),
+            what="start",
+        )
+        second = world.cli("run", timeout=30)
+        assert second.returncode == 2
+        assert "another reconciler daemon" in second.stderr and "Traceback" not in second.stderr
+        # `sync` asks the running daemon instead of racing it.
+        asked = world.cli("sync")
+        assert asked.returncode == 0 and "asked the running daemon" in asked.stderr
+        deploy = world.cli("deploy", "--env", "staging", "--version", "9")
+        assert deploy.returncode == 2 and "holds this state directory" in deploy.stderr
+        daemon.stop()
+    finally:
+        if daemon.proc.poll() is None:
+            daemon.proc.kill()
