@@ -24,6 +24,9 @@ _DESCRIPTION = (
 
 def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
     """An empty YAML value (``params:``) means the default: accept null as well."""
+    if isinstance(schema.get("type"), str):
+        schema["type"] = [schema["type"], "null"]
+        return schema
     description = schema.pop("description", None)
     default = schema.pop("default", None)
     wrapped: dict[str, Any] = {"anyOf": [schema, {"type": "null"}]}

@@ -35,6 +35,8 @@ _NULL_TAG = "tag:yaml.org,2002:null"
 _NULLS = frozenset(("", "~", "null", "Null", "NULL"))
 _MERGE = "<<"
 _IN_PROGRESS = object()
+# Values that aliases may add to a document, all uses together: far beyond any real file.
+_ALIAS_BUDGET = 100_000
 
 
 class _ComposerMixin:
@@ -153,12 +155,33 @@ def describe(value: object) -> str:
 
 
 class _Converter:
-    __slots__ = ("errors", "file", "memo")
+    __slots__ = ("alias_budget", "errors", "file", "memo", "sizes")
 
     def __init__(self, file: str) -> None:
         self.file = file
         self.errors: list[FileError] = []
         self.memo: dict[int, Any] = {}
+        self.sizes: dict[int, int] = {}
+        self.alias_budget = _ALIAS_BUDGET
+
+    def expanded_size(self, node: Node) -> int:
+        """How many values a node holds once aliases are expanded (a billion laughs guard)."""
+        if node.__class__ is ScalarNode:
+            return 1
+        sizes = self.sizes
+        known = sizes.get(id(node))
+        if known is not None:
+            return known
+        sizes[id(node)] = 1  # a recursive alias is reported elsewhere; do not loop here
+        total = 1
+        if node.__class__ is MappingNode:
+            for _key, value in node.value:
+                total += 1 + self.expanded_size(value)
+        else:
+            for item in node.value:
+                total += self.expanded_size(item)
+        sizes[id(node)] = total
+        return total
 
     def error(self, node: Node, path: Sequence[str | int], message: str) -> None:
         line, col = position(node)
@@ -174,6 +197,12 @@ class _Converter:
         if done is not None:
             if done is _IN_PROGRESS:
                 self.error(node, path, "an alias refers to a node that contains it (recursive)")
+                return None
+            # An alias: shared, not copied, but whoever walks the result sees it expanded.
+            self.alias_budget -= self.expanded_size(node)
+            if self.alias_budget < 0:
+                if self.alias_budget + self.expanded_size(node) >= 0:  # report once
+                    self.error(node, path, f"aliases expand to more than {_ALIAS_BUDGET} values")
                 return None
             return done
         memo[key] = _IN_PROGRESS

@@ -173,7 +173,7 @@ def sync_cmd(
         click.echo(f"asked the running daemon (pid {report.delegated_to}) to sync", err=True)
         return
     outcome = report.outcome
-    if outcome.result == "failed":
+    if outcome.result in ("failed", "refused"):
         fail(outcome.message or "sync failed")
     if as_json:
         print_json(
@@ -271,7 +271,7 @@ def validate_cmd(ctx: click.Context, directory: str | None, as_json: bool) -> No
     else:
         for err in state.errors:
             click.echo(str(err), err=True)
-        files = len(state.sources) + len(state.broken_files)
+        files = len(set(state.sources.values()) | set(state.broken_files))
         click.echo(
             f"{files} file{'s' if files != 1 else ''}, {len(state.environments)} valid "
             f"environment{'s' if len(state.environments) != 1 else ''}, {len(state.errors)} "

@@ -103,15 +103,21 @@ class Daemon:
         while True:
             await self._sync_requested.wait()
             self._sync_requested.clear()
+            trigger = self._trigger
             try:
-                outcome = await self.engine.sync(self._trigger)
-            except Exception:
-                log.exception("event=sync_error")
-                outcome = None
-            if outcome is not None and outcome.result != "failed":
+                outcome = await self.engine.sync(trigger)
+            except Exception as exc:  # the database is away, say: try the same sync again soon
+                log.error(
+                    "event=sync_error error=%r", f"{type(exc).__name__}: {exc}".splitlines()[0]
+                )
+                await asyncio.sleep(retry)
+                retry = min(retry * 2, 60.0)
+                self.request_sync(trigger)
+                continue
+            if outcome.result != "failed":
                 retry = 1.0
                 self.ready.set()
-                if self._trigger == "manual":
+                if trigger == "manual":
                     self.engine.wake(self.engine.effective)
             elif not self.ready.is_set():
                 # Until the first fetch works there is nothing to reconcile: keep trying.
@@ -127,13 +133,24 @@ class Daemon:
 
     async def _watch_loop(self, git_dir: Path) -> None:
         while True:
+            ready = asyncio.Event()
+            # A commit that landed before the watch was in place is caught by one more look.
+            catch_up = asyncio.create_task(self._after(ready, "watch"))
             try:
-                async for _ in watch_refs(git_dir, self.config.repository.branch, stop=self._stop):
+                async for _ in watch_refs(
+                    git_dir, self.config.repository.branch, stop=self._stop, ready=ready
+                ):
                     self.request_sync("watch")
                 return
             except Exception as exc:  # the folder vanished, say: fall back on polling for a while
                 log.warning("event=watch_failed error=%r", str(exc))
                 await asyncio.sleep(max(self.config.repository.poll_interval, 5.0))
+            finally:
+                catch_up.cancel()
+
+    async def _after(self, event: asyncio.Event, trigger: str) -> None:
+        await event.wait()
+        self.request_sync(trigger)
 
 
 def _safe_url(url: str) -> str:

@@ -32,7 +32,7 @@ from desired_state import (
     parse_environment_file,
 )
 from reconciler.config import Config
-from reconciler.executor import Executor, Job, Listener, utcnow
+from reconciler.executor import Executor, Job, Listener, durable, utcnow
 from reconciler.plan import (
     Decision,
     PlanSettings,
@@ -112,10 +112,13 @@ class Engine:
         self._runners: dict[str, asyncio.Task[None]] = {}
         self._deploying: dict[str, DeploymentRecord] = {}
         self._active: set[str] = set()  # environments whose runner is awake
+        self._env_locks: dict[str, asyncio.Lock] = {}  # one deployment at a time per environment
+        # Standalone commands drain environments themselves: no background runners.
+        self.runners_enabled = True
         self._idle = asyncio.Event()
         self._idle.set()
         self._sync_lock = asyncio.Lock()
-        self._last_fetch_error: str | None = None
+        self._last_error: str | None = None
         self.scheduler: AsyncIOScheduler | None = None
         self.on_sync: Callable[[SyncOutcome], None] | None = None
 
@@ -143,14 +146,23 @@ class Engine:
                 head = await asyncio.to_thread(self.source.fetch)
             except SourceError as exc:
                 return await self._fetch_failed(trigger, seen, str(exc))
-            self._last_fetch_error = None
             if head == (self.commit.sha if self.commit else None) and trigger in (
                 "poll",
                 "watch",
                 "webhook",
             ):
+                self._last_error = None
                 return SyncOutcome(self.sync_id, head, "unchanged")
             old = self.commit.sha if self.commit else None
+            applied = old or await asyncio.to_thread(self.store.last_synced_commit)
+            rewritten = (
+                applied is not None
+                and applied != head
+                and not await asyncio.to_thread(self.source.is_ancestor, applied, head)
+            )
+            if rewritten and not self.config.repository.allow_force_push:
+                return await self._refuse(trigger, seen, head, applied or "")
+            self._last_error = None
             changes = await asyncio.to_thread(self.source.load, old, head)
             info = await asyncio.to_thread(self.source.commit_info, head)
             reparsed = await asyncio.to_thread(self._parse, changes.files)
@@ -174,6 +186,8 @@ class Engine:
             await asyncio.to_thread(self._save_states, desired, head)
             result = "errors" if errors else "ok"
             note = changes.reason
+            if rewritten and note is None:  # after a restart the loader cannot tell
+                note = f"history rewritten: {(applied or '')[:12]} is not an ancestor of {head[:12]}; full load"
             await asyncio.to_thread(
                 self.store.finish_sync,
                 sync_id,
@@ -204,10 +218,37 @@ class Engine:
                 self.on_sync(outcome)
             return outcome
 
+    async def _refuse(self, trigger: str, seen: datetime, head: str, applied: str) -> SyncOutcome:
+        """A head that does not descend from the last applied commit (a force push) is not
+        applied unless `allow_force_push`; recorded once per refused head."""
+        message = (
+            f"refused {head[:12]}: it does not descend from the last applied commit "
+            f"{applied[:12]} (history rewritten); set repository.allow_force_push = true to accept"
+        )
+        log.error("event=sync_refused commit=%s applied=%s", head[:12], applied[:12])
+        sync_id = None
+        if message != self._last_error:
+            info = await asyncio.to_thread(self.source.commit_info, head)
+            sync_id = await asyncio.to_thread(
+                self.store.begin_sync, trigger=trigger, seen_at=seen, commit=_meta(info)
+            )
+            await asyncio.to_thread(
+                self.store.finish_sync,
+                sync_id,
+                result="refused",
+                ended_at=self.clock(),
+                environments_changed=[],
+                errors=[],
+                full_load=False,
+                error_message=message,
+            )
+        self._last_error = message
+        return SyncOutcome(sync_id, head, "refused", message=message)
+
     async def _fetch_failed(self, trigger: str, seen: datetime, message: str) -> SyncOutcome:
         log.error("event=fetch_failed error=%r", message)
         sync_id = None
-        if message != self._last_fetch_error:  # the same outage is recorded once, not every poll
+        if message != self._last_error:  # the same outage is recorded once, not every poll
             sync_id = await asyncio.to_thread(
                 self.store.begin_sync, trigger=trigger, seen_at=seen, commit=None
             )
@@ -221,7 +262,7 @@ class Engine:
                 full_load=False,
                 error_message=message,
             )
-        self._last_fetch_error = message
+        self._last_error = message
         return SyncOutcome(sync_id, None, "failed", message=message)
 
     def _effective(
@@ -343,7 +384,7 @@ class Engine:
 
     def wake(self, environments: Iterable[str]) -> None:
         for env in environments:
-            if self.stopping:
+            if self.stopping or not self.runners_enabled:
                 return
             event = self._wake.get(env)
             if event is None:
@@ -382,6 +423,12 @@ class Engine:
         `once`: each service at most one attempt (a standalone `sync` pass).
         `services`: only these services (an operator's `sync --service`).
         """
+        async with self._env_locks.setdefault(env, asyncio.Lock()):
+            return await self._drain(env, once, services)
+
+    async def _drain(
+        self, env: str, once: bool, services: Collection[str] | None
+    ) -> list[DeploymentRecord]:
         done: list[DeploymentRecord] = []
         tried: set[str] = set()
         if services is not None and env in self.effective:
@@ -436,7 +483,7 @@ class Engine:
             rb = await self.run_job(back)
             out.append(rb)
             if rb.status == "completed" and rec.status == "failed":
-                out[0] = await asyncio.to_thread(
+                out[0] = await durable(
                     self.store.set_status,
                     rec.id,
                     "rolled_back",

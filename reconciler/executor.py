@@ -13,7 +13,15 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
+
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_delay,
+    wait_exponential,
+)
 
 from desired_state import EnvironmentSpec, format_duration
 from reconciler.providers import (
@@ -24,9 +32,14 @@ from reconciler.providers import (
     Redactor,
     Validation,
 )
-from reconciler.store import CommitMeta, DeploymentRecord, NewDeployment, Store
+from reconciler.store import CommitMeta, DeploymentRecord, NewDeployment, Store, is_transient
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# How long a record write keeps retrying through a database outage before it gives up
+# (the record is then ended `interrupted` at the next start, never lost).
+STORE_RETRY_SECONDS = 900.0
 
 LOG_FLUSH_SECONDS = 0.2
 LOG_FLUSH_LINES = 200
@@ -34,6 +47,29 @@ LOG_FLUSH_LINES = 200
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def _log_retry(state: RetryCallState) -> None:
+    exc = state.outcome.exception() if state.outcome else None
+    log.warning(
+        "event=store_retry attempt=%d error=%r",
+        state.attempt_number,
+        str(exc).splitlines()[0] if exc else "",
+    )
+
+
+async def durable(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+    """Run a store call off the loop, retrying with backoff while the database is away."""
+    async for attempt in AsyncRetrying(
+        retry=retry_if_exception(is_transient),
+        wait=wait_exponential(multiplier=0.1, max=10),
+        stop=stop_after_delay(STORE_RETRY_SECONDS),
+        before_sleep=_log_retry,
+        reraise=True,
+    ):
+        with attempt:
+            return await asyncio.to_thread(fn, *args, **kwargs)
+    raise AssertionError("unreachable: tenacity re-raises the last error")
 
 
 @dataclass(frozen=True)
@@ -65,6 +101,7 @@ class _LogBuffer:
         self.store, self.id, self.redact = store, deployment_id, redact
         self.lines: list[tuple[str, str, datetime]] = []
         self._task: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()  # batches reach the store in order
 
     def add(self, stream: str, line: str) -> None:
         self.lines.append((stream, self.redact(line), utcnow()))
@@ -77,9 +114,10 @@ class _LogBuffer:
         await self.flush()
 
     async def flush(self) -> None:
-        while self.lines:
-            batch, self.lines = self.lines[:LOG_FLUSH_LINES], self.lines[LOG_FLUSH_LINES:]
-            await asyncio.to_thread(self.store.append_log, self.id, batch)
+        async with self._lock:
+            while self.lines:
+                batch, self.lines = self.lines[:LOG_FLUSH_LINES], self.lines[LOG_FLUSH_LINES:]
+                await durable(self.store.append_log, self.id, batch)
 
     async def close(self) -> None:
         if self._task is not None:
@@ -112,7 +150,7 @@ class Executor:
                 log.exception("progress listener failed")
 
     async def _status(self, dep_id: int, status: str, **kw: Any) -> DeploymentRecord:
-        rec = await asyncio.to_thread(self.store.set_status, dep_id, status, at=self.clock(), **kw)
+        rec = await durable(self.store.set_status, dep_id, status, at=self.clock(), **kw)
         self._emit(
             dep_id,
             {
@@ -144,7 +182,7 @@ class Executor:
             sync_id=job.sync_id,
             rollback_of=job.rollback_of,
         )
-        return await asyncio.to_thread(self.store.create_deployment, new)
+        return await durable(self.store.create_deployment, new)
 
     async def run(self, job: Job, record: DeploymentRecord | None = None) -> DeploymentRecord:
         """Run one deployment to a terminal status and return its final record.
@@ -174,7 +212,7 @@ class Executor:
         ) -> None:
             await logs.flush()
             at = self.clock()
-            await asyncio.to_thread(
+            await durable(
                 self.store.add_event,
                 rec.id,
                 status="in_progress",

@@ -54,6 +54,7 @@ async def open_engine(
         store = await asyncio.to_thread(open_store, config)
         source = open_source(config)
         engine = Engine(config, store, source, providers, listener=listener)
+        engine.runners_enabled = False
         try:
             yield engine
         finally:
@@ -83,7 +84,7 @@ class SyncReport:
 
     @property
     def failed(self) -> bool:
-        return self.outcome.result == "failed" or any(
+        return self.outcome.result in ("failed", "refused") or any(
             d.status != "completed" and d.trigger != "rollback" for d in self.deployments
         )
 
@@ -112,7 +113,7 @@ async def sync(
         if environment and service:
             await asyncio.to_thread(_retry_request, engine.store, environment, service)
         outcome = await engine.sync("manual")
-        if outcome.result == "failed":
+        if outcome.result in ("failed", "refused"):
             return SyncReport(outcome)
         if environment is not None and environment not in engine.effective:
             raise OperationError(f"unknown environment '{environment}'", code=2)

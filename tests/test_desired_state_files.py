@@ -92,8 +92,16 @@ def test_defaults(tmp_path):
 
 @pytest.mark.parametrize(
     ("written", "read"),
-    [("1.10", "1.10"), ("1.0", "1.0"), ("1e3", "1e3"), ("0x1F", "0x1F"), ("010", "010"),
-     ("'2.0'", "2.0"), ("!!float 1.50", "1.50"), ("2024-01-01", "2024-01-01")],
+    [
+        ("1.10", "1.10"),
+        ("1.0", "1.0"),
+        ("1e3", "1e3"),
+        ("0x1F", "0x1F"),
+        ("010", "010"),
+        ("'2.0'", "2.0"),
+        ("!!float 1.50", "1.50"),
+        ("2024-01-01", "2024-01-01"),
+    ],
 )
 def test_versions_are_always_text(tmp_path, written, read):
     env = parse(tmp_path, MINIMAL.replace('version: "1"', f"version: {written}")).environment
@@ -145,7 +153,9 @@ def test_suspended_true_false(tmp_path, written, value):
     assert env.suspended is value
 
 
-@pytest.mark.parametrize(("written", "seconds"), [("90", 90), ("90s", 90), ("2h", 7200), ("1h30m", 5400)])
+@pytest.mark.parametrize(
+    ("written", "seconds"), [("90", 90), ("90s", 90), ("2h", 7200), ("1h30m", 5400)]
+)
 def test_timeout_forms(tmp_path, written, seconds):
     env = parse(tmp_path, MINIMAL + f"timeout: {written}\n").environment
     assert env is not None
@@ -264,9 +274,18 @@ def test_empty_file(tmp_path, text):
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("- a\n- b\n", "env.yaml:1:1: expected a mapping (environment:, provider:, services:), got a list"),
-        ("\njust text\n", "env.yaml:2:1: expected a mapping (environment:, provider:, services:), got text 'just text'"),
-        ("~\n", "env.yaml:1:1: expected a mapping (environment:, provider:, services:), got an empty document"),
+        (
+            "- a\n- b\n",
+            "env.yaml:1:1: expected a mapping (environment:, provider:, services:), got a list",
+        ),
+        (
+            "\njust text\n",
+            "env.yaml:2:1: expected a mapping (environment:, provider:, services:), got text 'just text'",
+        ),
+        (
+            "~\n",
+            "env.yaml:1:1: expected a mapping (environment:, provider:, services:), got an empty document",
+        ),
     ],
 )
 def test_top_level_not_a_mapping(tmp_path, text, expected):
@@ -312,7 +331,9 @@ def test_duplicate_keys_at_every_depth(tmp_path):
 
 def test_quoted_and_plain_key_are_the_same_key(tmp_path):
     parsed = parse(tmp_path, MINIMAL + '"provider": q\n')
-    assert messages(parsed) == ["env.yaml:6:1: provider: duplicate key 'provider' (first at line 2)"]
+    assert messages(parsed) == [
+        "env.yaml:6:1: provider: duplicate key 'provider' (first at line 2)"
+    ]
 
 
 def test_undefined_alias(tmp_path):
@@ -478,7 +499,10 @@ def test_bad_windows(tmp_path):
     ]
     by_path = {e.path: e.message for e in parsed.errors}
     assert by_path["windows.0.cron"].startswith("'0 9 * *' is not a cron expression of 5 fields")
-    assert by_path["windows.1.cron"] == "'61 9 * * mon-fri' is not a valid cron expression: out of range"
+    assert (
+        by_path["windows.1.cron"]
+        == "'61 9 * * mon-fri' is not a valid cron expression: out of range"
+    )
     assert by_path["windows.1.duration"] == "bad duration '5x': use seconds or 90s / 30m / 2h"
     assert by_path["windows.2.cron"] == "'0 9 * * mon-fry' is not a valid cron expression"
     assert by_path["windows.2.timezone"].startswith("unknown timezone 'Mars/Olympus_Mons'")
@@ -534,3 +558,25 @@ def test_file_error_str_and_dict():
         "path": "services.api.version",
         "message": "bad",
     }
+
+
+def test_recursive_alias_is_an_error(tmp_path):
+    text = MINIMAL + "    params: &x\n      self: *x\n"
+    parsed = parse(tmp_path, text)
+    assert parsed.environment is None
+    assert messages(parsed) == [
+        "env.yaml:6:13: services.api.params.self:"
+        " an alias refers to a node that contains it (recursive)"
+    ]
+
+
+def test_alias_expansion_is_bounded(tmp_path):
+    levels = ["a: &a [x, x, x, x, x, x, x, x, x]"]
+    for i in range(1, 9):
+        name, prev = chr(97 + i), chr(96 + i)
+        levels.append(f"{name}: &{name} [" + ", ".join([f"*{prev}"] * 9) + "]")
+    text = MINIMAL + "    params:\n" + "".join(f"      {line}\n" for line in levels)
+    parsed = parse(tmp_path, text)
+    assert parsed.environment is None
+    assert len(parsed.errors) == 1
+    assert parsed.errors[0].message == "aliases expand to more than 100000 values"

@@ -74,7 +74,7 @@ def test_hidden_folders_and_files_are_skipped(repo):
 def test_root_given_as_absolute_path_reports_full_paths(tmp_path):
     (tmp_path / "a.yaml").write_text("environment: alpha\n")
     state = load_directory(tmp_path)
-    assert [e.file for e in state.errors] == [str(tmp_path / "a.yaml")]
+    assert {e.file for e in state.errors} == {str(tmp_path / "a.yaml")}
     assert state.broken_files.keys() == {str(tmp_path / "a.yaml")}
 
 
@@ -152,9 +152,7 @@ def test_unknown_provider(repo):
 def test_providers_none_skips_the_provider_check(repo):
     repo("a.yaml", env_text("alpha", provider="anything"))
     assert list(load(None).environments) == ["alpha"]
-    assert [e.message for e in load([]).errors] == [
-        "unknown provider 'anything' (declared: none)"
-    ]
+    assert [e.message for e in load([]).errors] == ["unknown provider 'anything' (declared: none)"]
 
 
 def test_depends_on_unknown_environment(repo):
@@ -282,17 +280,13 @@ def test_public_api_is_re_exported():
     assert set(desired_state.__all__) >= {"load_directory", "parse_environment_file"}
 
 
-def test_large_repository_loads_quickly(tmp_path):
-    import time
-
+def test_large_repository_loads_every_environment(tmp_path):
+    # Speed is measured in bench/bench_load.py; this checks a large chain loads correctly.
     for i in range(200):
         services = [f"svc-{s}" for s in range(20)]
         text = env_text(f"env-{i}", depends_on=[f"env-{i - 1}"] if i else None, services=services)
         (tmp_path / f"env-{i:03d}.yaml").write_text(text)
-    start = time.process_time()
     state = load_directory(tmp_path, ["local"])
-    elapsed = time.process_time() - start
     assert len(state.environments) == 200
     assert state.errors == []
-    # 1000 such files take about 0.5 s of CPU; a generous bound for 200 of them.
-    assert elapsed < 1.5
+    assert list(state.environments["env-7"].services)[:3] == ["svc-0", "svc-1", "svc-2"]

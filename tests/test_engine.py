@@ -301,3 +301,89 @@ def test_graceful_stop_cancels_what_outlives_the_grace(world: World):
     cancelled, history = run_engine(world, body)
     assert [d.status for d in history] == ["cancelled"] and cancelled == [history[0].id]
     assert not any(alive(int(p)) for p in world.pids.read_text().split())
+
+
+def rewrite_history(world: World) -> str:
+    """A force push: drop the last commit and commit something else in its place."""
+    from tests.support import git
+
+    git(world.repo.path, "reset", "-q", "--hard", "HEAD~1")
+    return world.repo.set_env("staging", {"api": "3.0"}, message="rewritten")
+
+
+def test_force_push_is_refused_by_default_and_recorded(world: World):
+    world.repo.set_env("staging", {"api": "1.0"})
+    world.repo.set_env("staging", {"api": "2.0"})
+
+    async def body(engine: Engine):
+        await sync_and_settle(engine, "startup")
+        head = rewrite_history(world)
+        refused = await sync_and_settle(engine)
+        again = await sync_and_settle(engine, "poll")
+        return head, refused, again, engine.store.list_syncs(), engine.store.history()
+
+    head, refused, again, syncs, history = run_engine(world, body)
+    assert refused.result == "refused" and "allow_force_push" in (refused.message or "")
+    assert again.result == "refused" and again.sync_id is None  # recorded once, not per poll
+    assert (syncs[0].result, syncs[0].commit_sha) == ("refused", head)
+    assert [d.version for d in history] == ["2.0"]
+
+
+def test_force_push_is_a_recorded_full_load_when_allowed(world: World):
+    world.config.write_text(
+        world.config.read_text().replace("watch = true", "watch = true\nallow_force_push = true")
+    )
+    world.repo.set_env("staging", {"api": "1.0"})
+    world.repo.set_env("staging", {"api": "2.0"})
+
+    async def body(engine: Engine):
+        await sync_and_settle(engine, "startup")
+        rewrite_history(world)
+        outcome = await sync_and_settle(engine)
+        return outcome, engine.store.list_syncs(), engine.store.history()
+
+    outcome, syncs, history = run_engine(world, body)
+    assert outcome.result == "ok"
+    assert syncs[0].full_load and "history rewritten" in (syncs[0].note or "")
+    assert [d.version for d in history] == ["3.0", "2.0"]
+
+
+def test_a_database_outage_delays_records_but_loses_none(world: World, monkeypatch):
+    import logging
+    import sqlite3
+
+    import reconciler.store.db as db
+
+    monkeypatch.setattr(db, "SQLITE_BUSY_TIMEOUT_MS", 50)
+    world.repo.set_env("staging", {"api": "1.0-gate"})
+
+    async def body(engine: Engine):
+        started, retried = asyncio.Event(), asyncio.Event()
+
+        class Seen(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                if "event=store_retry" in record.getMessage():
+                    retried.set()
+
+        handler = Seen()
+        logging.getLogger("reconciler.executor").addHandler(handler)
+        engine.executor.listener = lambda i, ev: started.set() if ev["status"] == "in_progress" else None
+        try:
+            await engine.sync("startup")
+            await started.wait()
+            path = engine.config.database_url.removeprefix("sqlite:///")
+            holder = sqlite3.connect(path, isolation_level=None)
+            holder.execute("BEGIN EXCLUSIVE")  # no writer gets in: the database is "down"
+            await asyncio.to_thread(world.open_gate)
+            await retried.wait()
+            holder.execute("ROLLBACK")
+            holder.close()
+            await engine.idle()
+        finally:
+            logging.getLogger("reconciler.executor").removeHandler(handler)
+        return engine.store.get_deployment(1, with_progress=True, with_log=True)
+
+    rec = run_engine(world, body)
+    assert rec.status == "completed"
+    assert [p.message for p in rec.progress if p.status == "in_progress"][-1] == "done"
+    assert any("token is ***" in line.line for line in rec.log)

@@ -3,6 +3,7 @@
 from reconciler.store.db import (
     current_revision,
     head_revision,
+    is_transient,
     make_engine,
     needs_upgrade,
     upgrade,
@@ -53,6 +54,7 @@ __all__ = [
     "current_revision",
     "format_time",
     "head_revision",
+    "is_transient",
     "make_engine",
     "needs_upgrade",
     "upgrade",

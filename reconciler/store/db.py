@@ -129,3 +129,13 @@ def upgrade(engine: Engine) -> list[str]:
         if pending:
             command.upgrade(alembic_config(connection), "head")
     return pending
+
+
+def is_transient(exc: BaseException) -> bool:
+    """A database error worth retrying: the server is down, restarting or busy (a locked
+    SQLite file), as opposed to a bad statement or a broken invariant."""
+    from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+
+    if isinstance(exc, OperationalError | InterfaceError):
+        return True
+    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)

@@ -29,7 +29,7 @@ FAILURE_STATUSES: frozenset[str] = frozenset({"failed", "timed_out", "rolled_bac
 TRIGGERS: tuple[str, ...] = ("git", "manual", "rollback", "retry", "drift")
 
 SYNC_TRIGGERS: tuple[str, ...] = ("startup", "poll", "watch", "webhook", "manual")
-SYNC_RESULTS: tuple[str, ...] = ("ok", "errors", "failed", "unchanged")
+SYNC_RESULTS: tuple[str, ...] = ("ok", "errors", "failed", "unchanged", "refused")
 #: Sync results whose commit counts as applied (see `Store.last_synced_commit`).
 SYNC_APPLIED_RESULTS: tuple[str, ...] = ("ok", "errors", "unchanged")
 

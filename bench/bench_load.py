@@ -1,0 +1,333 @@
+"""Loading the desired state: full load + plan of a large repository, and the incremental sync.
+
+A real git repository of E environment files x S services (default 200 x 20; --full
+1,000 x 20; every file has params, a timeout, a strategy; odd environments depend on the
+even one before them). Each measurement drives the real engine in-process:
+
+* full load + plan: a fresh Engine (empty state directory: empty mirror, new SQLite
+  database, migrations applied beforehand and not timed) runs ``Engine.sync("watch")``
+  then ``Engine.decisions()`` for every environment (what the daemon's first pass and
+  ``reconciler plan`` do). Baseline: plain ``yaml.safe_load`` of the same files' bytes
+  (to show the cost of the text-first, position-tracking, validating loader).
+* incremental sync: on the warm engine, one file changes (one service's version) in a new
+  commit, then ``Engine.sync("watch")`` (and the plan of the changed environment, as its
+  runner would do). Baseline: the naive full reload of the same engine at the same commit
+  (``engine.commit = None`` before the sync: every file is read and parsed again).
+
+Runners are not started (``Engine.wake`` is replaced by a no-op): nothing is deployed.
+The breakdown comes from timing wrappers around the engine's own steps (source.fetch,
+source.load, source.commit_info, _parse, assemble, _effective, store.begin_sync +
+_save_states + store.finish_sync, recorded + plan); "other" is the rest (thread hops).
+
+    .venv/bin/python bench/bench_load.py            # 200 files x 20 services (~20 s)
+    .venv/bin/python bench/bench_load.py --full     # 1,000 files x 20 services (~1-2 min)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import resource
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from _common import (
+    Table,
+    commit_all,
+    fleet_file,
+    git,
+    machine,
+    make_repo,
+    median,
+    ms,
+    percentile,
+    ratio,
+    say,
+    sec,
+    timed,
+    write_config,
+)
+
+import reconciler.engine as engine_module
+from desired_state import parse_environment_file
+from reconciler.config import load_config
+from reconciler.engine import Engine, open_source
+from reconciler.providers import build_providers
+from reconciler.store import Store
+
+STAGES = (
+    "fetch",
+    "load blobs",
+    "commit info",
+    "parse",
+    "assemble",
+    "effective",
+    "record: begin + finish sync",
+    "record: save env states",
+    "plan: read recorded state",
+    "plan: pure plan()",
+)
+
+
+class Stopwatch:
+    """Accumulates the time spent in wrapped callables, by stage."""
+
+    def __init__(self) -> None:
+        self.spent: dict[str, float] = defaultdict(float)
+
+    def wrap(self, stage: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def timed_call(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.spent[stage] += time.perf_counter() - started
+
+        return timed_call
+
+    def reset(self) -> dict[str, float]:
+        out = dict(self.spent)
+        self.spent.clear()
+        return out
+
+
+WATCH = Stopwatch()
+# Module-level functions the engine calls by name: wrapped once, for every engine.
+engine_module.assemble = WATCH.wrap("assemble", engine_module.assemble)
+engine_module.plan = WATCH.wrap("plan: pure plan()", engine_module.plan)
+
+
+def instrument(engine: Engine) -> Engine:
+    src, store = engine.source, engine.store
+    src.fetch = WATCH.wrap("fetch", src.fetch)  # type: ignore[method-assign]
+    src.load = WATCH.wrap("load blobs", src.load)  # type: ignore[method-assign]
+    src.commit_info = WATCH.wrap("commit info", src.commit_info)  # type: ignore[method-assign]
+    engine._parse = WATCH.wrap("parse", engine._parse)  # type: ignore[method-assign]
+    engine._effective = WATCH.wrap("effective", engine._effective)  # type: ignore[method-assign]
+    store.begin_sync = WATCH.wrap("record: begin + finish sync", store.begin_sync)  # type: ignore[method-assign]
+    engine._save_states = WATCH.wrap("record: save env states", engine._save_states)  # type: ignore[method-assign]
+    store.finish_sync = WATCH.wrap("record: begin + finish sync", store.finish_sync)  # type: ignore[method-assign]
+    engine.recorded = WATCH.wrap("plan: read recorded state", engine.recorded)  # type: ignore[method-assign]
+    engine.wake = lambda environments: None  # type: ignore[method-assign]  # deploy nothing
+    return engine
+
+
+def build_repo(tmp: Path, environments: int, services: int) -> tuple[Path, dict[str, bytes]]:
+    repo = make_repo(tmp / "desired")
+    files: dict[str, bytes] = {}
+    for i in range(environments):
+        text = fleet_file(i, services)
+        repo.joinpath(f"env{i:04d}.yaml").write_text(text)
+        files[f"env{i:04d}.yaml"] = text.encode()
+    commit_all(repo, "fleet")
+    return repo, files
+
+
+def fresh_engine(tmp: Path, name: str) -> Engine:
+    """A new state directory next to the shared repository; migrations done (untimed)."""
+    base = tmp / name
+    base.mkdir()
+    config_path = write_config(base, ["/bin/true"], repo=str(tmp / "desired"))
+    config = load_config(config_path)
+    store = Store.from_url(config.database_url, migrate=True)
+    return instrument(Engine(config, store, open_source(config), build_providers(config)))
+
+
+async def full_load(tmp: Path, name: str) -> tuple[float, float, dict[str, float], Engine]:
+    engine = fresh_engine(tmp, name)
+    WATCH.reset()
+    started = time.perf_counter()
+    outcome = await engine.sync("watch")
+    synced = time.perf_counter()
+    decisions = await engine.decisions()
+    done = time.perf_counter()
+    assert outcome.result == "ok", (outcome.result, outcome.errors[:3])
+    assert decisions, "no decisions"
+    return synced - started, done - started, WATCH.reset(), engine
+
+
+def edit(repo: Path, i: int, services: int, version: str) -> str:
+    name = f"env{i:04d}"
+    text = fleet_file(i, services).replace('svc03:\n    version: "1.49.0"', f'svc03:\n    version: "{version}"')
+    repo.joinpath(f"{name}.yaml").write_text(text)
+    commit_all(repo, f"{name} svc03 {version}")
+    return name
+
+
+def stage_cells(spent: list[dict[str, float]]) -> dict[str, float]:
+    return {stage: median([s.get(stage, 0.0) for s in spent]) for stage in STAGES}
+
+
+async def run(args: argparse.Namespace) -> Table:
+    envs, services = args.environments, args.services
+    with tempfile.TemporaryDirectory(prefix="bench-load-") as name:
+        tmp = Path(name)
+        t = time.perf_counter()
+        repo, files = build_repo(tmp, envs, services)
+        say(f"  repository of {envs} files x {services} services built in "
+            f"{time.perf_counter() - t:.1f} s ({sum(map(len, files.values())) / 1e6:.1f} MB)")
+
+        # -- full load + plan, fresh engine each time
+        fulls: list[tuple[float, float, dict[str, float]]] = []
+        nogc_total = float("nan")
+        engine: Engine | None = None
+        for rep in range(args.repeat):
+            sync_s, total_s, spent, engine = await full_load(tmp, f"state-full-{rep}")
+            fulls.append((sync_s, total_s, spent))
+            say(f"  full load #{rep + 1}: sync {sync_s * 1e3:.0f} ms, + plan {total_s * 1e3:.0f} ms")
+            if rep < args.repeat - 1:
+                engine.source.close()
+                engine.store.engine.dispose()
+        assert engine is not None
+        gc.disable()  # what-if: the same full load with the cyclic GC off
+        try:
+            _, nogc_total, _, e2 = await full_load(tmp, "state-full-nogc")
+        finally:
+            gc.enable()
+        e2.source.close()
+        e2.store.engine.dispose()
+        say(f"  full load with gc disabled: + plan {nogc_total * 1e3:.0f} ms")
+        rss_after_full = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+        # -- baseline for the parse step: yaml.safe_load of the same bytes
+        contents = list(files.items())
+        # (once each: the pure-Python loader is slow, and this is only the yardstick)
+        base_times, _ = timed(lambda: [yaml.safe_load(d) for _, d in contents], 1, 0)
+        csafe_times, _ = timed(
+            lambda: [yaml.load(d, Loader=yaml.CSafeLoader) for _, d in contents], 1, 0
+        )
+        parse_on, _ = timed(
+            lambda: [parse_environment_file(p, d) for p, d in contents], args.repeat, 0
+        )
+
+        def parse_gc_paused() -> list[Any]:
+            gc.disable()
+            try:
+                return [parse_environment_file(p, d) for p, d in contents]
+            finally:
+                gc.enable()
+
+        parse_off, _ = timed(parse_gc_paused, args.repeat, 0)
+
+        # -- incremental sync (1 file changed) vs naive full reload, on the warm engine
+        incs: list[float] = []
+        inc_plan: list[float] = []
+        inc_spent: list[dict[str, float]] = []
+        naive: list[float] = []
+        naive_spent: list[dict[str, float]] = []
+        for k in range(args.incremental):
+            env = edit(repo, (k * 7) % envs, services, f"2.0.{k}")
+            WATCH.reset()
+            started = time.perf_counter()
+            outcome = await engine.sync("watch")
+            synced = time.perf_counter()
+            await engine.decisions([env])
+            planned = time.perf_counter()
+            assert outcome.environments_changed == [env], outcome.environments_changed
+            incs.append(synced - started)
+            inc_plan.append(planned - started)
+            inc_spent.append(WATCH.reset())
+            if k < args.naive:
+                engine.commit = None  # the naive way: reload everything at the same commit
+                started = time.perf_counter()
+                outcome = await engine.sync("watch")
+                naive.append(time.perf_counter() - started)
+                naive_spent.append(WATCH.reset())
+                assert outcome.result == "ok"
+        engine.source.close()
+        engine.store.engine.dispose()
+
+    table = Table(
+        f"desired-state load, {envs:,} files x {services} services "
+        f"({sum(map(len, files.values())) / 1e6:.1f} MB of YAML; {machine()})"
+    )
+    full_sync = median([f[0] for f in fulls])
+    full_total = median([f[1] for f in fulls])
+    base = median(base_times)
+    table.add(
+        "full load + plan (fresh Engine.sync + decisions)",
+        sec(full_total, 3),
+        f"{sec(base, 3)} safe_load",
+        ratio(full_total, base),
+        "< 1.5 s" + (" @1,000" if envs != 1000 else ""),
+        full_total < 1.5 if envs >= 1000 else None,
+    )
+    table.add(
+        "  same, cyclic GC disabled (what-if)",
+        sec(nogc_total, 3),
+        f"{sec(full_total, 3)} gc on",
+        ratio(nogc_total, full_total),
+    )
+    table.add("  of which Engine.sync (full load, recorded)", sec(full_sync, 3))
+    spent = stage_cells([f[2] for f in fulls])
+    for stage in STAGES:
+        cell_base = "-"
+        r: float | None = None
+        if stage == "parse":
+            cell_base, r = f"{ms(base)} safe_load", ratio(spent[stage], base)
+        table.add(f"    {stage}", ms(spent[stage]), cell_base, r)
+    table.add("    other (threads, event loop)", ms(full_total - sum(spent.values())))
+    table.add(
+        f"parse {envs:,} files, gc on (as Engine._parse)",
+        ms(median(parse_on)),
+        f"{ms(median(parse_off))} gc paused",
+        ratio(median(parse_on), median(parse_off)),
+    )
+    table.add(
+        f"parse {envs:,} files, gc on",
+        ms(median(parse_on)),
+        f"{ms(median(csafe_times))} CSafeLoader",
+        ratio(median(parse_on), median(csafe_times)),
+    )
+    inc = median(incs)
+    nv = median(naive)
+    table.add(
+        "incremental sync, 1 file changed (Engine.sync)",
+        ms(inc),
+        f"{ms(nv)} full reload",
+        ratio(inc, nv),
+        "< 50 ms",
+        inc < 0.050,
+    )
+    table.add("  incremental sync p95", ms(percentile(incs, 95)), ms(percentile(naive, 95)))
+    ispent, nspent = stage_cells(inc_spent), stage_cells(naive_spent)
+    for stage in STAGES[:8]:
+        table.add(f"    {stage}", ms(ispent[stage], 2), ms(nspent[stage], 2), ratio(ispent[stage], nspent[stage]))
+    other_i = inc - sum(ispent[s] for s in STAGES[:8])
+    other_n = nv - sum(nspent[s] for s in STAGES[:8])
+    table.add("    other (threads, event loop)", ms(other_i, 2), ms(other_n, 2))
+    table.add("  incremental sync + plan of the changed env", ms(median(inc_plan)))
+    table.add("peak RSS of this process after the full loads", f"{rss_after_full / 2**20:,.0f} MB")
+    table.note(f"medians of {args.repeat} full loads (each a fresh engine: empty mirror, new "
+               f"SQLite), {args.incremental} incremental syncs, {len(naive)} naive reloads.")
+    table.note("safe_load = yaml.safe_load (pure-Python SafeLoader); CSafeLoader = libyaml, "
+               "plain types, no positions, no validation.")
+    table.note("plan = Engine.decisions(): recorded state read from SQLite (service_states, "
+               "completed_versions for depends_on, suspended) + the pure plan().")
+    return table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--full", action="store_true", help="1,000 environment files")
+    parser.add_argument("--environments", type=int, help="files (default 200, --full 1000)")
+    parser.add_argument("--services", type=int, default=20)
+    parser.add_argument("--repeat", type=int, default=3, help="full loads (fresh engines)")
+    parser.add_argument("--incremental", type=int, default=20, help="incremental syncs")
+    parser.add_argument("--naive", type=int, default=3, help="naive full reloads")
+    args = parser.parse_args()
+    args.environments = args.environments or (1000 if args.full else 200)
+    say(f"bench_load: {args.environments} files x {args.services} services; {machine()}")
+    table = asyncio.run(run(args))
+    table.print()
+
+
+if __name__ == "__main__":
+    main()

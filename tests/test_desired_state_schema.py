@@ -1,0 +1,135 @@
+"""The JSON Schema of the environment file format."""
+
+import json
+
+import pytest
+import yaml
+
+from desired_state.models import NAME_RE, SERVICE_RE, VERSION_RE
+from desired_state.schema import json_schema
+
+# SPEC §2, verbatim
+SPEC_EXAMPLE = """\
+environment: production          # required; ^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$; unique in the repo
+provider: k8s-prod               # required; a provider name from the daemon configuration
+services:                        # required; at least one; deployed in the order written
+  api:
+    version: "1.4.2"             # required; ^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$
+    params:                      # optional; provider-specific, checked by the provider
+      deployment: api
+  worker:
+    version: 1.10                # read as the text "1.10": a version is never a number
+timeout: 30m                     # optional; seconds (int) or 90s / 30m / 2h; default 1800 s
+strategy:                        # optional; default {type: rolling}
+  type: canary                   # rolling | blue_green | canary; provider may refuse
+  steps: [10, 50, 100]           # strategy parameters, checked by the provider
+on_failure: rollback             # optional; stop (default) | rollback
+depends_on: [staging]            # optional; a version reaches this environment only after
+                                 # the same version of the same service completed in each
+                                 # listed environment
+windows:                         # optional; deployments start only inside a window
+  - cron: "0 9 * * mon-fri"      #   a window opens at each cron time (daemon's timezone
+    duration: 8h                 #   unless `timezone:` is given) and stays open `duration`
+suspended: false                 # optional; true: record drift, deploy nothing
+"""
+
+try:  # not a dependency of the project; the structural checks below run without it
+    import jsonschema
+except ImportError:  # pragma: no cover
+    jsonschema = None
+
+needs_jsonschema = pytest.mark.skipif(jsonschema is None, reason="jsonschema not installed")
+
+
+def test_schema_structure():
+    schema = json_schema()
+    assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+    assert schema["title"]
+    assert "text" in schema["description"]
+    assert schema["type"] == "object"
+    assert schema["additionalProperties"] is False
+    assert set(schema["required"]) == {"environment", "provider", "services"}
+    props = schema["properties"]
+    assert set(props) == {
+        "environment",
+        "provider",
+        "services",
+        "timeout",
+        "strategy",
+        "on_failure",
+        "depends_on",
+        "windows",
+        "suspended",
+    }
+    assert all(p.get("description") for p in props.values())
+    assert props["environment"]["pattern"] == NAME_RE
+    assert props["services"]["propertyNames"] == {"pattern": SERVICE_RE}
+    assert props["services"]["minProperties"] == 1
+    service = schema["$defs"]["Service"]
+    assert service["additionalProperties"] is False
+    assert service["required"] == ["version"]
+    assert {"type": "string", "pattern": VERSION_RE} in service["properties"]["version"]["anyOf"]
+    assert schema["$defs"]["Window"]["additionalProperties"] is False
+    assert schema["$defs"]["Strategy"]["additionalProperties"] is True
+    timeout_types = {alt["type"] for alt in props["timeout"]["anyOf"]}
+    assert timeout_types == {"integer", "string"}
+    assert props["on_failure"]["enum"] == ["stop", "rollback"]
+    json.dumps(schema)  # serialisable
+
+
+def test_schema_is_a_fresh_copy():
+    json_schema()["properties"].clear()
+    assert json_schema()["properties"]
+
+
+def _errors(instance):
+    validator = jsonschema.Draft202012Validator(json_schema())
+    messages = []
+    stack = list(validator.iter_errors(instance))
+    while stack:
+        error = stack.pop()
+        messages.append(error.message)
+        stack.extend(error.context or [])
+    return messages
+
+
+@needs_jsonschema
+def test_schema_is_valid_draft_2020_12():
+    jsonschema.Draft202012Validator.check_schema(json_schema())
+
+
+@needs_jsonschema
+def test_schema_accepts_the_spec_example():
+    # as a generic YAML tool (an editor) sees it: 1.10 a number, false a boolean
+    assert _errors(yaml.safe_load(SPEC_EXAMPLE)) == []
+
+
+@needs_jsonschema
+def test_schema_accepts_a_minimal_file_with_empty_optionals():
+    doc = yaml.safe_load(
+        "environment: e\nprovider: p\nservices:\n  api:\n    version: '1'\n    params:\n"
+        "depends_on:\nwindows:\ntimeout: 90\n"
+    )
+    assert _errors(doc) == []
+
+
+@needs_jsonschema
+@pytest.mark.parametrize(
+    ("change", "fragment"),
+    [
+        (lambda d: d.update(foo=1), "'foo' was unexpected"),
+        (lambda d: d["services"]["api"].update(bar=1), "'bar' was unexpected"),
+        (lambda d: d["windows"][0].update(baz=1), "'baz' was unexpected"),
+        (lambda d: d["services"].update({"bad name": {"version": "1"}}), "does not match"),
+        (lambda d: d.update(timeout="5x"), "is not valid"),
+        (lambda d: d.update(on_failure="retry"), "is not one of"),
+        (lambda d: d.pop("provider"), "'provider' is a required property"),
+        (lambda d: d.update(environment="Prod"), "does not match"),
+    ],
+)
+def test_schema_rejects(change, fragment):
+    doc = yaml.safe_load(SPEC_EXAMPLE)
+    change(doc)
+    errors = _errors(doc)
+    assert errors
+    assert any(fragment in e for e in errors), errors
