@@ -10,7 +10,7 @@ import asyncio
 import os
 import re
 import sys
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Coroutine
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
@@ -21,6 +21,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from desired_state import DesiredState, json_schema, load_directory, parse_duration
 from reconciler import operations as ops
 from reconciler.config import Config, ConfigError, config_path, load_config
+from reconciler.executor import DeploymentEvent, Listener
 from reconciler.logs import setup_logging
 from reconciler.output import (
     DEPLOYMENT_COLUMNS,
@@ -62,6 +63,11 @@ class Group(click.Group):
                 f"database error: {str(exc.orig if hasattr(exc, 'orig') and exc.orig else exc).splitlines()[0]}",
                 1,
             )
+        except (
+            BrokenPipeError
+        ):  # `reconciler history | head`: the reader left, not an error to show
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(1)
         except (
             click.exceptions.Exit,
             click.ClickException,
@@ -136,10 +142,13 @@ def run_cmd(ctx: click.Context, log_format: str | None) -> None:
 # ---- reconciling ---------------------------------------------------------------------
 
 
-def _progress_printer() -> Callable[[int, Mapping[str, Any]], None]:
-    def show(dep_id: int, ev: Mapping[str, Any]) -> None:
-        pct = f"{ev['percent']:>3}% " if ev.get("percent") is not None else ""
-        click.echo(f"  #{dep_id} {ev.get('status', '')}: {pct}{ev.get('message', '')}", err=True)
+def _progress_printer() -> Listener:
+    """Live progress on stderr while a command waits on deployments."""
+
+    def show(ev: DeploymentEvent) -> None:
+        pct = f"{ev.percent:>3}% " if ev.percent is not None else ""
+        where = f"{ev.environment}/{ev.service} {ev.version}"
+        click.echo(f"  #{ev.deployment_id} {where} {ev.status}: {pct}{ev.message}", err=True)
 
     return show
 
@@ -150,7 +159,9 @@ def _progress_printer() -> Callable[[int, Mapping[str, Any]], None]:
     "--service", help="Only this service (with --env): also retries a version that gave up."
 )
 @click.option(
-    "--wait/--no-wait", default=True, help="Wait for the deployments (standalone always waits)."
+    "--wait",
+    is_flag=True,
+    help="With a running daemon: follow its sync to the end (standalone always waits).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the deployments as JSON.")
 @click.pass_context
@@ -166,12 +177,14 @@ def sync_cmd(
             config,
             environment=environment,
             service=service,
+            wait=wait,
             listener=None if as_json else _progress_printer(),
         )
     )
     if report.delegated_to is not None:
         click.echo(f"asked the running daemon (pid {report.delegated_to}) to sync", err=True)
-        return
+        if not wait:
+            return
     outcome = report.outcome
     if outcome.result in ("failed", "refused"):
         fail(outcome.message or "sync failed")
@@ -335,7 +348,7 @@ def history_cmd(
     """Deployments, newest first."""
     if as_json and as_csv:
         raise click.UsageError("choose one of --json and --csv")
-    store = ops.open_store(cfg(ctx))
+    store = ops.open_store(cfg(ctx), migrate=False)
     records = store.history(
         environment=environment, service=service, status=status, since=_since(since), limit=limit
     )
@@ -355,7 +368,7 @@ def history_cmd(
 @click.pass_context
 def show_cmd(ctx: click.Context, deployment_id: int, as_json: bool) -> None:
     """One deployment, its progress timeline and log."""
-    store = ops.open_store(cfg(ctx))
+    store = ops.open_store(cfg(ctx), migrate=False)
     record = store.get_deployment(deployment_id, with_progress=True, with_log=True)
     if record is None:
         fail(f"no deployment {deployment_id}")
@@ -368,14 +381,8 @@ def show_cmd(ctx: click.Context, deployment_id: int, as_json: bool) -> None:
 # ---- operator actions ----------------------------------------------------------------
 
 
-def _manual_warning(config: Config, environment: str) -> None:
-    suspended = environment in ops.open_store(config).suspended_environments()
-    if not suspended:
-        click.echo(
-            f"warning: {environment} is not suspended: git wins at the next sync "
-            f"(run `reconciler suspend --env {environment}` to keep this version)",
-            err=True,
-        )
+def _warn(message: str) -> None:
+    click.echo(f"warning: {message}", err=True)
 
 
 def _print_runs(records: list[Any], as_json: bool) -> None:
@@ -404,13 +411,13 @@ def deploy_cmd(
     if not re.fullmatch(VERSION_RE, version):
         raise click.BadParameter(f"'{version}' is not a valid version", param_hint="--version")
     config = cfg(ctx)
-    _manual_warning(config, environment)
     records = run(
         ops.deploy(
             config,
             environment=environment,
             version=version,
             services=services or None,
+            warn=_warn,
             listener=None if as_json else _progress_printer(),
         )
     )
@@ -428,8 +435,7 @@ def rollback_cmd(
 ) -> None:
     """Deploy the previous (or given) completed version (trigger `rollback`)."""
     config = cfg(ctx)
-    target = to_version or run(ops.rollback_target(config, environment, service))
-    _manual_warning(config, environment)
+    target = run(ops.rollback_target(config, environment, service, to_version))
     records = run(
         ops.deploy(
             config,
@@ -437,6 +443,7 @@ def rollback_cmd(
             version=target,
             services=[service],
             trigger="rollback",
+            warn=_warn,
             listener=None if as_json else _progress_printer(),
         )
     )

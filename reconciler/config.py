@@ -7,6 +7,7 @@ so that the CLI can print it and exit 2.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,6 +18,8 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from desired_state import parse_duration
 
 DEFAULT_CONFIG_PATH = Path("/etc/reconciler/reconciler.toml")
+# git's scp-like syntax, [user@]host:path (a relative path with a colon must start with ./).
+_SCP_LIKE = re.compile(r"^(?:[\w.+-]+@)?[\w.-]+:(?!//)")
 ENV_PREFIX = "RECONCILER_"
 PROVIDER_TYPES = (
     "command",
@@ -133,7 +136,7 @@ class Config(BaseModel):
     @property
     def repository_url(self) -> str:
         url = self.repository.url
-        if "://" in url or url.startswith("git@"):
+        if "://" in url or _SCP_LIKE.match(url):
             return url
         return str(self.resolve(url))
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Collection, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, tzinfo
 from pathlib import Path
 from typing import Any
@@ -462,22 +462,28 @@ class Engine:
             commit=self.commit,
             sync_id=self.sync_id,
         )
+        return await self.deploy(job)
+
+    async def deploy(self, job: Job) -> list[DeploymentRecord]:
+        """Run a job and, if it fails and the environment says `on_failure: rollback`,
+        deploy the previous version (SPEC §4 rule 6). Returns every record it made."""
         rec = await self.run_job(job)
         out = [rec]
+        previous = job.previous_version
         if (
             rec.status in FAILURES
-            and spec.on_failure == "rollback"
-            and d.deployed is not None
+            and job.spec.on_failure == "rollback"
+            and previous is not None
+            and previous != job.version
+            and job.trigger != "rollback"
             and not self.stopping
         ):
-            back = Job(
-                spec=spec,
-                service=d.service,
-                version=d.deployed,
-                previous_version=d.desired,
+            back = replace(
+                job,
+                version=previous,
+                previous_version=job.version,
                 trigger="rollback",
-                commit=self.commit,
-                sync_id=self.sync_id,
+                attempt=1,
                 rollback_of=rec.id,
             )
             rb = await self.run_job(back)
@@ -488,7 +494,7 @@ class Engine:
                     rec.id,
                     "rolled_back",
                     at=self.clock(),
-                    message=f"rolled back to {d.deployed} by deployment {rb.id}",
+                    message=f"rolled back to {previous} by deployment {rb.id}",
                 )
         return out
 

@@ -8,6 +8,7 @@ of log output and never a status.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -32,7 +33,14 @@ from reconciler.providers import (
     Redactor,
     Validation,
 )
-from reconciler.store import CommitMeta, DeploymentRecord, NewDeployment, Store, is_transient
+from reconciler.store import (
+    TERMINAL_STATUSES,
+    CommitMeta,
+    DeploymentRecord,
+    NewDeployment,
+    Store,
+    is_transient,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -91,9 +99,6 @@ class Job:
         return self.spec.environment
 
 
-Listener = Callable[[int, Mapping[str, Any]], None]
-
-
 class _LogBuffer:
     """Collects log lines and writes them in batches, off the event loop."""
 
@@ -126,6 +131,113 @@ class _LogBuffer:
         await self.flush()
 
 
+@dataclass(frozen=True)
+class DeploymentEvent:
+    """A status change or progress report, as it is recorded; published to listeners."""
+
+    deployment_id: int
+    environment: str
+    service: str
+    version: str
+    trigger: str
+    status: str
+    message: str
+    percent: int | None = None
+    details: Mapping[str, Any] | None = None
+    at: datetime | None = None
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL_STATUSES
+
+
+Listener = Callable[[DeploymentEvent], None]
+
+
+class _Run:
+    """The record side of one run: status changes, progress and log, all redacted."""
+
+    def __init__(self, executor: Executor, rec: DeploymentRecord, redact: Redactor) -> None:
+        self.x, self.rec, self.redact = executor, rec, redact
+        self.logs = _LogBuffer(executor.store, rec.id, redact)
+
+    def _emit(
+        self,
+        status: str,
+        message: str,
+        percent: int | None,
+        details: Mapping[str, Any] | None,
+        at: datetime,
+    ) -> None:
+        if self.x.listener is None:
+            return
+        r = self.rec
+        event = DeploymentEvent(
+            r.id,
+            r.environment,
+            r.service,
+            r.version,
+            r.trigger,
+            status,
+            message,
+            percent,
+            details,
+            at,
+        )
+        try:
+            self.x.listener(event)
+        except Exception:  # a slow or broken watcher never breaks a deployment
+            log.exception("progress listener failed")
+
+    async def status(
+        self,
+        status: str,
+        *,
+        message: str | None = None,
+        error_message: str | None = None,
+        validation: dict[str, Any] | None = None,
+    ) -> DeploymentRecord:
+        await self.logs.close()
+        at = self.x.clock()
+        error_message = self.redact(error_message) if error_message else error_message
+        message = self.redact(message) if message else message
+        self.rec = await durable(
+            self.x.store.set_status,
+            self.rec.id,
+            status,
+            at=at,
+            message=message,
+            error_message=error_message,
+            validation=validation,
+        )
+        self._emit(
+            status,
+            message or error_message or status,
+            100 if status == "completed" else None,
+            None,
+            at,
+        )
+        return self.rec
+
+    async def progress(
+        self, percent: int | None, message: str, details: Mapping[str, Any] | None
+    ) -> None:
+        await self.logs.flush()
+        at = self.x.clock()
+        message = self.redact(message)
+        clean = json.loads(self.redact(json.dumps(dict(details)))) if details else None
+        await durable(
+            self.x.store.add_event,
+            self.rec.id,
+            status="in_progress",
+            message=message,
+            percent=percent,
+            details=clean,
+            at=at,
+        )
+        self._emit("in_progress", message, percent, clean, at)
+
+
 class Executor:
     def __init__(
         self,
@@ -142,27 +254,9 @@ class Executor:
         self.listener = listener
         self.clock = clock
 
-    def _emit(self, deployment_id: int, event: Mapping[str, Any]) -> None:
-        if self.listener is not None:
-            try:
-                self.listener(deployment_id, event)
-            except Exception:  # a slow or broken watcher never breaks a deployment
-                log.exception("progress listener failed")
-
-    async def _status(self, dep_id: int, status: str, **kw: Any) -> DeploymentRecord:
-        rec = await durable(self.store.set_status, dep_id, status, at=self.clock(), **kw)
-        self._emit(
-            dep_id,
-            {
-                "status": status,
-                "message": kw.get("message") or kw.get("error_message") or status,
-                "percent": None,
-            },
-        )
-        return rec
-
     async def create(self, job: Job) -> DeploymentRecord:
         provider = self.providers[job.spec.provider]
+        service = job.spec.services.get(job.service)
         new = NewDeployment(
             environment=job.environment,
             service=job.service,
@@ -176,13 +270,14 @@ class Executor:
             commit_author=job.commit.author if job.commit else None,
             attempt=job.attempt,
             timeout_seconds=job.spec.timeout,
-            params=dict(job.spec.services[job.service].params)
-            if job.service in job.spec.services
-            else {},
+            params=dict(service.params) if service else {},
             sync_id=job.sync_id,
             rollback_of=job.rollback_of,
         )
-        return await durable(self.store.create_deployment, new)
+        rec = await durable(self.store.create_deployment, new)
+        if self.listener is not None:
+            _Run(self, rec, Redactor())._emit("pending", "pending", None, None, rec.created_at)
+        return rec
 
     async def run(self, job: Job, record: DeploymentRecord | None = None) -> DeploymentRecord:
         """Run one deployment to a terminal status and return its final record.
@@ -205,83 +300,44 @@ class Executor:
             params=rec.params,
             trigger=job.trigger,
         )
-        logs = _LogBuffer(self.store, rec.id, Redactor(provider.secrets()))
-
-        async def progress(
-            percent: int | None, message: str, details: Mapping[str, Any] | None
-        ) -> None:
-            await logs.flush()
-            at = self.clock()
-            await durable(
-                self.store.add_event,
-                rec.id,
-                status="in_progress",
-                message=message,
-                percent=percent,
-                details=dict(details) if details else None,
-                at=at,
-            )
-            self._emit(
-                rec.id,
-                {
-                    "status": "in_progress",
-                    "message": message,
-                    "percent": percent,
-                    "details": dict(details or {}),
-                },
-            )
-
-        ctx = DeployContext(request, deadline, progress, logs.add, kill_grace=self.kill_grace)
+        run = _Run(self, rec, Redactor(provider.secrets()))
+        ctx = DeployContext(
+            request, deadline, run.progress, run.logs.add, kill_grace=self.kill_grace
+        )
         try:
-            try:
-                async with asyncio.timeout_at(_loop_time(deadline)):
-                    await self._status(rec.id, "validating", message="validating")
-                    validation = await self._validate(provider, request)
-                    if not validation.ok:
-                        await logs.close()
-                        return await self._status(
-                            rec.id,
-                            "failed",
-                            error_message=validation.failure_message(),
-                            validation=validation.to_json(),
-                        )
-                    await self._status(
-                        rec.id,
-                        "in_progress",
+            async with asyncio.timeout_at(_loop_time(deadline)):
+                await run.status("validating", message="validating")
+                validation = await self._validate(provider, request)
+                if not validation.ok:
+                    return await run.status(
+                        "failed",
+                        error_message=validation.failure_message(),
                         validation=validation.to_json(),
-                        message=f"deploying {job.service} {job.version} with {provider.name}",
                     )
-                    await provider.deploy(ctx)
-            except TimeoutError:
-                await logs.close()
-                return await self._status(
-                    rec.id,
-                    "timed_out",
-                    error_message=f"deadline of {format_duration(job.spec.timeout)} reached: run stopped",
+                await run.status(
+                    "in_progress",
+                    validation=validation.to_json(),
+                    message=f"deploying {job.service} {job.version} with {provider.name}",
                 )
-            except DeploymentFailed as exc:
-                await logs.close()
-                return await self._status(rec.id, "failed", error_message=str(exc) or "failed")
-            except asyncio.CancelledError:
-                await logs.close()
-                await self._status(
-                    rec.id,
-                    "cancelled",
-                    error_message="cancelled: reconciler stopped during the run",
-                )
-                raise
-            except Exception as exc:  # a provider bug must still end the record
-                log.exception("provider %s raised", provider.name)
-                await logs.close()
-                return await self._status(
-                    rec.id, "failed", error_message=f"provider error: {type(exc).__name__}: {exc}"
-                )
-            await logs.close()
-            return await self._status(
-                rec.id, "completed", message=f"{job.service} is at {job.version}"
+                await provider.deploy(ctx)
+        except TimeoutError:
+            limit = format_duration(job.spec.timeout)
+            return await run.status(
+                "timed_out", error_message=f"deadline of {limit} reached: run stopped"
             )
-        finally:
-            await logs.close()
+        except DeploymentFailed as exc:
+            return await run.status("failed", error_message=str(exc) or "failed")
+        except asyncio.CancelledError:
+            await run.status(
+                "cancelled", error_message="cancelled: reconciler stopped during the run"
+            )
+            raise
+        except Exception as exc:  # a provider bug must still end the record
+            log.exception("provider %s raised", provider.name)
+            return await run.status(
+                "failed", error_message=f"provider error: {type(exc).__name__}: {exc}"
+            )
+        return await run.status("completed", message=f"{job.service} is at {job.version}")
 
     async def _validate(self, provider: Provider, request: DeployRequest) -> Validation:
         try:

@@ -9,17 +9,18 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncIterator, Callable, Collection
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
+from desired_state import FileError
 from reconciler.config import Config, ConfigError
 from reconciler.engine import Engine, SyncOutcome, open_source
 from reconciler.executor import Job, Listener, utcnow
 from reconciler.lock import AlreadyRunning, StateLock
 from reconciler.plan import Decision
 from reconciler.providers import build_providers
-from reconciler.store import DeploymentRecord, Store
+from reconciler.store import DeploymentRecord, Store, current_revision, head_revision, upgrade
 
 
 class OperationError(Exception):
@@ -30,12 +31,29 @@ class OperationError(Exception):
         self.code = code
 
 
+POLL_SECONDS = 0.2  # how often a command following the daemon looks at the ledger
+
+
 def actor() -> str:
     return os.environ.get("SUDO_USER") or os.environ.get("USER") or f"uid:{os.getuid()}"
 
 
 def open_store(config: Config, *, migrate: bool = True) -> Store:
-    return Store.from_url(config.database_url, migrate=migrate)
+    """The store; `migrate=False` (reading commands) creates a new database but never
+    upgrades an existing one behind their back: that is `db upgrade`'s or the daemon's job."""
+    if migrate:
+        return Store.from_url(config.database_url, migrate=True)
+    store = Store.from_url(config.database_url, migrate=False)
+    current = current_revision(store.engine)
+    if current is None:
+        upgrade(store.engine)
+    elif current != head_revision():
+        store.close()
+        raise OperationError(
+            f"the database is at schema revision {current} and this reconciler needs "
+            f"{head_revision()}: run `reconciler db upgrade` (the daemon does it at start)"
+        )
+    return store
 
 
 @asynccontextmanager
@@ -51,7 +69,7 @@ async def open_engine(
         except AlreadyRunning as exc:
             raise OperationError(_daemon_running(exc.args[0]), code=2) from None
     try:
-        store = await asyncio.to_thread(open_store, config)
+        store = await asyncio.to_thread(open_store, config, migrate=exclusive)
         source = open_source(config)
         engine = Engine(config, store, source, providers, listener=listener)
         engine.runners_enabled = False
@@ -95,19 +113,13 @@ async def sync(
     environment: str | None = None,
     service: str | None = None,
     listener: Listener | None = None,
+    wait: bool = False,
 ) -> SyncReport:
-    """Reconcile now. With a daemon running, ask it; otherwise do one pass and wait for it."""
+    """Reconcile now. With a daemon running, ask it (and with `wait`, follow what it does);
+    otherwise do one pass here and wait for its deployments."""
     pid = running_daemon(config)
     if pid is not None:
-        store = await asyncio.to_thread(open_store, config)
-        try:
-            if environment and service:
-                await asyncio.to_thread(_retry_request, store, environment, service)
-        finally:
-            store.engine.dispose()
-        if pid > 0:
-            os.kill(pid, signal.SIGUSR1)
-        return SyncReport(SyncOutcome(None, None, "delegated"), delegated_to=pid)
+        return await _delegate_sync(config, pid, environment, service, wait)
     async with open_engine(config, exclusive=True, listener=listener) as engine:
         await engine.recover()
         if environment and service:
@@ -127,6 +139,66 @@ async def sync(
         only = {service} if service else None
         results = await asyncio.gather(*(engine.drain(e, once=True, services=only) for e in envs))
         return SyncReport(outcome, [d for r in results for d in r])
+
+
+async def _delegate_sync(
+    config: Config, pid: int, environment: str | None, service: str | None, wait: bool
+) -> SyncReport:
+    store = await asyncio.to_thread(open_store, config, migrate=False)
+    try:
+        last_sync = await asyncio.to_thread(store.list_syncs, 1)
+        last_dep = await asyncio.to_thread(store.history, limit=1)
+        if environment and service:
+            await asyncio.to_thread(_retry_request, store, environment, service)
+        if pid > 0:
+            os.kill(pid, signal.SIGUSR1)
+        report = SyncReport(SyncOutcome(None, None, "delegated"), delegated_to=pid)
+        if not wait:
+            return report
+        after_sync = last_sync[0].id if last_sync else 0
+        after_dep = last_dep[0].id if last_dep else 0
+        report.outcome = await _await_daemon_sync(config, store, after_sync)
+        if report.outcome.result in ("ok", "errors"):
+            await _await_quiet(config, environment)
+        report.deployments = [
+            d
+            for d in await asyncio.to_thread(store.history, environment=environment, limit=100_000)
+            if d.id > after_dep and (service is None or d.service == service)
+        ]
+        report.deployments.reverse()
+        return report
+    finally:
+        store.close()
+
+
+async def _await_daemon_sync(config: Config, store: Store, after: int) -> SyncOutcome:
+    """The daemon's sync that answers our signal (its id is above `after`)."""
+    while True:
+        syncs = await asyncio.to_thread(store.list_syncs, 5)
+        done = [s for s in syncs if s.id > after and s.ended_at is not None]
+        if done:
+            s = done[-1]
+            errors = [str(FileError(**e)) for e in s.errors]
+            result = s.result or "failed"
+            changed = list(s.environments_changed)
+            return SyncOutcome(s.id, s.commit_sha, result, changed, errors, s.error_message)
+        _check_daemon(config)
+        await asyncio.sleep(POLL_SECONDS)
+
+
+async def _await_quiet(config: Config, environment: str | None) -> None:
+    """Until the daemon has nothing due or running in the environments we watch."""
+    async with open_engine(config) as engine:
+        await engine.load_at_last_sync()
+        envs = [environment] if environment else None
+        while any(d.deploy or d.state == "deploying" for d in await engine.decisions(envs)):
+            _check_daemon(config)
+            await asyncio.sleep(POLL_SECONDS)
+
+
+def _check_daemon(config: Config) -> None:
+    if running_daemon(config) is None:
+        raise OperationError("the daemon stopped before the sync ended")
 
 
 def _retry_request(store: Store, environment: str, service: str) -> None:
@@ -168,6 +240,7 @@ async def deploy(
     services: Collection[str] | None,
     trigger: str = "manual",
     listener: Listener | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> list[DeploymentRecord]:
     """Deploy now (trigger manual, or rollback with an explicit target)."""
     async with open_engine(config, exclusive=True, listener=listener) as engine:
@@ -178,6 +251,14 @@ async def deploy(
         spec = engine.effective.get(environment)
         if spec is None:
             raise OperationError(f"unknown environment '{environment}'", code=2)
+        suspended = spec.suspended or environment in await asyncio.to_thread(
+            engine.store.suspended_environments
+        )
+        if not suspended and warn is not None:
+            warn(
+                f"{environment} is not suspended: git wins at the next sync "
+                f"(run `reconciler suspend --env {environment}` to keep this version)"
+            )
         names = list(services) if services else list(spec.services)
         for name in names:
             if name not in spec.services:
@@ -205,13 +286,27 @@ async def deploy(
                 commit=engine.commit,
                 sync_id=engine.sync_id,
             )
-            out.append(await engine.run_job(job))
+            out.extend(await engine.deploy(job))
         return out
 
 
-async def rollback_target(config: Config, environment: str, service: str) -> str:
-    store = await asyncio.to_thread(open_store, config)
+async def rollback_target(
+    config: Config, environment: str, service: str, to_version: str | None = None
+) -> str:
+    """The version a rollback deploys: the given one, which must have completed there
+    before, or the latest completed version before the deployed one."""
+    store = await asyncio.to_thread(open_store, config, migrate=False)
     try:
+        if to_version is not None:
+            known = await asyncio.to_thread(
+                store.completed_versions, [(environment, service, to_version)]
+            )
+            if not known:
+                raise OperationError(
+                    f"{environment}/{service} never completed version {to_version}: "
+                    "roll back to a version that ran there, or use `reconciler deploy`"
+                )
+            return to_version
         states = await asyncio.to_thread(store.service_states, [environment])
         st = states.get((environment, service))
         current = st.deployed_version if st else None
@@ -230,8 +325,13 @@ async def rollback_target(config: Config, environment: str, service: str) -> str
 async def set_suspended(
     config: Config, environment: str, suspended: bool, note: str | None
 ) -> None:
-    store = await asyncio.to_thread(open_store, config)
+    store = await asyncio.to_thread(open_store, config, migrate=False)
     try:
+        known = await asyncio.to_thread(store.environment_states)
+        if known and environment not in known:
+            raise OperationError(
+                f"unknown environment '{environment}' (known: {', '.join(sorted(known))})", code=2
+            )
         await asyncio.to_thread(
             store.record_operator_action,
             environment=environment,

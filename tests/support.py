@@ -26,7 +26,7 @@ echo "start $env $service $version ${RECONCILER_PREVIOUS_VERSION:-} ${RECONCILER
 echo '{"progress": 10, "message": "preparing", "step": "prepare"}'
 echo "token is $SECRET_TOKEN"
 case "$version" in
-  *-fail) echo "health check failed" >&2; echo "end $env $service $version fail" >> "$DEPLOY_LOG"; exit 3 ;;
+  *-fail) echo "token $SECRET_TOKEN rejected" >&2; echo "health check failed" >&2; echo "end $env $service $version fail" >> "$DEPLOY_LOG"; exit 3 ;;
   *-hang) sleep 300 & echo "$$ $!" > "$DEPLOY_PIDS"; wait ;;
   *-trap) trap '' TERM; sleep 300 & echo "$$ $!" > "$DEPLOY_PIDS"; wait; wait ;;
   *-gate) read -r _ < "$DEPLOY_GATE" ;;

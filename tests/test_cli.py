@@ -23,7 +23,9 @@ def test_sync_history_show_and_status(world: World):
     sha = world.repo.set_env("staging", {"api": "1.0", "worker": "2"})
     out = world.cli("sync")
     assert out.returncode == 0, out.stderr
-    assert "#1 in_progress:  10% preparing" in out.stderr  # live progress while it waits
+    assert (
+        "#1 staging/api 1.0 in_progress:  10% preparing" in out.stderr
+    )  # live progress while it waits
 
     records = json.loads(world.cli("history", "--json", check=True).stdout)
     assert [(r["service"], r["version"], r["status"]) for r in records] == [
@@ -221,3 +223,19 @@ def test_unreachable_repository_is_one_line(tmp_path: Path):
     world = World(tmp_path)
     out = world.cli("sync")
     assert out.returncode == 1 and "cannot fetch" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_manual_deploy_rolls_back_on_failure_and_rollback_checks_its_target(world: World):
+    world.repo.set_env("staging", {"api": "1.0"}, on_failure="rollback")
+    world.cli("sync", check=True)
+    out = world.cli("deploy", "--env", "staging", "--version", "9-fail", "--json")
+    assert out.returncode == 1
+    records = json.loads(out.stdout)
+    assert [(r["version"], r["trigger"], r["status"]) for r in records] == [
+        ("9-fail", "manual", "rolled_back"),
+        ("1.0", "rollback", "completed"),
+    ]
+    bad = world.cli("rollback", "--env", "staging", "--service", "api", "--to", "0.1")
+    assert bad.returncode == 1 and "never completed version 0.1" in bad.stderr
+    unknown = world.cli("suspend", "--env", "nowhere")
+    assert unknown.returncode == 2 and "unknown environment 'nowhere'" in unknown.stderr

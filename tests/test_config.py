@@ -114,3 +114,22 @@ def test_provider_settings_are_checked(tmp_path, provider, expected):
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.toml", environ={})
+
+
+@pytest.mark.parametrize(
+    ("url", "remote"),
+    [
+        ("deploy@git.example.com:org/state.git", True),
+        ("git@github.com:team/state.git", True),
+        ("ssh://git@host/x.git", True),
+        ("https://host/x.git", True),
+        ("file:///srv/x", True),
+        ("state-repo", False),
+        ("./odd:name", False),
+    ],
+)
+def test_repository_urls_local_paths_resolve_and_remote_ones_stay(tmp_path, url, remote):
+    c = load_config(write(tmp_path, f'[repository]\nurl = "{url}"\n'), environ={})
+    assert (c.repository_url == url) is remote
+    if not remote:
+        assert c.repository_url.startswith(str(tmp_path))

@@ -149,3 +149,26 @@ def test_a_second_daemon_on_the_same_state_refuses(world: World):
     finally:
         if daemon.proc.poll() is None:
             daemon.proc.kill()
+
+
+def test_sync_wait_follows_the_daemon_and_reports_failures(tmp_path: Path):
+    world = World(tmp_path, retries=1)
+    # No watch, no polling: only an operator's `sync` makes this daemon look at git.
+    world.config.write_text(world.config.read_text().replace("watch = true", "watch = false"))
+    world.repo.set_env("staging", {"api": "1.0"})
+    daemon = DaemonProcess(world)
+    try:
+        wait_for(lambda: any(d["status"] == "completed" for d in history(world)), what="start")
+        world.repo.set_env("staging", {"api": "2.0-fail"})
+        out = world.cli("sync", "--wait", "--json")
+        assert out.returncode == 1, out.stderr
+        assert "asked the running daemon" in out.stderr
+        doc = json.loads(out.stdout)
+        assert doc["result"] == "ok" and doc["environments_changed"] == ["staging"]
+        assert [(d["version"], d["status"]) for d in doc["deployments"]] == [("2.0-fail", "failed")]
+        quick = world.cli("sync")
+        assert quick.returncode == 0 and "asked the running daemon" in quick.stderr
+        daemon.stop()
+    finally:
+        if daemon.proc.poll() is None:
+            daemon.proc.kill()

@@ -99,7 +99,7 @@ def test_progress_and_log_are_recorded_and_secrets_redacted(world: World):
         return engine.store.get_deployment(dep.id, with_progress=True, with_log=True)
 
     rec = run_engine(
-        world, body, listener=lambda i, ev: seen.append((i, ev["status"], ev.get("percent")))
+        world, body, listener=lambda ev: seen.append((ev.deployment_id, ev.status, ev.percent))
     )
     doc = rec.to_json()
     progress = [(p["status"], p["message"], p["percent"]) for p in doc["progress"]]
@@ -149,6 +149,7 @@ def test_failing_version_retries_boundedly_and_never_blocks_other_environments(w
         "exit status 3" in failed[0].error_message
         and "health check failed" in failed[0].error_message
     )
+    assert "token *** rejected" in failed[0].error_message  # secrets redacted there too
     gaps = [
         (b.created_at - a.completed_at).total_seconds()
         for a, b in zip(reversed(failed), list(reversed(failed))[1:], strict=False)
@@ -233,9 +234,7 @@ def test_commit_storm_deploys_the_last_version_once(world: World):
     async def body(engine: Engine):
         await engine.sync("startup")
         started = asyncio.Event()
-        engine.executor.listener = lambda i, ev: (
-            started.set() if ev["status"] == "in_progress" else None
-        )
+        engine.executor.listener = lambda ev: started.set() if ev.status == "in_progress" else None
         await started.wait()  # 0-gate is running and blocked on the gate
         for i in range(1, 11):
             world.repo.set_env("staging", {"api": f"{i}.0"})
@@ -291,9 +290,7 @@ def test_graceful_stop_cancels_what_outlives_the_grace(world: World):
     async def body(engine: Engine):
         await engine.sync("startup")
         started = asyncio.Event()
-        engine.executor.listener = lambda i, ev: (
-            started.set() if ev["status"] == "in_progress" else None
-        )
+        engine.executor.listener = lambda ev: started.set() if ev.status == "in_progress" else None
         await started.wait()
         cancelled = await engine.stop(0.2)
         return cancelled, engine.store.history()
@@ -367,7 +364,7 @@ def test_a_database_outage_delays_records_but_loses_none(world: World, monkeypat
 
         handler = Seen()
         logging.getLogger("reconciler.executor").addHandler(handler)
-        engine.executor.listener = lambda i, ev: started.set() if ev["status"] == "in_progress" else None
+        engine.executor.listener = lambda ev: started.set() if ev.status == "in_progress" else None
         try:
             await engine.sync("startup")
             await started.wait()
