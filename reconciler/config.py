@@ -85,9 +85,40 @@ class DaemonConfig(_Section):
 
 
 class ServerConfig(_Section):
-    listen: str = "127.0.0.1:8080"
-    token_file: str | None = None
-    webhook_secret_file: str | None = None
+    listen: str = "127.0.0.1:8080"  # "" turns the HTTP server off
+    token_file: str | None = None  # bearer token for the endpoints that change anything
+    webhook_secret_file: str | None = None  # HMAC key / GitLab token for POST /hooks/git
+    webhook_max_bytes: int = Field(default=1_048_576, ge=1024)
+    webhook_replay_window: Seconds = 600.0  # a delivery seen within this window is ignored
+
+
+NotificationEvent = Literal[
+    "started", "completed", "failed", "timed_out", "rolled_back", "sync_error"
+]
+NOTIFICATION_EVENTS: tuple[NotificationEvent, ...] = (
+    "started",
+    "completed",
+    "failed",
+    "timed_out",
+    "rolled_back",
+    "sync_error",
+)
+
+
+class NotificationConfig(_Section):
+    """One `[[notifications]]` target."""
+
+    name: str | None = None  # for logs and metrics; default: type and host
+    type: Literal["webhook", "slack"]
+    url: str
+    secret_file: str | None = None  # webhook: key of the X-Reconciler-Signature-256 HMAC
+    environments: list[str] = Field(default_factory=list)  # empty: every environment
+    events: list[NotificationEvent] = Field(default_factory=lambda: list(NOTIFICATION_EVENTS))
+    timeout: Seconds = 10.0
+    retry_backoff: Seconds = 5.0  # doubled after each failed delivery, up to max_backoff
+    max_backoff: Seconds = 600.0
+    max_attempts: int = Field(default=20, ge=1)
+    suppress_repeats: Seconds = 3600.0  # identical failure notices within this are dropped
 
 
 class ProviderConfig(BaseModel):
@@ -112,12 +143,26 @@ class Config(BaseModel):
     daemon: DaemonConfig = DaemonConfig()
     server: ServerConfig = ServerConfig()
     providers: dict[str, ProviderConfig] = Field(default_factory=dict)
+    notifications: list[NotificationConfig] = Field(default_factory=list)
     # Where the file lives: relative paths inside it are resolved against this folder.
     base_dir: Path = Path(".")
 
     def resolve(self, path: str) -> Path:
-        p = Path(path).expanduser()
+        """A path from the file: `~` and `${VARS}` (e.g. `${CREDENTIALS_DIRECTORY}`, where
+        systemd's LoadCredential= puts secrets) expanded, relative to the file's folder."""
+        p = Path(os.path.expandvars(path)).expanduser()
         return p if p.is_absolute() else (self.base_dir / p).resolve()
+
+    def read_secret(self, path: str) -> str:
+        """A secret kept in a file (one line; surrounding whitespace dropped)."""
+        file = self.resolve(path)
+        try:
+            value = file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read secret file {file}: {exc.strerror}") from None
+        if not value:
+            raise ConfigError(f"secret file {file} is empty")
+        return value
 
     @property
     def state_dir(self) -> Path:

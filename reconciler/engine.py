@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, tzinfo
@@ -55,10 +56,12 @@ FAILURES = frozenset({"failed", "timed_out"})
 class SyncOutcome:
     sync_id: int | None
     commit: str | None
-    result: str  # ok | errors | failed | unchanged
+    result: str  # ok | errors | failed | refused | unchanged
     environments_changed: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     message: str | None = None
+    trigger: str = ""
+    duration_seconds: float = 0.0
 
 
 def host_timezone() -> tzinfo:
@@ -141,82 +144,89 @@ class Engine:
     async def sync(self, trigger: str = "manual") -> SyncOutcome:
         """One pass over the branch head: fetch, load, record; wake what changed."""
         async with self._sync_lock:
-            seen = self.clock()
-            try:
-                head = await asyncio.to_thread(self.source.fetch)
-            except SourceError as exc:
-                return await self._fetch_failed(trigger, seen, str(exc))
-            if head == (self.commit.sha if self.commit else None) and trigger in (
-                "poll",
-                "watch",
-                "webhook",
-            ):
-                self._last_error = None
-                return SyncOutcome(self.sync_id, head, "unchanged")
-            old = self.commit.sha if self.commit else None
-            applied = old or await asyncio.to_thread(self.store.last_synced_commit)
-            rewritten = (
-                applied is not None
-                and applied != head
-                and not await asyncio.to_thread(self.source.is_ancestor, applied, head)
-            )
-            if rewritten and not self.config.repository.allow_force_push:
-                return await self._refuse(trigger, seen, head, applied or "")
+            started = time.monotonic()
+            outcome = await self._sync(trigger)
+            outcome.trigger = trigger
+            outcome.duration_seconds = time.monotonic() - started
+        if self.on_sync is not None:
+            self.on_sync(outcome)
+        return outcome
+
+    async def _sync(self, trigger: str) -> SyncOutcome:
+        seen = self.clock()
+        try:
+            head = await asyncio.to_thread(self.source.fetch)
+        except SourceError as exc:
+            return await self._fetch_failed(trigger, seen, str(exc))
+        if head == (self.commit.sha if self.commit else None) and trigger in (
+            "poll",
+            "watch",
+            "webhook",
+        ):
             self._last_error = None
-            changes = await asyncio.to_thread(self.source.load, old, head)
-            info = await asyncio.to_thread(self.source.commit_info, head)
-            reparsed = await asyncio.to_thread(self._parse, changes.files)
-            parsed = {} if changes.full else dict(self.parsed)
-            for path in changes.deleted:
-                parsed.pop(path, None)
-            parsed.update(reparsed)
-            desired = assemble(parsed.values(), providers=self.providers.keys())
-            effective, invalid = await asyncio.to_thread(self._effective, desired, parsed)
-            changed = sorted(
-                env
-                for env in set(effective) | set(self.effective) | set(invalid) | set(self.invalid)
-                if effective.get(env) != self.effective.get(env)
-                or invalid.get(env) != self.invalid.get(env)
-            )
-            meta = _meta(info)
-            errors = [e.to_dict() for e in desired.errors]
-            sync_id = await asyncio.to_thread(
-                self.store.begin_sync, trigger=trigger, seen_at=seen, commit=meta
-            )
-            await asyncio.to_thread(self._save_states, desired, head)
-            result = "errors" if errors else "ok"
-            note = changes.reason
-            if rewritten and note is None:  # after a restart the loader cannot tell
-                note = f"history rewritten: {(applied or '')[:12]} is not an ancestor of {head[:12]}; full load"
-            await asyncio.to_thread(
-                self.store.finish_sync,
-                sync_id,
-                result=result,
-                ended_at=self.clock(),
-                environments_changed=changed,
-                errors=errors,
-                full_load=changes.full,
-                note=note,
-            )
-            self.parsed, self.desired, self.commit, self.sync_id = parsed, desired, meta, sync_id
-            self.effective, self.invalid = effective, invalid
-            log.info(
-                "event=sync trigger=%s commit=%s result=%s changed=%s errors=%d full=%s%s",
-                trigger,
-                head[:12],
-                result,
-                ",".join(changed) or "-",
-                len(errors),
-                changes.full,
-                f" note={note!r}" if note else "",
-            )
-            for err in desired.errors:
-                log.warning("event=invalid_file error=%r", str(err))
-            outcome = SyncOutcome(sync_id, head, result, changed, [str(e) for e in desired.errors])
-            self.wake(effective if old is None or changes.full else changed)
-            if self.on_sync is not None:
-                self.on_sync(outcome)
-            return outcome
+            return SyncOutcome(self.sync_id, head, "unchanged")
+        old = self.commit.sha if self.commit else None
+        applied = old or await asyncio.to_thread(self.store.last_synced_commit)
+        rewritten = (
+            applied is not None
+            and applied != head
+            and not await asyncio.to_thread(self.source.is_ancestor, applied, head)
+        )
+        if rewritten and not self.config.repository.allow_force_push:
+            return await self._refuse(trigger, seen, head, applied or "")
+        self._last_error = None
+        changes = await asyncio.to_thread(self.source.load, old, head)
+        info = await asyncio.to_thread(self.source.commit_info, head)
+        reparsed = await asyncio.to_thread(self._parse, changes.files)
+        parsed = {} if changes.full else dict(self.parsed)
+        for path in changes.deleted:
+            parsed.pop(path, None)
+        parsed.update(reparsed)
+        desired = assemble(parsed.values(), providers=self.providers.keys())
+        effective, invalid = await asyncio.to_thread(self._effective, desired, parsed)
+        changed = sorted(
+            env
+            for env in set(effective) | set(self.effective) | set(invalid) | set(self.invalid)
+            if effective.get(env) != self.effective.get(env)
+            or invalid.get(env) != self.invalid.get(env)
+        )
+        meta = _meta(info)
+        errors = [e.to_dict() for e in desired.errors]
+        sync_id = await asyncio.to_thread(
+            self.store.begin_sync, trigger=trigger, seen_at=seen, commit=meta
+        )
+        await asyncio.to_thread(self._save_states, desired, head)
+        result = "errors" if errors else "ok"
+        note = changes.reason
+        if rewritten and note is None:  # after a restart the loader cannot tell
+            note = f"history rewritten: {(applied or '')[:12]} is not an ancestor of {head[:12]}; full load"
+        await asyncio.to_thread(
+            self.store.finish_sync,
+            sync_id,
+            result=result,
+            ended_at=self.clock(),
+            environments_changed=changed,
+            errors=errors,
+            full_load=changes.full,
+            note=note,
+        )
+        self.parsed, self.desired, self.commit, self.sync_id = parsed, desired, meta, sync_id
+        self.effective, self.invalid = effective, invalid
+        log.info(
+            "event=sync trigger=%s commit=%s result=%s changed=%s errors=%d full=%s%s",
+            trigger,
+            head[:12],
+            result,
+            ",".join(changed) or "-",
+            len(errors),
+            changes.full,
+            f" note={note!r}" if note else "",
+        )
+        for err in desired.errors:
+            log.warning("event=invalid_file error=%r", str(err))
+        outcome = SyncOutcome(sync_id, head, result, changed, [str(e) for e in desired.errors])
+        self.wake(effective if old is None or changes.full else changed)
+        return outcome
 
     async def _refuse(self, trigger: str, seen: datetime, head: str, applied: str) -> SyncOutcome:
         """A head that does not descend from the last applied commit (a force push) is not
