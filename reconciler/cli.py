@@ -131,7 +131,7 @@ def run_cmd(ctx: click.Context, log_format: str | None) -> None:
     config = cfg(ctx)
     setup_logging(log_format or "text")
     try:
-        run_daemon(config)
+        run_daemon(config, ctx.ensure_object(dict).get("config_path"))
     except AlreadyRunning as exc:
         pid = exc.args[0]
         fail(

@@ -1,8 +1,10 @@
-"""The long-running process: start, watch, poll, sync, stop.
+"""The long-running process: start, watch, poll, sync, serve, stop, reload.
 
-Everything runs on one asyncio loop. Sync requests (a watched commit, a poll tick, an
-operator's SIGUSR1) only set a flag; one sync task drains it, so a storm of requests
-becomes one fetch of the newest head.
+Everything runs on one asyncio loop. Sync requests (a watched commit, a poll tick, a
+webhook, an operator's SIGUSR1 or API call) only set a flag; one sync task drains it, so a
+storm of requests becomes one fetch of the newest head. systemd hears about it all through
+the notify protocol: READY once migrations ran and the first fetch worked, STATUS lines,
+WATCHDOG pings that stop when the reconcile loop is stuck, STOPPING and RELOADING.
 """
 
 from __future__ import annotations
@@ -12,28 +14,69 @@ import contextlib
 import logging
 import os
 import signal
+import time
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
-from reconciler.config import Config
-from reconciler.engine import Engine, open_source
+from reconciler.config import Config, ConfigError, load_config
+from reconciler.engine import Engine, SyncOutcome, open_source
+from reconciler.events import Event, EventHub
+from reconciler.executor import DeploymentEvent
 from reconciler.lock import StateLock
+from reconciler.plan import Decision
 from reconciler.providers import build_providers
 from reconciler.source import poll_delay, watch_refs
 from reconciler.store import Store
+from reconciler.systemd import SystemdNotifier
 
 log = logging.getLogger(__name__)
 
+# Time systemd grants for start-up work that may be long (migrations on a big database).
+STARTUP_EXTEND_SECONDS = 600.0
+# A sync running longer than this means the loop is stuck: stop the watchdog pings so
+# systemd restarts the service (git commands time out well before).
+STUCK_SYNC_SECONDS = 300.0
+# How soon a watch that could not start (no repository yet, a vanished folder) tries again.
+WATCH_RETRY_SECONDS = 2.0
+
 
 class Daemon:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, config_path: str | os.PathLike[str] | None = None) -> None:
         self.config = config
+        self.config_path = config_path
         self.engine: Engine | None = None
+        self.hub = EventHub()
+        self.sd = SystemdNotifier()
+        self.ready = asyncio.Event()
         self._sync_requested = asyncio.Event()
         self._trigger = "poll"
         self._stop = asyncio.Event()
-        self.ready = asyncio.Event()
+        self._sync_started: float | None = None
+        self._last_fetch_error: str | None = None
+        self._poll_task: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # ---- what the HTTP API and signals call (reconciler.http.control.Control) -----------
+
+    @property
+    def store(self) -> Store:
+        assert self.engine is not None
+        return self.engine.store
+
+    def is_ready(self) -> bool:
+        return self.ready.is_set()
+
+    def last_fetch_error(self) -> str | None:
+        return self._last_fetch_error
+
+    async def status(self, environment: str | None) -> tuple[str | None, list[Decision]]:
+        assert self.engine is not None
+        envs = [environment] if environment else None
+        commit = self.engine.commit.sha if self.engine.commit else None
+        return commit, await self.engine.decisions(envs)
 
     def request_sync(self, trigger: str) -> None:
         # The strongest reason wins when requests coalesce: it is what the sync records.
@@ -41,8 +84,34 @@ class Daemon:
             self._trigger = trigger
         self._sync_requested.set()
 
+    async def retry(self, environment: str, service: str) -> None:
+        """An operator asks to try a version that gave up again (SPEC §4 rule 4)."""
+        from reconciler.executor import durable, utcnow
+
+        engine = self.engine
+        assert engine is not None
+        spec = engine.effective.get(environment)
+        if spec is None or service not in spec.services:
+            raise KeyError(f"{environment}/{service}")
+        await durable(engine.store.reset_streak, environment, service)
+        await durable(
+            engine.store.record_operator_action,
+            environment=environment,
+            service=service,
+            action="retry",
+            actor="api",
+            note=None,
+            at=utcnow(),
+        )
+        engine.wake([environment])
+
+    def queue_depth(self) -> int:
+        return self.engine.queue_depth() if self.engine else 0
+
     def stop(self) -> None:
         self._stop.set()
+
+    # ---- life cycle --------------------------------------------------------------------
 
     async def run(self) -> None:
         cfg = self.config
@@ -50,9 +119,15 @@ class Daemon:
         lock = StateLock(cfg.state_dir)
         lock.acquire()
         try:
+            self.sd.status("migrating the database")
+            self.sd.extend_timeout(STARTUP_EXTEND_SECONDS)
             store = await asyncio.to_thread(Store.from_url, cfg.database_url, migrate=True)
             source = open_source(cfg)
-            engine = self.engine = Engine(cfg, store, source, providers)
+            engine = self.engine = Engine(
+                cfg, store, source, providers, listener=self.hub.deployment
+            )
+            engine.on_sync = self.hub.sync
+            self.hub.on_event(self._on_event)
             await engine.recover()
             scheduler = AsyncIOScheduler(event_loop=asyncio.get_running_loop())
             engine.scheduler = scheduler
@@ -61,32 +136,36 @@ class Daemon:
             for sig, handler in (
                 (signal.SIGTERM, self.stop),
                 (signal.SIGINT, self.stop),
+                (signal.SIGHUP, lambda: self._spawn(self.reload(), "reload")),
                 (signal.SIGUSR1, lambda: self.request_sync("manual")),
             ):
                 loop.add_signal_handler(sig, handler)
-            tasks = [asyncio.create_task(self._sync_loop(), name="sync-loop")]
-            if cfg.repository.poll_interval > 0:
-                tasks.append(asyncio.create_task(self._poll_loop(), name="poll"))
-            git_dir = source.local_git_dir()
-            if cfg.repository.watch and git_dir is not None:
-                tasks.append(asyncio.create_task(self._watch_loop(git_dir), name="watch"))
+            self._spawn(self._sync_loop(), "sync-loop")
+            self._spawn(self._watchdog_loop(), "watchdog")
+            self._start_polling()
+            watching = cfg.repository.watch and source.is_local()
+            if watching:
+                self._spawn(self._watch_loop(), "watch")
+            await self._start_services()
             log.info(
                 "event=started pid=%d repository=%s branch=%s database=%s watch=%s poll=%ss",
                 os.getpid(),
                 cfg.repository_url,
                 cfg.repository.branch,
                 _safe_url(cfg.database_url),
-                git_dir is not None and cfg.repository.watch,
+                watching,
                 cfg.repository.poll_interval,
             )
+            self.sd.status("fetching the repository")
             self.request_sync("startup")
             await self._stop.wait()
-            log.info(
-                "event=stopping grace=%ss deploying=%d",
-                cfg.daemon.shutdown_grace,
-                len(engine.deploying),
-            )
-            cancelled = await engine.stop(cfg.daemon.shutdown_grace)
+            grace = self.config.daemon.shutdown_grace
+            self.sd.stopping(extend_seconds=grace + self.config.daemon.kill_grace + 30)
+            self.sd.status(f"stopping: {len(engine.deploying)} deploying, grace {grace:g}s")
+            log.info("event=stopping grace=%ss deploying=%d", grace, len(engine.deploying))
+            cancelled = await engine.stop(grace)
+            await self._stop_services()
+            tasks = [*self._tasks, *([self._poll_task] if self._poll_task else [])]
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -96,6 +175,56 @@ class Daemon:
             log.info("event=stopped")
         finally:
             lock.release()
+            self.sd.close()
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("event=task_failed task=%s error=%r", task.get_name(), str(task.exception()))
+
+    async def _start_services(self) -> None:
+        """The HTTP server and the notifier, when configured (wired in by their modules)."""
+
+    async def _stop_services(self) -> None:
+        pass
+
+    def _start_polling(self) -> None:
+        if self._poll_task is not None:
+            self._poll_task.cancel()
+            self._poll_task = None
+        if self.config.repository.poll_interval > 0:
+            self._poll_task = asyncio.create_task(self._poll_loop(), name="poll")
+
+    async def reload(self) -> None:
+        """SIGHUP: read the configuration again; keep the old one if the new one is bad."""
+        assert self.engine is not None
+        self.sd.reloading()
+        try:
+            try:
+                new = await asyncio.to_thread(load_config, self.config_path)
+                providers = build_providers(new)
+                _check_reloadable(self.config, new)
+            except ConfigError as exc:
+                log.error("event=reload_refused error=%r", str(exc))
+                return
+            self.config = new
+            self.engine.reload(new, providers)
+            self._start_polling()
+            await self._reload_services()
+            log.info("event=reloaded providers=%s", ",".join(sorted(providers)) or "-")
+            self.request_sync("reload")
+        finally:
+            self.sd.ready()
+
+    async def _reload_services(self) -> None:
+        pass
+
+    # ---- loops -------------------------------------------------------------------------
 
     async def _sync_loop(self) -> None:
         assert self.engine is not None
@@ -104,6 +233,7 @@ class Daemon:
             await self._sync_requested.wait()
             self._sync_requested.clear()
             trigger = self._trigger
+            self._sync_started = time.monotonic()
             try:
                 outcome = await self.engine.sync(trigger)
             except Exception as exc:  # the database is away, say: try the same sync again soon
@@ -114,10 +244,15 @@ class Daemon:
                 retry = min(retry * 2, 60.0)
                 self.request_sync(trigger)
                 continue
+            finally:
+                self._sync_started = None
             if outcome.result != "failed":
                 retry = 1.0
-                self.ready.set()
-                if trigger == "manual":
+                if not self.ready.is_set():
+                    self.ready.set()
+                    self.sd.ready(self._status_line())
+                    log.info("event=ready commit=%s", (outcome.commit or "")[:12])
+                if trigger in ("manual", "reload"):
                     self.engine.wake(self.engine.effective)
             elif not self.ready.is_set():
                 # Until the first fetch works there is nothing to reconcile: keep trying.
@@ -125,14 +260,33 @@ class Daemon:
                 retry = min(retry * 2, max(self.config.repository.poll_interval, 5.0))
                 self.request_sync("startup")
 
-    async def _poll_loop(self) -> None:
-        interval = self.config.repository.poll_interval
+    async def _watchdog_loop(self) -> None:
+        """WATCHDOG=1 at half the interval, only while the reconcile loop is healthy: a
+        blocked event loop or a sync stuck for STUCK_SYNC_SECONDS gets the service restarted."""
+        interval = self.sd.watchdog_seconds
+        if interval is None:
+            return
         while True:
-            await asyncio.sleep(poll_delay(interval))
+            started = self._sync_started
+            if started is not None and time.monotonic() - started > STUCK_SYNC_SECONDS:
+                log.error("event=watchdog_withheld reason=%r", "sync stuck")
+            else:
+                self.sd.watchdog()
+            await asyncio.sleep(interval / 2)
+
+    async def _poll_loop(self) -> None:
+        while True:
+            await asyncio.sleep(poll_delay(self.config.repository.poll_interval))
             self.request_sync("poll")
 
-    async def _watch_loop(self, git_dir: Path) -> None:
+    async def _watch_loop(self) -> None:
+        assert self.engine is not None
         while True:
+            # Asked again each time: the repository may appear (or move) after start-up.
+            git_dir = await asyncio.to_thread(self.engine.source.local_git_dir)
+            if git_dir is None or not (git_dir / "HEAD").exists():
+                await asyncio.sleep(WATCH_RETRY_SECONDS)
+                continue
             ready = asyncio.Event()
             # A commit that landed before the watch was in place is caught by one more look.
             catch_up = asyncio.create_task(self._after(ready, "watch"))
@@ -142,15 +296,49 @@ class Daemon:
                 ):
                     self.request_sync("watch")
                 return
-            except Exception as exc:  # the folder vanished, say: fall back on polling for a while
+            except Exception as exc:  # the folder vanished, say: try again in a while
                 log.warning("event=watch_failed error=%r", str(exc))
-                await asyncio.sleep(max(self.config.repository.poll_interval, 5.0))
+                await asyncio.sleep(WATCH_RETRY_SECONDS)
             finally:
                 catch_up.cancel()
 
     async def _after(self, event: asyncio.Event, trigger: str) -> None:
         await event.wait()
         self.request_sync(trigger)
+
+    # ---- status line -------------------------------------------------------------------
+
+    def _on_event(self, event: Event) -> None:
+        if isinstance(event, SyncOutcome):
+            self._last_fetch_error = event.message if event.result == "failed" else None
+        if isinstance(event, SyncOutcome | DeploymentEvent) and self.ready.is_set():
+            self.sd.status(self._status_line())
+
+    def _status_line(self) -> str:
+        engine = self.engine
+        if engine is None or engine.commit is None:
+            return "waiting for the first fetch"
+        text = f"synced {engine.commit.sha[:7]}; {len(engine.deploying)} deploying"
+        if engine.invalid:
+            text += f"; {len(engine.invalid)} invalid"
+        if self._last_fetch_error:
+            text += f"; fetch failing: {self._last_fetch_error}"
+        return text
+
+
+def _check_reloadable(old: Config, new: Config) -> None:
+    """What a reload cannot change without a restart."""
+    fixed = {
+        "repository.url": (old.repository_url, new.repository_url),
+        "repository.branch": (old.repository.branch, new.repository.branch),
+        "repository.path": (old.repository.path, new.repository.path),
+        "database.url": (old.database_url, new.database_url),
+        "daemon.state_dir": (old.state_dir, new.state_dir),
+        "server.listen": (old.server.listen, new.server.listen),
+    }
+    changed = [key for key, (a, b) in fixed.items() if a != b]
+    if changed:
+        raise ConfigError(f"{', '.join(changed)} cannot change on reload: restart the service")
 
 
 def _safe_url(url: str) -> str:
@@ -163,7 +351,7 @@ def _safe_url(url: str) -> str:
     return url
 
 
-def run_daemon(config: Config) -> None:
-    daemon = Daemon(config)
+def run_daemon(config: Config, config_path: str | os.PathLike[str] | None = None) -> None:
+    daemon = Daemon(config, config_path)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(daemon.run())

@@ -69,6 +69,12 @@ def host_timezone() -> tzinfo:
     return tz if tz is not None else UTC
 
 
+def _plan_settings(config: Config) -> PlanSettings:
+    tz = ZoneInfo(config.daemon.timezone) if config.daemon.timezone else host_timezone()
+    d = config.daemon
+    return PlanSettings(retries=d.retries, retry_backoff=d.retry_backoff, timezone=tz)
+
+
 def _meta(info: CommitInfo) -> CommitMeta:
     return CommitMeta(sha=info.sha, author=info.author, time=info.authored_at, subject=info.subject)
 
@@ -96,10 +102,7 @@ class Engine:
             listener=listener,
             clock=clock,
         )
-        tz = ZoneInfo(config.daemon.timezone) if config.daemon.timezone else host_timezone()
-        self.settings = PlanSettings(
-            retries=config.daemon.retries, retry_backoff=config.daemon.retry_backoff, timezone=tz
-        )
+        self.settings = _plan_settings(config)
         # Desired state as of the last synced commit.
         self.parsed: dict[str, ParsedFile] = {}
         self.commit: CommitMeta | None = None
@@ -110,6 +113,7 @@ class Engine:
         self._path_env: dict[str, str] = {}  # file path -> the environment it last declared
         # Runners.
         self.slots = asyncio.Semaphore(config.daemon.max_parallel)
+        self._max_parallel = config.daemon.max_parallel
         self.stopping = False
         self._wake: dict[str, asyncio.Event] = {}
         self._runners: dict[str, asyncio.Task[None]] = {}
@@ -124,6 +128,23 @@ class Engine:
         self._last_error: str | None = None
         self.scheduler: AsyncIOScheduler | None = None
         self.on_sync: Callable[[SyncOutcome], None] | None = None
+
+    def reload(self, config: Config, providers: Mapping[str, Provider]) -> None:
+        """Take a new configuration (SIGHUP) without touching running deployments: they
+        finish with the provider instance they started with."""
+        self.config = config
+        self.providers = dict(providers)
+        self.executor.providers = self.providers
+        self.executor.kill_grace = config.daemon.kill_grace
+        self.settings = _plan_settings(config)
+        if config.daemon.max_parallel != self._max_parallel:
+            # Running deployments release the old semaphore; new ones take the new one.
+            self.slots = asyncio.Semaphore(config.daemon.max_parallel)
+            self._max_parallel = config.daemon.max_parallel
+
+    def queue_depth(self) -> int:
+        """Environments with work due now or running."""
+        return sum(1 for env, e in self._wake.items() if e.is_set() or env in self._active)
 
     # ---- desired state ---------------------------------------------------------------
 

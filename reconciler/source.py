@@ -542,6 +542,10 @@ class GitSource:
 
     # -- watching, lifecycle ---------------------------------------------------------
 
+    def is_local(self) -> bool:
+        """A repository on this machine (a path or file://): it can be watched."""
+        return _local_path(self.url) is not None
+
     def local_git_dir(self) -> Path | None:
         """For a local repository: the git directory to watch; None for a remote URL.
 

@@ -28,7 +28,7 @@ TERMINAL_STATUSES: frozenset[str] = frozenset(
 FAILURE_STATUSES: frozenset[str] = frozenset({"failed", "timed_out", "rolled_back"})
 TRIGGERS: tuple[str, ...] = ("git", "manual", "rollback", "retry", "drift")
 
-SYNC_TRIGGERS: tuple[str, ...] = ("startup", "poll", "watch", "webhook", "manual")
+SYNC_TRIGGERS: tuple[str, ...] = ("startup", "poll", "watch", "webhook", "manual", "reload")
 SYNC_RESULTS: tuple[str, ...] = ("ok", "errors", "failed", "unchanged", "refused")
 #: Sync results whose commit counts as applied (see `Store.last_synced_commit`).
 SYNC_APPLIED_RESULTS: tuple[str, ...] = ("ok", "errors", "unchanged")
@@ -242,3 +242,79 @@ class OperatorActionRecord:
     action: str
     actor: str
     note: str | None
+
+
+# --------------------------------------------------------------------------- notifications
+
+#: States of a notification in the outbox: waiting to be sent (or being retried), sent
+#: (a 2xx answer), kept for audit but not sent (an identical failure notice was sent
+#: recently), given up after the target's `max_attempts`.
+NOTIFICATION_STATES: tuple[str, ...] = ("pending", "delivered", "suppressed", "dead")
+
+
+@dataclass(frozen=True, slots=True)
+class NotificationCursorRecord:
+    """How far the notifier has read the ledger: the last deployment event and sync seen."""
+
+    name: str
+    last_event_id: int
+    last_sync_id: int
+    updated_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerEvent:
+    """A recorded deployment event and its deployment (as it is now), read by the notifier."""
+
+    event: EventRecord
+    deployment: DeploymentRecord
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerBatch:
+    """What the ledger holds after a notification cursor (see `Store.ledger_after`)."""
+
+    #: Every deployment event id after the cursor, ascending (progress events included,
+    #: so that the reader can tell a gap from a filtered row).
+    event_ids: list[int]
+    #: The events among them whose status was asked for, ascending.
+    events: list[LedgerEvent]
+    #: Syncs after the cursor, ascending (unfinished ones have ``result`` None).
+    syncs: list[SyncRecord]
+
+
+@dataclass(frozen=True, slots=True)
+class NewNotification:
+    target: str
+    event: str
+    environment: str | None
+    service: str | None
+    deployment_id: int | None
+    sync_id: int | None
+    fingerprint: str
+    payload: dict[str, Any]
+    #: When the ledger recorded what is notified (the suppression window is measured on it).
+    occurred_at: datetime
+    #: Seconds; > 0: stored ``suppressed`` when a notification of the same target with the
+    #: same fingerprint, pending or delivered, occurred less than this long before.
+    suppress_for: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class NotificationRecord:
+    id: int
+    target: str
+    event: str
+    environment: str | None
+    service: str | None
+    deployment_id: int | None
+    sync_id: int | None
+    fingerprint: str
+    payload: dict[str, Any]
+    occurred_at: datetime
+    created_at: datetime
+    attempts: int
+    next_attempt_at: datetime
+    delivered_at: datetime | None
+    last_error: str | None
+    state: str
