@@ -24,7 +24,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from reconciler.config import Config, ConfigError, load_config
 from reconciler.engine import Engine, SyncOutcome, open_source
 from reconciler.events import Event, EventHub
-from reconciler.executor import DeploymentEvent
+from reconciler.executor import DeploymentEvent, durable, utcnow
 from reconciler.lock import StateLock
 from reconciler.plan import Decision
 from reconciler.providers import build_providers
@@ -86,8 +86,6 @@ class Daemon:
 
     async def retry(self, environment: str, service: str) -> None:
         """An operator asks to try a version that gave up again (SPEC §4 rule 4)."""
-        from reconciler.executor import durable, utcnow
-
         engine = self.engine
         assert engine is not None
         spec = engine.effective.get(environment)

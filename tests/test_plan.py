@@ -178,3 +178,13 @@ def test_invalid_environment_deploys_nothing_and_says_why():
     states = {(d.environment, d.service): (d.state, d.deploy) for d in ds}
     assert states[("staging", "api")] == ("invalid", False)
     assert states[("qa", "*")] == ("invalid", False)
+
+
+def test_depends_on_holds_when_planning_one_environment_at_a_time():
+    # The engine plans one environment at a time: what the others declare comes separately.
+    staging = env("staging")
+    production = env("production", depends_on=["staging"])
+    declared = {"staging": staging.services.keys(), "production": production.services.keys()}
+    ds = plan({"production": production}, RecordedState(), NOW, SETTINGS, declared=declared)
+    assert not any(d.deploy for d in ds)
+    assert all(d.state == "waiting" for d in ds)
