@@ -368,7 +368,7 @@ def assemble(
 
 
 @contextmanager
-def _gc_paused() -> Iterator[None]:
+def gc_paused() -> Iterator[None]:
     """Reading files makes many short-lived objects and no reference cycles: running the
     cyclic garbage collector meanwhile only costs time (about a third of a large load)."""
     was_enabled = gc.isenabled()
@@ -387,7 +387,7 @@ def load_files(
 
     Paths that are not environment files (:func:`is_environment_file`) are skipped.
     """
-    with _gc_paused():
+    with gc_paused():
         parsed = [
             parse_environment_file(path, data) for path, data in files if is_environment_file(path)
         ]
@@ -410,7 +410,7 @@ def load_directory(root: Path, providers: Collection[str] | None = None) -> Desi
                 found.append((str(full), full))
     found.sort()
     parsed: list[ParsedFile] = []
-    with _gc_paused():
+    with gc_paused():
         for shown, full in found:
             try:
                 data = full.read_bytes()

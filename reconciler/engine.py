@@ -30,6 +30,7 @@ from desired_state import (
     FileError,
     ParsedFile,
     assemble,
+    gc_paused,
     parse_environment_file,
 )
 from reconciler.config import Config
@@ -160,7 +161,8 @@ class Engine:
     def _parse(self, files: Mapping[str, bytes]) -> dict[str, ParsedFile]:
         prefix = self.config.repository.path.strip("/")
         shown = (lambda p: p) if prefix in ("", ".") else (lambda p: f"{prefix}/{p}")
-        return {path: parse_environment_file(shown(path), data) for path, data in files.items()}
+        with gc_paused():
+            return {path: parse_environment_file(shown(path), data) for path, data in files.items()}
 
     async def sync(self, trigger: str = "manual") -> SyncOutcome:
         """One pass over the branch head: fetch, load, record; wake what changed."""
@@ -334,16 +336,13 @@ class Engine:
         return effective, invalid
 
     def _save_states(self, desired: DesiredState, commit: str) -> None:
-        at = self.clock()
-        for env, spec in desired.environments.items():
-            if self.effective.get(env) != spec:
-                self.store.save_environment_state(
-                    env,
-                    spec=spec.model_dump(mode="json"),
-                    source_path=desired.sources[env],
-                    commit=commit,
-                    at=at,
-                )
+        changed = [
+            (env, spec.model_dump(mode="json"), desired.sources[env])
+            for env, spec in desired.environments.items()
+            if self.effective.get(env) != spec
+        ]
+        if changed:
+            self.store.save_environment_states(changed, commit=commit, at=self.clock())
 
     async def load_at_last_sync(self) -> None:
         """The desired state of the last synced commit, from the local clone (for `status`)."""

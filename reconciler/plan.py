@@ -7,7 +7,7 @@ decisions; `reconciler plan` and `reconciler status` print them.
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, tzinfo
 from zoneinfo import ZoneInfo
 
@@ -138,27 +138,19 @@ def plan_environment(
     is_open, next_open = window_state(spec.windows, now, settings.timezone)
     for name, svc in spec.services.items():
         rec = recorded.services.get((env, name), ServiceRecord())
-        base = Decision(
-            environment=env,
-            service=name,
-            desired=svc.version,
-            deployed=rec.deployed_version,
-            state="",
-            message="",
-            last_deployment_id=rec.last_deployment_id,
-        )
+        base = _Base(env, name, svc.version, rec.deployed_version, rec.last_deployment_id)
         if rec.running:
-            out.append(replace(base, state="deploying", message="deployment running"))
+            out.append(base.decide(state="deploying", message="deployment running"))
             continue
         if rec.deployed_version == svc.version:
             if suspended:
-                out.append(replace(base, state="suspended", message=_why_suspended(spec)))
+                out.append(base.decide(state="suspended", message=_why_suspended(spec)))
             else:
-                out.append(replace(base, state="synced", message=""))
+                out.append(base.decide(state="synced", message=""))
             continue
         if suspended:
             msg = f"{_why_suspended(spec)}; wants {svc.version}"
-            out.append(replace(base, state="suspended", message=msg))
+            out.append(base.decide(state="suspended", message=msg))
             continue
         failures = rec.streak_count if rec.streak_version == svc.version else 0
         if failures >= settings.retries:
@@ -166,7 +158,7 @@ def plan_environment(
                 f"gave up after {failures} attempt{'s' if failures != 1 else ''}; commit a new "
                 f"version or run `reconciler sync --env {env} --service {name}`"
             )
-            out.append(replace(base, state="failed", message=msg))
+            out.append(base.decide(state="failed", message=msg))
             continue
         if failures and rec.streak_last_at is not None:
             retry_at = rec.streak_last_at + timedelta(
@@ -175,13 +167,13 @@ def plan_environment(
             if retry_at > now:
                 wait = format_duration((retry_at - now).total_seconds())
                 msg = f"attempt {failures} failed; retry in {wait}"
-                out.append(replace(base, state="failed", message=msg, not_before=retry_at))
+                out.append(base.decide(state="failed", message=msg, not_before=retry_at))
                 continue
         if not is_open:
             assert next_open is not None
             msg = f"waiting: window opens {_when(next_open, now.astimezone(next_open.tzinfo))}"
             out.append(
-                replace(base, state="waiting", message=msg, not_before=next_open.astimezone(UTC))
+                base.decide(state="waiting", message=msg, not_before=next_open.astimezone(UTC))
             )
             continue
         blocked = [
@@ -192,13 +184,12 @@ def plan_environment(
         ]
         if blocked:
             msg = f"waiting: depends_on {', '.join(blocked)} ({name} {svc.version} not completed there)"
-            out.append(replace(base, state="waiting", message=msg))
+            out.append(base.decide(state="waiting", message=msg))
             continue
         trigger = "retry" if failures else "git"
         msg = "out_of_sync" if not failures else f"retry {failures + 1} of {settings.retries}"
         out.append(
-            replace(
-                base,
+            base.decide(
                 state="out_of_sync",
                 message=msg,
                 deploy=True,
@@ -207,6 +198,42 @@ def plan_environment(
             )
         )
     return out
+
+
+@dataclass(frozen=True, slots=True)
+class _Base:
+    """What every decision about one service shares (built once per service: the planner
+    runs over tens of thousands of services)."""
+
+    environment: str
+    service: str
+    desired: str
+    deployed: str | None
+    last_deployment_id: int | None
+
+    def decide(
+        self,
+        state: str,
+        message: str,
+        *,
+        deploy: bool = False,
+        trigger: str | None = None,
+        attempt: int = 0,
+        not_before: datetime | None = None,
+    ) -> Decision:
+        return Decision(
+            self.environment,
+            self.service,
+            self.desired,
+            self.deployed,
+            state,
+            message,
+            deploy,
+            trigger,
+            attempt,
+            not_before,
+            self.last_deployment_id,
+        )
 
 
 def _why_suspended(spec: EnvironmentSpec) -> str:

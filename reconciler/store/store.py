@@ -11,7 +11,7 @@ deployments with the same rules (`_ServiceFold`).
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from functools import lru_cache
@@ -48,6 +48,7 @@ from reconciler.store.models import (
     ServiceStateRow,
     Sync,
 )
+from reconciler.store.outbox import OutboxQueries
 from reconciler.store.records import (
     ACTIVE_STATUSES,
     FAILURE_STATUSES,
@@ -376,7 +377,7 @@ def _refresh_service_state(conn: Connection, environment: str, service: str) -> 
 # --------------------------------------------------------------------------- the store
 
 
-class Store:
+class Store(OutboxQueries):
     """All reads and writes of the reconciler's records."""
 
     engine: Engine
@@ -850,6 +851,16 @@ class Store:
                 },
                 ["name"],
             )
+
+    def save_environment_states(
+        self, states: Iterable[tuple[str, dict[str, Any], str]], *, commit: str, at: datetime
+    ) -> None:
+        """Several `(name, spec, source_path)` at once, in one transaction (a full load)."""
+        when = _aware(at, "at")
+        with self._writer.begin() as conn:
+            for name, spec, source_path in states:
+                row = {"name": name, "spec": dict(spec), "source_path": source_path}
+                _upsert(conn, _ENV, {**row, "commit": commit, "updated_at": when}, ["name"])
 
     def environment_states(self) -> dict[str, EnvironmentStateRecord]:
         with self.engine.connect() as conn:
