@@ -31,6 +31,7 @@ from sqlalchemy import (
     insert,
     or_,
     select,
+    text,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
@@ -316,6 +317,13 @@ def _upsert(conn: Connection, table: Any, values: dict[str, Any], keys: list[str
         where = [table.c[key] == values[key] for key in keys]
         if conn.execute(update(table).where(*where).values(**changes)).rowcount == 0:
             conn.execute(insert(table).values(**values))
+
+
+_PG_COMPLETED = text(
+    "SELECT w.e, w.s, w.v FROM unnest(CAST(:e AS text[]), CAST(:s AS text[]), CAST(:v AS text[]))"
+    " AS w(e, s, v) WHERE EXISTS (SELECT 1 FROM deployments AS d WHERE d.environment = w.e"
+    " AND d.service = w.s AND d.version = w.v AND d.status = 'completed')"
+)
 
 
 @lru_cache(maxsize=16)
@@ -728,6 +736,12 @@ class Store(OutboxQueries):
         wanted = sorted(set(triples))
         found: set[tuple[str, str, str]] = set()
         with self.engine.connect() as conn:
+            if conn.dialect.name == "postgresql" and wanted:
+                # One round trip: the triples as three arrays, each probed with an index
+                # search (the OR form costs ~4x more to plan on PostgreSQL).
+                envs, services, versions = (list(column) for column in zip(*wanted, strict=True))
+                rows = conn.execute(_PG_COMPLETED, {"e": envs, "s": services, "v": versions})
+                return {(row[0], row[1], row[2]) for row in rows}
             for chunk in _chunks(wanted):
                 params: dict[str, str] = {}
                 for index, (environment, service, version) in enumerate(chunk):
