@@ -126,12 +126,15 @@ def main(ctx: click.Context, config_path: str | None) -> None:
 def run_cmd(ctx: click.Context, log_format: str | None) -> None:
     """Run the daemon in the foreground (what systemd starts)."""
     from reconciler.daemon import run_daemon
+    from reconciler.http import HttpServerError
     from reconciler.lock import AlreadyRunning
 
     config = cfg(ctx)
     setup_logging(log_format or "text")
     try:
         run_daemon(config, ctx.ensure_object(dict).get("config_path"))
+    except HttpServerError as exc:
+        fail(str(exc), 2)
     except AlreadyRunning as exc:
         pid = exc.args[0]
         fail(

@@ -16,7 +16,6 @@ import os
 import signal
 import time
 from collections.abc import Coroutine
-from pathlib import Path
 from typing import Any
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
@@ -25,6 +24,7 @@ from reconciler.config import Config, ConfigError, load_config
 from reconciler.engine import Engine, SyncOutcome, open_source
 from reconciler.events import Event, EventHub
 from reconciler.executor import DeploymentEvent, durable, utcnow
+from reconciler.http import HttpServer, start_http
 from reconciler.lock import StateLock
 from reconciler.plan import Decision
 from reconciler.providers import build_providers
@@ -33,6 +33,8 @@ from reconciler.store import Store
 from reconciler.systemd import SystemdNotifier
 
 log = logging.getLogger(__name__)
+
+HTTP_WIRED = True  # tests/test_http_daemon.py runs against the real daemon
 
 # Time systemd grants for start-up work that may be long (migrations on a big database).
 STARTUP_EXTEND_SECONDS = 600.0
@@ -58,6 +60,7 @@ class Daemon:
         self._last_fetch_error: str | None = None
         self._poll_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._http: HttpServer | None = None
 
     # ---- what the HTTP API and signals call (reconciler.http.control.Control) -----------
 
@@ -186,10 +189,14 @@ class Daemon:
             log.error("event=task_failed task=%s error=%r", task.get_name(), str(task.exception()))
 
     async def _start_services(self) -> None:
-        """The HTTP server and the notifier, when configured (wired in by their modules)."""
+        """The HTTP server (when `server.listen` is set) and the notifier."""
+        if self.config.server.listen:
+            self._http = await start_http(self)
 
     async def _stop_services(self) -> None:
-        pass
+        if self._http is not None:
+            await self._http.stop()
+            self._http = None
 
     def _start_polling(self) -> None:
         if self._poll_task is not None:

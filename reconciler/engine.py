@@ -34,7 +34,7 @@ from desired_state import (
     parse_environment_file,
 )
 from reconciler.config import Config
-from reconciler.executor import Executor, Job, Listener, durable, utcnow
+from reconciler.executor import Executor, Job, Listener, utcnow
 from reconciler.plan import (
     Decision,
     PlanSettings,
@@ -519,12 +519,8 @@ class Engine:
             rb = await self.run_job(back)
             out.append(rb)
             if rb.status == "completed" and rec.status == "failed":
-                out[0] = await durable(
-                    self.store.set_status,
-                    rec.id,
-                    "rolled_back",
-                    at=self.clock(),
-                    message=f"rolled back to {previous} by deployment {rb.id}",
+                out[0] = await self.executor.mark_rolled_back(
+                    rec, f"rolled back to {previous} by deployment {rb.id}"
                 )
         return out
 

@@ -279,6 +279,11 @@ class Executor:
             _Run(self, rec, Redactor())._emit("pending", "pending", None, None, rec.created_at)
         return rec
 
+    async def mark_rolled_back(self, rec: DeploymentRecord, message: str) -> DeploymentRecord:
+        """failed -> rolled_back once its rollback completed (the one change to a terminal
+        record), published like any status change."""
+        return await _Run(self, rec, Redactor()).status("rolled_back", message=message)
+
     async def run(self, job: Job, record: DeploymentRecord | None = None) -> DeploymentRecord:
         """Run one deployment to a terminal status and return its final record.
 

@@ -118,6 +118,9 @@ watch = true
 state_dir = "state"
 {daemon_toml}
 
+[server]
+listen = ""
+
 [providers.local]
 type = "command"
 command = ["{script}", "{{environment}}", "{{service}}", "{{version}}"]

@@ -29,6 +29,7 @@ from sqlalchemy import (
     delete,
     func,
     insert,
+    literal,
     or_,
     select,
     text,
@@ -400,6 +401,11 @@ class Store(OutboxQueries):
         if migrate:
             upgrade(engine)
         return cls(engine)
+
+    def ping(self) -> None:
+        """Raise if the database does not answer (readiness checks)."""
+        with self.engine.connect() as conn:
+            conn.execute(select(literal(1))).scalar_one()
 
     def close(self) -> None:
         """Close the pooled connections (the store can still be used afterwards)."""

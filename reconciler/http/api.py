@@ -1,0 +1,437 @@
+"""The request handlers: parse, call the control or the store once, answer JSON.
+
+Every error is ``{"error": "one sentence"}`` with the status that says what kind it is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import re
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+from urllib.parse import urlencode
+
+import sqlalchemy
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+
+from desired_state import parse_duration
+from reconciler.config import ConfigError
+from reconciler.http.control import Control
+from reconciler.http.metrics import CONTENT_TYPE_LATEST, Metrics
+from reconciler.http.openapi import openapi_document
+from reconciler.http.schemas import SyncRequest
+from reconciler.http.sse import deployment_events
+from reconciler.http.webhooks import UNSIGNED, WebhookReceiver
+from reconciler.store import STATUSES, Store, is_transient
+
+log = logging.getLogger("reconciler.http")
+T = TypeVar("T")
+
+DEFAULT_LIMIT = 50
+MAX_LIMIT = 1000
+SYNC_BODY_MAX = 64 * 1024
+
+
+@dataclass
+class Context:
+    """What the handlers share; kept on ``app.state.ctx``."""
+
+    control: Control
+    metrics: Metrics
+    webhooks: WebhookReceiver
+    ping_interval: float
+    ready_timeout: float
+    stopping: asyncio.Event
+
+
+def ctx(request: Request) -> Context:
+    context: Context = request.app.state.ctx
+    return context
+
+
+def error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+class BadRequest(HTTPException):
+    def __init__(self, message: str) -> None:
+        super().__init__(400, message)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+async def db(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+    """A store call, off the loop; a database that is away is a 503, not a 500."""
+    try:
+        return await asyncio.to_thread(fn, *args, **kwargs)
+    except Exception as exc:
+        if is_transient(exc) or isinstance(exc, sqlalchemy.exc.OperationalError):
+            raise HTTPException(503, f"database unavailable: {_one_line(exc)}") from exc
+        raise
+
+
+def _params(request: Request, allowed: Collection[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, value in request.query_params.multi_items():
+        if key not in allowed:
+            raise BadRequest(f"unknown parameter '{key}': expected {', '.join(sorted(allowed))}")
+        if key in out:
+            raise BadRequest(f"parameter '{key}' given twice")
+        out[key] = value
+    return out
+
+
+def _int(params: dict[str, str], name: str, *, low: int, high: int | None = None) -> int | None:
+    raw = params.get(name)
+    if raw is None:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise BadRequest(f"parameter '{name}' must be an integer, not '{raw}'") from None
+    if value < low or (high is not None and value > high):
+        bound = f"between {low} and {high}" if high is not None else f"at least {low}"
+        raise BadRequest(f"parameter '{name}' must be {bound}")
+    return value
+
+
+def _deployment_id(request: Request) -> int:
+    raw = request.path_params["id"]
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1 or not raw.isdigit():
+        raise HTTPException(404, f"no deployment {raw}")
+    return value
+
+
+# ---- health -----------------------------------------------------------------------------
+
+
+async def healthz(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+def _ping_database(store: Store) -> None:
+    store.ping()
+
+
+async def readyz(request: Request) -> Response:
+    c = ctx(request)
+    database = "ok"
+    try:
+        await asyncio.wait_for(
+            asyncio.to_thread(_ping_database, c.control.store), timeout=c.ready_timeout
+        )
+    except TimeoutError:
+        database = f"no answer within {c.ready_timeout:g} s"
+    except Exception as exc:
+        database = _one_line(exc)
+    fetch_error = c.control.last_fetch_error()
+    if c.control.is_ready():
+        repository = "ok"
+    else:
+        repository = f"not fetched yet: {fetch_error}" if fetch_error else "not fetched yet"
+    body: dict[str, Any] = {"status": "ready", "database": database, "repository": repository}
+    if database != "ok":
+        body.update(status="unavailable", error=f"database: {database}")
+    elif repository != "ok":
+        body.update(status="unavailable", error=f"repository: {repository}")
+    elif fetch_error:
+        body["last_fetch_error"] = fetch_error
+    return JSONResponse(body, status_code=200 if body["status"] == "ready" else 503)
+
+
+async def metrics(request: Request) -> Response:
+    return Response(ctx(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+async def openapi(request: Request) -> Response:
+    return JSONResponse(openapi_document())
+
+
+INDEX = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>reconciler</title></head>
+<body><h1>reconciler</h1>
+<ul>
+<li><a href="/api/v1/status">status</a></li>
+<li><a href="/api/v1/deployments">deployments</a></li>
+<li><a href="/metrics">metrics</a></li>
+<li><a href="/openapi.json">API (OpenAPI)</a></li>
+</ul></body></html>
+"""
+
+
+async def index(request: Request) -> Response:
+    return HTMLResponse(INDEX)
+
+
+# ---- read API ---------------------------------------------------------------------------
+
+
+async def status(request: Request) -> Response:
+    params = _params(request, {"env"})
+    commit, decisions = await ctx(request).control.status(params.get("env") or None)
+    return JSONResponse(
+        [
+            {
+                "environment": d.environment,
+                "service": d.service,
+                "desired": d.desired,
+                "deployed": d.deployed,
+                "state": d.state,
+                "commit": commit,
+                "last_deployment_id": d.last_deployment_id,
+                "message": d.message or None,
+            }
+            for d in decisions
+        ]
+    )
+
+
+def _since(raw: str | None) -> datetime | None:
+    """A time (2026-11-26T10:00:00Z, 2026-11-26) or an age (2h, 7d), as `history --since`."""
+    if raw is None:
+        return None
+    if re.fullmatch(r"\d+[smhd]?(\d+[smhd])*", raw):
+        return datetime.now(UTC) - timedelta(seconds=parse_duration(raw))
+    try:
+        value = datetime.fromisoformat(raw.replace("Z", "+00:00"))
+    except ValueError:
+        raise BadRequest(
+            "parameter 'since' must be a time (2026-11-26T10:00:00Z) or an age (2h, 7d)"
+        ) from None
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+async def deployments(request: Request) -> Response:
+    params = _params(request, {"env", "service", "status", "since", "limit", "before"})
+    status_filter = params.get("status")
+    if status_filter is not None and status_filter not in STATUSES:
+        raise BadRequest(f"parameter 'status' must be one of {', '.join(STATUSES)}")
+    limit = _int(params, "limit", low=1, high=MAX_LIMIT) or DEFAULT_LIMIT
+    before = _int(params, "before", low=1)
+    records = await db(
+        ctx(request).control.store.history,
+        environment=params.get("env") or None,
+        service=params.get("service") or None,
+        status=status_filter,
+        since=_since(params.get("since")),
+        limit=limit,
+        before_id=before,
+    )
+    headers = {}
+    if len(records) == limit:
+        query = {k: v for k, v in params.items() if k != "before"}
+        query["before"] = str(records[-1].id)
+        headers["Link"] = f'<{request.url.path}?{urlencode(query)}>; rel="next"'
+    return JSONResponse([r.to_json() for r in records], headers=headers)
+
+
+async def deployment(request: Request) -> Response:
+    _params(request, ())
+    dep_id = _deployment_id(request)
+    record = await db(
+        ctx(request).control.store.get_deployment, dep_id, with_progress=True, with_log=True
+    )
+    if record is None:
+        raise HTTPException(404, f"no deployment {dep_id}")
+    return JSONResponse(record.to_json())
+
+
+async def deployment_stream(request: Request) -> Response:
+    c = ctx(request)
+    _params(request, ())
+    dep_id = _deployment_id(request)
+    raw = request.headers.get("last-event-id", "").strip()
+    last_id = 0
+    if raw:
+        if not raw.isdigit():
+            raise BadRequest(f"Last-Event-ID must be an event id, not '{raw}'")
+        last_id = int(raw)
+    if await db(c.control.store.get_deployment, dep_id) is None:
+        raise HTTPException(404, f"no deployment {dep_id}")
+    return StreamingResponse(
+        deployment_events(
+            c.control.store,
+            c.control.hub,
+            dep_id,
+            last_event_id=last_id,
+            ping_interval=c.ping_interval,
+            stopping=c.stopping,
+        ),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+# ---- changing things --------------------------------------------------------------------
+
+
+def _drain_limit(limit: int) -> int:
+    # Past the limit a body is still read (and dropped) up to this size, so that the client
+    # can read the 413 on a clean connection; a bigger one has the connection closed on it.
+    return 2 * limit + 65536
+
+
+async def _read_body(request: Request, limit: int) -> bytes | None:
+    """The body, or None when it is larger than ``limit`` (announced or actually sent)."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.strip().isdigit():
+            raise BadRequest("Content-Length must be a number of bytes")
+        if int(declared) > _drain_limit(limit):
+            return None
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            chunks.clear()
+            if size > _drain_limit(limit):
+                return None
+            continue
+        chunks.append(chunk)
+    return None if size > limit else b"".join(chunks)
+
+
+def _bearer_ok(header: str | None, token: str) -> bool:
+    if not header:
+        return False
+    scheme, _, given = header.partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    return hmac.compare_digest(given.strip().encode(), token.encode())
+
+
+BEARER_CHALLENGE = 'Bearer realm="reconciler"'
+
+
+async def sync(request: Request) -> Response:
+    c = ctx(request)
+    _params(request, ())
+    server = c.control.config.server
+    if not server.token_file:
+        return error(403, "no token configured: set server.token_file")
+    try:
+        token = c.control.config.read_secret(server.token_file)
+    except ConfigError as exc:
+        log.error("event=http_token_unreadable error=%r", str(exc))
+        return error(503, "the API token cannot be read: see the daemon's log")
+    header = request.headers.get("authorization")
+    if not header:
+        return error(
+            401,
+            "missing bearer token: send Authorization: Bearer <token>",
+            {"WWW-Authenticate": BEARER_CHALLENGE},
+        )
+    if not _bearer_ok(header, token):
+        log.warning("event=http_unauthorized path=%s client=%s", request.url.path, _client(request))
+        return error(
+            401,
+            "wrong bearer token",
+            {"WWW-Authenticate": BEARER_CHALLENGE + ', error="invalid_token"'},
+        )
+    try:
+        body = await _read_body(request, SYNC_BODY_MAX)
+    except ClientDisconnect:
+        return error(400, "the client went away while sending the body")
+    if body is None:
+        return error(413, f"body larger than {SYNC_BODY_MAX} bytes")
+    try:
+        req = SyncRequest.model_validate_json(body) if body.strip() else SyncRequest()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        message = str(first["msg"])
+        return error(400, f"bad body: {where + ': ' if where else ''}{message}")
+    if req.service is not None:
+        if not req.environment:
+            return error(400, "bad body: service needs environment")
+        try:
+            await c.control.retry(req.environment, req.service)
+        except KeyError:
+            return error(404, f"no service {req.service} in environment {req.environment}")
+    elif req.environment is not None and c.control.is_ready():
+        _, decisions = await c.control.status(req.environment)
+        if not decisions:
+            return error(404, f"no environment {req.environment}")
+    c.control.request_sync("manual")
+    log.info(
+        "event=http_sync environment=%s service=%s client=%s",
+        req.environment or "-",
+        req.service or "-",
+        _client(request),
+    )
+    return JSONResponse({"status": "accepted"}, status_code=202)
+
+
+def _client(request: Request) -> str:
+    return request.client.host if request.client else "-"
+
+
+async def git_hook(request: Request) -> Response:
+    c = ctx(request)
+    server = c.control.config.server
+
+    def refuse(result: str, status_code: int, message: str, **headers: str) -> Response:
+        c.metrics.webhook(result)
+        log.warning(
+            "event=webhook result=%s client=%s reason=%r", result, _client(request), message
+        )
+        return error(status_code, message, headers or None)
+
+    if not server.webhook_secret_file:
+        return refuse("unavailable", 503, "webhooks are off: set server.webhook_secret_file")
+    try:
+        body = await _read_body(request, server.webhook_max_bytes)
+    except HTTPException as exc:
+        return refuse("bad_request", 400, str(exc.detail))
+    except ClientDisconnect:
+        return refuse("bad_request", 400, "the client went away while sending the body")
+    if body is None:
+        return refuse("too_large", 413, f"body larger than {server.webhook_max_bytes} bytes")
+    if not any(
+        h in request.headers
+        for h in ("x-hub-signature-256", "x-gitlab-token", "x-reconciler-signature-256")
+    ):
+        return refuse("unauthorized", 401, UNSIGNED)
+    try:
+        secret = c.control.config.read_secret(server.webhook_secret_file)
+    except ConfigError as exc:
+        log.error("event=webhook_secret_unreadable error=%r", str(exc))
+        return refuse("unavailable", 503, "the webhook secret cannot be read: see the daemon's log")
+    outcome = c.webhooks.receive(
+        secret,
+        request.headers,
+        body,
+        branch=c.control.config.repository.branch,
+        replay_window=server.webhook_replay_window,
+    )
+    c.metrics.webhook(outcome.result)
+    level = (
+        logging.INFO if outcome.result in ("accepted", "ignored", "duplicate") else logging.WARNING
+    )
+    log.log(
+        level,
+        "event=webhook result=%s sender=%s delivery=%s client=%s reason=%r",
+        outcome.result,
+        outcome.sender or "-",
+        outcome.delivery or "-",
+        _client(request),
+        outcome.message,
+    )
+    if outcome.result == "accepted":
+        c.control.request_sync("webhook")
+    return JSONResponse(outcome.to_json(), status_code=outcome.status_code)

@@ -1,0 +1,49 @@
+"""What the HTTP server needs from the daemon: one small protocol, implemented in daemon.py.
+
+The server never reaches into the engine: everything it shows or does goes through here,
+so tests can drive the HTTP layer with a fake control over a real store and event hub.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from reconciler.config import Config
+from reconciler.events import EventHub
+from reconciler.plan import Decision
+from reconciler.store import Store
+
+
+class Control(Protocol):
+    @property
+    def config(self) -> Config: ...
+
+    @property
+    def store(self) -> Store: ...
+
+    @property
+    def hub(self) -> EventHub: ...
+
+    def is_ready(self) -> bool:
+        """Migrations ran and the first fetch succeeded."""
+        ...
+
+    def last_fetch_error(self) -> str | None:
+        """The last fetch's error, one line, or None when the last fetch worked."""
+        ...
+
+    async def status(self, environment: str | None) -> tuple[str | None, list[Decision]]:
+        """(last synced commit sha, one decision per service), optionally for one environment."""
+        ...
+
+    def request_sync(self, trigger: str) -> None:
+        """Ask for a sync ("manual" | "webhook"): coalesced with others, returns at once."""
+        ...
+
+    async def retry(self, environment: str, service: str) -> None:
+        """An operator asks to retry a service that gave up; KeyError if unknown."""
+        ...
+
+    def queue_depth(self) -> int:
+        """Environments with work due or running."""
+        ...

@@ -1,0 +1,273 @@
+"""The OpenAPI 3.1 document of the HTTP API, its schemas generated from `schemas.py`."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, get_args
+
+from pydantic.json_schema import models_json_schema
+
+from reconciler.http import schemas
+
+API_VERSION = "1"
+REF = "#/components/schemas/{model}"
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": REF.format(model=name)}
+
+
+def _json(schema: dict[str, Any], description: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": schema}},
+        **extra,
+    }
+
+
+def _error(description: str) -> dict[str, Any]:
+    return _json(_ref("Error"), description)
+
+
+def _query(name: str, description: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "query",
+        "required": False,
+        "description": description,
+        "schema": schema,
+    }
+
+
+_ID = {
+    "name": "id",
+    "in": "path",
+    "required": True,
+    "description": "Deployment id.",
+    "schema": {"type": "integer", "minimum": 1},
+}
+_BEARER: list[dict[str, list[str]]] = [{"bearer": []}]
+
+
+def _paths() -> dict[str, Any]:
+    status_enum = {"type": "string", "enum": list(get_args(schemas.Status))}
+    return {
+        "/": {
+            "get": {
+                "summary": "Dashboard placeholder (HTML).",
+                "operationId": "index",
+                "responses": {
+                    "200": {
+                        "description": "HTML page.",
+                        "content": {"text/html": {"schema": {"type": "string"}}},
+                    }
+                },
+            }
+        },
+        "/healthz": {
+            "get": {
+                "summary": "The process lives.",
+                "operationId": "health",
+                "responses": {"200": _json(_ref("Health"), "Alive.")},
+            }
+        },
+        "/readyz": {
+            "get": {
+                "summary": "Database reachable and repository fetched.",
+                "operationId": "ready",
+                "responses": {
+                    "200": _json(_ref("Ready"), "Ready."),
+                    "503": _json(_ref("Ready"), "Not ready; says which check fails."),
+                },
+            }
+        },
+        "/metrics": {
+            "get": {
+                "summary": "Prometheus metrics (text exposition format).",
+                "operationId": "metrics",
+                "responses": {
+                    "200": {
+                        "description": "Metrics.",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    }
+                },
+            }
+        },
+        "/openapi.json": {
+            "get": {
+                "summary": "This document.",
+                "operationId": "openapi",
+                "responses": {"200": _json({"type": "object"}, "OpenAPI 3.1 document.")},
+            }
+        },
+        "/api/v1/status": {
+            "get": {
+                "summary": "Per service: desired, deployed, state, last commit (as `status --json`).",
+                "operationId": "status",
+                "parameters": [_query("env", "Only this environment.", {"type": "string"})],
+                "responses": {
+                    "200": _json(
+                        {"type": "array", "items": _ref("StatusEntry")}, "One entry per service."
+                    ),
+                    "400": _error("Bad parameter."),
+                },
+            }
+        },
+        "/api/v1/deployments": {
+            "get": {
+                "summary": "Deployments, newest first.",
+                "operationId": "listDeployments",
+                "parameters": [
+                    _query("env", "Only this environment.", {"type": "string"}),
+                    _query("service", "Only this service.", {"type": "string"}),
+                    _query("status", "Only this status.", status_enum),
+                    _query(
+                        "since",
+                        "Only deployments created at or after a time (2026-11-26T10:00:00Z) or within an age (2h, 7d).",
+                        {"type": "string"},
+                    ),
+                    _query(
+                        "limit",
+                        "Page size (default 50).",
+                        {"type": "integer", "minimum": 1, "maximum": 1000},
+                    ),
+                    _query(
+                        "before",
+                        "Only ids below this one (the next page's cursor).",
+                        {"type": "integer", "minimum": 1},
+                    ),
+                ],
+                "responses": {
+                    "200": _json(
+                        {"type": "array", "items": _ref("Deployment")},
+                        "Deployments, newest first.",
+                        headers={
+                            "Link": {
+                                "description": 'The next page, `<...?before=ID>; rel="next"`, when this page is full.',
+                                "schema": {"type": "string"},
+                            }
+                        },
+                    ),
+                    "400": _error("Bad parameter."),
+                },
+            }
+        },
+        "/api/v1/deployments/{id}": {
+            "get": {
+                "summary": "One deployment, with its progress timeline and log (as `show --json`).",
+                "operationId": "getDeployment",
+                "parameters": [_ID],
+                "responses": {
+                    "200": _json(_ref("DeploymentDetail"), "The deployment."),
+                    "404": _error("No such deployment."),
+                },
+            }
+        },
+        "/api/v1/deployments/{id}/events": {
+            "get": {
+                "summary": "Live progress as server-sent events.",
+                "description": (
+                    "First every recorded progress event, then new ones as they are recorded, "
+                    "each as `id: <event id>`, `event: progress`, `data: <ProgressEvent JSON>`. "
+                    "When the deployment has ended: `event: end` with the final Deployment JSON, "
+                    "and the stream closes. `: ping` comments keep the connection open. "
+                    "Send `Last-Event-ID` to resume after a given event."
+                ),
+                "operationId": "deploymentEvents",
+                "parameters": [
+                    _ID,
+                    {
+                        "name": "Last-Event-ID",
+                        "in": "header",
+                        "required": False,
+                        "description": "Resume after this event id.",
+                        "schema": {"type": "integer", "minimum": 0},
+                    },
+                ],
+                "responses": {
+                    "200": {
+                        "description": "An event stream; `data` is ProgressEvent or (event `end`) Deployment.",
+                        "content": {
+                            "text/event-stream": {
+                                "schema": {"type": "string"},
+                                "x-event-schemas": {
+                                    "progress": _ref("ProgressEvent"),
+                                    "end": _ref("Deployment"),
+                                },
+                            }
+                        },
+                    },
+                    "400": _error("Bad Last-Event-ID."),
+                    "404": _error("No such deployment."),
+                },
+            }
+        },
+        "/api/v1/sync": {
+            "post": {
+                "summary": "Reconcile now; with environment and service, retry a service that gave up.",
+                "operationId": "sync",
+                "security": _BEARER,
+                "requestBody": {
+                    "required": False,
+                    "content": {"application/json": {"schema": _ref("SyncRequest")}},
+                },
+                "responses": {
+                    "202": _json(_ref("Accepted"), "Sync requested."),
+                    "400": _error("Bad body."),
+                    "401": _error("Missing or wrong bearer token."),
+                    "403": _error("No token configured: the endpoint is off."),
+                    "404": _error("Unknown environment or service."),
+                },
+            }
+        },
+        "/hooks/git": {
+            "post": {
+                "summary": "Git host webhook: a push to the tracked branch starts a fetch at once.",
+                "description": (
+                    "Authenticated by GitHub's `X-Hub-Signature-256`, GitLab's `X-Gitlab-Token`, "
+                    "or `X-Reconciler-Signature-256: sha256=<hex HMAC-SHA256(secret, timestamp + "
+                    '"." + body)>` with `X-Reconciler-Timestamp`. Deliveries repeated within '
+                    "the replay window are answered `duplicate` and ignored."
+                ),
+                "operationId": "gitWebhook",
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": {"type": "object"}}},
+                },
+                "responses": {
+                    "200": _json(_ref("WebhookReply"), "A duplicate delivery, ignored."),
+                    "202": _json(_ref("WebhookReply"), "Accepted, or ignored with a reason."),
+                    "400": _error("Malformed body."),
+                    "401": _error("Unsigned."),
+                    "403": _error("Bad signature or stale timestamp."),
+                    "413": _error("Body too large."),
+                    "503": _error("Webhooks are off."),
+                },
+            }
+        },
+    }
+
+
+def component_schemas() -> dict[str, Any]:
+    models: list[tuple[type[Any], Any]] = [(m, "serialization") for m in schemas.RESPONSE_MODELS]
+    models += [(m, "validation") for m in schemas.REQUEST_MODELS]
+    _, top = models_json_schema(models, ref_template=REF)
+    defs: dict[str, Any] = top.get("$defs", {})
+    return defs
+
+
+@functools.cache
+def openapi_document() -> dict[str, Any]:
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "reconciler",
+            "version": API_VERSION,
+            "description": "Health, metrics, read API, sync and git webhooks of the reconciler daemon.",
+        },
+        "paths": _paths(),
+        "components": {
+            "schemas": component_schemas(),
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+    }

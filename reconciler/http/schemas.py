@@ -1,0 +1,141 @@
+"""Pydantic models of what the HTTP API takes and returns.
+
+They are the source of the OpenAPI document's schemas; the tests validate real responses
+against them, so the document cannot drift from what the handlers send.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+
+Status = Literal[
+    "pending",
+    "validating",
+    "in_progress",
+    "completed",
+    "failed",
+    "rolled_back",
+    "timed_out",
+    "cancelled",
+]
+Trigger = Literal["git", "manual", "rollback", "retry", "drift"]
+State = Literal[
+    "synced",
+    "out_of_sync",
+    "deploying",
+    "failed",
+    "waiting",
+    "suspended",
+    "invalid",
+    "drifted",
+]
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ProgressEvent(_Out):
+    """One progress event of a deployment (SPEC §5 `progress` items)."""
+
+    status: Status
+    message: str
+    percent: int | None = Field(ge=0, le=100)
+    details: dict[str, Any]
+    at: AwareDatetime
+
+
+class Deployment(_Out):
+    """A deployment record, SPEC §5."""
+
+    id: int
+    environment: str
+    service: str
+    version: str
+    previous_version: str | None
+    provider: str
+    provider_type: str
+    strategy: dict[str, Any]
+    status: Status
+    error_message: str | None
+    trigger: Trigger
+    commit: str | None
+    commit_author: str | None
+    attempt: int
+    timeout_seconds: int
+    validation: dict[str, Any] | None
+    started_at: AwareDatetime | None
+    completed_at: AwareDatetime | None
+    duration_seconds: float | None
+
+
+class DeploymentDetail(Deployment):
+    """A deployment record with its progress timeline (chronological) and captured log."""
+
+    progress: list[ProgressEvent]
+    log: str
+
+
+class StatusEntry(_Out):
+    """One service's state, exactly as `reconciler status --json` prints it."""
+
+    environment: str
+    service: str
+    desired: str | None
+    deployed: str | None
+    state: State
+    commit: str | None
+    last_deployment_id: int | None
+    message: str | None
+
+
+class Error(_Out):
+    error: str = Field(description="One sentence saying what is wrong.")
+
+
+class Health(_Out):
+    status: Literal["ok"]
+
+
+class Ready(_Out):
+    status: Literal["ready", "unavailable"]
+    database: str = Field(description='"ok" or why the database does not answer.')
+    repository: str = Field(description='"ok" or why the repository is not fetched.')
+    error: str | None = Field(default=None, description="The first failing check, if any.")
+    last_fetch_error: str | None = Field(
+        default=None, description="The latest fetch error after a first good fetch."
+    )
+
+
+class SyncRequest(BaseModel):
+    """Body of POST /api/v1/sync (optional): with `service`, a given-up service is retried."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    environment: str | None = None
+    service: str | None = None
+
+
+class Accepted(_Out):
+    status: Literal["accepted"]
+
+
+class WebhookReply(_Out):
+    status: Literal["accepted", "ignored", "duplicate"]
+    reason: str | None = Field(default=None, description="Why a delivery was ignored.")
+
+
+RESPONSE_MODELS: tuple[type[BaseModel], ...] = (
+    ProgressEvent,
+    Deployment,
+    DeploymentDetail,
+    StatusEntry,
+    Error,
+    Health,
+    Ready,
+    Accepted,
+    WebhookReply,
+)
+REQUEST_MODELS: tuple[type[BaseModel], ...] = (SyncRequest,)

@@ -1,0 +1,857 @@
+"""The HTTP API through a real uvicorn server on 127.0.0.1 and a real HTTP client.
+
+The daemon side is a small fake `Control` over a real store (SQLite in tmp_path) and a real
+event hub; deployments are written through the store as the executor writes them, and the
+hub is told as the executor tells it, so what the API reads is what a daemon would show.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import signal
+import socket
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jsonschema
+import pytest
+
+from reconciler.config import Config
+from reconciler.engine import SyncOutcome
+from reconciler.events import EventHub
+from reconciler.executor import DeploymentEvent
+from reconciler.http import (
+    HttpServer,
+    HttpServerError,
+    create_app,
+    parse_listen,
+    serve,
+    stop_streams,
+)
+from reconciler.http.app import ROUTES
+from reconciler.http.openapi import openapi_document
+from reconciler.http.webhooks import sign, sign_generic
+from reconciler.plan import Decision
+from reconciler.store import DeploymentRecord, NewDeployment, Store, make_engine
+
+pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
+
+TOKEN = "s3cret-api-token"
+WEBHOOK_SECRET = "webhook-shared-secret"
+T0 = datetime(2026, 11, 26, 10, 0, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+class FakeControl:
+    """The daemon as the HTTP layer sees it."""
+
+    def __init__(self, config: Config, store: Store, hub: EventHub) -> None:
+        self._config, self._store, self._hub = config, store, hub
+        self.ready = True
+        self.fetch_error: str | None = None
+        self.commit: str | None = "9f1c2ab000000000000000000000000000000000"
+        self.decisions: list[Decision] = []
+        self.known: set[tuple[str, str]] = {("staging", "api")}
+        self.syncs: list[str] = []
+        self.retries: list[tuple[str, str]] = []
+        self.depth = 0
+
+    @property
+    def config(self) -> Config:
+        return self._config
+
+    @property
+    def store(self) -> Store:
+        return self._store
+
+    @property
+    def hub(self) -> EventHub:
+        return self._hub
+
+    def is_ready(self) -> bool:
+        return self.ready
+
+    def last_fetch_error(self) -> str | None:
+        return self.fetch_error
+
+    async def status(self, environment: str | None) -> tuple[str | None, list[Decision]]:
+        return self.commit, [
+            d for d in self.decisions if environment is None or d.environment == environment
+        ]
+
+    def request_sync(self, trigger: str) -> None:
+        self.syncs.append(trigger)
+
+    async def retry(self, environment: str, service: str) -> None:
+        if (environment, service) not in self.known:
+            raise KeyError((environment, service))
+        self.retries.append((environment, service))
+
+    def queue_depth(self) -> int:
+        return self.depth
+
+
+def make_config(tmp_path: Path, *, token: bool = True, webhooks: bool = True, **server) -> Config:
+    server = dict(server)
+    if token:
+        (tmp_path / "api-token").write_text(TOKEN + "\n")
+        server["token_file"] = "api-token"
+    if webhooks:
+        (tmp_path / "webhook-secret").write_text(WEBHOOK_SECRET + "\n")
+        server["webhook_secret_file"] = "webhook-secret"
+    return Config.model_validate(
+        {
+            "repository": {"url": "desired", "branch": "main"},
+            "server": {"listen": "127.0.0.1:0", **server},
+            "base_dir": tmp_path,
+        }
+    )
+
+
+@dataclass
+class Harness:
+    control: FakeControl
+    client: httpx.AsyncClient
+    server: HttpServer
+    app: Any
+    store: Store
+    hub: EventHub
+    ids: list[int] = field(default_factory=list)
+
+    def deploy(
+        self,
+        environment: str = "staging",
+        service: str = "api",
+        version: str = "1.0",
+        *,
+        statuses: tuple[str, ...] = ("in_progress", "completed"),
+        at: datetime = T0,
+    ) -> DeploymentRecord:
+        """A deployment recorded as the executor records it, through the real store."""
+        rec = self.store.create_deployment(
+            NewDeployment(
+                environment=environment,
+                service=service,
+                version=version,
+                previous_version=None,
+                provider="local",
+                provider_type="command",
+                strategy={"type": "rolling"},
+                trigger="git",
+                commit="9f1c2ab",
+                commit_author="Ada <ada@example.com>",
+                attempt=1,
+                timeout_seconds=1800,
+                params={},
+                created_at=at,
+            )
+        )
+        for i, status in enumerate(statuses):
+            rec = self.store.set_status(rec.id, status, at=at + timedelta(seconds=10 * (i + 1)))
+        return rec
+
+    def publish(self, rec: DeploymentRecord, status: str, message: str = "", **kw: Any) -> None:
+        self.hub.publish(
+            DeploymentEvent(
+                rec.id,
+                rec.environment,
+                rec.service,
+                rec.version,
+                rec.trigger,
+                status,
+                message,
+                **kw,
+            )
+        )
+
+
+async def start(tmp_path: Path, config: Config, **app_kw: Any) -> Harness:
+    store = Store.from_url(f"sqlite:///{tmp_path / 'state' / 'reconciler.db'}", migrate=True)
+    hub = EventHub()
+    control = FakeControl(config, store, hub)
+    app = create_app(control, **app_kw)
+    server = HttpServer(app, "127.0.0.1:0", on_stop=lambda: stop_streams(app))
+    await server.start()
+    client = httpx.AsyncClient(base_url=server.url, timeout=10)
+    return Harness(control, client, server, app, store, hub)
+
+
+@pytest.fixture
+async def http(tmp_path: Path) -> AsyncIterator[Harness]:
+    h = await start(tmp_path, make_config(tmp_path))
+    try:
+        yield h
+    finally:
+        await h.client.aclose()
+        await h.server.stop()
+        h.store.close()
+
+
+async def wait_until(predicate: Any, timeout: float = 5.0, what: str = "condition") -> None:
+    """For effects the server applies on its own time (a disconnect noticed)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+# ---- health --------------------------------------------------------------------------
+
+
+async def test_healthz_and_readyz(http: Harness):
+    r = await http.client.get("/healthz")
+    assert (r.status_code, r.json()) == (200, {"status": "ok"})
+    r = await http.client.get("/readyz")
+    assert r.status_code == 200
+    assert r.json() == {"status": "ready", "database": "ok", "repository": "ok"}
+
+    http.control.ready = False
+    http.control.fetch_error = "cannot fetch desired: repository not found"
+    r = await http.client.get("/readyz")
+    assert r.status_code == 503
+    body = r.json()
+    assert body["database"] == "ok"
+    assert body["repository"] == "not fetched yet: cannot fetch desired: repository not found"
+    assert body["error"].startswith("repository: not fetched yet")
+
+
+async def test_readyz_names_an_unreachable_database(http: Harness):
+    # A PostgreSQL that is down: nothing listens on port 1.
+    broken = Store(make_engine("postgresql+psycopg://reconciler@127.0.0.1:1/reconciler"))
+    http.control._store = broken
+    r = await http.client.get("/readyz")
+    assert r.status_code == 503
+    body = r.json()
+    assert body["status"] == "unavailable" and body["repository"] == "ok"
+    assert body["database"] != "ok" and body["error"].startswith("database: ")
+
+
+# ---- metrics -------------------------------------------------------------------------
+
+
+async def test_metrics_follow_published_events(http: Harness):
+    http.control.depth = 3
+    rec = http.deploy(statuses=())
+    http.publish(rec, "pending", at=T0)
+    http.publish(rec, "in_progress", at=T0 + timedelta(seconds=1))
+    text = (await http.client.get("/metrics")).text
+    assert "reconciler_deployments_running 1.0" in text
+    http.publish(rec, "completed", at=T0 + timedelta(seconds=73))
+    http.hub.publish(SyncOutcome(7, "abc123", "ok", trigger="webhook", duration_seconds=0.2))
+    http.hub.publish(SyncOutcome(None, None, "failed", trigger="poll", duration_seconds=0.1))
+    r = await http.client.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    text = r.text
+    for line in (
+        'reconciler_deployments_total{environment="staging",status="completed"} 1.0',
+        'reconciler_deployment_duration_seconds_count{environment="staging"} 1.0',
+        'reconciler_deployment_duration_seconds_sum{environment="staging"} 72.0',
+        'reconciler_sync_duration_seconds_count{result="ok",trigger="webhook"} 1.0',
+        'reconciler_syncs_total{result="ok"} 1.0',
+        'reconciler_syncs_total{result="failed"} 1.0',
+        "reconciler_fetch_errors_total 1.0",
+        "reconciler_queue_depth 3.0",
+        "reconciler_deployments_running 0.0",
+        'reconciler_webhook_requests_total{result="accepted"} 0.0',
+    ):
+        assert line in text, line
+    assert 'reconciler_last_synced_commit{commit="abc123"}' in text
+    assert 'reconciler_http_requests_total{method="GET",route="/metrics",status="200"}' in text
+
+
+# ---- read API ------------------------------------------------------------------------
+
+
+async def test_status_is_the_cli_status_json(http: Harness):
+    http.control.decisions = [
+        Decision("staging", "api", "1.1", "1.0", "out_of_sync", "", last_deployment_id=4),
+        Decision("production", "api", "1.0", "1.0", "waiting", "waiting on staging"),
+    ]
+    r = await http.client.get("/api/v1/status")
+    assert r.status_code == 200
+    assert r.json() == [
+        {
+            "environment": "staging",
+            "service": "api",
+            "desired": "1.1",
+            "deployed": "1.0",
+            "state": "out_of_sync",
+            "commit": http.control.commit,
+            "last_deployment_id": 4,
+            "message": None,
+        },
+        {
+            "environment": "production",
+            "service": "api",
+            "desired": "1.0",
+            "deployed": "1.0",
+            "state": "waiting",
+            "commit": http.control.commit,
+            "last_deployment_id": None,
+            "message": "waiting on staging",
+        },
+    ]
+    assert list(r.json()[0]) == [
+        "environment",
+        "service",
+        "desired",
+        "deployed",
+        "state",
+        "commit",
+        "last_deployment_id",
+        "message",
+    ]
+    only = (await http.client.get("/api/v1/status", params={"env": "production"})).json()
+    assert [e["environment"] for e in only] == ["production"]
+    bad = await http.client.get("/api/v1/status", params={"environment": "production"})
+    assert bad.status_code == 400 and "unknown parameter 'environment'" in bad.json()["error"]
+
+
+async def test_deployments_filters_paging_and_link(http: Harness):
+    a = http.deploy("staging", "api", "1.0")
+    b = http.deploy("staging", "worker", "2.0", statuses=("in_progress", "failed"))
+    c = http.deploy("production", "api", "1.0")
+    d = http.deploy("staging", "api", "1.1", statuses=("in_progress",))
+    r = await http.client.get("/api/v1/deployments")
+    assert r.status_code == 200 and "link" not in r.headers
+    assert [x["id"] for x in r.json()] == [d.id, c.id, b.id, a.id]
+    assert r.json()[-1] == a.to_json()
+
+    async def ids(**params: Any) -> list[int]:
+        resp = await http.client.get("/api/v1/deployments", params=params)
+        assert resp.status_code == 200, resp.text
+        return [x["id"] for x in resp.json()]
+
+    assert await ids(env="staging") == [d.id, b.id, a.id]
+    assert await ids(env="staging", service="api") == [d.id, a.id]
+    assert await ids(status="failed") == [b.id]
+    assert await ids(status="in_progress") == [d.id]
+    assert await ids(since="2026-11-26T10:00:00Z") == [d.id, c.id, b.id, a.id]
+    assert await ids(since="2030-01-01T00:00:00Z") == []
+
+    page = await http.client.get("/api/v1/deployments", params={"env": "staging", "limit": 2})
+    assert [x["id"] for x in page.json()] == [d.id, b.id]
+    link = page.headers["link"]
+    assert link == f'</api/v1/deployments?env=staging&limit=2&before={b.id}>; rel="next"'
+    nxt = await http.client.get(link[1 : link.index(">")])
+    assert [x["id"] for x in nxt.json()] == [a.id]
+    assert "link" not in nxt.headers
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"limit": "0"}, "parameter 'limit' must be between 1 and 1000"),
+        ({"limit": "1001"}, "parameter 'limit' must be between 1 and 1000"),
+        ({"limit": "ten"}, "parameter 'limit' must be an integer, not 'ten'"),
+        ({"before": "-3"}, "parameter 'before' must be at least 1"),
+        ({"status": "done"}, "parameter 'status' must be one of pending, validating"),
+        ({"since": "yesterday"}, "parameter 'since' must be a time"),
+        ({"environment": "staging"}, "unknown parameter 'environment'"),
+    ],
+)
+async def test_deployments_bad_parameters_are_400(http: Harness, params, message):
+    r = await http.client.get("/api/v1/deployments", params=params)
+    assert r.status_code == 400
+    assert r.json()["error"].startswith(message)
+
+
+async def test_show_a_deployment_and_404(http: Harness):
+    rec = http.deploy()
+    http.store.append_log(rec.id, [("stdout", "hello", T0), ("stderr", "world", T0)])
+    r = await http.client.get(f"/api/v1/deployments/{rec.id}")
+    assert r.status_code == 200
+    body = r.json()
+    full = http.store.get_deployment(rec.id, with_progress=True, with_log=True)
+    assert full is not None and body == full.to_json()
+    assert [p["status"] for p in body["progress"]] == ["pending", "in_progress", "completed"]
+    assert body["log"] == "hello\nworld"
+    for path in ("/api/v1/deployments/999", "/api/v1/deployments/abc", "/api/v1/deployments/0"):
+        missing = await http.client.get(path)
+        assert missing.status_code == 404 and missing.json()["error"].startswith("no deployment")
+    nowhere = await http.client.get("/api/v2/nothing")
+    assert nowhere.status_code == 404 and nowhere.json() == {
+        "error": "no such endpoint: /api/v2/nothing"
+    }
+    wrong = await http.client.delete(f"/api/v1/deployments/{rec.id}")
+    assert wrong.status_code == 405 and "error" in wrong.json()
+
+
+async def test_index_page_links_the_api(http: Harness):
+    r = await http.client.get("/")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    for href in ("/api/v1/status", "/api/v1/deployments", "/metrics"):
+        assert f'href="{href}"' in r.text
+
+
+# ---- server-sent events --------------------------------------------------------------
+
+
+class SSEReader:
+    def __init__(self, response: httpx.Response) -> None:
+        self.lines = response.aiter_lines()
+
+    async def next(self) -> dict[str, str]:
+        """The next message (a comment comes back as {"comment": ...})."""
+        fields: dict[str, str] = {}
+        async for line in self.lines:
+            if line == "":
+                if fields:
+                    return fields
+                continue
+            if line.startswith(":"):
+                return {"comment": line[1:].strip()}
+            name, _, value = line.partition(":")
+            fields[name] = value.removeprefix(" ")
+        raise EOFError("stream ended")
+
+
+async def test_sse_replays_then_streams_live_then_ends(http: Harness):
+    rec = http.deploy(statuses=("in_progress",))
+    http.store.add_event(
+        rec.id,
+        status="in_progress",
+        message="preparing",
+        percent=10,
+        details={"step": "prepare"},
+        at=T0 + timedelta(seconds=15),
+    )
+    recorded = http.store.events_after(rec.id, 0)
+    url = f"/api/v1/deployments/{rec.id}/events"
+    async with http.client.stream("GET", url) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        sse = SSEReader(response)
+        for event in recorded:
+            msg = await sse.next()
+            assert msg["event"] == "progress" and msg["id"] == str(event.id)
+            assert json.loads(msg["data"]) == event.to_json()
+        # Live: recorded while the client is connected, then announced on the hub.
+        http.store.add_event(
+            rec.id,
+            status="in_progress",
+            message="halfway",
+            percent=50,
+            details={},
+            at=T0 + timedelta(seconds=20),
+        )
+        http.publish(rec, "in_progress", "halfway", percent=50)
+        msg = await sse.next()
+        assert json.loads(msg["data"])["message"] == "halfway"
+        assert int(msg["id"]) > recorded[-1].id
+        # Events of other deployments wake nobody up with anything to send.
+        other = http.deploy("production", statuses=("in_progress",))
+        http.publish(other, "in_progress", "elsewhere")
+        final = http.store.set_status(rec.id, "completed", at=T0 + timedelta(seconds=30))
+        http.publish(rec, "completed", "completed")
+        msg = await sse.next()
+        assert (msg["event"], json.loads(msg["data"])["status"]) == ("progress", "completed")
+        end = await sse.next()
+        assert end["event"] == "end" and json.loads(end["data"]) == final.to_json()
+        with pytest.raises(EOFError):
+            await sse.next()
+    assert not http.hub._subs
+
+
+async def test_sse_resumes_after_last_event_id_and_ends_at_once_when_finished(http: Harness):
+    rec = http.deploy()
+    events = http.store.events_after(rec.id, 0)
+    async with http.client.stream(
+        "GET",
+        f"/api/v1/deployments/{rec.id}/events",
+        headers={"Last-Event-ID": str(events[0].id)},
+    ) as response:
+        sse = SSEReader(response)
+        got = [await sse.next() for _ in range(len(events))]
+    assert [m["id"] for m in got[:-1]] == [str(e.id) for e in events[1:]]
+    assert got[-1]["event"] == "end"
+    bad = await http.client.get(
+        f"/api/v1/deployments/{rec.id}/events", headers={"Last-Event-ID": "x"}
+    )
+    assert bad.status_code == 400
+    missing = await http.client.get("/api/v1/deployments/4242/events")
+    assert missing.status_code == 404
+
+
+async def test_sse_pings_and_a_disconnect_closes_the_subscription(tmp_path: Path):
+    h = await start(tmp_path, make_config(tmp_path), ping_interval=0.05)
+    try:
+        rec = h.deploy(statuses=("in_progress",))
+        async with h.client.stream("GET", f"/api/v1/deployments/{rec.id}/events") as response:
+            sse = SSEReader(response)
+            assert (await sse.next())["event"] == "progress"
+            assert (await sse.next())["event"] == "progress"
+            assert await sse.next() == {"comment": "ping"}
+            assert len(h.hub._subs) == 1
+        await wait_until(lambda: not h.hub._subs, what="the subscription to close")
+    finally:
+        await h.client.aclose()
+        await h.server.stop()
+        h.store.close()
+
+
+async def test_stopping_the_server_ends_open_streams(tmp_path: Path):
+    h = await start(tmp_path, make_config(tmp_path))
+    try:
+        rec = h.deploy(statuses=("in_progress",))
+        async with h.client.stream("GET", f"/api/v1/deployments/{rec.id}/events") as response:
+            sse = SSEReader(response)
+            await sse.next()
+            await sse.next()
+            stopping = asyncio.create_task(h.server.stop())
+            with pytest.raises(EOFError):
+                await sse.next()
+            await stopping
+        assert not h.hub._subs
+    finally:
+        await h.client.aclose()
+        h.store.close()
+
+
+# ---- POST /api/v1/sync ---------------------------------------------------------------
+
+
+async def test_sync_needs_the_bearer_token(http: Harness):
+    url = "/api/v1/sync"
+    missing = await http.client.post(url)
+    assert missing.status_code == 401 and missing.headers["www-authenticate"].startswith("Bearer")
+    wrong = await http.client.post(url, headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401 and wrong.json() == {"error": "wrong bearer token"}
+    basic = await http.client.post(url, headers={"Authorization": f"Basic {TOKEN}"})
+    assert basic.status_code == 401
+    assert http.control.syncs == []
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    ok = await http.client.post(url, headers=auth)
+    assert (ok.status_code, ok.json()) == (202, {"status": "accepted"})
+    assert http.control.syncs == ["manual"]
+
+    retry = await http.client.post(
+        url, headers=auth, json={"environment": "staging", "service": "api"}
+    )
+    assert retry.status_code == 202 and http.control.retries == [("staging", "api")]
+    unknown = await http.client.post(
+        url, headers=auth, json={"environment": "staging", "service": "db"}
+    )
+    assert unknown.status_code == 404
+    assert unknown.json() == {"error": "no service db in environment staging"}
+    lonely = await http.client.post(url, headers=auth, json={"service": "api"})
+    assert lonely.status_code == 400
+    extra = await http.client.post(url, headers=auth, json={"env": "staging"})
+    assert extra.status_code == 400 and "env" in extra.json()["error"]
+    garbage = await http.client.post(url, headers=auth, content=b"{nope")
+    assert garbage.status_code == 400
+    http.control.decisions = [Decision("staging", "api", "1.1", "1.0", "out_of_sync", "")]
+    no_env = await http.client.post(url, headers=auth, json={"environment": "qa"})
+    assert no_env.status_code == 404 and no_env.json() == {"error": "no environment qa"}
+    env = await http.client.post(url, headers=auth, json={"environment": "staging"})
+    assert env.status_code == 202
+    assert http.control.syncs == ["manual", "manual", "manual"]
+
+
+async def test_sync_without_a_configured_token_is_refused(tmp_path: Path):
+    h = await start(tmp_path, make_config(tmp_path, token=False))
+    try:
+        r = await h.client.post("/api/v1/sync", headers={"Authorization": "Bearer anything"})
+        assert r.status_code == 403
+        assert r.json() == {"error": "no token configured: set server.token_file"}
+        assert h.control.syncs == []
+    finally:
+        await h.client.aclose()
+        await h.server.stop()
+        h.store.close()
+
+
+# ---- POST /hooks/git -----------------------------------------------------------------
+
+
+def github(
+    body: bytes,
+    *,
+    event: str = "push",
+    delivery: str = "72d3162e-cc78-11e3-81ab-4c9367dc0958",
+    secret: str = WEBHOOK_SECRET,
+) -> dict[str, str]:
+    return {
+        "Content-Type": "application/json",
+        "User-Agent": "GitHub-Hookshot/044aadd",
+        "X-GitHub-Event": event,
+        "X-GitHub-Delivery": delivery,
+        "X-Hub-Signature-256": "sha256="
+        + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest(),
+    }
+
+
+def push(ref: str = "refs/heads/main") -> bytes:
+    return json.dumps(
+        {
+            "ref": ref,
+            "before": "6113728f27ae82c7b1a177c8d03f9e96e0adf246",
+            "after": "59b20b8d5c6ff8d09518454d4dd8b7b30f095ab5",
+            "repository": {"full_name": "octo-org/desired-state"},
+            "pusher": {"name": "octocat"},
+            "commits": [{"id": "59b20b8d", "message": "api 1.4.2"}],
+        }
+    ).encode()
+
+
+async def webhook_counts(h: Harness) -> dict[str, float]:
+    text = (await h.client.get("/metrics")).text
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("reconciler_webhook_requests_total{"):
+            label, value = line.split("} ")
+            out[label.split('"')[1]] = float(value)
+    return out
+
+
+async def test_github_webhook_outcomes_and_counts(http: Harness):
+    post = http.client.post
+    body = push()
+    ok = await post("/hooks/git", content=body, headers=github(body))
+    assert (ok.status_code, ok.json()) == (202, {"status": "accepted"})
+    assert http.control.syncs == ["webhook"]
+    again = await post("/hooks/git", content=body, headers=github(body))
+    assert (again.status_code, again.json()) == (200, {"status": "duplicate"})
+    bad = await post("/hooks/git", content=body, headers=github(body, delivery="2", secret="guess"))
+    assert bad.status_code == 403 and "signature" in bad.json()["error"]
+    unsigned = {k: v for k, v in github(body, delivery="3").items() if k != "X-Hub-Signature-256"}
+    r = await post("/hooks/git", content=body, headers=unsigned)
+    assert r.status_code == 401
+    other = push("refs/heads/feature")
+    r = await post("/hooks/git", content=other, headers=github(other, delivery="4"))
+    assert (r.status_code, r.json()) == (
+        202,
+        {"status": "ignored", "reason": "push to branch feature, not main"},
+    )
+    ping = json.dumps({"zen": "Design for failure.", "hook_id": 12}).encode()
+    r = await post("/hooks/git", content=ping, headers=github(ping, event="ping", delivery="5"))
+    assert r.status_code == 202 and r.json()["status"] == "ignored"
+    garbage = b"{not json"
+    r = await post("/hooks/git", content=garbage, headers=github(garbage, delivery="6"))
+    assert r.status_code == 400
+    assert http.control.syncs == ["webhook"]
+    counts = await webhook_counts(http)
+    assert counts == {
+        "accepted": 1,
+        "ignored": 2,
+        "unauthorized": 1,
+        "forbidden": 1,
+        "too_large": 0,
+        "bad_request": 1,
+        "duplicate": 1,
+        "unavailable": 0,
+    }
+
+
+async def test_oversized_webhooks_are_413(tmp_path: Path):
+    h = await start(tmp_path, make_config(tmp_path, webhook_max_bytes=2048))
+    try:
+        big = json.dumps({"ref": "refs/heads/main", "pad": "x" * 4096}).encode()
+        r = await h.client.post("/hooks/git", content=big, headers=github(big))
+        assert r.status_code == 413 and "2048" in r.json()["error"]
+
+        async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: counted while read
+            for _ in range(8):
+                yield b"x" * 1024
+
+        r = await h.client.post("/hooks/git", content=chunks(), headers=github(big, delivery="c"))
+        assert r.status_code == 413
+        assert (await webhook_counts(h))["too_large"] == 2
+        assert h.control.syncs == []
+    finally:
+        await h.client.aclose()
+        await h.server.stop()
+        h.store.close()
+
+
+async def test_gitlab_and_generic_webhooks(http: Harness):
+    body = json.dumps(
+        {"object_kind": "push", "ref": "refs/heads/main", "checkout_sha": "da15608", "commits": []}
+    ).encode()
+    gitlab = {
+        "Content-Type": "application/json",
+        "X-Gitlab-Event": "Push Hook",
+        "X-Gitlab-Token": WEBHOOK_SECRET,
+        "X-Gitlab-Event-UUID": "13792a34-cac6-4fda-95a8-c58e00a3954e",
+        "Idempotency-Key": "f5e5f430-f57b-4e6e-9fac-d9128cd7232f",
+    }
+    r = await http.client.post("/hooks/git", content=body, headers=gitlab)
+    assert r.status_code == 202 and r.json() == {"status": "accepted"}
+    bad = {**gitlab, "X-Gitlab-Token": "guess", "Idempotency-Key": "x"}
+    r = await http.client.post("/hooks/git", content=body, headers=bad)
+    assert r.status_code == 403
+
+    generic = json.dumps({"branch": "main"}).encode()
+    now = int(time.time())
+    headers = {
+        "Content-Type": "application/json",
+        "X-Reconciler-Timestamp": str(now),
+        "X-Reconciler-Signature-256": sign_generic(WEBHOOK_SECRET, now, generic),
+        "X-Reconciler-Delivery": "ci-1",
+    }
+    r = await http.client.post("/hooks/git", content=generic, headers=headers)
+    assert r.status_code == 202 and r.json() == {"status": "accepted"}
+    stale = now - 3600
+    headers = {
+        "X-Reconciler-Timestamp": str(stale),
+        "X-Reconciler-Signature-256": sign_generic(WEBHOOK_SECRET, stale, generic),
+        "X-Reconciler-Delivery": "ci-2",
+    }
+    r = await http.client.post("/hooks/git", content=generic, headers=headers)
+    assert r.status_code == 403 and "replay window" in r.json()["error"]
+    assert http.control.syncs == ["webhook", "webhook"]
+
+
+async def test_webhooks_off_without_a_secret(tmp_path: Path):
+    h = await start(tmp_path, make_config(tmp_path, webhooks=False))
+    try:
+        body = push()
+        r = await h.client.post(
+            "/hooks/git", content=body, headers={"X-Hub-Signature-256": sign("x", body)}
+        )
+        assert r.status_code == 503
+        assert r.json() == {"error": "webhooks are off: set server.webhook_secret_file"}
+    finally:
+        await h.client.aclose()
+        await h.server.stop()
+        h.store.close()
+
+
+# ---- OpenAPI -------------------------------------------------------------------------
+
+
+async def test_openapi_lists_exactly_the_served_routes(http: Harness):
+    doc = (await http.client.get("/openapi.json")).json()
+    assert doc["openapi"].startswith("3.1")
+    served = {
+        (route.path, method.lower())
+        for route in http.app.routes
+        for method in route.methods
+        if method != "HEAD"
+    }
+    documented = {(path, method) for path, item in doc["paths"].items() for method in item}
+    assert served == documented
+    assert {r.path for r in ROUTES} == set(doc["paths"])
+    for name in ("Deployment", "DeploymentDetail", "ProgressEvent", "StatusEntry", "Error"):
+        assert name in doc["components"]["schemas"]
+    # Every $ref points at a schema that exists.
+    refs = set()
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            if "$ref" in node:
+                refs.add(node["$ref"].rsplit("/", 1)[1])
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(doc)
+    assert refs <= set(doc["components"]["schemas"])
+
+
+def validator(name: str, *, array: bool = False) -> jsonschema.Draft202012Validator:
+    doc = openapi_document()
+    ref = {"$ref": f"#/components/schemas/{name}"}
+    schema = {
+        **({"type": "array", "items": ref} if array else ref),
+        "components": doc["components"],
+    }
+    return jsonschema.Draft202012Validator(
+        schema, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER
+    )
+
+
+async def test_real_responses_validate_against_their_schemas(http: Harness):
+    rec = http.deploy()
+    http.deploy("staging", "worker", "2", statuses=("in_progress", "failed"))
+    http.store.add_event(
+        rec.id, status="in_progress", message="m", percent=40, details={"a": 1}, at=T0
+    )
+    http.control.decisions = [
+        Decision("staging", "api", "1.1", "1.0", "deploying", "", last_deployment_id=rec.id)
+    ]
+    c = http.client
+    validator("Deployment", array=True).validate((await c.get("/api/v1/deployments")).json())
+    validator("DeploymentDetail").validate((await c.get(f"/api/v1/deployments/{rec.id}")).json())
+    validator("StatusEntry", array=True).validate((await c.get("/api/v1/status")).json())
+    validator("Error").validate((await c.get("/api/v1/deployments/999")).json())
+    validator("Health").validate((await c.get("/healthz")).json())
+    validator("Ready").validate((await c.get("/readyz")).json())
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    validator("Accepted").validate((await c.post("/api/v1/sync", headers=auth)).json())
+    body = push("refs/heads/other")
+    validator("WebhookReply").validate(
+        (await c.post("/hooks/git", content=body, headers=github(body))).json()
+    )
+    events = http.store.events_after(rec.id, 0)
+    for event in events:
+        validator("ProgressEvent").validate(event.to_json())
+    # The schemas are strict: a renamed field would fail.
+    with pytest.raises(jsonschema.ValidationError):
+        validator("Deployment").validate({**rec.to_json(), "extra": 1})
+
+
+# ---- the server inside the loop ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("listen", "expected"),
+    [
+        ("127.0.0.1:8080", ("127.0.0.1", 8080)),
+        ("[::1]:9090", ("::1", 9090)),
+        (":8080", ("", 8080)),
+        ("localhost:0", ("localhost", 0)),
+    ],
+)
+def test_parse_listen(listen, expected):
+    assert parse_listen(listen) == expected
+
+
+@pytest.mark.parametrize("listen", ["8080", "::1:8080", "[::1]8080", "host:http", "h:70000"])
+def test_parse_listen_refuses(listen):
+    with pytest.raises(HttpServerError, match="bad listen address"):
+        parse_listen(listen)
+
+
+async def test_a_port_in_use_is_one_clear_error(http: Harness):
+    host, port = http.server.address or ("", 0)
+    other = HttpServer(http.app, f"{host}:{port}")
+    with pytest.raises(HttpServerError) as err:
+        await other.start()
+    assert str(err.value) == f"cannot listen on 127.0.0.1:{port}: address already in use"
+
+
+async def test_serve_leaves_the_signal_handlers_alone_and_stops_when_cancelled(tmp_path: Path):
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    store = Store.from_url(f"sqlite:///{tmp_path / 'db.sqlite'}", migrate=True)
+    control = FakeControl(make_config(tmp_path), store, EventHub())
+    ready = asyncio.Event()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    task = asyncio.create_task(serve(create_app(control), f"127.0.0.1:{port}", ready=ready))
+    await ready.wait()
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+        assert (await client.get("/healthz")).status_code == 200
+    assert {sig: signal.getsignal(sig) for sig in before} == before
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    with socket.socket() as again:  # the port is free again
+        again.bind(("127.0.0.1", port))
+    store.close()

@@ -1,0 +1,210 @@
+"""The HTTP side of a real daemon process: `reconciler run` with `[server]`, a real client."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+import reconciler.daemon
+from tests.support import RECONCILER, World, cli_env, wait_for
+
+pytestmark = [
+    pytest.mark.timeout(90),
+    pytest.mark.skipif(
+        not hasattr(reconciler.daemon, "HTTP_WIRED"), reason="daemon wiring pending"
+    ),
+]
+
+TOKEN = "daemon-api-token"
+SECRET = "daemon-webhook-secret"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Served:
+    """A daemon process with its HTTP server, and a client for it."""
+
+    def __init__(self, world: World, *, watch: bool = True) -> None:
+        self.world = world
+        self.port = free_port()
+        (world.tmp / "api-token").write_text(TOKEN + "\n")
+        (world.tmp / "webhook-secret").write_text(SECRET + "\n")
+        text = world.config.read_text().replace('[server]\nlisten = ""\n', "")
+        if not watch:
+            text = text.replace("watch = true", "watch = false")
+        world.config.write_text(
+            text
+            + f"""
+[server]
+listen = "127.0.0.1:{self.port}"
+token_file = "api-token"
+webhook_secret_file = "webhook-secret"
+"""
+        )
+        self.stderr = world.tmp / f"daemon-{time.monotonic_ns()}.log"
+        self.proc = subprocess.Popen(
+            [*RECONCILER, "--config", str(world.config), "run"],
+            cwd=world.tmp,
+            env=cli_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=self.stderr.open("w"),
+        )
+        self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=10)
+        wait_for(self._up, what="the HTTP server")
+
+    def _up(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"the daemon exited: {self.stderr.read_text()}")
+        try:
+            return self.client.get("/healthz").status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def deployments(self, **params: str) -> list[dict]:
+        r = self.client.get("/api/v1/deployments", params=params)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def close(self) -> None:
+        self.client.close()
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> World:
+    return World(tmp_path)
+
+
+@pytest.fixture
+def served(world: World) -> Iterator[Served]:
+    world.repo.set_env("staging", {"api": "1.0"})
+    s = Served(world)
+    try:
+        yield s
+    finally:
+        s.close()
+    assert "Traceback" not in s.stderr.read_text()
+
+
+def test_health_ready_status_and_history(served: Served):
+    assert served.client.get("/healthz").json() == {"status": "ok"}
+    wait_for(lambda: served.client.get("/readyz").status_code == 200, what="readiness")
+    wait_for(
+        lambda: [d for d in served.deployments() if d["status"] == "completed"],
+        what="the first deployment",
+    )
+    [entry] = served.client.get("/api/v1/status").json()
+    cli = json.loads(served.world.cli("status", "--json", check=True).stdout)
+    assert [entry] == cli
+    assert entry["state"] == "synced" and entry["deployed"] == "1.0"
+    [record] = served.deployments(env="staging")
+    shown = served.client.get(f"/api/v1/deployments/{record['id']}").json()
+    assert shown["status"] == "completed" and "preparing" in [
+        p["message"] for p in shown["progress"]
+    ]
+    metrics = served.client.get("/metrics").text
+    assert 'reconciler_deployments_total{environment="staging",status="completed"} 1.0' in metrics
+
+
+def test_sync_endpoint_needs_the_token(served: Served):
+    assert served.client.post("/api/v1/sync").status_code == 401
+    wrong = served.client.post("/api/v1/sync", headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401
+    ok = served.client.post("/api/v1/sync", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert ok.status_code == 202 and ok.json() == {"status": "accepted"}
+
+
+def read_sse(response: httpx.Response) -> Iterator[dict[str, str]]:
+    fields: dict[str, str] = {}
+    for line in response.iter_lines():
+        if line == "":
+            if fields:
+                yield fields
+            fields = {}
+        elif not line.startswith(":"):
+            name, _, value = line.partition(":")
+            fields[name] = value.removeprefix(" ")
+
+
+def test_live_progress_of_a_running_deployment(world: World):
+    world.repo.set_env("staging", {"api": "1.0-gate"})
+    served = Served(world)
+    try:
+        [running] = wait_for(lambda: served.deployments(), what="the deployment to be recorded")
+        url = f"/api/v1/deployments/{running['id']}/events"
+        seen: list[dict[str, str]] = []
+        with served.client.stream("GET", url, timeout=30) as response:
+            assert response.status_code == 200
+            for message in read_sse(response):
+                seen.append(message)
+                data = json.loads(message["data"])
+                if message.get("event") == "progress" and data["message"] == "preparing":
+                    world.open_gate()  # the run is blocked on the gate until now
+                if message.get("event") == "end":
+                    break
+        assert seen[-1]["event"] == "end"
+        assert json.loads(seen[-1]["data"])["status"] == "completed"
+        progress = [json.loads(m["data"]) for m in seen if m.get("event") == "progress"]
+        assert [p["percent"] for p in progress if p["percent"] is not None][-2:] == [100, 100]
+        ids = [int(m["id"]) for m in seen if m.get("event") == "progress"]
+        assert ids == sorted(set(ids))
+    finally:
+        served.close()
+
+
+def test_a_signed_github_push_makes_the_daemon_deploy(world: World):
+    world.repo.set_env("staging", {"api": "1.0"})
+    served = Served(world, watch=False)  # poll_interval is "0" too: only the webhook can wake it
+    try:
+        wait_for(
+            lambda: [d for d in served.deployments() if d["status"] == "completed"],
+            what="the first deployment",
+        )
+        sha = world.repo.set_env("staging", {"api": "1.1"})
+        body = json.dumps(
+            {"ref": "refs/heads/main", "after": sha, "repository": {"full_name": "o/desired"}}
+        ).encode()
+        headers = {
+            "Content-Type": "application/json",
+            "X-GitHub-Event": "push",
+            "X-GitHub-Delivery": "f0a1c2d3-0000-11e3-81ab-4c9367dc0958",
+            "X-Hub-Signature-256": "sha256="
+            + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest(),
+        }
+        unsigned = served.client.post(
+            "/hooks/git", content=body, headers={"Content-Type": "application/json"}
+        )
+        assert unsigned.status_code == 401
+        r = served.client.post("/hooks/git", content=body, headers=headers)
+        assert (r.status_code, r.json()) == (202, {"status": "accepted"})
+        done = wait_for(
+            lambda: [d for d in served.deployments(status="completed") if d["version"] == "1.1"],
+            what="the pushed commit to be deployed",
+        )
+        assert done[0]["commit"] == sha
+        replay = served.client.post("/hooks/git", content=body, headers=headers)
+        assert (replay.status_code, replay.json()) == (200, {"status": "duplicate"})
+        metrics = served.client.get("/metrics").text
+        assert 'reconciler_webhook_requests_total{result="accepted"} 1.0' in metrics
+        assert 'reconciler_webhook_requests_total{result="duplicate"} 1.0' in metrics
+    finally:
+        served.close()
+    assert "event=sync trigger=webhook" in served.stderr.read_text()
