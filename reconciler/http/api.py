@@ -15,7 +15,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 from urllib.parse import urlencode
 
-import sqlalchemy
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
@@ -75,7 +74,7 @@ async def db(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
     try:
         return await asyncio.to_thread(fn, *args, **kwargs)
     except Exception as exc:
-        if is_transient(exc) or isinstance(exc, sqlalchemy.exc.OperationalError):
+        if is_transient(exc):
             raise HTTPException(503, f"database unavailable: {_one_line(exc)}") from exc
         raise
 

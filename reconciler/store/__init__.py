@@ -59,3 +59,22 @@ __all__ = [
     "needs_upgrade",
     "upgrade",
 ]
+
+# Notifications (the outbox): appended.
+from reconciler.store.records import (
+    NOTIFICATION_STATES,
+    LedgerBatch,
+    LedgerEvent,
+    NewNotification,
+    NotificationCursorRecord,
+    NotificationRecord,
+)
+
+__all__ += [
+    "NOTIFICATION_STATES",
+    "LedgerBatch",
+    "LedgerEvent",
+    "NewNotification",
+    "NotificationCursorRecord",
+    "NotificationRecord",
+]

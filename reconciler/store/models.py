@@ -214,3 +214,58 @@ class OperatorSuspended(Base):
     environment: Mapped[str] = mapped_column(String(63), primary_key=True)
     since: Mapped[datetime] = mapped_column(UTCDateTime())
     actor: Mapped[str] = mapped_column(String(255))
+
+
+class NotificationCursor(Base):
+    """How far the notifier has turned the ledger into outbox rows."""
+
+    __tablename__ = "notification_cursor"
+
+    name: Mapped[str] = mapped_column(String(63), primary_key=True)
+    last_event_id: Mapped[int] = mapped_column(BigId)
+    last_sync_id: Mapped[int] = mapped_column(BigId)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class NotificationOutbox(Base):
+    """One notification for one target: what to send, and how its delivery went.
+
+    No foreign keys to deployments/syncs: the payload carries the record as it was, and
+    the outbox must never stand in the way of the ledger.
+    """
+
+    __tablename__ = "notification_outbox"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    target: Mapped[str] = mapped_column(String(255))
+    event: Mapped[str] = mapped_column(String(16))
+    environment: Mapped[str | None] = mapped_column(String(63))
+    service: Mapped[str | None] = mapped_column(String(255))
+    deployment_id: Mapped[int | None] = mapped_column(BigId)
+    sync_id: Mapped[int | None] = mapped_column(BigId)
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+    occurred_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    last_error: Mapped[str | None] = mapped_column(Text)
+    state: Mapped[str] = mapped_column(String(16))
+
+    __table_args__ = (
+        # The delivery worker: a target's due pending rows (and the backlog gauges).
+        Index(
+            "ix_notification_outbox_state_target_next_attempt_at",
+            "state",
+            "target",
+            "next_attempt_at",
+        ),
+        # Suppression: the same notice for the same target, recently.
+        Index(
+            "ix_notification_outbox_target_fingerprint_occurred_at",
+            "target",
+            "fingerprint",
+            "occurred_at",
+        ),
+    )
