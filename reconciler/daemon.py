@@ -26,6 +26,7 @@ from reconciler.events import Event, EventHub
 from reconciler.executor import DeploymentEvent, durable, utcnow
 from reconciler.http import HttpServer, start_http
 from reconciler.lock import StateLock
+from reconciler.notify import Notifier
 from reconciler.plan import Decision
 from reconciler.providers import build_providers
 from reconciler.source import poll_delay, watch_refs
@@ -61,6 +62,7 @@ class Daemon:
         self._poll_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._http: HttpServer | None = None
+        self._notifier: Notifier | None = None
 
     # ---- what the HTTP API and signals call (reconciler.http.control.Control) -----------
 
@@ -108,6 +110,9 @@ class Daemon:
 
     def queue_depth(self) -> int:
         return self.engine.queue_depth() if self.engine else 0
+
+    def notification_stats(self) -> dict[str, dict[str, int]]:
+        return self._notifier.stats() if self._notifier else {}
 
     def stop(self) -> None:
         self._stop.set()
@@ -189,7 +194,10 @@ class Daemon:
             log.error("event=task_failed task=%s error=%r", task.get_name(), str(task.exception()))
 
     async def _start_services(self) -> None:
-        """The HTTP server (when `server.listen` is set) and the notifier."""
+        """The notifier and the HTTP server (when `server.listen` is set)."""
+        assert self.engine is not None
+        self._notifier = Notifier(self.config, self.engine.store, self.hub)
+        self._spawn(self._notifier.run(), "notify")
         if self.config.server.listen:
             self._http = await start_http(self)
 
@@ -214,20 +222,18 @@ class Daemon:
                 new = await asyncio.to_thread(load_config, self.config_path)
                 providers = build_providers(new)
                 _check_reloadable(self.config, new)
+                if self._notifier is not None:
+                    self._notifier.reload(new)  # checks the targets; keeps the old on error
             except ConfigError as exc:
                 log.error("event=reload_refused error=%r", str(exc))
                 return
             self.config = new
             self.engine.reload(new, providers)
             self._start_polling()
-            await self._reload_services()
             log.info("event=reloaded providers=%s", ",".join(sorted(providers)) or "-")
             self.request_sync("reload")
         finally:
             self.sd.ready()
-
-    async def _reload_services(self) -> None:
-        pass
 
     # ---- loops -------------------------------------------------------------------------
 

@@ -652,7 +652,7 @@ class _RefWatches:
         self.inotify = Inotify(cache_size=64)
         self.root: Watch | None = None
         self.watches: dict[Path, tuple[Watch, tuple[int, int]]] = {}
-        self.reading = False
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     def start(self) -> None:
         """Put the watches in place; raises FileNotFoundError if ``git_dir`` is missing."""
@@ -661,14 +661,13 @@ class _RefWatches:
         self.changed = False  # directories found now are no news
         fd = self.inotify.fd
         os.set_blocking(fd, False)
-        asyncio.get_running_loop().add_reader(fd, self._read)
-        self.reading = True
+        self.loop = asyncio.get_running_loop()
+        self.loop.add_reader(fd, self._read)
 
     def close(self) -> None:
-        if self.reading:
-            self.reading = False
-            with contextlib.suppress(Exception):
-                asyncio.get_running_loop().remove_reader(self.inotify.fd)
+        loop, self.loop = self.loop, None
+        if loop is not None and not loop.is_closed():
+            loop.remove_reader(self.inotify.fd)
         self.inotify.close()
 
     def take(self) -> bool:

@@ -47,3 +47,7 @@ class Control(Protocol):
     def queue_depth(self) -> int:
         """Environments with work due or running."""
         ...
+
+    def notification_stats(self) -> dict[str, dict[str, int]]:
+        """Per notification target: delivered/failed/suppressed/dead counts since start."""
+        ...

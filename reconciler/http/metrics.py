@@ -9,10 +9,13 @@ instants the record's ``started_at``/``completed_at`` hold, so the histogram and
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterable
 from datetime import datetime
 
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE_LATEST
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from reconciler.engine import SyncOutcome
 from reconciler.events import Event
@@ -90,6 +93,7 @@ class Metrics:
             self.webhooks.labels(webhook_result)
         for sync_result in SYNC_RESULTS:
             self.syncs.labels(sync_result)
+        registry.register(_NotificationCollector(control))
         self._running: set[int] = set()
         self.running.set_function(lambda: float(len(self._running)))
         self._started: OrderedDict[int, datetime] = OrderedDict()
@@ -138,3 +142,24 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _NotificationCollector(Collector):
+    """Deliveries counted by the notifier since start, read when Prometheus scrapes."""
+
+    def __init__(self, control: Control) -> None:
+        self.control = control
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        family = CounterMetricFamily(
+            "reconciler_notifications",
+            "Notification deliveries since start, by target and result.",
+            labels=["target", "result"],
+        )
+        for target, counts in sorted(self.control.notification_stats().items()):
+            for result, value in sorted(counts.items()):
+                family.add_metric([target, result], value)
+        yield family
