@@ -204,3 +204,23 @@ def test_unit_file_verifies(tmp_path: Path):
         "CapabilityBoundingSet=\n",
     ):
         assert directive in unit, directive
+
+
+def test_reload_keeps_a_running_deployment(world: World):
+    notify = NotifySocket(world.tmp / "notify.sock")
+    world.repo.set_env("staging", {"api": "1.0-gate"})
+    proc = start(world, notify, watchdog_usec=0)
+    log = world.tmp / "daemon.log"
+    try:
+        wait_for(lambda: ("staging", "api", "1.0-gate") in world.started(), what="the run")
+        world.config.write_text(world.config.read_text().replace("retries = 3", "retries = 4"))
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "event=reloaded" in log.read_text(), what="reloaded")
+        world.open_gate()
+        wait_for(lambda: "status=completed" in log.read_text(), what="the run to complete")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert [r for r in world.runs() if r[0] == "end"] == [("end", "staging", "api", "1.0-gate", "ok")]
