@@ -32,7 +32,7 @@ from reconciler.output import (
     show_deployment,
 )
 from reconciler.source import SourceError
-from reconciler.store import STATUSES, StoreError
+from reconciler.store import STATUSES, SchemaTooNew, StoreError
 
 T = TypeVar("T")
 
@@ -54,7 +54,7 @@ class Group(click.Group):
             fail(str(exc), exc.code)
         except SourceError as exc:
             fail(str(exc), 1)
-        except StoreError as exc:
+        except (StoreError, SchemaTooNew) as exc:
             fail(str(exc), 1)
         except SQLAlchemyError as exc:
             if os.environ.get("RECONCILER_DEBUG"):

@@ -343,6 +343,7 @@ def _check_reloadable(old: Config, new: Config) -> None:
         "repository.url": (old.repository_url, new.repository_url),
         "repository.branch": (old.repository.branch, new.repository.branch),
         "repository.path": (old.repository.path, new.repository.path),
+        "repository.watch": (old.repository.watch, new.repository.watch),
         "database.url": (old.database_url, new.database_url),
         "daemon.state_dir": (old.state_dir, new.state_dir),
         "server.listen": (old.server.listen, new.server.listen),

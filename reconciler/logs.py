@@ -30,5 +30,6 @@ def setup_logging(fmt: str = "text", level: str | None = None) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level or os.environ.get("RECONCILER_LOG_LEVEL", "INFO").upper())
-    for noisy in ("apscheduler", "watchfiles", "git", "alembic"):
+    # httpx logs every request URL at INFO: a Slack webhook URL is a secret.
+    for noisy in ("apscheduler", "watchfiles", "git", "alembic", "httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

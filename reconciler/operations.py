@@ -20,7 +20,14 @@ from reconciler.executor import Job, Listener, utcnow
 from reconciler.lock import AlreadyRunning, StateLock
 from reconciler.plan import Decision
 from reconciler.providers import build_providers
-from reconciler.store import DeploymentRecord, Store, current_revision, head_revision, upgrade
+from reconciler.store import (
+    DeploymentRecord,
+    Store,
+    check_schema,
+    current_revision,
+    head_revision,
+    upgrade,
+)
 
 
 class OperationError(Exception):
@@ -48,6 +55,7 @@ def open_store(config: Config, *, migrate: bool = True) -> Store:
     if current is None:
         upgrade(store.engine)
     elif current != head_revision():
+        check_schema(store.engine)  # a newer release's database says so
         store.close()
         raise OperationError(
             f"the database is at schema revision {current} and this reconciler needs "

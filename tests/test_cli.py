@@ -239,3 +239,19 @@ def test_manual_deploy_rolls_back_on_failure_and_rollback_checks_its_target(worl
     assert bad.returncode == 1 and "never completed version 0.1" in bad.stderr
     unknown = world.cli("suspend", "--env", "nowhere")
     assert unknown.returncode == 2 and "unknown environment 'nowhere'" in unknown.stderr
+
+
+def test_a_database_from_a_newer_release_is_named_not_crashed_on(world: World):
+    import sqlite3
+
+    world.repo.set_env("staging", {"api": "1.0"})
+    world.cli("sync", check=True)
+    db = sqlite3.connect(world.tmp / "state" / "reconciler.db")
+    db.execute("UPDATE alembic_version SET version_num = '9999'")
+    db.commit()
+    db.close()
+    for args in (["db", "upgrade"], ["status"], ["history"]):
+        out = world.cli(*args)
+        assert out.returncode == 1, (args, out.stderr)
+        assert "schema revision 9999, newer than this release" in out.stderr
+        assert "Traceback" not in out.stderr

@@ -110,6 +110,7 @@ def _paths() -> dict[str, Any]:
                         {"type": "array", "items": _ref("StatusEntry")}, "One entry per service."
                     ),
                     "400": _error("Bad parameter."),
+                    "503": _error("Database unavailable."),
                 },
             }
         },
@@ -149,6 +150,7 @@ def _paths() -> dict[str, Any]:
                         },
                     ),
                     "400": _error("Bad parameter."),
+                    "503": _error("Database unavailable."),
                 },
             }
         },
@@ -160,6 +162,7 @@ def _paths() -> dict[str, Any]:
                 "responses": {
                     "200": _json(_ref("DeploymentDetail"), "The deployment."),
                     "404": _error("No such deployment."),
+                    "503": _error("Database unavailable."),
                 },
             }
         },
@@ -217,6 +220,8 @@ def _paths() -> dict[str, Any]:
                     "401": _error("Missing or wrong bearer token."),
                     "403": _error("No token configured: the endpoint is off."),
                     "404": _error("Unknown environment or service."),
+                    "413": _error("Body too large."),
+                    "503": _error("Database unavailable."),
                 },
             }
         },

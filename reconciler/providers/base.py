@@ -9,6 +9,7 @@ must stop (the deadline, cancellation: their task is cancelled, and they clean u
 from __future__ import annotations
 
 import abc
+import os
 import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -104,7 +105,8 @@ class Provider(abc.ABC):
         return ConfigError(f"providers.{self.name}.{key}: {message}")
 
     def resolve(self, path: str) -> Path:
-        p = Path(path).expanduser()
+        """Like Config.resolve: `~` and `${VARS}` (e.g. ${CREDENTIALS_DIRECTORY}) expanded."""
+        p = Path(os.path.expandvars(path)).expanduser()
         return p if p.is_absolute() else (self.base_dir / p).resolve()
 
     def supported_strategies(self) -> frozenset[str]:

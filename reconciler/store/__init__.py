@@ -1,6 +1,8 @@
 """The store: SQLAlchemy models, migrations and every query (the only place with SQL)."""
 
 from reconciler.store.db import (
+    SchemaTooNew,
+    check_schema,
     current_revision,
     head_revision,
     is_transient,
@@ -47,10 +49,12 @@ __all__ = [
     "EventRecord",
     "LogLine",
     "NewDeployment",
+    "SchemaTooNew",
     "ServiceState",
     "Store",
     "StoreError",
     "SyncRecord",
+    "check_schema",
     "current_revision",
     "format_time",
     "head_revision",

@@ -109,6 +109,32 @@ def current_revision(engine: Engine) -> str | None:
         return _current(connection)
 
 
+class SchemaTooNew(Exception):
+    """The database was migrated by a newer release than this one."""
+
+
+def _check_known(script: ScriptDirectory, revision: str | None) -> None:
+    if revision is None:
+        return
+    from alembic.util import CommandError
+
+    try:
+        known = script.get_revision(revision) is not None
+    except CommandError:
+        known = False
+    if not known:
+        raise SchemaTooNew(
+            f"the database is at schema revision {revision}, newer than this release knows "
+            f"(its newest is {head_revision()}): run the newer release, or downgrade the "
+            "database with it first (docs/operations.md, rolling back a release)"
+        )
+
+
+def check_schema(engine: Engine) -> None:
+    """Raise SchemaTooNew when the database is ahead of this release."""
+    _check_known(_script(), current_revision(engine))
+
+
 def needs_upgrade(engine: Engine) -> bool:
     return current_revision(engine) != head_revision()
 
@@ -126,6 +152,7 @@ def upgrade(engine: Engine) -> list[str]:
                 text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_MIGRATION_LOCK}
             )
         before = _current(connection)
+        _check_known(script, before)
         pending = [
             revision.revision
             for revision in script.iterate_revisions("heads", before)
