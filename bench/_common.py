@@ -127,7 +127,10 @@ class Table:
             )
             for r in self.rows
         ]
-        widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(header)]
+        widths = [
+            max(len(h), *(len(c[i]) for c in cells)) if cells else len(h)
+            for i, h in enumerate(header)
+        ]
 
         def line(values: Sequence[str]) -> str:
             parts = []

@@ -111,7 +111,9 @@ def db_status(db: Path, version: str) -> str | None:
     return row[0] if row else None
 
 
-def run_daemon(label: str, commits: int, *, watch: bool, poll: str, pause: tuple[float, float]) -> Run:
+def run_daemon(
+    label: str, commits: int, *, watch: bool, poll: str, pause: tuple[float, float]
+) -> Run:
     rng = random.Random(1234)
     run = Run(label)
     with tempfile.TemporaryDirectory(prefix="bench-latency-") as name:
@@ -153,8 +155,10 @@ def run_daemon(label: str, commits: int, *, watch: bool, poll: str, pause: tuple
                 )
                 wait_for(lambda: db_unfinished(db) == 0, 60, "the initial deployments to end", 0.02)
                 run.startup = time.monotonic() - t_start
-                say(f"  {label}: daemon pid {proc.pid} up, initial {total} deployments done "
-                    f"in {run.startup:.2f} s")
+                say(
+                    f"  {label}: daemon pid {proc.pid} up, initial {total} deployments done "
+                    f"in {run.startup:.2f} s"
+                )
                 seen = len(starts.read_text())
                 target = repo / "env03.yaml"
                 for i in range(commits):
@@ -172,17 +176,17 @@ def run_daemon(label: str, commits: int, *, watch: bool, poll: str, pause: tuple
                         nonlocal seen
                         text = starts.read_text()
                         for line in text[seen:].splitlines():
-                            stamp, env, svc, ver = line.split()
+                            stamp, _env, _svc, ver = line.split()
                             if ver == version:
                                 seen = len(text)
                                 return float(stamp)
                         return None
 
                     stamp = wait_for(started, 30, f"deployment of {version}", 0.002)
-                    wait_for(lambda v=version: db_status(db, v) in TERMINAL, 30, f"{version} to end")
-                    run.samples.append(
-                        Sample(version, before, after, stamp, db_times(db, version))
+                    wait_for(
+                        lambda v=version: db_status(db, v) in TERMINAL, 30, f"{version} to end"
                     )
+                    run.samples.append(Sample(version, before, after, stamp, db_times(db, version)))
                     if proc.poll() is not None:
                         raise RuntimeError(f"the daemon exited with {proc.returncode}")
             finally:
@@ -270,10 +274,14 @@ def main() -> None:
         f"{poll.startup:.2f} s",
         ratio(watch.startup, poll.startup),
     )
-    table.note("reconciler: watch = true, poll_interval = \"0\"; baseline: watch = false, "
-               "poll_interval = \"1s\" (same daemon, same repository shape).")
-    table.note("breakdown: medians per stage, from the times the daemon records (syncs.seen_at, "
-               "syncs.ended_at, deployments.created_at, deployments.started_at).")
+    table.note(
+        'reconciler: watch = true, poll_interval = "0"; baseline: watch = false, '
+        'poll_interval = "1s" (same daemon, same repository shape).'
+    )
+    table.note(
+        "breakdown: medians per stage, from the times the daemon records (syncs.seen_at, "
+        "syncs.ended_at, deployments.created_at, deployments.started_at)."
+    )
     table.print()
 
 

@@ -37,12 +37,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
 from _common import (
     Table,
     commit_all,
     fleet_file,
-    git,
     machine,
     make_repo,
     median,
@@ -155,7 +153,9 @@ async def full_load(tmp: Path, name: str) -> tuple[float, float, dict[str, float
 
 def edit(repo: Path, i: int, services: int, version: str) -> str:
     name = f"env{i:04d}"
-    text = fleet_file(i, services).replace('svc03:\n    version: "1.49.0"', f'svc03:\n    version: "{version}"')
+    text = fleet_file(i, services).replace(
+        'svc03:\n    version: "1.49.0"', f'svc03:\n    version: "{version}"'
+    )
     repo.joinpath(f"{name}.yaml").write_text(text)
     commit_all(repo, f"{name} svc03 {version}")
     return name
@@ -171,8 +171,10 @@ async def run(args: argparse.Namespace) -> Table:
         tmp = Path(name)
         t = time.perf_counter()
         repo, files = build_repo(tmp, envs, services)
-        say(f"  repository of {envs} files x {services} services built in "
-            f"{time.perf_counter() - t:.1f} s ({sum(map(len, files.values())) / 1e6:.1f} MB)")
+        say(
+            f"  repository of {envs} files x {services} services built in "
+            f"{time.perf_counter() - t:.1f} s ({sum(map(len, files.values())) / 1e6:.1f} MB)"
+        )
 
         # -- full load + plan, fresh engine each time
         fulls: list[tuple[float, float, dict[str, float]]] = []
@@ -181,7 +183,9 @@ async def run(args: argparse.Namespace) -> Table:
         for rep in range(args.repeat):
             sync_s, total_s, spent, engine = await full_load(tmp, f"state-full-{rep}")
             fulls.append((sync_s, total_s, spent))
-            say(f"  full load #{rep + 1}: sync {sync_s * 1e3:.0f} ms, + plan {total_s * 1e3:.0f} ms")
+            say(
+                f"  full load #{rep + 1}: sync {sync_s * 1e3:.0f} ms, + plan {total_s * 1e3:.0f} ms"
+            )
             if rep < args.repeat - 1:
                 engine.source.close()
                 engine.store.engine.dispose()
@@ -299,18 +303,29 @@ async def run(args: argparse.Namespace) -> Table:
     table.add("  incremental sync p95", ms(percentile(incs, 95)), ms(percentile(naive, 95)))
     ispent, nspent = stage_cells(inc_spent), stage_cells(naive_spent)
     for stage in STAGES[:8]:
-        table.add(f"    {stage}", ms(ispent[stage], 2), ms(nspent[stage], 2), ratio(ispent[stage], nspent[stage]))
+        table.add(
+            f"    {stage}",
+            ms(ispent[stage], 2),
+            ms(nspent[stage], 2),
+            ratio(ispent[stage], nspent[stage]),
+        )
     other_i = inc - sum(ispent[s] for s in STAGES[:8])
     other_n = nv - sum(nspent[s] for s in STAGES[:8])
     table.add("    other (threads, event loop)", ms(other_i, 2), ms(other_n, 2))
     table.add("  incremental sync + plan of the changed env", ms(median(inc_plan)))
     table.add("peak RSS of this process after the full loads", f"{rss_after_full / 2**20:,.0f} MB")
-    table.note(f"medians of {args.repeat} full loads (each a fresh engine: empty mirror, new "
-               f"SQLite), {args.incremental} incremental syncs, {len(naive)} naive reloads.")
-    table.note("safe_load = yaml.safe_load (pure-Python SafeLoader); CSafeLoader = libyaml, "
-               "plain types, no positions, no validation.")
-    table.note("plan = Engine.decisions(): recorded state read from SQLite (service_states, "
-               "completed_versions for depends_on, suspended) + the pure plan().")
+    table.note(
+        f"medians of {args.repeat} full loads (each a fresh engine: empty mirror, new "
+        f"SQLite), {args.incremental} incremental syncs, {len(naive)} naive reloads."
+    )
+    table.note(
+        "safe_load = yaml.safe_load (pure-Python SafeLoader); CSafeLoader = libyaml, "
+        "plain types, no positions, no validation."
+    )
+    table.note(
+        "plan = Engine.decisions(): recorded state read from SQLite (service_states, "
+        "completed_versions for depends_on, suspended) + the pure plan()."
+    )
     return table
 
 

@@ -212,11 +212,20 @@ def naive_completed(store: Store, triples: list[tuple[str, str, str]]) -> set[tu
 def one_deployment(store: Store, environment: str) -> None:
     record = store.create_deployment(
         NewDeployment(
-            environment=environment, service="svc03", version="9.9.9", previous_version=None,
-            provider="local", provider_type="command", strategy={"type": "rolling"},
-            trigger="git", commit="f" * 40, commit_author=None, attempt=1,
-            timeout_seconds=60, params={},
-        )  # fmt: skip
+            environment=environment,
+            service="svc03",
+            version="9.9.9",
+            previous_version=None,
+            provider="local",
+            provider_type="command",
+            strategy={"type": "rolling"},
+            trigger="git",
+            commit="f" * 40,
+            commit_author=None,
+            attempt=1,
+            timeout_seconds=60,
+            params={},
+        )
     )
     now = datetime.now(UTC)
     store.set_status(record.id, "in_progress", at=now)
@@ -283,7 +292,9 @@ def run_suite(
         naive_all = median(base)
         assert len(states) == len(naive) == envs * services, (len(states), len(naive))
         bad = sum(
-            1 for r in naive if states[(r.environment, r.service)].deployed_version != r.deployed_version
+            1
+            for r in naive
+            if states[(r.environment, r.service)].deployed_version != r.deployed_version
         )
         assert bad == 0, f"{bad} services disagree with the naive status"
         row(f"status: service_states() all {len(states):,}", mine, base, " GROUP BY")
@@ -428,7 +439,10 @@ def main() -> None:
         cached = False
         if args.cache:
             args.cache.mkdir(parents=True, exist_ok=True)
-            kept = args.cache / f"bench-store-{args.deployments}-{args.environments}-{args.services}.db"
+            kept = (
+                args.cache
+                / f"bench-store-{args.deployments}-{args.environments}-{args.services}.db"
+            )
             if kept.exists():
                 shutil.copy(kept, db)
                 cached = True
@@ -440,10 +454,14 @@ def main() -> None:
                 run_suite(table, "postgres", url, args, tmp, False)
         else:
             table.note("PostgreSQL skipped: RECONCILER_TEST_POSTGRES_URL not set.")
-    table.note("reconciler column: median (p95) of the package's call; baseline: median of "
-               "the naive query (raw rows, no record mapping).")
-    table.note("Engine.decisions(): recorded state from the store + plan() for every service "
-               "(desired state parsed beforehand); its baseline is the naive GROUP BY status.")
+    table.note(
+        "reconciler column: median (p95) of the package's call; baseline: median of "
+        "the naive query (raw rows, no record mapping)."
+    )
+    table.note(
+        "Engine.decisions(): recorded state from the store + plan() for every service "
+        "(desired state parsed beforehand); its baseline is the naive GROUP BY status."
+    )
     table.print()
 
 

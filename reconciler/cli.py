@@ -125,7 +125,7 @@ def main(ctx: click.Context, config_path: str | None) -> None:
 @click.pass_context
 def run_cmd(ctx: click.Context, log_format: str | None) -> None:
     """Run the daemon in the foreground (what systemd starts)."""
-    from reconciler.daemon import run_daemon
+    from reconciler.daemon import MigrationFailed, run_daemon
     from reconciler.http import HttpServerError
     from reconciler.lock import AlreadyRunning
 
@@ -135,6 +135,8 @@ def run_cmd(ctx: click.Context, log_format: str | None) -> None:
         run_daemon(config, ctx.ensure_object(dict).get("config_path"))
     except HttpServerError as exc:
         fail(str(exc), 2)
+    except MigrationFailed as exc:
+        fail(str(exc), 1)
     except AlreadyRunning as exc:
         pid = exc.args[0]
         fail(

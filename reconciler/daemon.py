@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import signal
+import sys
 import time
 from collections.abc import Coroutine
 from typing import Any
@@ -42,6 +43,9 @@ STARTUP_EXTEND_SECONDS = 600.0
 # A sync running longer than this means the loop is stuck: stop the watchdog pings so
 # systemd restarts the service (git commands time out well before).
 STUCK_SYNC_SECONDS = 300.0
+# The hub wakes the notifier at once; this poll only finds what other processes recorded
+# (a standalone `reconciler sync`), so it can be slow and keep the idle daemon asleep.
+NOTIFY_POLL_SECONDS = 30.0
 # How soon a watch that could not start (no repository yet, a vanished folder) tries again.
 WATCH_RETRY_SECONDS = 2.0
 
@@ -127,7 +131,10 @@ class Daemon:
         try:
             self.sd.status("migrating the database")
             self.sd.extend_timeout(STARTUP_EXTEND_SECONDS)
-            store = await asyncio.to_thread(Store.from_url, cfg.database_url, migrate=True)
+            applied = await migrate_in_child(cfg.database_url)
+            if applied:
+                log.info("event=migrated revisions=%s", ",".join(applied))
+            store = await asyncio.to_thread(Store.from_url, cfg.database_url, migrate=False)
             source = open_source(cfg)
             engine = self.engine = Engine(
                 cfg, store, source, providers, listener=self.hub.deployment
@@ -196,7 +203,9 @@ class Daemon:
     async def _start_services(self) -> None:
         """The notifier and the HTTP server (when `server.listen` is set)."""
         assert self.engine is not None
-        self._notifier = Notifier(self.config, self.engine.store, self.hub)
+        self._notifier = Notifier(
+            self.config, self.engine.store, self.hub, poll_interval=NOTIFY_POLL_SECONDS
+        )
         self._spawn(self._notifier.run(), "notify")
         if self.config.server.listen:
             self._http = await start_http(self)
@@ -335,6 +344,27 @@ class Daemon:
         if self._last_fetch_error:
             text += f"; fetch failing: {self._last_fetch_error}"
         return text
+
+
+class MigrationFailed(Exception):
+    """The database could not be brought to this release's schema (one sentence)."""
+
+
+async def migrate_in_child(url: str) -> list[str]:
+    """Apply migrations in a short-lived child process (see reconciler.store.migrate)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "reconciler.store.migrate",
+        url,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await proc.communicate()
+    if proc.returncode != 0:
+        lines = err.decode(errors="replace").strip().splitlines()
+        raise MigrationFailed(lines[-1] if lines else f"migration exited {proc.returncode}")
+    return out.decode().split()
 
 
 def _check_reloadable(old: Config, new: Config) -> None:

@@ -68,10 +68,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
-
-import httpx
 
 from reconciler import __version__
 from reconciler.config import Config, ConfigError, NotificationConfig
@@ -89,6 +87,9 @@ from reconciler.store import (
     format_time,
     is_transient,
 )
+
+if TYPE_CHECKING:
+    import httpx
 
 log = logging.getLogger(__name__)
 
@@ -631,6 +632,8 @@ class Notifier:
 
     def _http(self) -> httpx.AsyncClient:
         if self._client is None:
+            import httpx  # only a daemon with notification targets pays for it (~9 MB)
+
             self._client = httpx.AsyncClient(
                 follow_redirects=False,
                 headers={"User-Agent": f"reconciler/{__version__}"},

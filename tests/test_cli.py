@@ -64,7 +64,7 @@ def test_sync_history_show_and_status(world: World):
     assert "ID" in table.splitlines()[0] and " 1.0 " in table and " 2 " not in table
 
     shown = json.loads(world.cli("show", str(records[1]["id"]), "--json", check=True).stdout)
-    assert [p["status"] for p in shown["progress"]][0] == "pending"
+    assert next(p["status"] for p in shown["progress"]) == "pending"
     assert "token is ***" in shown["log"]
     human = world.cli("show", str(records[1]["id"]), check=True).stdout
     assert "Progress:" in human and "preparing" in human and "Log:" in human

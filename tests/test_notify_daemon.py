@@ -41,7 +41,10 @@ max_backoff = 0.5
     log = world.tmp / "daemon.log"
     proc = subprocess.Popen(
         [*RECONCILER, "--config", str(world.config), "run"],
-        cwd=world.tmp, env=cli_env(), stdout=subprocess.DEVNULL, stderr=log.open("w"),
+        cwd=world.tmp,
+        env=cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=log.open("w"),
     )
     try:
         wait_for(lambda: ("staging", "api", "1.0") in world.started(), what="the deployment")

@@ -21,11 +21,17 @@ from reconciler.store import (
     needs_upgrade,
     upgrade,
 )
-from reconciler.store.db import MIGRATIONS_DIR, _script, alembic_config
+from reconciler.store.db import HEAD_REVISION, MIGRATIONS_DIR, _script, alembic_config
 from reconciler.store.models import Base
 
 # Every revision, oldest first: what an empty database gets.
 ALL = [rev.revision for rev in reversed(list(_script().walk_revisions()))]
+
+
+def test_head_revision_constant_names_the_newest_migration():
+    # The daemon skips importing Alembic when the database is at HEAD_REVISION.
+    assert HEAD_REVISION == _script().get_current_head() == ALL[-1]
+
 
 TABLES = {
     "syncs",

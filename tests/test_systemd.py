@@ -79,7 +79,7 @@ def test_ready_only_after_the_first_fetch_then_watchdog_and_stopping(world: Worl
     proc = start(world, notify)
     try:
         first_ping = notify.wait("WATCHDOG", "1")
-        assert "READY" not in notify.keys()
+        assert "READY" not in notify
         assert any(m.get("STATUS") == "fetching the repository" for m in notify.drain())
         # Now the repository appears; the daemon's start-up retry finds it.
         from tests.support import Repo
@@ -223,4 +223,6 @@ def test_reload_keeps_a_running_deployment(world: World):
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert [r for r in world.runs() if r[0] == "end"] == [("end", "staging", "api", "1.0-gate", "ok")]
+    assert [r for r in world.runs() if r[0] == "end"] == [
+        ("end", "staging", "api", "1.0-gate", "ok")
+    ]

@@ -98,6 +98,33 @@ class _Server(uvicorn.Server):
     def install_signal_handlers(self) -> None:  # uvicorn < 0.29 spelled it so
         return
 
+    # uvicorn's main loop wakes every 0.1 s to look at `should_exit`; an idle daemon should
+    # not. Wake once a second (the Date header's resolution) or at once when told to exit.
+    @property
+    def should_exit(self) -> bool:
+        return self._exit_event().is_set()
+
+    @should_exit.setter
+    def should_exit(self, value: bool) -> None:
+        event = self._exit_event()
+        if value:
+            event.set()
+        else:
+            event.clear()
+
+    def _exit_event(self) -> asyncio.Event:
+        event: asyncio.Event | None = self.__dict__.get("_exit")
+        if event is None:
+            event = self.__dict__["_exit"] = asyncio.Event()
+        return event
+
+    async def main_loop(self) -> None:
+        ticks = 0
+        while not await self.on_tick(ticks):
+            ticks += 10  # on_tick counts tenths of a second: refresh the Date header each time
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._exit_event().wait(), 1.0)
+
 
 class HttpServer:
     """One uvicorn server on one socket: ``await start()``, then ``await stop()``."""
