@@ -31,5 +31,5 @@ def setup_logging(fmt: str = "text", level: str | None = None) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level or os.environ.get("RECONCILER_LOG_LEVEL", "INFO").upper())
     # httpx logs every request URL at INFO: a Slack webhook URL is a secret.
-    for noisy in ("apscheduler", "watchfiles", "git", "alembic", "httpx", "httpcore"):
+    for noisy in ("apscheduler", "git", "alembic", "httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

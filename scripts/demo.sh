@@ -9,7 +9,7 @@ if [ ! -x .venv/bin/reconciler ]; then
   .venv/bin/pip install --quiet --upgrade pip
   .venv/bin/pip install --quiet -e .
 fi
-demo="$root/demo"
+demo="${DEMO_DIR:-$root/demo}"   # DEMO_DIR: put the demo elsewhere (the tests do)
 if [ ! -d "$demo/desired-state/.git" ]; then
   mkdir -p "$demo/desired-state"
   cp examples/desired-state/*.yaml "$demo/desired-state/"
@@ -25,5 +25,6 @@ In another terminal, bump a version and watch it deploy within a fraction of a s
   cd $demo/desired-state
   sed -i 's/"1.4.2"/"1.4.3"/' staging.yaml && git commit -qam "api 1.4.3"
   $root/.venv/bin/reconciler --config $demo/reconciler.toml history
+  curl -s localhost:8080/api/v1/status
 MSG
 exec .venv/bin/reconciler --config "$demo/reconciler.toml" run

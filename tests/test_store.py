@@ -554,3 +554,23 @@ def test_operator_suspend_resume(store: Store) -> None:
     assert store.suspended_environments() == {"production"}
     with pytest.raises(StoreError):
         store.record_operator_action(environment="x", action="explode", at=at(5), **common)
+
+
+def test_environment_states_saved_in_one_batch_insert_and_update(store: Store) -> None:
+    store.save_environment_states(
+        [("a", {"environment": "a", "v": 1}, "a.yaml"), ("b", {"environment": "b"}, "b.yaml")],
+        commit="c1",
+        at=T0,
+    )
+    store.save_environment_states(
+        [("a", {"environment": "a", "v": 2}, "x/a.yaml")], commit="c2", at=T0 + timedelta(minutes=1)
+    )
+    states = store.environment_states()
+    assert sorted(states) == ["a", "b"]
+    assert (states["a"].spec, states["a"].source_path, states["a"].commit) == (
+        {"environment": "a", "v": 2},
+        "x/a.yaml",
+        "c2",
+    )
+    assert (states["b"].commit, states["b"].updated_at) == ("c1", T0)
+    store.save_environment_states([], commit="c3", at=T0)  # nothing to save: no error

@@ -877,10 +877,18 @@ class Store(OutboxQueries):
     ) -> None:
         """Several `(name, spec, source_path)` at once, in one transaction (a full load)."""
         when = _aware(at, "at")
+        rows = [
+            {"name": n, "spec": dict(spec), "source_path": p, "commit": commit, "updated_at": when}
+            for n, spec, p in states
+        ]
+        if not rows:
+            return
         with self._writer.begin() as conn:
-            for name, spec, source_path in states:
-                row = {"name": name, "spec": dict(spec), "source_path": source_path}
-                _upsert(conn, _ENV, {**row, "commit": commit, "updated_at": when}, ["name"])
+            insert_ = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+            stmt = insert_(_ENV)
+            changes = {c: stmt.excluded[c] for c in ("spec", "source_path", "commit", "updated_at")}
+            # One statement, many rows (executemany): a full load saves 1,000 of them.
+            conn.execute(stmt.on_conflict_do_update(index_elements=["name"], set_=changes), rows)
 
     def environment_states(self) -> dict[str, EnvironmentStateRecord]:
         with self.engine.connect() as conn:
