@@ -241,21 +241,7 @@ def status_cmd(ctx: click.Context, environment: str | None, as_json: bool) -> No
     engine, decisions = run(ops.decisions(cfg(ctx), fetch=False, environment=environment))
     commit = engine.commit.sha if engine.commit else None
     if as_json:
-        print_json(
-            [
-                {
-                    "environment": d.environment,
-                    "service": d.service,
-                    "desired": d.desired,
-                    "deployed": d.deployed,
-                    "state": d.state,
-                    "commit": commit,
-                    "last_deployment_id": d.last_deployment_id,
-                    "message": d.message or None,
-                }
-                for d in decisions
-            ]
-        )
+        print_json([d.status_json(commit) for d in decisions])
         return
     if commit is None:
         click.echo("no sync recorded yet: run `reconciler sync` or start the daemon", err=True)

@@ -65,6 +65,29 @@ class SyncOutcome:
     duration_seconds: float = 0.0
 
 
+@dataclass
+class _Prepared:
+    """A sync's reading half: what the head says, before anything is recorded."""
+
+    refused_from: str | None  # set: a rewritten history that is not accepted
+    meta: CommitMeta | None = None
+    parsed: dict[str, ParsedFile] = field(default_factory=dict)
+    desired: DesiredState = field(default_factory=lambda: assemble([]))
+    effective: dict[str, EnvironmentSpec] = field(default_factory=dict)
+    invalid: dict[str, str] = field(default_factory=dict)
+    changed: list[str] = field(default_factory=list)
+    full: bool = False
+    note: str | None = None
+
+    @classmethod
+    def refused(cls, applied: str) -> _Prepared:
+        return cls(refused_from=applied)
+
+    @property
+    def result(self) -> str:
+        return "errors" if self.desired.errors else "ok"
+
+
 def host_timezone() -> tzinfo:
     tz = datetime.now().astimezone().tzinfo
     return tz if tz is not None else UTC
@@ -181,75 +204,88 @@ class Engine:
             head = await asyncio.to_thread(self.source.fetch)
         except SourceError as exc:
             return await self._fetch_failed(trigger, seen, str(exc))
-        if head == (self.commit.sha if self.commit else None) and trigger in (
-            "poll",
-            "watch",
-            "webhook",
-        ):
+        old = self.commit.sha if self.commit else None
+        if head == old and trigger in ("poll", "watch", "webhook"):
             self._last_error = None
             return SyncOutcome(self.sync_id, head, "unchanged")
-        old = self.commit.sha if self.commit else None
-        applied = old or await asyncio.to_thread(self.store.last_synced_commit)
-        rewritten = (
-            applied is not None
-            and applied != head
-            and not await asyncio.to_thread(self.source.is_ancestor, applied, head)
-        )
-        if rewritten and not self.config.repository.allow_force_push:
-            return await self._refuse(trigger, seen, head, applied or "")
+        # Reading and parsing in one trip off the loop; nothing is applied yet.
+        step = await asyncio.to_thread(self._prepare, old, head)
+        if step.refused_from is not None:
+            return await self._refuse(trigger, seen, head, step.refused_from)
         self._last_error = None
-        changes = await asyncio.to_thread(self.source.load, old, head)
-        info = await asyncio.to_thread(self.source.commit_info, head)
-        reparsed = await asyncio.to_thread(self._parse, changes.files)
+        sync_id = await asyncio.to_thread(self._record, trigger, seen, step)
+        self.parsed, self.desired, self.commit, self.sync_id = (
+            step.parsed,
+            step.desired,
+            step.meta,
+            sync_id,
+        )
+        self.effective, self.invalid = step.effective, step.invalid
+        log.info(
+            "event=sync trigger=%s commit=%s result=%s changed=%s errors=%d full=%s%s",
+            trigger,
+            head[:12],
+            step.result,
+            ",".join(step.changed) or "-",
+            len(step.desired.errors),
+            step.full,
+            f" note={step.note!r}" if step.note else "",
+        )
+        for err in step.desired.errors:
+            log.warning("event=invalid_file error=%r", str(err))
+        self.wake(step.effective if old is None or step.full else step.changed)
+        errors = [str(e) for e in step.desired.errors]
+        return SyncOutcome(sync_id, head, step.result, step.changed, errors)
+
+    def _prepare(self, old: str | None, head: str) -> _Prepared:
+        """Load what changed since `old`, parse it, and work out the new desired state."""
+        changes = self.source.load(old, head)
+        if old is not None:
+            rewritten = changes.full and changes.reason is not None
+            applied: str | None = old
+        else:  # after a restart: compare with the last commit the ledger says was applied
+            applied = self.store.last_synced_commit()
+            rewritten = (
+                applied is not None
+                and applied != head
+                and not self.source.is_ancestor(applied, head)
+            )
+        if rewritten and not self.config.repository.allow_force_push:
+            return _Prepared.refused(applied or "")
+        note = changes.reason
+        if rewritten and note is None:
+            note = f"history rewritten: {(applied or '')[:12]} is not an ancestor of {head[:12]}; full load"
+        meta = _meta(self.source.commit_info(head))
         parsed = {} if changes.full else dict(self.parsed)
         for path in changes.deleted:
             parsed.pop(path, None)
-        parsed.update(reparsed)
+        parsed.update(self._parse(changes.files))
         desired = assemble(parsed.values(), providers=self.providers.keys())
-        effective, invalid = await asyncio.to_thread(self._effective, desired, parsed)
+        effective, invalid = self._effective(desired, parsed)
         changed = sorted(
             env
             for env in set(effective) | set(self.effective) | set(invalid) | set(self.invalid)
             if effective.get(env) != self.effective.get(env)
             or invalid.get(env) != self.invalid.get(env)
         )
-        meta = _meta(info)
-        errors = [e.to_dict() for e in desired.errors]
-        sync_id = await asyncio.to_thread(
-            self.store.begin_sync, trigger=trigger, seen_at=seen, commit=meta
+        return _Prepared(
+            None, meta, parsed, desired, effective, invalid, changed, changes.full, note
         )
-        await asyncio.to_thread(self._save_states, desired, head)
-        result = "errors" if errors else "ok"
-        note = changes.reason
-        if rewritten and note is None:  # after a restart the loader cannot tell
-            note = f"history rewritten: {(applied or '')[:12]} is not an ancestor of {head[:12]}; full load"
-        await asyncio.to_thread(
-            self.store.finish_sync,
+
+    def _record(self, trigger: str, seen: datetime, step: _Prepared) -> int:
+        assert step.meta is not None and step.desired is not None
+        sync_id = self.store.begin_sync(trigger=trigger, seen_at=seen, commit=step.meta)
+        self._save_states(step.desired, step.meta.sha)
+        self.store.finish_sync(
             sync_id,
-            result=result,
+            result=step.result,
             ended_at=self.clock(),
-            environments_changed=changed,
-            errors=errors,
-            full_load=changes.full,
-            note=note,
+            environments_changed=step.changed,
+            errors=[e.to_dict() for e in step.desired.errors],
+            full_load=step.full,
+            note=step.note,
         )
-        self.parsed, self.desired, self.commit, self.sync_id = parsed, desired, meta, sync_id
-        self.effective, self.invalid = effective, invalid
-        log.info(
-            "event=sync trigger=%s commit=%s result=%s changed=%s errors=%d full=%s%s",
-            trigger,
-            head[:12],
-            result,
-            ",".join(changed) or "-",
-            len(errors),
-            changes.full,
-            f" note={note!r}" if note else "",
-        )
-        for err in desired.errors:
-            log.warning("event=invalid_file error=%r", str(err))
-        outcome = SyncOutcome(sync_id, head, result, changed, [str(e) for e in desired.errors])
-        self.wake(effective if old is None or changes.full else changed)
-        return outcome
+        return sync_id
 
     async def _refuse(self, trigger: str, seen: datetime, head: str, applied: str) -> SyncOutcome:
         """A head that does not descend from the last applied commit (a force push) is not
@@ -259,44 +295,37 @@ class Engine:
             f"{applied[:12]} (history rewritten); set repository.allow_force_push = true to accept"
         )
         log.error("event=sync_refused commit=%s applied=%s", head[:12], applied[:12])
-        sync_id = None
-        if message != self._last_error:
-            info = await asyncio.to_thread(self.source.commit_info, head)
-            sync_id = await asyncio.to_thread(
-                self.store.begin_sync, trigger=trigger, seen_at=seen, commit=_meta(info)
-            )
-            await asyncio.to_thread(
-                self.store.finish_sync,
-                sync_id,
-                result="refused",
-                ended_at=self.clock(),
-                environments_changed=[],
-                errors=[],
-                full_load=False,
-                error_message=message,
-            )
-        self._last_error = message
+        info = await asyncio.to_thread(self.source.commit_info, head)
+        sync_id = await self._record_once(trigger, seen, _meta(info), "refused", message)
         return SyncOutcome(sync_id, head, "refused", message=message)
 
     async def _fetch_failed(self, trigger: str, seen: datetime, message: str) -> SyncOutcome:
         log.error("event=fetch_failed error=%r", message)
-        sync_id = None
-        if message != self._last_error:  # the same outage is recorded once, not every poll
-            sync_id = await asyncio.to_thread(
-                self.store.begin_sync, trigger=trigger, seen_at=seen, commit=None
-            )
-            await asyncio.to_thread(
-                self.store.finish_sync,
-                sync_id,
-                result="failed",
-                ended_at=self.clock(),
-                environments_changed=[],
-                errors=[],
-                full_load=False,
-                error_message=message,
-            )
-        self._last_error = message
+        sync_id = await self._record_once(trigger, seen, None, "failed", message)
         return SyncOutcome(sync_id, None, "failed", message=message)
+
+    async def _record_once(
+        self, trigger: str, seen: datetime, commit: CommitMeta | None, result: str, message: str
+    ) -> int | None:
+        """Record a sync that applied nothing, once per distinct error: the same outage or
+        refusal is one record, not one per poll."""
+        if message == self._last_error:
+            return None
+        self._last_error = message
+        sync_id = await asyncio.to_thread(
+            self.store.begin_sync, trigger=trigger, seen_at=seen, commit=commit
+        )
+        await asyncio.to_thread(
+            self.store.finish_sync,
+            sync_id,
+            result=result,
+            ended_at=self.clock(),
+            environments_changed=[],
+            errors=[],
+            full_load=False,
+            error_message=message,
+        )
+        return sync_id
 
     def _effective(
         self, desired: DesiredState, parsed: Mapping[str, ParsedFile]

@@ -59,6 +59,19 @@ class Decision:
     not_before: datetime | None = None  # when a waiting decision may change by itself
     last_deployment_id: int | None = None
 
+    def status_json(self, commit: str | None) -> dict[str, object]:
+        """One entry of `status --json` and GET /api/v1/status (SPEC §5)."""
+        return {
+            "environment": self.environment,
+            "service": self.service,
+            "desired": self.desired,
+            "deployed": self.deployed,
+            "state": self.state,
+            "commit": commit,
+            "last_deployment_id": self.last_deployment_id,
+            "message": self.message or None,
+        }
+
     def to_json(self) -> dict[str, object]:
         return {
             "environment": self.environment,

@@ -182,21 +182,7 @@ async def index(request: Request) -> Response:
 async def status(request: Request) -> Response:
     params = _params(request, {"env"})
     commit, decisions = await ctx(request).control.status(params.get("env") or None)
-    return JSONResponse(
-        [
-            {
-                "environment": d.environment,
-                "service": d.service,
-                "desired": d.desired,
-                "deployed": d.deployed,
-                "state": d.state,
-                "commit": commit,
-                "last_deployment_id": d.last_deployment_id,
-                "message": d.message or None,
-            }
-            for d in decisions
-        ]
-    )
+    return JSONResponse([d.status_json(commit) for d in decisions])
 
 
 def _since(raw: str | None) -> datetime | None:
