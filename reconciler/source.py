@@ -30,6 +30,7 @@ import errno
 import os
 import posixpath
 import random
+import re
 import signal
 import stat
 import subprocess
@@ -70,6 +71,9 @@ _GIT_LOCATION_VARS = (
     "GIT_NAMESPACE",
     "GIT_PREFIX",
 )
+
+
+_SHA = re.compile(r"[0-9a-f]{40}([0-9a-f]{24})?")  # SHA-1 or SHA-256 object names
 
 
 class SourceError(Exception):
@@ -251,7 +255,7 @@ class GitSource:
         self._repo: git.Repo | None = None
         self._repo_lock = threading.RLock()  # GitPython's cat-file processes: one user at a time
         self._fetch_lock = threading.Lock()
-        self._shared: str | None = None  # the local source's object store we borrow
+        self._shared: Path | None = None  # a local source's git dir, whose objects we borrow
 
     def __repr__(self) -> str:
         return f"GitSource({self._display_url!r}, branch={self.branch!r}, path={self.path!r})"
@@ -325,17 +329,38 @@ class GitSource:
             return
         git_dir = self.local_git_dir()
         objects = git_dir / "objects" if git_dir is not None else None
-        if objects is None or not objects.is_dir():
+        if git_dir is None or objects is None or not objects.is_dir():
             return  # not there (yet): the fetch says why
         info = self.workdir / "objects" / "info"
         info.mkdir(parents=True, exist_ok=True)
         alternates = info / "alternates"
         line = str(objects.resolve())
-        if alternates.is_file() and line in alternates.read_text().splitlines():
-            self._shared = line
-            return
-        alternates.write_text(line + "\n")
-        self._shared = line
+        if not (alternates.is_file() and line in alternates.read_text().splitlines()):
+            alternates.write_text(line + "\n")
+        self._shared = git_dir
+
+    def _local_head(self, git_dir: Path) -> str | None:
+        """The branch head of a local repository, read from its ref files (no subprocess):
+        the loose ref, else packed-refs. None when it cannot tell (then: a real fetch)."""
+        if (git_dir / "reftable").exists():
+            return None
+        try:
+            loose = (git_dir / self._ref).read_text().strip()
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            loose = ""
+        except OSError:
+            return None
+        if loose:
+            return loose if _SHA.fullmatch(loose) else None
+        try:
+            packed = (git_dir / "packed-refs").read_text()
+        except OSError:
+            return None
+        for line in packed.splitlines():
+            sha, _, name = line.partition(" ")
+            if name == self._ref and _SHA.fullmatch(sha):
+                return sha
+        return None
 
     def fetch(self) -> str:
         """Bring the mirror's branch to the remote branch head (forced) and return its sha."""
@@ -343,6 +368,14 @@ class GitSource:
             self._ensure_mirror()
             self._share_local_objects()
             action = f"cannot fetch {self._display_url} (branch {self.branch})"
+            if self._shared is not None:
+                # The objects are shared already: moving the ref is the whole fetch.
+                sha = self._local_head(self._shared)
+                if sha is not None:
+                    with contextlib.suppress(_GitFailed):  # e.g. not a commit: fetch says why
+                        if sha != self.head():
+                            self._run(["update-ref", self._ref, f"{sha}^{{commit}}"])
+                        return sha
             try:
                 self._run(
                     [

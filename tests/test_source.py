@@ -739,3 +739,24 @@ def test_measure_latency_and_speed(tmp_path: Path) -> None:
     print(f"full load of 1,000 env files (5x):   {ms(loads)}")
     print(f"incremental load (1 file of 1,000):  {incremental * 1000:.1f} ms")
     print(f"commit -> watch_refs yield (20x):    {ms(latencies)}")
+
+
+def test_local_fetch_follows_loose_and_packed_refs_through_shared_objects(
+    work: Path, tmp_path: Path
+) -> None:
+    src = source(work, tmp_path)
+    first = src.fetch()
+    mirror = tmp_path / "state" / "repo.git"
+    alternates = (mirror / "objects" / "info" / "alternates").read_text().split()
+    assert alternates == [str((work / ".git" / "objects").resolve())]
+    git(work, "pack-refs", "--all")  # the loose ref is gone: packed-refs has it
+    assert not (work / ".git" / "refs" / "heads" / "main").exists()
+    assert src.fetch() == first
+    second = commit(work, "second", {"envs/staging.yaml": "environment: staging\n# 2\n"})
+    assert src.fetch() == second == git(mirror, "rev-parse", "refs/heads/main")
+    # The mirror reads the new commit's files through the shared objects.
+    assert src.load(first, second).files == {"staging.yaml": b"environment: staging\n# 2\n"}
+    git(work, "branch", "-q", "-m", "main", "renamed")
+    with pytest.raises(SourceError, match="branch 'main' not found"):
+        src.fetch()
+    src.close()
