@@ -31,7 +31,7 @@ from reconciler.notify import Notifier
 from reconciler.plan import Decision
 from reconciler.providers import build_providers
 from reconciler.source import poll_delay, watch_refs
-from reconciler.store import Store
+from reconciler.store import Store, schema_current
 from reconciler.systemd import SystemdNotifier
 
 log = logging.getLogger(__name__)
@@ -131,10 +131,10 @@ class Daemon:
         try:
             self.sd.status("migrating the database")
             self.sd.extend_timeout(STARTUP_EXTEND_SECONDS)
-            applied = await migrate_in_child(cfg.database_url)
-            if applied:
-                log.info("event=migrated revisions=%s", ",".join(applied))
             store = await asyncio.to_thread(Store.from_url, cfg.database_url, migrate=False)
+            if not await asyncio.to_thread(schema_current, store.engine):
+                applied = await migrate_in_child(cfg.database_url)
+                log.info("event=migrated revisions=%s", ",".join(applied) or "-")
             source = open_source(cfg)
             engine = self.engine = Engine(
                 cfg, store, source, providers, listener=self.hub.deployment

@@ -250,7 +250,7 @@ def test_a_database_from_a_newer_release_is_named_not_crashed_on(world: World):
     db.execute("UPDATE alembic_version SET version_num = '9999'")
     db.commit()
     db.close()
-    for args in (["db", "upgrade"], ["status"], ["history"]):
+    for args in (["db", "upgrade"], ["status"], ["history"], ["run"]):
         out = world.cli(*args)
         assert out.returncode == 1, (args, out.stderr)
         assert "schema revision 9999, newer than this release" in out.stderr

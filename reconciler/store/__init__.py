@@ -8,6 +8,7 @@ from reconciler.store.db import (
     is_transient,
     make_engine,
     needs_upgrade,
+    schema_current,
     upgrade,
 )
 from reconciler.store.records import (
@@ -61,6 +62,7 @@ __all__ = [
     "is_transient",
     "make_engine",
     "needs_upgrade",
+    "schema_current",
     "upgrade",
 ]
 

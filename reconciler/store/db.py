@@ -115,6 +115,12 @@ def current_revision(engine: Engine) -> str | None:
         return _current(connection)
 
 
+def schema_current(engine: Engine) -> bool:
+    """The database is at this release's head (checked without importing Alembic)."""
+    with engine.connect() as connection:
+        return _current(connection) == HEAD_REVISION
+
+
 class SchemaTooNew(Exception):
     """The database was migrated by a newer release than this one."""
 
