@@ -655,6 +655,7 @@ class Notifier:
             headers["X-Reconciler-Signature-256"] = signature(target.secret, body)
         error: str | None = None
         retry_after: float | None = None
+        permanent = False
         try:
             async with asyncio.timeout(cfg.timeout):
                 response = await self._http().post(
@@ -664,6 +665,14 @@ class Notifier:
                 detail = _clip(" ".join(response.text.split()), 200)
                 error = f"HTTP {response.status_code}" + (f": {detail}" if detail else "")
                 retry_after = _retry_after(response, self.clock())
+                # The receiver refuses this request as such (gone, forbidden, malformed):
+                # asking again cannot help. Timeouts, conflicts and rate limits can.
+                permanent = 400 <= response.status_code < 500 and response.status_code not in (
+                    408,
+                    409,
+                    425,
+                    429,
+                )
         except TimeoutError:
             error = f"timed out after {cfg.timeout:g}s"
         except Exception as exc:  # refused, reset, TLS, a bad URL...: all retried
@@ -681,7 +690,7 @@ class Notifier:
             return True, None
         error = _clip(error.replace(cfg.url, "<url>"), MAX_ERROR)
         attempts = rec.attempts + 1
-        if attempts >= cfg.max_attempts:
+        if attempts >= cfg.max_attempts or permanent:
             await durable(self.store.notification_failed, rec.id, error=error, retry_at=None)
             self._count(target.name, "failed")
             self._count(target.name, "dead")

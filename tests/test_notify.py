@@ -88,10 +88,11 @@ class Receiver:
                 if mode == "hang":
                     receiver.release.wait(30)
                 try:
-                    self.send_response(500 if mode == "error" else 200)
+                    code = {"error": 500, "gone": 410, "limited": 429}.get(mode, 200)
+                    self.send_response(code)
                     self.send_header("Content-Length", "2")
                     self.end_headers()
-                    self.wfile.write(b"no" if mode == "error" else b"ok")
+                    self.wfile.write(b"ok" if code == 200 else b"no")
                 except OSError:  # the client gave up (a hang that timed out)
                     pass
 
@@ -595,6 +596,35 @@ def test_max_attempts_then_dead(
     assert f"event=notification_dead target=hook id={row.id}" in caplog.text
     assert notifier.stats()["hook"]["dead"] == 1
     assert store.notification_counts() == {"hook": {"dead": 1}}
+
+
+@pytest.mark.parametrize(("mode", "dead_after"), [("gone", 1), ("limited", None)])
+def test_a_refusal_is_final_but_a_rate_limit_is_retried(
+    store: Store, receiver: Receiver, tmp_path: Path, mode: str, dead_after: int | None
+) -> None:
+    clock = Clock()
+    target = hook(receiver.url(), retry_backoff=1, max_attempts=5)
+    notifier = Notifier(config(tmp_path, target), store, None, clock=clock)
+    receiver.modes["/hook"] = mode
+
+    async def main() -> None:
+        try:
+            await notifier.run_once()
+            drive(store, create(store), "validating", at=T0)
+            await notifier.run_once()
+            clock.advance(10)
+            await notifier.run_once()
+        finally:
+            await notifier.aclose()
+
+    arun(main())
+    [row] = outbox(store)
+    if dead_after is not None:  # 410 Gone: asking again cannot help
+        assert (row.state, row.attempts) == ("dead", dead_after)
+        assert len(receiver.drain()) == 1
+    else:  # 429: try again later
+        assert (row.state, row.attempts) == ("pending", 2)
+        assert len(receiver.drain()) == 2
 
 
 def test_identical_failures_are_suppressed_within_the_interval(
