@@ -38,7 +38,8 @@ The ledger is the source, never the in-process events::
   a transaction right away. A failure records ``attempts``, ``last_error`` and
   ``next_attempt_at`` (``retry_backoff`` doubled per attempt, at most ``max_backoff``;
   a ``Retry-After`` answer is honoured within that cap) and pauses the lane until then, so
-  a target that is down gets one probe per backoff, not a storm; after ``max_attempts``
+  a target that is down gets one probe per backoff, not a storm; a 4xx refusal (not
+  408/409/425/429) is final at once; after ``max_attempts``
   the row is ``dead``. Lanes are independent: a target that hangs delays only itself,
   and nothing here runs on a deployment's path (deployments only write the ledger).
 
