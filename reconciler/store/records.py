@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 STATUSES: tuple[str, ...] = (
     "pending",
@@ -196,9 +196,11 @@ class SyncRecord:
     error_message: str | None
 
 
-@dataclass(frozen=True, slots=True)
-class ServiceState:
+class ServiceState(NamedTuple):
     """Derived summary of one service's deployments (kept by the store, never by callers).
+
+    A named tuple, not a dataclass: a whole-fleet status builds 20,000 of them, and a
+    frozen dataclass costs several times more to construct.
 
     - ``deployed_*``: the latest (by id) ``completed`` deployment, any trigger.
     - ``last_*``: the latest deployment created, whatever its status (``last_ended_at``

@@ -12,7 +12,7 @@ deployments with the same rules (`_ServiceFold`).
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Iterator, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import lru_cache
 from itertools import groupby
@@ -201,7 +201,7 @@ def _sync(row: Row[Any]) -> SyncRecord:
 
 
 #: service_state columns in the order of `ServiceState`'s fields.
-_SERVICE_STATE_COLUMNS = tuple(_SS.c[f.name] for f in fields(ServiceState))
+_SERVICE_STATE_COLUMNS = tuple(_SS.c[name] for name in ServiceState._fields)
 
 
 # --------------------------------------------------------------------------- service state
@@ -733,7 +733,8 @@ class Store(OutboxQueries):
                 for chunk in _chunks(sorted(set(environments))):
                     rows.extend(conn.execute(query.where(_SS.c.environment.in_(chunk))).all())
         # Positional construction: this runs for every service of every status query.
-        return {(row[0], row[1]): ServiceState(*row) for row in rows}
+        make = ServiceState._make
+        return {(row[0], row[1]): make(row) for row in rows}
 
     def completed_versions(
         self, triples: Collection[tuple[str, str, str]]
