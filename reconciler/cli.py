@@ -11,14 +11,14 @@ import os
 import re
 import sys
 from collections.abc import Coroutine
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import click
 from sqlalchemy.exc import SQLAlchemyError
 
-from desired_state import DesiredState, json_schema, load_directory, parse_duration
+from desired_state import DesiredState, json_schema, load_directory
 from reconciler import operations as ops
 from reconciler.config import Config, ConfigError, config_path, load_config
 from reconciler.executor import DeploymentEvent, Listener
@@ -33,6 +33,7 @@ from reconciler.output import (
 )
 from reconciler.source import SourceError
 from reconciler.store import STATUSES, SchemaTooNew, StoreError
+from reconciler.times import SINCE_HELP, parse_since
 
 T = TypeVar("T")
 
@@ -306,15 +307,10 @@ def schema_cmd() -> None:
 def _since(value: str | None) -> datetime | None:
     if value is None:
         return None
-    if re.fullmatch(r"\d+[smhd]?(\d+[smhd])*", value):
-        return datetime.now(UTC) - timedelta(seconds=parse_duration(value))
     try:
-        t = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        return parse_since(value)
     except ValueError:
-        raise click.BadParameter(
-            "use a time (2026-11-26T10:00:00Z, 2026-11-26) or an age (2h, 7d)"
-        ) from None
-    return t if t.tzinfo else t.replace(tzinfo=UTC)
+        raise click.BadParameter(f"use {SINCE_HELP}") from None
 
 
 @main.command("history")

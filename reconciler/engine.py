@@ -44,7 +44,7 @@ from reconciler.plan import (
     plan,
 )
 from reconciler.providers import Provider
-from reconciler.source import CommitInfo, GitSource, SourceError
+from reconciler.source import Changes, CommitInfo, GitSource, SourceError
 from reconciler.store import CommitMeta, DeploymentRecord, EnvironmentStateRecord, Store
 
 log = logging.getLogger(__name__)
@@ -252,9 +252,13 @@ class Engine:
             )
         if rewritten and not self.config.repository.allow_force_push:
             return _Prepared.refused(applied or "")
-        note = changes.reason
-        if rewritten and note is None:
-            note = f"history rewritten: {(applied or '')[:12]} is not an ancestor of {head[:12]}; full load"
+        step = self._read(head, changes)
+        if rewritten and step.note is None:
+            step.note = f"history rewritten: {(applied or '')[:12]} is not an ancestor of {head[:12]}; full load"
+        return step
+
+    def _read(self, head: str, changes: Changes) -> _Prepared:
+        """Parse what changed and work out the desired state it makes (nothing recorded)."""
         meta = _meta(self.source.commit_info(head))
         parsed = {} if changes.full else dict(self.parsed)
         for path in changes.deleted:
@@ -269,7 +273,7 @@ class Engine:
             or invalid.get(env) != self.invalid.get(env)
         )
         return _Prepared(
-            None, meta, parsed, desired, effective, invalid, changed, changes.full, note
+            None, meta, parsed, desired, effective, invalid, changed, changes.full, changes.reason
         )
 
     def _record(self, trigger: str, seen: datetime, step: _Prepared) -> int:
@@ -295,8 +299,10 @@ class Engine:
             f"{applied[:12]} (history rewritten); set repository.allow_force_push = true to accept"
         )
         log.error("event=sync_refused commit=%s applied=%s", head[:12], applied[:12])
-        info = await asyncio.to_thread(self.source.commit_info, head)
-        sync_id = await self._record_once(trigger, seen, _meta(info), "refused", message)
+        meta = None
+        if message != self._last_error:  # already recorded: no need to read the commit
+            meta = _meta(await asyncio.to_thread(self.source.commit_info, head))
+        sync_id = await self._record_once(trigger, seen, meta, "refused", message)
         return SyncOutcome(sync_id, head, "refused", message=message)
 
     async def _fetch_failed(self, trigger: str, seen: datetime, message: str) -> SyncOutcome:
@@ -384,14 +390,9 @@ class Engine:
         await self._load_full(await asyncio.to_thread(self.source.fetch))
 
     async def _load_full(self, sha: str) -> None:
-        changes = await asyncio.to_thread(self.source.load, None, sha)
-        info = await asyncio.to_thread(self.source.commit_info, sha)
-        self.parsed = await asyncio.to_thread(self._parse, changes.files)
-        self.desired = assemble(self.parsed.values(), providers=self.providers.keys())
-        self.effective, self.invalid = await asyncio.to_thread(
-            self._effective, self.desired, self.parsed
-        )
-        self.commit = _meta(info)
+        step = await asyncio.to_thread(lambda: self._read(sha, self.source.load(None, sha)))
+        self.parsed, self.desired, self.commit = step.parsed, step.desired, step.meta
+        self.effective, self.invalid = step.effective, step.invalid
 
     # ---- planning --------------------------------------------------------------------
 

@@ -7,31 +7,9 @@ import yaml
 
 from desired_state.models import NAME_RE, SERVICE_RE, VERSION_RE
 from desired_state.schema import json_schema
+from tests.support import SPEC_EXAMPLE
 
 # SPEC §2, verbatim
-SPEC_EXAMPLE = """\
-environment: production          # required; ^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$; unique in the repo
-provider: k8s-prod               # required; a provider name from the daemon configuration
-services:                        # required; at least one; deployed in the order written
-  api:
-    version: "1.4.2"             # required; ^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$
-    params:                      # optional; provider-specific, checked by the provider
-      deployment: api
-  worker:
-    version: 1.10                # read as the text "1.10": a version is never a number
-timeout: 30m                     # optional; seconds (int) or 90s / 30m / 2h; default 1800 s
-strategy:                        # optional; default {type: rolling}
-  type: canary                   # rolling | blue_green | canary; provider may refuse
-  steps: [10, 50, 100]           # strategy parameters, checked by the provider
-on_failure: rollback             # optional; stop (default) | rollback
-depends_on: [staging]            # optional; a version reaches this environment only after
-                                 # the same version of the same service completed in each
-                                 # listed environment
-windows:                         # optional; deployments start only inside a window
-  - cron: "0 9 * * mon-fri"      #   a window opens at each cron time (daemon's timezone
-    duration: 8h                 #   unless `timezone:` is given) and stays open `duration`
-suspended: false                 # optional; true: record drift, deploy nothing
-"""
 
 try:  # not a dependency of the project; the structural checks below run without it
     import jsonschema

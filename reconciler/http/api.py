@@ -8,10 +8,9 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-import re
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import Any, TypeVar
 from urllib.parse import urlencode
 
@@ -20,7 +19,6 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
-from desired_state import parse_duration
 from reconciler.config import ConfigError
 from reconciler.http.control import Control
 from reconciler.http.metrics import CONTENT_TYPE_LATEST, Metrics
@@ -29,6 +27,7 @@ from reconciler.http.schemas import SyncRequest
 from reconciler.http.sse import deployment_events
 from reconciler.http.webhooks import UNSIGNED, WebhookReceiver
 from reconciler.store import STATUSES, Store, is_transient
+from reconciler.times import SINCE_HELP, parse_since
 
 log = logging.getLogger("reconciler.http")
 T = TypeVar("T")
@@ -189,15 +188,10 @@ def _since(raw: str | None) -> datetime | None:
     """A time (2026-11-26T10:00:00Z, 2026-11-26) or an age (2h, 7d), as `history --since`."""
     if raw is None:
         return None
-    if re.fullmatch(r"\d+[smhd]?(\d+[smhd])*", raw):
-        return datetime.now(UTC) - timedelta(seconds=parse_duration(raw))
     try:
-        value = datetime.fromisoformat(raw.replace("Z", "+00:00"))
+        return parse_since(raw)
     except ValueError:
-        raise BadRequest(
-            "parameter 'since' must be a time (2026-11-26T10:00:00Z) or an age (2h, 7d)"
-        ) from None
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+        raise BadRequest(f"parameter 'since' must be {SINCE_HELP}") from None
 
 
 async def deployments(request: Request) -> Response:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import functools
-from typing import Any, get_args
+from typing import Any
 
 from pydantic.json_schema import models_json_schema
 
 from reconciler.http import schemas
+from reconciler.store import STATUSES
 
 API_VERSION = "1"
 REF = "#/components/schemas/{model}"
@@ -50,7 +51,7 @@ _BEARER: list[dict[str, list[str]]] = [{"bearer": []}]
 
 
 def _paths() -> dict[str, Any]:
-    status_enum = {"type": "string", "enum": list(get_args(schemas.Status))}
+    status_enum = {"type": "string", "enum": list(STATUSES)}
     return {
         "/": {
             "get": {

@@ -10,17 +10,8 @@ from typing import Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
-Status = Literal[
-    "pending",
-    "validating",
-    "in_progress",
-    "completed",
-    "failed",
-    "rolled_back",
-    "timed_out",
-    "cancelled",
-]
-Trigger = Literal["git", "manual", "rollback", "retry", "drift"]
+from reconciler.store.records import Status, Trigger
+
 State = Literal[
     "synced",
     "out_of_sync",

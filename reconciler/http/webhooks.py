@@ -24,7 +24,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 from urllib.parse import parse_qs
 
 Result = Literal[
@@ -37,16 +37,7 @@ Result = Literal[
     "duplicate",
     "unavailable",
 ]
-RESULTS: tuple[Result, ...] = (
-    "accepted",
-    "ignored",
-    "unauthorized",
-    "forbidden",
-    "too_large",
-    "bad_request",
-    "duplicate",
-    "unavailable",
-)
+RESULTS: tuple[Result, ...] = get_args(Result)
 HTTP_STATUS: dict[Result, int] = {
     "accepted": 202,
     "ignored": 202,

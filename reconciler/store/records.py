@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple, get_args
 
-STATUSES: tuple[str, ...] = (
+Status = Literal[
     "pending",
     "validating",
     "in_progress",
@@ -19,14 +19,19 @@ STATUSES: tuple[str, ...] = (
     "rolled_back",
     "timed_out",
     "cancelled",
-)
+]
+Trigger = Literal["git", "manual", "rollback", "retry", "drift"]
+
+# The tuples come from the types, so the API schemas (reconciler.http.schemas) and the
+# store's checks cannot disagree.
+STATUSES: tuple[str, ...] = get_args(Status)
 ACTIVE_STATUSES: frozenset[str] = frozenset({"pending", "validating", "in_progress"})
 TERMINAL_STATUSES: frozenset[str] = frozenset(
     {"completed", "failed", "rolled_back", "timed_out", "cancelled"}
 )
 #: Terminal statuses that count as a failed attempt of a version (retry streak).
 FAILURE_STATUSES: frozenset[str] = frozenset({"failed", "timed_out", "rolled_back"})
-TRIGGERS: tuple[str, ...] = ("git", "manual", "rollback", "retry", "drift")
+TRIGGERS: tuple[str, ...] = get_args(Trigger)
 
 SYNC_TRIGGERS: tuple[str, ...] = ("startup", "poll", "watch", "webhook", "manual", "reload")
 SYNC_RESULTS: tuple[str, ...] = ("ok", "errors", "failed", "unchanged", "refused")
