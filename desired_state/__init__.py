@@ -9,6 +9,7 @@ from .errors import FileError
 from .loader import (
     DesiredState,
     ParsedFile,
+    SpecCheck,
     assemble,
     gc_paused,
     is_environment_file,
@@ -36,6 +37,7 @@ __all__ = [
     "FileError",
     "ParsedFile",
     "Service",
+    "SpecCheck",
     "Strategy",
     "Window",
     "assemble",

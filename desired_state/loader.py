@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import gc
 import os
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +21,7 @@ from .yamltext import compose, describe, find_key, locate, position
 __all__ = [
     "DesiredState",
     "ParsedFile",
+    "SpecCheck",
     "assemble",
     "is_environment_file",
     "load_directory",
@@ -29,6 +30,12 @@ __all__ = [
 ]
 
 _EXTENSIONS = (".yaml", ".yml")
+
+# A check from outside the format (the daemon's providers: params, strategy), run on a file
+# whose schema passed. It returns ``(key path, message)`` pairs; the loader places each at
+# its node's line and column (a path ending in "[key]" points at the key itself, as for
+# an unknown key). desired_state stays ignorant of who checks.
+SpecCheck = Callable[[EnvironmentSpec], Iterable[tuple[Sequence[str | int], str]]]
 
 
 @dataclass
@@ -141,8 +148,12 @@ def _positions(root: Node) -> dict[str, tuple[int, int]]:
     return found
 
 
-def parse_environment_file(path: str, data: bytes | str) -> ParsedFile:
-    """Read one environment file. Never raises on bad content: errors are returned."""
+def parse_environment_file(
+    path: str, data: bytes | str, check: SpecCheck | None = None
+) -> ParsedFile:
+    """Read one environment file. Never raises on bad content: errors are returned.
+
+    `check` adds the errors of the provider the file names (its params and strategy)."""
     doc = compose(path, data)
     root = doc.root
     errors = doc.errors
@@ -178,6 +189,14 @@ def parse_environment_file(path: str, data: bytes | str) -> ParsedFile:
         spec = EnvironmentSpec.model_validate(doc.data)
     except ValidationError as exc:
         errors.extend(_pydantic_errors(path, root, exc))
+    if spec is not None and check is not None:
+        for loc, message in check(spec):
+            where = tuple(loc)
+            on_key = bool(where) and where[-1] == "[key]"  # about the key, not its value
+            where = where[:-1] if on_key else where
+            node, _found = locate(root, where, key=on_key)
+            line, col = position(node)
+            errors.append(FileError(path, line, col, _dotted(where), message))
     if errors:
         errors.sort(key=FileError.sort_key)
         return ParsedFile(path, None, errors, env_name, positions)
@@ -381,7 +400,9 @@ def gc_paused() -> Iterator[None]:
 
 
 def load_files(
-    files: Iterable[tuple[str, bytes | str]], providers: Collection[str] | None = None
+    files: Iterable[tuple[str, bytes | str]],
+    providers: Collection[str] | None = None,
+    check: SpecCheck | None = None,
 ) -> DesiredState:
     """Parse ``(path, content)`` pairs (from disk, a git tree, ...) and assemble them.
 
@@ -389,12 +410,16 @@ def load_files(
     """
     with gc_paused():
         parsed = [
-            parse_environment_file(path, data) for path, data in files if is_environment_file(path)
+            parse_environment_file(path, data, check)
+            for path, data in files
+            if is_environment_file(path)
         ]
         return assemble(parsed, providers)
 
 
-def load_directory(root: Path, providers: Collection[str] | None = None) -> DesiredState:
+def load_directory(
+    root: Path, providers: Collection[str] | None = None, check: SpecCheck | None = None
+) -> DesiredState:
     """Parse every environment file below ``root`` (hidden folders and files skipped).
 
     Files are reported as ``str(root / relative_path)``, so that they open from the
@@ -419,5 +444,5 @@ def load_directory(root: Path, providers: Collection[str] | None = None) -> Desi
                 error = FileError(shown, 1, 1, "", f"cannot read the file: {reason}")
                 parsed.append(ParsedFile(shown, None, [error], None))
                 continue
-            parsed.append(parse_environment_file(shown, data))
+            parsed.append(parse_environment_file(shown, data, check))
         return assemble(parsed, providers)

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Coroutine
 from datetime import datetime
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 from sqlalchemy.exc import SQLAlchemyError
@@ -34,6 +34,9 @@ from reconciler.output import (
 from reconciler.source import SourceError
 from reconciler.store import STATUSES, SchemaTooNew, StoreError
 from reconciler.times import SINCE_HELP, parse_since
+
+if TYPE_CHECKING:
+    from reconciler.providers import Provider
 
 T = TypeVar("T")
 
@@ -260,8 +263,14 @@ def validate_cmd(ctx: click.Context, directory: str | None, as_json: bool) -> No
     """Check a desired-state folder (default: the configured repository at its branch head)."""
     state: DesiredState
     if directory is not None:
+        from reconciler.providers import spec_check
+
         providers = _known_providers(ctx)
-        state = load_directory(Path(directory), providers)
+        state = load_directory(
+            Path(directory),
+            None if providers is None else providers.keys(),
+            None if providers is None else spec_check(providers),
+        )
     else:
         engine, _ = run(ops.decisions(cfg(ctx), fetch=True))
         assert engine.desired is not None
@@ -286,13 +295,15 @@ def validate_cmd(ctx: click.Context, directory: str | None, as_json: bool) -> No
         sys.exit(1)
 
 
-def _known_providers(ctx: click.Context) -> set[str] | None:
-    """Provider names to check against, when a configuration is at hand."""
+def _known_providers(ctx: click.Context) -> dict[str, Provider] | None:
+    """The configured providers to check files against, when a configuration is at hand."""
     obj = ctx.ensure_object(dict)
     path = config_path(obj.get("config_path"), os.environ)
     if obj.get("config_path") is None and not path.exists():
         return None
-    return set(cfg(ctx).providers)
+    from reconciler.providers import build_providers
+
+    return build_providers(cfg(ctx))
 
 
 @main.command("schema")

@@ -126,9 +126,9 @@ class ProviderConfig(BaseModel):
 
     model_config = ConfigDict(extra="allow", frozen=True)
 
-    type: Literal[
-        "command", "docker", "kubernetes", "ecs", "lambda", "vercel", "netlify", "railway"
-    ]
+    # A built-in type (PROVIDER_TYPES) or one from the `reconciler.providers` entry points;
+    # which exist is checked when the providers are built.
+    type: str = Field(pattern=r"^[a-z][a-z0-9_-]{0,62}$")
 
     @property
     def settings(self) -> dict[str, Any]:

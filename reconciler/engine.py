@@ -43,7 +43,7 @@ from reconciler.plan import (
     dependency_triples,
     plan,
 )
-from reconciler.providers import Provider
+from reconciler.providers import Provider, spec_check
 from reconciler.source import Changes, CommitInfo, GitSource, SourceError
 from reconciler.store import CommitMeta, DeploymentRecord, EnvironmentStateRecord, Store
 
@@ -185,7 +185,11 @@ class Engine:
         prefix = self.config.repository.path.strip("/")
         shown = (lambda p: p) if prefix in ("", ".") else (lambda p: f"{prefix}/{p}")
         with gc_paused():
-            return {path: parse_environment_file(shown(path), data) for path, data in files.items()}
+            check = spec_check(self.providers)
+            return {
+                path: parse_environment_file(shown(path), data, check)
+                for path, data in files.items()
+            }
 
     async def sync(self, trigger: str = "manual") -> SyncOutcome:
         """One pass over the branch head: fetch, load, record; wake what changed."""

@@ -83,7 +83,7 @@ def test_config_path_from_environment(tmp_path):
         ),
         ('[repository]\nurl = "x"\n[daemon]\nmax_parallel = 0\n', "daemon.max_parallel:"),
         ('[repository\nurl = "x"\n', "reconciler.toml"),
-        ('[repository]\nurl = "x"\n[providers.a]\ntype = "ftp"\n', "providers.a.type:"),
+        ('[repository]\nurl = "x"\n[providers.a]\ntype = "FTP"\n', "providers.a.type:"),
         ('[repository]\nurl = "x"\n[daemon]\ntimezone = "Mars/Base"\n', "unknown time zone"),
     ],
 )
@@ -100,7 +100,7 @@ def test_mistakes_are_one_line_naming_the_key(tmp_path, text, expected):
         ('type = "command"\n', "providers.p.command: expected a non-empty list"),
         ('type = "command"\ncommand = "deploy.sh"\n', "providers.p.command"),
         ('type = "command"\ncommand = ["x"]\nshell = true\n', "providers.p.shell: unknown key"),
-        ('type = "docker"\n', "providers.p.type: provider type 'docker' is not available"),
+        ('type = "ftp"\n', "providers.p.type: unknown provider type 'ftp'"),
     ],
 )
 def test_provider_settings_are_checked(tmp_path, provider, expected):

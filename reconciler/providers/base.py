@@ -9,14 +9,18 @@ must stop (the deadline, cancellation: their task is cancelled, and they clean u
 from __future__ import annotations
 
 import abc
+import builtins
 import os
 import re
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from pydantic import BaseModel, ValidationError
+
+from desired_state import EnvironmentSpec
 from reconciler.config import ConfigError, ProviderConfig
 
 
@@ -90,16 +94,39 @@ class DeployContext:
 
 _SECRET_KEY = re.compile(r"token|secret|password|passwd|credential|api_?key", re.IGNORECASE)
 
+Problem = tuple[Sequence[str | int], str]  # (key path in the environment file, message)
+
+
+def _pydantic_problems(prefix: tuple[str | int, ...], exc: ValidationError) -> list[Problem]:
+    out: list[Problem] = []
+    for err in exc.errors(include_url=False):
+        loc = (*prefix, *err["loc"])
+        if err["type"] == "extra_forbidden":
+            message = f"unknown key '{err['loc'][-1]}'"
+            loc = (*loc, "[key]")
+        elif err["type"] == "missing":  # placed at the nearest node that exists
+            message = "required key missing"
+        else:
+            message = str(err["msg"]).removeprefix("Value error, ")
+        out.append((loc, message))
+    return out
+
 
 class Provider(abc.ABC):
     """A configured provider instance (one `[providers.NAME]` table)."""
 
     type: ClassVar[str]
+    # The pydantic model of a service's `params` for this type (extra="forbid" recommended).
+    # Values arrive as YAML text ("8080", "true"): pydantic's lax mode converts them.
+    params_model: ClassVar[builtins.type[BaseModel] | None] = None
+    # Strategy types this provider accepts (a per-instance override: supported_strategies).
+    strategies: ClassVar[frozenset[str]] = frozenset({"rolling"})
 
     def __init__(self, name: str, config: ProviderConfig, base_dir: Path) -> None:
         self.name = name
         self.config = config
         self.base_dir = base_dir
+        self._secret_values: list[str] = []  # read from token files: redacted everywhere
 
     def config_error(self, key: str, message: str) -> ConfigError:
         return ConfigError(f"providers.{self.name}.{key}: {message}")
@@ -109,8 +136,62 @@ class Provider(abc.ABC):
         p = Path(os.path.expandvars(path)).expanduser()
         return p if p.is_absolute() else (self.base_dir / p).resolve()
 
+    def read_token(self, key: str = "token_file") -> str | None:
+        """The secret in the file named by setting `key` (None when the setting is absent).
+
+        Read at start and at reload (a new instance); the value is redacted from logs."""
+        path = self.config.settings.get(key)
+        if path is None:
+            return None
+        if not isinstance(path, str) or not path:
+            raise self.config_error(key, "expected a file path")
+        file = self.resolve(path)
+        try:
+            value = file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise self.config_error(key, f"cannot read {file}: {exc.strerror}") from None
+        if not value:
+            raise self.config_error(key, f"{file} is empty")
+        self._secret_values.append(value)
+        return value
+
     def supported_strategies(self) -> frozenset[str]:
-        return frozenset({"rolling"})
+        return self.strategies
+
+    def params(self, params: Mapping[str, Any]) -> Any:
+        """A service's params as this type's model (checked already at sync/validate)."""
+        if self.params_model is None:
+            return dict(params)
+        return self.params_model.model_validate(dict(params))
+
+    def check_strategy(self, strategy: Mapping[str, Any]) -> Iterable[Problem]:
+        """Problems with the strategy's parameters; the type itself is checked already."""
+        return ()
+
+    def check_spec(self, spec: EnvironmentSpec) -> list[Problem]:
+        """What this provider refuses in an environment file: an unsupported strategy, bad
+        strategy parameters, params that do not match `params_model`. Reported by
+        `reconciler validate` and by a sync as ``file:line:col: key.path: message``."""
+        problems: list[Problem] = []
+        kind = spec.strategy.type
+        supported = self.supported_strategies()
+        if kind not in supported:
+            problems.append(
+                (
+                    ("strategy", "type"),
+                    f"provider '{self.name}' ({self.type}) supports "
+                    f"{', '.join(sorted(supported))}, not {kind}",
+                )
+            )
+        else:
+            problems.extend(self.check_strategy(spec.strategy_dict()))
+        if self.params_model is not None:
+            for name, service in spec.services.items():
+                try:
+                    self.params_model.model_validate(dict(service.params))
+                except ValidationError as exc:
+                    problems.extend(_pydantic_problems(("services", name, "params"), exc))
+        return problems
 
     async def validate(self, request: DeployRequest) -> Validation:
         """Checks before the run; the default checks the strategy. Recorded in `validation`."""
@@ -138,6 +219,7 @@ class Provider(abc.ABC):
                 out.append(value)
             if isinstance(value, dict):
                 out.extend(str(v) for k, v in value.items() if _SECRET_KEY.search(str(k)))
+        out.extend(self._secret_values)
         return [s for s in out if len(s) >= 4]
 
 
