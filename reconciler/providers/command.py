@@ -155,8 +155,8 @@ class CommandProvider(Provider):
     async def deploy(self, ctx: DeployContext) -> None:
         req = ctx.request
         loop = asyncio.get_running_loop()
-        try:
-            transport, protocol = await loop.subprocess_exec(
+        spawn = asyncio.ensure_future(
+            loop.subprocess_exec(
                 lambda: _Protocol(CHUNK, loop),
                 *self.argv(req),
                 stdin=asyncio.subprocess.DEVNULL,
@@ -166,8 +166,26 @@ class CommandProvider(Provider):
                 cwd=self.workdir,
                 start_new_session=True,  # its own process group: a stop ends the children too
             )
+        )
+        try:
+            transport, protocol = await asyncio.shield(spawn)
         except OSError as exc:
             raise DeploymentFailed(f"cannot start {self.command[0]}: {exc.strerror}") from None
+        except asyncio.CancelledError:
+            # Stopped while starting: asyncio would kill the leader alone, so the command is
+            # let start and then stopped like any run (SIGKILLed if cancelled once more).
+            try:
+                await asyncio.wait([spawn])
+            except asyncio.CancelledError:
+                spawn.add_done_callback(_kill_spawned)
+                raise
+            if not spawn.cancelled() and spawn.exception() is None:
+                started, started_protocol = spawn.result()
+                try:
+                    await self._stop(started_protocol, started.get_pid(), ctx.kill_grace)
+                finally:
+                    started.close()
+            raise
         pgid = transport.get_pid()
         tail: deque[str] = deque(maxlen=STDERR_TAIL)
         readers: list[asyncio.Task[None]] = []
@@ -248,6 +266,13 @@ class CommandProvider(Provider):
             killpg(pgid, signal.SIGKILL)  # also leftover children of a finished leader
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(protocol.exited), KILLED_EXIT_SECONDS)
+
+
+def _kill_spawned(spawn: asyncio.Future[tuple[asyncio.SubprocessTransport, _Protocol]]) -> None:
+    if not spawn.cancelled() and spawn.exception() is None:
+        transport = spawn.result()[0]
+        killpg(transport.get_pid(), signal.SIGKILL)
+        transport.close()
 
 
 class _Protocol(asyncio.subprocess.SubprocessStreamProtocol):
