@@ -150,36 +150,45 @@ class _LogBuffer:
         self._head_room = cap // 2
         self._tail_room = cap - self._head_room
         self._in_tail = False
-        self._tail: deque[tuple[str, str, datetime, int, int]] = deque()
+        # (stream, line as read, bytes cut, at, cost against the cap, size as printed)
+        self._tail: deque[tuple[str, str, int, datetime, int, int]] = deque()
         self._tail_size = 0
+        self._at = utcnow()
+        self._clock_read = time.monotonic()
         self.dropped_lines = 0
         self.dropped_bytes = 0
         self._closed = False
 
     def add(self, stream: str, line: str, cut: int = 0) -> None:
+        """One line (``cut``: bytes the reader already left out). Called for every line
+        of a flood, so it does little: lines that may be dropped are redacted later."""
         if self._closed:
             return
         size = (len(line) if line.isascii() else len(line.encode())) + cut
-        text = self.redact(line)
-        if size > LINE_LIMIT:
-            text = _cut(text, LINE_LIMIT, cut)
-        cost = min(size, LINE_LIMIT + 64) + 1
-        at = utcnow()
+        cost = size + 1 if size <= LINE_LIMIT else LINE_LIMIT + 65
+        now = time.monotonic()
+        if now - self._clock_read > 0.001:  # one clock read per millisecond, not per line
+            self._at, self._clock_read = utcnow(), now
         if not self._in_tail:
             if cost <= self._head_room:
                 self._head_room -= cost
-                self.lines.append((stream, text, at))
+                self.lines.append((stream, self._text(line, size, cut), self._at))
                 if self._task is None:
                     self._task = asyncio.get_running_loop().create_task(self._flush_later())
                 return
             self._in_tail = True
-        self._tail.append((stream, text, at, cost, size + 1))
+        self._tail.append((stream, line, cut, self._at, cost, size))
         self._tail_size += cost
         while self._tail_size > self._tail_room:
-            _, _, _, old_cost, old_size = self._tail.popleft()
-            self._tail_size -= old_cost
+            dropped = self._tail.popleft()
+            self._tail_size -= dropped[4]
             self.dropped_lines += 1
-            self.dropped_bytes += old_size
+            self.dropped_bytes += dropped[5] + 1
+
+    def _text(self, line: str, size: int, cut: int) -> str:
+        """The line as stored: secrets replaced, then cut at LINE_LIMIT bytes."""
+        text = self.redact(line) if self.redact.secrets else line
+        return _cut(text, LINE_LIMIT, cut) if size > LINE_LIMIT else text
 
     async def _flush_later(self) -> None:
         await asyncio.sleep(LOG_FLUSH_SECONDS)
@@ -202,7 +211,10 @@ class _LogBuffer:
             if self.dropped_lines:
                 n, size = self.dropped_lines, _size(self.dropped_bytes)
                 self.lines.append(("system", f"… {n:,} lines ({size}) dropped …", utcnow()))
-            self.lines.extend((s, t, at) for s, t, at, _, _ in self._tail)
+            self.lines.extend(
+                (stream, self._text(line, size, cut), at)
+                for stream, line, cut, at, _, size in self._tail
+            )
             self._tail.clear()
         await self.flush()
 
