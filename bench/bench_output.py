@@ -23,6 +23,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from _common import (
     PYTHON,
@@ -66,7 +67,7 @@ def run(argv: list[str], cwd: Path, env: dict[str, str] | None = None) -> tuple[
     return wall, usage.ru_maxrss * 1024, proc.returncode
 
 
-def deploy(tmp: Path, name: str, lines: int) -> dict[str, float]:
+def deploy(tmp: Path, name: str, lines: int) -> dict[str, Any]:
     folder = tmp / name
     folder.mkdir()
     script = folder / "flood.py"
@@ -83,6 +84,10 @@ def deploy(tmp: Path, name: str, lines: int) -> dict[str, float]:
     rows, size = db.execute(
         "SELECT count(*), coalesce(sum(length(CAST(line AS BLOB))), 0) FROM deployment_logs"
     ).fetchone()
+    marker = db.execute("SELECT line FROM deployment_logs WHERE stream = 'system'").fetchall()
+    events = db.execute(
+        "SELECT count(*) FROM deployment_events WHERE status = 'in_progress' AND percent IS NOT NULL"
+    ).fetchone()[0]
     db.close()
     shown = subprocess.run(
         [*RECONCILER, "--config", str(config), "history", "--json"],
@@ -100,6 +105,8 @@ def deploy(tmp: Path, name: str, lines: int) -> dict[str, float]:
         "bytes": size,
         "run": float(record["duration_seconds"]),
         "status_ok": float(record["status"] == "completed"),
+        "events": events,
+        "marker": marker[0][0] if marker else "",
     }
 
 
@@ -150,6 +157,8 @@ def main() -> None:
         loud["bytes"] <= 2**20,
     )
     table.note(f"run status completed: {bool(loud['status_ok'])}; baseline peak RSS {mb(base_rss)}")
+    table.note(f"progress events recorded: {loud['events']} (printed: {(n + 99_999) // 100_000})")
+    table.note(f"log marker: {loud['marker'] or '(none)'}")
     table.print()
 
 
