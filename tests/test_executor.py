@@ -272,6 +272,16 @@ def test_a_command_gets_a_built_environment_not_the_daemons(world: World, monkey
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "canary-2")
     monkeypatch.setenv("LC_TIME", "C.UTF-8")
     monkeypatch.setenv("TZ", "UTC")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", "/run/credentials/reconciler.service")
+    monkeypatch.setenv("DEPLOY_API_KEY", "from-the-daemon-env")
+    # What a command should get of the daemon's environment, it is given by name.
+    world.config.write_text(
+        world.config.read_text().replace(
+            'SECRET_TOKEN = "hunter2-secret"',
+            'SECRET_TOKEN = "hunter2-secret", CREDS_FILE = "${CREDENTIALS_DIRECTORY}/t", '
+            'KEPT = "${UNSET_VARIABLE}", API_KEY = "${DEPLOY_API_KEY}"',
+        )
+    )
     script(world, "#!/usr/bin/env bash\nenv\n")
     world.repo.set_env("staging", {"api": "1.0"})
     rec = engine_run(world, deploy_once)
@@ -281,7 +291,12 @@ def test_a_command_gets_a_built_environment_not_the_daemons(world: World, monkey
     assert env["LC_TIME"] == "C.UTF-8" and env["TZ"] == "UTC" and env["PATH"]
     assert env["RECONCILER_SERVICE"] == "api" and env["DEPLOY_LOG"] == str(world.log)
     assert env["SECRET_TOKEN"] == "***"  # the provider's own env, redacted in the log
+    assert env["API_KEY"] == "***"  # redacted as expanded
+    assert "from-the-daemon-env" not in "\n".join(entry.line for entry in rec.log)
+    assert env["CREDS_FILE"] == "/run/credentials/reconciler.service/t"
+    assert env["KEPT"] == "${UNSET_VARIABLE}" and "CREDENTIALS_DIRECTORY" not in env
     allowed = {"PATH", "HOME", "LANG", "TZ", "DEPLOY_LOG", "DEPLOY_PIDS", "DEPLOY_GATE"}
+    allowed |= {"CREDS_FILE", "KEPT", "API_KEY"}
     extra = {
         k
         for k in env

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 from collections import deque
@@ -14,6 +15,7 @@ from typing import Any
 
 from reconciler.config import ProviderConfig
 from reconciler.providers.base import (
+    _SECRET_KEY,
     Check,
     DeployContext,
     DeploymentFailed,
@@ -34,6 +36,14 @@ READER_GRACE_SECONDS = 1.0
 KILLED_EXIT_SECONDS = 5.0
 # What a command inherits from the daemon (SPEC §6); everything else is built.
 INHERITED_ENV = frozenset({"PATH", "HOME", "LANG", "TZ"})
+
+
+_BRACED_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _expand(value: str) -> str:
+    """``${NAME}`` replaced by the daemon's variable; unset ones are left as written."""
+    return _BRACED_VAR.sub(lambda m: os.environ.get(m.group(1), m.group(0)), value)
 
 
 def _param_env_name(key: str) -> str:
@@ -82,7 +92,9 @@ class CommandProvider(Provider):
         env = s.get("env", {})
         if not isinstance(env, dict) or not all(isinstance(v, str) for v in env.values()):
             raise self.config_error("env", "expected a table of strings")
-        self.env: dict[str, str] = {str(k): v for k, v in env.items()}
+        # `${VAR}` of the daemon's environment, as in paths: the one way to hand a command
+        # something of the daemon's (e.g. "${CREDENTIALS_DIRECTORY}/deploy-token").
+        self.env: dict[str, str] = {str(k): _expand(v) for k, v in env.items()}
         workdir = s.get("workdir")
         if workdir is not None and not isinstance(workdir, str):
             raise self.config_error("workdir", "expected a path")
@@ -97,6 +109,11 @@ class CommandProvider(Provider):
 
     def supported_strategies(self) -> frozenset[str]:
         return self._strategies
+
+    def secrets(self) -> list[str]:
+        """Also the expanded values: `API_TOKEN = "${TOKEN}"` is redacted as the token."""
+        expanded = [v for k, v in self.env.items() if _SECRET_KEY.search(k) and len(v) >= 4]
+        return [*super().secrets(), *expanded]
 
     def argv(self, req: DeployRequest) -> list[str]:
         values = {
