@@ -61,6 +61,9 @@ LOG_FLUSH_LINES = 200
 # SPEC §6: a run's log keeps 1 MiB by default (`[daemon] log_cap`), lines cut at 16 KiB.
 LOG_CAP = 1024 * 1024
 LINE_LIMIT = 16 * 1024
+# What a line counts against the cap at least: a stored row costs more than its text, and
+# a flood of empty lines must not fill the tail with a million tiny objects.
+LINE_MIN_COST = 32
 
 
 def utcnow() -> datetime:
@@ -169,7 +172,7 @@ class _LogBuffer:
         if self._closed:
             return
         size = (len(line) if line.isascii() else len(line.encode())) + cut
-        cost = size + 1 if size <= LINE_LIMIT else LINE_LIMIT + 65
+        cost = max(size + 1, LINE_MIN_COST) if size <= LINE_LIMIT else LINE_LIMIT + 65
         now = time.monotonic()
         if now - self._clock_read > 0.001:  # one clock read per millisecond, not per line
             self._at, self._clock_read = utcnow(), now
