@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import signal
 import sys
 from collections.abc import Coroutine
 from datetime import datetime
@@ -87,7 +88,24 @@ class Group(click.Group):
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
-    return asyncio.run(coro)
+    """Run a command's coroutine. SIGTERM cancels it like Ctrl-C does (a running deployment
+    is stopped and recorded `cancelled`) instead of killing the process outright, which
+    would leave its command running."""
+    try:
+        return asyncio.run(_cancelled_by_sigterm(coro))
+    except asyncio.CancelledError:
+        fail("stopped by SIGTERM", 143)
+
+
+async def _cancelled_by_sigterm(coro: Coroutine[Any, Any, T]) -> T:
+    task = asyncio.current_task()
+    assert task is not None
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, task.cancel)
+    try:
+        return await coro
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
 
 
 def cfg(ctx: click.Context) -> Config:

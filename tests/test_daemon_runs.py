@@ -220,3 +220,30 @@ def test_the_migration_child_gets_the_database_url_off_its_command_line(
 @pytest.fixture
 def world(tmp_path: Path) -> World:
     return World(tmp_path)
+
+
+def test_sigterm_to_a_standalone_deploy_stops_its_command_and_records_it(tmp_path: Path):
+    world = World(tmp_path)
+    world.repo.set_env("staging", {"api": "0.9"})
+    cli = subprocess.Popen(
+        [*RECONCILER, "--config", str(world.config), "deploy", "--env=staging", "--version=1-trap"],
+        cwd=world.tmp,
+        env=cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for(world.pids.exists, what="the deployment to start")
+        pgid = int(world.pids.read_text().split()[0])
+        cli.send_signal(signal.SIGTERM)
+        _, err = cli.communicate(timeout=20)
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+    assert cli.returncode == 143
+    assert err.strip().splitlines()[-1] == "reconciler: stopped by SIGTERM"
+    assert "Traceback" not in err
+    assert group(pgid) == []
+    [record] = history(world)
+    assert record["status"] == "cancelled"
