@@ -88,24 +88,35 @@ class Group(click.Group):
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
-    """Run a command's coroutine. SIGTERM cancels it like Ctrl-C does (a running deployment
-    is stopped and recorded `cancelled`) instead of killing the process outright, which
-    would leave its command running."""
+    """Run a command's coroutine. Ctrl-C and SIGTERM cancel it (a running deployment is
+    stopped, SIGTERM then SIGKILL after `kill_grace`, and recorded `cancelled`); each
+    further Ctrl-C cancels again, which cuts the grace short (SIGKILL at once). Nothing
+    kills the process under its command, which would leave that command running."""
+    received: list[signal.Signals] = []
     try:
-        return asyncio.run(_cancelled_by_sigterm(coro))
+        return asyncio.run(_stoppable(coro, received))
     except asyncio.CancelledError:
-        fail("stopped by SIGTERM", 143)
+        if received and received[-1] == signal.SIGTERM:
+            fail("stopped by SIGTERM", 143)
+        fail("interrupted", 130)
 
 
-async def _cancelled_by_sigterm(coro: Coroutine[Any, Any, T]) -> T:
+async def _stoppable(coro: Coroutine[Any, Any, T], received: list[signal.Signals]) -> T:
     task = asyncio.current_task()
     assert task is not None
     loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, task.cancel)
+
+    def stop(sig: signal.Signals) -> None:
+        received.append(sig)
+        task.cancel()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop, sig)
     try:
         return await coro
     finally:
-        loop.remove_signal_handler(signal.SIGTERM)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
 
 
 def cfg(ctx: click.Context) -> Config:
