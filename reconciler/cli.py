@@ -1,6 +1,7 @@
 """`reconciler` command line (SPEC §7): parse, call one function, print.
 
-Exit status: 0 success, 1 a failure the command reports, 2 bad usage or configuration.
+Exit status: 0 success, 1 a failure the command reports, 2 bad usage or configuration,
+130 / 143 stopped by Ctrl-C / SIGTERM.
 Errors are one sentence on stderr; set RECONCILER_DEBUG=1 to see a traceback.
 """
 
