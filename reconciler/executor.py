@@ -1,8 +1,9 @@
 """One deployment, start to end: record it, validate, run under a deadline, record the outcome.
 
 Every step is written to the store as it happens (status changes and progress events at
-once, log lines in small batches), so a crash loses at most the last fraction of a second
-of log output and never a status.
+once, log lines in small batches up to the log's cap, whose tail is kept in memory and
+written at the end), so a crash loses at most that tail and never a status. The end of a
+run is one shielded step that always writes a terminal status.
 """
 
 from __future__ import annotations
