@@ -1,6 +1,7 @@
 """`reconciler` command line (SPEC §7): parse, call one function, print.
 
-Exit status: 0 success, 1 a failure the command reports, 2 bad usage or configuration.
+Exit status: 0 success, 1 a failure the command reports, 2 bad usage or configuration,
+130 / 143 stopped by Ctrl-C / SIGTERM.
 Errors are one sentence on stderr; set RECONCILER_DEBUG=1 to see a traceback.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import signal
 import sys
 from collections.abc import Coroutine
 from datetime import datetime
@@ -90,7 +92,35 @@ class Group(click.Group):
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
-    return asyncio.run(coro)
+    """Run a command's coroutine. Ctrl-C and SIGTERM cancel it (a running deployment is
+    stopped, SIGTERM then SIGKILL after `kill_grace`, and recorded `cancelled`); each
+    further Ctrl-C cancels again, which cuts the grace short (SIGKILL at once). Nothing
+    kills the process under its command, which would leave that command running."""
+    received: list[signal.Signals] = []
+    try:
+        return asyncio.run(_stoppable(coro, received))
+    except asyncio.CancelledError:
+        if received and received[-1] == signal.SIGTERM:
+            fail("stopped by SIGTERM", 143)
+        fail("interrupted", 130)
+
+
+async def _stoppable(coro: Coroutine[Any, Any, T], received: list[signal.Signals]) -> T:
+    task = asyncio.current_task()
+    assert task is not None
+    loop = asyncio.get_running_loop()
+
+    def stop(sig: signal.Signals) -> None:
+        received.append(sig)
+        task.cancel()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop, sig)
+    try:
+        return await coro
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
 
 
 def cfg(ctx: click.Context) -> Config:

@@ -13,7 +13,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ByteSize,
+    ConfigDict,
+    Field,
+    ValidationError,
+)
 
 from desired_state import parse_duration
 
@@ -81,6 +88,8 @@ class DaemonConfig(_Section):
     shutdown_grace: Seconds = 60.0
     # How long a stopped command gets between SIGTERM and SIGKILL (SPEC §4 rule 7: 10 s).
     kill_grace: Seconds = 10.0
+    # What a run's log keeps (SPEC §6): head and tail, the rest counted. "1MiB", "512kB", bytes.
+    log_cap: Annotated[ByteSize, Field(ge=4096)] = ByteSize(1024 * 1024)
     timezone: str | None = None  # windows without `timezone:`; default: the host's
 
 

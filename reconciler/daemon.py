@@ -351,16 +351,19 @@ class MigrationFailed(Exception):
 
 
 async def migrate_in_child(url: str) -> list[str]:
-    """Apply migrations in a short-lived child process (see reconciler.store.migrate)."""
+    """Apply migrations in a short-lived child process (see reconciler.store.migrate).
+
+    The URL goes on the child's stdin: a command line is readable by anyone on the host.
+    """
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "reconciler.store.migrate",
-        url,
+        stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
-    out, err = await proc.communicate()
+    out, err = await proc.communicate(url.encode() + b"\n")
     if proc.returncode != 0:
         lines = err.decode(errors="replace").strip().splitlines()
         raise MigrationFailed(lines[-1] if lines else f"migration exited {proc.returncode}")

@@ -44,6 +44,7 @@ from reconciler.plan import (
     plan,
 )
 from reconciler.providers import Provider, spec_check
+from reconciler.providers.process import end_group
 from reconciler.source import Changes, CommitInfo, GitSource, SourceError
 from reconciler.store import CommitMeta, DeploymentRecord, EnvironmentStateRecord, Store
 
@@ -123,6 +124,7 @@ class Engine:
             store,
             self.providers,
             kill_grace=config.daemon.kill_grace,
+            log_cap=config.daemon.log_cap,
             listener=listener,
             clock=clock,
         )
@@ -160,6 +162,7 @@ class Engine:
         self.providers = dict(providers)
         self.executor.providers = self.providers
         self.executor.kill_grace = config.daemon.kill_grace
+        self.executor.log_cap = config.daemon.log_cap
         self.settings = _plan_settings(config)
         if config.daemon.max_parallel != self._max_parallel:
             # Running deployments release the old semaphore; new ones take the new one.
@@ -173,7 +176,19 @@ class Engine:
     # ---- desired state ---------------------------------------------------------------
 
     async def recover(self) -> list[int]:
-        """End what a previous process left running (SPEC §4 rule 8)."""
+        """End what a previous process left running (SPEC §4 rule 8).
+
+        A run's process group outlives a daemon that was killed (it is a session of its
+        own): it is ended first (SIGTERM, SIGKILL after `kill_grace`), so the same service
+        never runs twice at once once its record is closed and planned again.
+        """
+        survivors = await asyncio.to_thread(self.store.unfinished_processes)
+        ended = await asyncio.gather(
+            *(end_group(pgid, token, self.config.daemon.kill_grace) for _, pgid, token in survivors)
+        )
+        for (deployment_id, pgid, _), was_running in zip(survivors, ended, strict=True):
+            if was_running:
+                log.warning("event=orphan_ended id=%d pgid=%d", deployment_id, pgid)
         ids = await asyncio.to_thread(
             self.store.interrupt_unfinished, message=INTERRUPTED, at=self.clock()
         )

@@ -1,8 +1,9 @@
 """One deployment, start to end: record it, validate, run under a deadline, record the outcome.
 
 Every step is written to the store as it happens (status changes and progress events at
-once, log lines in small batches), so a crash loses at most the last fraction of a second
-of log output and never a status.
+once, log lines in small batches up to the log's cap, whose tail is kept in memory and
+written at the end), so a crash loses at most that tail and never a status. The end of a
+run is one shielded step that always writes a terminal status.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import asyncio
 import json
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -21,11 +23,13 @@ from tenacity import (
     RetryCallState,
     retry_if_exception,
     stop_after_delay,
+    stop_never,
     wait_exponential,
 )
 
 from desired_state import EnvironmentSpec, format_duration
 from reconciler.providers import (
+    Check,
     DeployContext,
     DeploymentFailed,
     DeployRequest,
@@ -33,12 +37,14 @@ from reconciler.providers import (
     Redactor,
     Validation,
 )
+from reconciler.providers.process import start_token
 from reconciler.store import (
     TERMINAL_STATUSES,
     CommitMeta,
     DeploymentRecord,
     NewDeployment,
     Store,
+    StoreError,
     is_transient,
 )
 
@@ -48,9 +54,17 @@ T = TypeVar("T")
 # How long a record write keeps retrying through a database outage before it gives up
 # (the record is then ended `interrupted` at the next start, never lost).
 STORE_RETRY_SECONDS = 900.0
+STORE_RETRY_WAIT = 0.1  # first pause between attempts, doubling up to STORE_RETRY_WAIT_MAX
+STORE_RETRY_WAIT_MAX = 10.0
 
 LOG_FLUSH_SECONDS = 0.2
 LOG_FLUSH_LINES = 200
+# SPEC §6: a run's log keeps 1 MiB by default (`[daemon] log_cap`), lines cut at 16 KiB.
+LOG_CAP = 1024 * 1024
+LINE_LIMIT = 16 * 1024
+# What a line counts against the cap at least: a stored row costs more than its text, and
+# a flood of empty lines must not fill the tail with a million tiny objects.
+LINE_MIN_COST = 32
 
 
 def utcnow() -> datetime:
@@ -68,10 +82,14 @@ def _log_retry(state: RetryCallState) -> None:
 
 async def durable(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
     """Run a store call off the loop, retrying with backoff while the database is away."""
+    return await _retrying(stop_after_delay(STORE_RETRY_SECONDS), fn, *args, **kwargs)
+
+
+async def _retrying(stop: Any, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
     async for attempt in AsyncRetrying(
         retry=retry_if_exception(is_transient),
-        wait=wait_exponential(multiplier=0.1, max=10),
-        stop=stop_after_delay(STORE_RETRY_SECONDS),
+        wait=wait_exponential(multiplier=STORE_RETRY_WAIT, max=STORE_RETRY_WAIT_MAX),
+        stop=stop,
         before_sleep=_log_retry,
         reraise=True,
     ):
@@ -99,19 +117,86 @@ class Job:
         return self.spec.environment
 
 
-class _LogBuffer:
-    """Collects log lines and writes them in batches, off the event loop."""
+def _size(n: int) -> str:
+    """Bytes as people read them: 512 B, 9.8 MB (decimal units, as SPEC §6 writes them)."""
+    if n < 1000:
+        return f"{n} B"
+    value, unit = n / 1000, "kB"
+    for bigger in ("MB", "GB"):
+        if value < 999.95:
+            break
+        value, unit = value / 1000, bigger
+    return f"{value:.1f} {unit}"
 
-    def __init__(self, store: Store, deployment_id: int, redact: Redactor) -> None:
+
+def _cut(text: str, limit: int, omitted: int) -> str:
+    """``text`` cut to ``limit`` UTF-8 bytes, saying how much is gone."""
+    data = text.encode()
+    if len(data) <= limit and not omitted:
+        return text
+    kept = data[:limit].decode("utf-8", "ignore")
+    gone = len(data) + omitted - len(kept.encode())
+    return f"{kept} … [{gone:,} bytes cut]"
+
+
+class _LogBuffer:
+    """A run's log: lines written in batches off the event loop, capped (SPEC §6).
+
+    The first half of the cap (the head) is written as it comes; after that, lines go to
+    an in-memory tail of the other half, the oldest falling out and counted. At the end the
+    count and the tail are written. So a run of any length costs at most the cap in the
+    database and about that in memory, and the reader never waits on more than one batch.
+    """
+
+    def __init__(
+        self, store: Store, deployment_id: int, redact: Redactor, cap: int = LOG_CAP
+    ) -> None:
         self.store, self.id, self.redact = store, deployment_id, redact
         self.lines: list[tuple[str, str, datetime]] = []
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()  # batches reach the store in order
+        self._head_room = cap // 2
+        self._tail_room = cap - self._head_room
+        self._in_tail = False
+        # (stream, line as read, bytes cut, at, cost against the cap, size as printed)
+        self._tail: deque[tuple[str, str, int, datetime, int, int]] = deque()
+        self._tail_size = 0
+        self._at = utcnow()
+        self._clock_read = time.monotonic()
+        self.dropped_lines = 0
+        self.dropped_bytes = 0
+        self._closed = False
 
-    def add(self, stream: str, line: str) -> None:
-        self.lines.append((stream, self.redact(line), utcnow()))
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._flush_later())
+    def add(self, stream: str, line: str, cut: int = 0) -> None:
+        """One line (``cut``: bytes the reader already left out). Called for every line
+        of a flood, so it does little: lines that may be dropped are redacted later."""
+        if self._closed:
+            return
+        size = (len(line) if line.isascii() else len(line.encode())) + cut
+        cost = max(size + 1, LINE_MIN_COST) if size <= LINE_LIMIT else LINE_LIMIT + 65
+        now = time.monotonic()
+        if now - self._clock_read > 0.001:  # one clock read per millisecond, not per line
+            self._at, self._clock_read = utcnow(), now
+        if not self._in_tail:
+            if cost <= self._head_room:
+                self._head_room -= cost
+                self.lines.append((stream, self._text(line, size, cut), self._at))
+                if self._task is None:
+                    self._task = asyncio.get_running_loop().create_task(self._flush_later())
+                return
+            self._in_tail = True
+        self._tail.append((stream, line, cut, self._at, cost, size))
+        self._tail_size += cost
+        while self._tail_size > self._tail_room:
+            dropped = self._tail.popleft()
+            self._tail_size -= dropped[4]
+            self.dropped_lines += 1
+            self.dropped_bytes += dropped[5] + 1
+
+    def _text(self, line: str, size: int, cut: int) -> str:
+        """The line as stored: secrets replaced, then cut at LINE_LIMIT bytes."""
+        text = self.redact(line) if self.redact.secrets else line
+        return _cut(text, LINE_LIMIT, cut) if size > LINE_LIMIT else text
 
     async def _flush_later(self) -> None:
         await asyncio.sleep(LOG_FLUSH_SECONDS)
@@ -125,9 +210,20 @@ class _LogBuffer:
                 await durable(self.store.append_log, self.id, batch)
 
     async def close(self) -> None:
+        """Write what is left: the count of dropped lines, then the tail."""
         if self._task is not None:
             self._task.cancel()
             self._task = None
+        if not self._closed:
+            self._closed = True
+            if self.dropped_lines:
+                n, size = self.dropped_lines, _size(self.dropped_bytes)
+                self.lines.append(("system", f"… {n:,} lines ({size}) dropped …", utcnow()))
+            self.lines.extend(
+                (stream, self._text(line, size, cut), at)
+                for stream, line, cut, at, _, size in self._tail
+            )
+            self._tail.clear()
         await self.flush()
 
 
@@ -154,12 +250,20 @@ class DeploymentEvent:
 Listener = Callable[[DeploymentEvent], None]
 
 
+@dataclass(frozen=True)
+class _Outcome:
+    status: str
+    message: str | None = None
+    error_message: str | None = None
+    validation: dict[str, Any] | None = None
+
+
 class _Run:
     """The record side of one run: status changes, progress and log, all redacted."""
 
     def __init__(self, executor: Executor, rec: DeploymentRecord, redact: Redactor) -> None:
         self.x, self.rec, self.redact = executor, rec, redact
-        self.logs = _LogBuffer(executor.store, rec.id, redact)
+        self.logs = _LogBuffer(executor.store, rec.id, redact, executor.log_cap)
 
     def _emit(
         self,
@@ -197,19 +301,11 @@ class _Run:
         error_message: str | None = None,
         validation: dict[str, Any] | None = None,
     ) -> DeploymentRecord:
-        await self.logs.close()
+        await self.logs.flush()
         at = self.x.clock()
         error_message = self.redact(error_message) if error_message else error_message
         message = self.redact(message) if message else message
-        self.rec = await durable(
-            self.x.store.set_status,
-            self.rec.id,
-            status,
-            at=at,
-            message=message,
-            error_message=error_message,
-            validation=validation,
-        )
+        self.rec = await self._write(status, at, message, error_message, validation)
         self._emit(
             status,
             message or error_message or status,
@@ -218,6 +314,67 @@ class _Run:
             at,
         )
         return self.rec
+
+    async def _write(
+        self,
+        status: str,
+        at: datetime,
+        message: str | None,
+        error_message: str | None,
+        validation: dict[str, Any] | None,
+    ) -> DeploymentRecord:
+        kwargs: dict[str, Any] = dict(
+            at=at, message=message, error_message=error_message, validation=validation
+        )
+        if status not in TERMINAL_STATUSES:
+            return await durable(self.x.store.set_status, self.rec.id, status, **kwargs)
+        try:  # a terminal status is written however long the database is away
+            return await _retrying(
+                stop_never, self.x.store.set_status, self.rec.id, status, **kwargs
+            )
+        except StoreError:
+            # An attempt whose answer was lost may have been written already.
+            rec = await _retrying(stop_never, self.x.store.get_deployment, self.rec.id)
+            if rec is None or rec.status not in TERMINAL_STATUSES:
+                raise
+            return rec
+
+    async def finish(self, outcome: _Outcome) -> DeploymentRecord:
+        """The one way a run ends: its log closed and a terminal status written, shielded
+        from cancellation (a stop whose grace ran out while this retries through a
+        database outage must not leave the record open, to be called interrupted and run
+        again). A cancellation that arrives meanwhile is re-raised once it is written."""
+        task = asyncio.ensure_future(self._finish(outcome))
+        cancelled = False
+        while True:
+            try:
+                rec = await asyncio.shield(task)
+                break
+            except asyncio.CancelledError:
+                if task.done():
+                    raise
+                cancelled = True
+        if cancelled:
+            raise asyncio.CancelledError
+        return rec
+
+    async def _finish(self, outcome: _Outcome) -> DeploymentRecord:
+        try:
+            await self.logs.close()
+        except Exception:  # the log gave up on the database: the status must not
+            log.exception("event=log_lost id=%d", self.rec.id)
+        return await self.status(
+            outcome.status,
+            message=outcome.message,
+            error_message=outcome.error_message,
+            validation=outcome.validation,
+        )
+
+    async def process(self, pgid: int) -> None:
+        """Record the run's process group, so that a restart can end what a crash left."""
+        token = start_token(pgid)
+        if token is not None:
+            await durable(self.x.store.set_run_process, self.rec.id, pgid, token)
 
     async def progress(
         self, percent: int | None, message: str, details: Mapping[str, Any] | None
@@ -245,12 +402,14 @@ class Executor:
         providers: Mapping[str, Provider],
         *,
         kill_grace: float = 10.0,
+        log_cap: int = LOG_CAP,
         listener: Listener | None = None,
         clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self.store = store
         self.providers = providers
         self.kill_grace = kill_grace
+        self.log_cap = log_cap
         self.listener = listener
         self.clock = clock
 
@@ -307,14 +466,39 @@ class Executor:
         )
         run = _Run(self, rec, Redactor(provider.secrets()))
         ctx = DeployContext(
-            request, deadline, run.progress, run.logs.add, kill_grace=self.kill_grace
+            request,
+            deadline,
+            run.progress,
+            run.logs.add,
+            kill_grace=self.kill_grace,
+            _process=run.process,
         )
         try:
-            async with asyncio.timeout_at(_loop_time(deadline)):
+            outcome = await self._attempt(job, provider, request, run, ctx, deadline)
+        except asyncio.CancelledError:
+            await run.finish(
+                _Outcome("cancelled", error_message="cancelled: reconciler stopped during the run")
+            )
+            raise
+        return await run.finish(outcome)
+
+    async def _attempt(
+        self,
+        job: Job,
+        provider: Provider,
+        request: DeployRequest,
+        run: _Run,
+        ctx: DeployContext,
+        deadline: float,
+    ) -> _Outcome:
+        """Validate and deploy; what the run comes to (recorded by `_Run.finish`)."""
+        limit = asyncio.timeout_at(_loop_time(deadline))
+        try:
+            async with limit:
                 await run.status("validating", message="validating")
                 validation = await self._validate(provider, request)
                 if not validation.ok:
-                    return await run.status(
+                    return _Outcome(
                         "failed",
                         error_message=validation.failure_message(),
                         validation=validation.to_json(),
@@ -325,31 +509,22 @@ class Executor:
                     message=f"deploying {job.service} {job.version} with {provider.name}",
                 )
                 await provider.deploy(ctx)
-        except TimeoutError:
-            limit = format_duration(job.spec.timeout)
-            return await run.status(
-                "timed_out", error_message=f"deadline of {limit} reached: run stopped"
-            )
         except DeploymentFailed as exc:
-            return await run.status("failed", error_message=str(exc) or "failed")
-        except asyncio.CancelledError:
-            await run.status(
-                "cancelled", error_message="cancelled: reconciler stopped during the run"
-            )
-            raise
-        except Exception as exc:  # a provider bug must still end the record
+            return _Outcome("failed", error_message=str(exc) or "failed")
+        except Exception as exc:  # a provider bug (or its own TimeoutError) must still end it
+            if isinstance(exc, TimeoutError) and limit.expired():
+                when = format_duration(job.spec.timeout)
+                return _Outcome(
+                    "timed_out", error_message=f"deadline of {when} reached: run stopped"
+                )
             log.exception("provider %s raised", provider.name)
-            return await run.status(
-                "failed", error_message=f"provider error: {type(exc).__name__}: {exc}"
-            )
-        return await run.status("completed", message=f"{job.service} is at {job.version}")
+            return _Outcome("failed", error_message=f"provider error: {type(exc).__name__}: {exc}")
+        return _Outcome("completed", message=f"{job.service} is at {job.version}")
 
     async def _validate(self, provider: Provider, request: DeployRequest) -> Validation:
         try:
             return await provider.validate(request)
         except Exception as exc:
-            from reconciler.providers import Check
-
             return Validation((Check("provider", False, f"{type(exc).__name__}: {exc}"),))
 
 

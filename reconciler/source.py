@@ -128,6 +128,44 @@ def _redact_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"***@{host}"))
 
 
+# A credential helper that answers from the environment git runs in (see _credentials).
+_ENV_HELPER = (
+    '!f() { test "$1" = get && printf "username=%s\\npassword=%s\\n" '
+    '"$RECONCILER_GIT_USERNAME" "$RECONCILER_GIT_PASSWORD"; }; f'
+)
+
+
+def _credentials(url: str, env: dict[str, str]) -> str:
+    """The URL to give git, without the user info of an ``http(s)://user:token@host`` URL.
+
+    The credentials go to git through its environment instead (a credential helper set
+    with ``GIT_CONFIG_*`` that prints them): a command line is readable by every user of
+    the host (`ps`), an environment only by the same user. ``env`` is updated in place.
+    """
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url
+    if parts.scheme not in ("http", "https") or "@" not in parts.netloc:
+        return url
+    userinfo, host = parts.netloc.rsplit("@", 1)
+    user, _, password = userinfo.partition(":")
+    n = int(env.get("GIT_CONFIG_COUNT", "0") or "0")
+    env.update(
+        {
+            "GIT_CONFIG_COUNT": str(n + 2),
+            # An empty helper clears the configured ones: the URL's credentials win, as before.
+            f"GIT_CONFIG_KEY_{n}": "credential.helper",
+            f"GIT_CONFIG_VALUE_{n}": "",
+            f"GIT_CONFIG_KEY_{n + 1}": "credential.helper",
+            f"GIT_CONFIG_VALUE_{n + 1}": _ENV_HELPER,
+            "RECONCILER_GIT_USERNAME": unquote(user),
+            "RECONCILER_GIT_PASSWORD": unquote(password),
+        }
+    )
+    return urlunsplit(parts._replace(netloc=host))
+
+
 def _local_path(url: str) -> Path | None:
     """The filesystem path of a local repository URL, None for a remote one."""
     if url.startswith("file://"):
@@ -171,7 +209,12 @@ def _check_branch(branch: str) -> None:
 
 
 def _git_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in _GIT_LOCATION_VARS}
+    # Not the daemon's own settings either (its database URL): git and ssh need none.
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in _GIT_LOCATION_VARS and not k.startswith("RECONCILER_")
+    }
     env.update(
         GIT_TERMINAL_PROMPT="0",
         GIT_ASKPASS="",
@@ -252,6 +295,7 @@ class GitSource:
         self._display_url = _redact_url(url)
         self._ref = f"refs/heads/{branch}"
         self._env = _git_env()
+        self._git_url = _credentials(url, self._env)  # what git's command line shows
         self._repo: git.Repo | None = None
         self._repo_lock = threading.RLock()  # GitPython's cat-file processes: one user at a time
         self._fetch_lock = threading.Lock()
@@ -386,7 +430,7 @@ class GitSource:
                         "--no-recurse-submodules",
                         "--no-show-forced-updates",
                         "--",
-                        self.url,
+                        self._git_url,
                         f"+{self._ref}:{self._ref}",
                     ]
                 )
@@ -424,7 +468,7 @@ class GitSource:
 
     def _remote_is_empty(self) -> bool:
         try:
-            return not self._run(["ls-remote", "--", self.url]).strip()
+            return not self._run(["ls-remote", "--", self._git_url]).strip()
         except (_GitFailed, SourceError):
             return False
 

@@ -69,7 +69,8 @@ class Validation:
 
 
 ProgressFn = Callable[[int | None, str, Mapping[str, Any] | None], Awaitable[None]]
-LogFn = Callable[[str, str], None]
+LogFn = Callable[[str, str, int], None]
+ProcessFn = Callable[[int], Awaitable[None]]
 
 
 @dataclass
@@ -79,14 +80,23 @@ class DeployContext:
     _progress: ProgressFn
     _log: LogFn
     kill_grace: float = 10.0
+    _process: ProcessFn | None = None
 
     async def report_progress(
         self, percent: int | None, message: str, details: Mapping[str, Any] | None = None
     ) -> None:
         await self._progress(percent, message, details)
 
-    def log(self, line: str, stream: str = "stdout") -> None:
-        self._log(stream, line)
+    def log(self, line: str, stream: str = "stdout", cut: int = 0) -> None:
+        """One output line; ``cut``: bytes of it the provider did not keep (a line too long
+        to hold). The run's log applies its own cap (SPEC §6)."""
+        self._log(stream, line, cut)
+
+    async def process_started(self, pgid: int) -> None:
+        """A process group now runs for this deployment: recorded before anything else, so
+        that a restart after a crash can end it (SPEC §4 rule 8)."""
+        if self._process is not None:
+            await self._process(pgid)
 
     def remaining(self) -> float:
         return max(0.0, self.deadline - time.monotonic())

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 from collections import deque
@@ -14,6 +15,7 @@ from typing import Any
 
 from reconciler.config import ProviderConfig
 from reconciler.providers.base import (
+    _SECRET_KEY,
     Check,
     DeployContext,
     DeploymentFailed,
@@ -21,10 +23,27 @@ from reconciler.providers.base import (
     Provider,
     Validation,
 )
+from reconciler.providers.process import killpg
 
 STDERR_TAIL = 5
-# Lines longer than this are cut in the log: a runaway program must not fill the database.
-MAX_LINE = 64 * 1024
+# Output is read in chunks of this size; a line is held up to READ_LIMIT bytes (the run's
+# log cuts it at 16 KiB after redaction; the slack keeps a secret across the cut whole).
+CHUNK = 64 * 1024
+READ_LIMIT = 32 * 1024
+# After the leader exits, output still in the pipes gets this long before the group ends.
+READER_GRACE_SECONDS = 1.0
+# How long a SIGKILLed leader may take to be reaped before the run ends without it.
+KILLED_EXIT_SECONDS = 5.0
+# What a command inherits from the daemon (SPEC §6); everything else is built.
+INHERITED_ENV = frozenset({"PATH", "HOME", "LANG", "TZ"})
+
+
+_BRACED_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _expand(value: str) -> str:
+    """``${NAME}`` replaced by the daemon's variable; unset ones are left as written."""
+    return _BRACED_VAR.sub(lambda m: os.environ.get(m.group(1), m.group(0)), value)
 
 
 def _param_env_name(key: str) -> str:
@@ -57,6 +76,7 @@ def parse_progress(line: str) -> tuple[int, str, dict[str, Any]] | None:
 
 class CommandProvider(Provider):
     type = "command"
+    reader_grace = READER_GRACE_SECONDS
 
     def __init__(self, name: str, config: ProviderConfig, base_dir: Path) -> None:
         super().__init__(name, config, base_dir)
@@ -72,7 +92,9 @@ class CommandProvider(Provider):
         env = s.get("env", {})
         if not isinstance(env, dict) or not all(isinstance(v, str) for v in env.values()):
             raise self.config_error("env", "expected a table of strings")
-        self.env: dict[str, str] = {str(k): v for k, v in env.items()}
+        # `${VAR}` of the daemon's environment, as in paths: the one way to hand a command
+        # something of the daemon's (e.g. "${CREDENTIALS_DIRECTORY}/deploy-token").
+        self.env: dict[str, str] = {str(k): _expand(v) for k, v in env.items()}
         workdir = s.get("workdir")
         if workdir is not None and not isinstance(workdir, str):
             raise self.config_error("workdir", "expected a path")
@@ -87,6 +109,11 @@ class CommandProvider(Provider):
 
     def supported_strategies(self) -> frozenset[str]:
         return self._strategies
+
+    def secrets(self) -> list[str]:
+        """Also the expanded values: `API_TOKEN = "${TOKEN}"` is redacted as the token."""
+        expanded = [v for k, v in self.env.items() if _SECRET_KEY.search(k) and len(v) >= 4]
+        return [*super().secrets(), *expanded]
 
     def argv(self, req: DeployRequest) -> list[str]:
         values = {
@@ -103,7 +130,9 @@ class CommandProvider(Provider):
         return out
 
     def environment(self, req: DeployRequest) -> dict[str, str]:
-        env = dict(os.environ)
+        """Built, not inherited: the daemon's settings (its database URL) and credentials
+        never reach a command, nor a log that prints its environment."""
+        env = {k: v for k, v in os.environ.items() if k in INHERITED_ENV or k.startswith("LC_")}
         env.update(self.env)
         env.update(
             {
@@ -142,34 +171,74 @@ class CommandProvider(Provider):
 
     async def deploy(self, ctx: DeployContext) -> None:
         req = ctx.request
-        try:
-            proc = await asyncio.create_subprocess_exec(
+        loop = asyncio.get_running_loop()
+        spawn = asyncio.ensure_future(
+            loop.subprocess_exec(
+                lambda: _Protocol(CHUNK, loop),
                 *self.argv(req),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
                 env=self.environment(req),
                 cwd=self.workdir,
-                start_new_session=True,  # its own process group: a deadline kills the children too
-                limit=MAX_LINE,
+                start_new_session=True,  # its own process group: a stop ends the children too
             )
+        )
+        try:
+            transport, protocol = await asyncio.shield(spawn)
         except OSError as exc:
             raise DeploymentFailed(f"cannot start {self.command[0]}: {exc.strerror}") from None
+        except asyncio.CancelledError:
+            # Stopped while starting: asyncio would kill the leader alone, so the command is
+            # let start and then stopped like any run (SIGKILLed if cancelled once more).
+            try:
+                await asyncio.wait([spawn])
+            except asyncio.CancelledError:
+                spawn.add_done_callback(_kill_spawned)
+                raise
+            if not spawn.cancelled() and spawn.exception() is None:
+                started, started_protocol = spawn.result()
+                try:
+                    await self._stop(started_protocol, started.get_pid(), ctx.kill_grace)
+                finally:
+                    started.close()
+            raise
+        pgid = transport.get_pid()
         tail: deque[str] = deque(maxlen=STDERR_TAIL)
-        assert proc.stdout is not None and proc.stderr is not None
-        readers = [
-            asyncio.create_task(self._read(proc.stdout, "stdout", ctx, tail)),
-            asyncio.create_task(self._read(proc.stderr, "stderr", ctx, tail)),
-        ]
+        readers: list[asyncio.Task[None]] = []
         try:
-            await asyncio.gather(*readers)
-            code = await proc.wait()
+            await ctx.process_started(pgid)
+            assert protocol.stdout is not None and protocol.stderr is not None
+            readers = [
+                asyncio.create_task(self._read(protocol.stdout, "stdout", ctx, tail)),
+                asyncio.create_task(self._read(protocol.stderr, "stderr", ctx, tail)),
+            ]
+            # The leader's exit ends the run, not the end of its output: a background child
+            # may hold the pipes open for good. A reader's error (the store gave up) stops it.
+            waiting: set[asyncio.Future[None]] = {protocol.exited, *readers}
+            while not protocol.exited.done():
+                done, waiting = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    task.result()
+            code = transport.get_returncode()
+            # Output still in the pipes gets a moment; then nothing of the run outlives it.
+            await asyncio.wait(readers, timeout=self.reader_grace)
+            killpg(pgid, signal.SIGKILL)
+            unfinished = [r for r in readers if not r.done()]
+            if unfinished:  # a process outside the group holds the pipes
+                await asyncio.wait(unfinished, timeout=self.reader_grace)
+            for r in readers:
+                if r.done():
+                    r.result()
         except BaseException:
-            await self._stop(proc, ctx.kill_grace)
+            await self._stop(protocol, pgid, ctx.kill_grace)
+            raise
+        finally:
             for r in readers:
                 r.cancel()
             await asyncio.gather(*readers, return_exceptions=True)
-            raise
+            transport.close()
+        assert code is not None
         if code != 0:
             what = f"exit status {code}" if code > 0 else f"killed by signal {-code}"
             last = " | ".join(line.strip() for line in tail if line.strip())
@@ -180,35 +249,102 @@ class CommandProvider(Provider):
     async def _read(
         self, stream: asyncio.StreamReader, name: str, ctx: DeployContext, tail: deque[str]
     ) -> None:
+        """Read in chunks (a line of any length costs at most READ_LIMIT bytes of memory);
+        a progress line is reported before the next chunk is read, so a slow store slows
+        the command down instead of filling memory."""
+        lines = LineSplitter(READ_LIMIT)
         while True:
-            try:
-                raw = await stream.readline()
-            except ValueError:  # a line longer than MAX_LINE: keep its start
-                raw = await stream.read(MAX_LINE)
-            if not raw:
+            chunk = await stream.read(CHUNK)
+            for raw, cut in lines.feed(chunk) if chunk else lines.end():
+                line = raw.decode("utf-8", "replace").rstrip("\r")
+                ctx.log(line, name, cut)
+                if name == "stderr":
+                    tail.append(line)
+                elif not cut and line.endswith("}"):
+                    event = parse_progress(line)
+                    if event is not None:
+                        await ctx.report_progress(event[0], event[1], event[2])
+            if not chunk:
                 return
-            line = raw.decode("utf-8", "replace").rstrip("\r\n")
-            ctx.log(line, name)
-            if name == "stderr":
-                tail.append(line)
-            else:
-                event = parse_progress(line)
-                if event is not None:
-                    await ctx.report_progress(event[0], event[1], event[2])
 
     @staticmethod
-    async def _stop(proc: asyncio.subprocess.Process, grace: float) -> None:
-        """SIGTERM to the whole group, SIGKILL after `grace` seconds (SPEC §4 rule 7)."""
-        if proc.returncode is not None:
-            _killpg(proc.pid, signal.SIGKILL)  # leftover children of a finished leader
-            return
-        _killpg(proc.pid, signal.SIGTERM)
+    async def _stop(protocol: _Protocol, pgid: int, grace: float) -> None:
+        """SIGTERM to the whole group, SIGKILL after ``grace`` seconds (SPEC §4 rule 7).
+
+        The SIGKILL is in ``finally``: a second cancellation (a second Ctrl-C) during the
+        grace ends the group at once instead of leaving it running.
+        """
+        try:
+            if not protocol.exited.done():
+                killpg(pgid, signal.SIGTERM)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(protocol.exited), grace)
+        finally:
+            killpg(pgid, signal.SIGKILL)  # also leftover children of a finished leader
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(proc.wait()), grace)
-        _killpg(proc.pid, signal.SIGKILL)
-        await proc.wait()
+            await asyncio.wait_for(asyncio.shield(protocol.exited), KILLED_EXIT_SECONDS)
 
 
-def _killpg(pgid: int, sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, sig)
+def _kill_spawned(spawn: asyncio.Future[tuple[asyncio.SubprocessTransport, _Protocol]]) -> None:
+    if not spawn.cancelled() and spawn.exception() is None:
+        transport = spawn.result()[0]
+        killpg(transport.get_pid(), signal.SIGKILL)
+        transport.close()
+
+
+class _Protocol(asyncio.subprocess.SubprocessStreamProtocol):
+    """asyncio's stream protocol plus a future for the leader's exit: `Process.wait()` also
+    waits for the pipes to close, which a background child can put off until the deadline."""
+
+    def __init__(self, limit: int, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(limit=limit, loop=loop)
+        self.exited: asyncio.Future[None] = loop.create_future()
+
+    def process_exited(self) -> None:
+        super().process_exited()
+        if not self.exited.done():
+            self.exited.set_result(None)
+
+
+class LineSplitter:
+    """Splits a byte stream into lines, keeping at most ``limit`` bytes of each line and
+    counting what it cut, so a line of any length neither fills memory nor swallows the
+    lines after it."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._buf = bytearray()
+        self._cut = 0
+
+    def feed(self, data: bytes) -> list[tuple[bytes, int]]:
+        parts = data.split(b"\n")
+        out: list[tuple[bytes, int]] = []
+        for part in parts[:-1]:
+            if self._buf or self._cut:
+                self._add(part)
+                out.append((bytes(self._buf), self._cut))
+                self._buf.clear()
+                self._cut = 0
+            elif len(part) > self.limit:
+                out.append((part[: self.limit], len(part) - self.limit))
+            else:
+                out.append((part, 0))
+        self._add(parts[-1])
+        return out
+
+    def end(self) -> list[tuple[bytes, int]]:
+        """The last line, if the output did not end with a newline."""
+        if not self._buf and not self._cut:
+            return []
+        line = (bytes(self._buf), self._cut)
+        self._buf.clear()
+        self._cut = 0
+        return [line]
+
+    def _add(self, part: bytes) -> None:
+        room = max(self.limit - len(self._buf), 0)
+        if len(part) > room:
+            self._buf += part[:room]
+            self._cut += len(part) - room
+        else:
+            self._buf += part

@@ -1,4 +1,7 @@
-"""`python -m reconciler.store.migrate URL`: apply the migrations in a child process.
+"""`python -m reconciler.store.migrate < URL`: apply the migrations in a child process.
+
+The database URL (it may hold a password) comes on stdin, never on the command line,
+where `ps` would show it to every user of the host.
 
 The daemon migrates through this so that Alembic (about 12 MB once imported) never stays
 resident in a process that runs for months. Prints the applied revisions, one per line;
@@ -13,10 +16,11 @@ from reconciler.store.db import SchemaTooNew, make_engine, upgrade
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 1:
-        print("usage: python -m reconciler.store.migrate DATABASE_URL", file=sys.stderr)
+    url = sys.stdin.readline().strip()
+    if argv or not url:
+        print("usage: python -m reconciler.store.migrate < DATABASE_URL", file=sys.stderr)
         return 2
-    engine = make_engine(argv[0])
+    engine = make_engine(url)
     try:
         for revision in upgrade(engine):
             print(revision)

@@ -115,6 +115,10 @@ class Deployment(Base):
     completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     sync_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("syncs.id"))
     rollback_of: Mapped[int | None] = mapped_column(BigId, ForeignKey("deployments.id"))
+    # The run's process group and its leader's start token (boot id:start ticks), so
+    # that crash recovery ends a group that outlived the daemon and nothing else.
+    run_pgid: Mapped[int | None] = mapped_column(Integer)
+    run_process: Mapped[str | None] = mapped_column(String(80))
 
     __table_args__ = (
         Index("ix_deployments_environment_id", "environment", "id"),

@@ -794,6 +794,24 @@ class Store(OutboxQueries):
             )
             _refresh_service_state(conn, environment, service)
 
+    def set_run_process(self, deployment_id: int, pgid: int, token: str) -> None:
+        """Record the process group a deployment's run leads (see `unfinished_processes`)."""
+        with self._writer.begin() as conn:
+            conn.execute(
+                update(_D).where(_D.c.id == deployment_id).values(run_pgid=pgid, run_process=token)
+            )
+
+    def unfinished_processes(self) -> list[tuple[int, int, str]]:
+        """``(deployment id, process group, start token)`` of every unfinished deployment
+        that recorded a process: what a crashed daemon may have left running."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(_D.c.id, _D.c.run_pgid, _D.c.run_process)
+                .where(_D.c.status.in_(_ACTIVE), _D.c.run_pgid.is_not(None))
+                .order_by(_D.c.id)
+            )
+            return [(r.id, r.run_pgid, r.run_process) for r in rows if r.run_process]
+
     def interrupt_unfinished(self, *, message: str, at: datetime) -> list[int]:
         """End every unfinished deployment ``failed`` with ``message`` (crash recovery)."""
         _aware(at, "at")

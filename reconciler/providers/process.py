@@ -1,0 +1,89 @@
+"""Process groups of runs: how they end, and how a restarted daemon recognises its own.
+
+A run's command leads a process group of its own (``start_new_session``). The daemon
+records the group id with the leader's start token (boot id + start time in clock ticks,
+from ``/proc``), so that after a crash recovery can end a group that outlived it without
+ever signalling an unrelated process that happens to reuse the number. Linux does not
+hand out a pid while a process group of that number exists, so a group member that
+started no earlier than the recorded leader is one of ours.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from pathlib import Path
+
+PROC = Path("/proc")
+# How often a group that is not our child is looked at while it ends (no wait() for it).
+GONE_POLL_SECONDS = 0.02
+# How long a SIGKILLed group may take to vanish before recovery goes on without waiting.
+KILLED_GONE_SECONDS = 5.0
+
+
+def _boot_id() -> str | None:
+    try:
+        return (PROC / "sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+
+
+def _stat(pid: int) -> tuple[str, int, int] | None:
+    """(state, process group, start time in ticks since boot) of a process, None if gone."""
+    try:
+        text = (PROC / str(pid) / "stat").read_text()
+    except (OSError, ValueError):
+        return None
+    fields = text.rsplit(")", 1)[1].split()  # the command name may hold spaces and ')'
+    return fields[0], int(fields[2]), int(fields[19])
+
+
+def start_token(pid: int) -> str | None:
+    """``<boot id>:<start ticks>`` of a live process; None where /proc cannot tell."""
+    boot, st = _boot_id(), _stat(pid)
+    if boot is None or st is None:
+        return None
+    return f"{boot}:{st[2]}"
+
+
+def group_members(pgid: int, token: str) -> list[int]:
+    """Live (not zombie) processes of the group whose leader started as ``token`` says."""
+    boot, _, ticks = token.partition(":")
+    if boot != _boot_id() or not ticks.isdigit():
+        return []  # another boot: nothing of that run survives
+    started = int(ticks)
+    leader = _stat(pgid)
+    if leader is not None and leader[2] != started:
+        return []  # the number was reused, so the recorded group ended long ago
+    members = []
+    for entry in os.scandir(PROC):
+        if not entry.name.isdigit():
+            continue
+        st = _stat(int(entry.name))
+        if st is not None and st[1] == pgid and st[2] >= started and st[0] != "Z":
+            members.append(int(entry.name))
+    return members
+
+
+def killpg(pgid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+async def end_group(pgid: int, token: str, grace: float) -> bool:
+    """End a recorded group that is not our child: SIGTERM, SIGKILL after ``grace`` seconds,
+    then wait until it is gone. False if nothing of it was running."""
+    if not group_members(pgid, token):
+        return False
+    killpg(pgid, signal.SIGTERM)
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + grace
+    while group_members(pgid, token) and loop.time() < give_up:
+        await asyncio.sleep(GONE_POLL_SECONDS)
+    killpg(pgid, signal.SIGKILL)
+    give_up = loop.time() + KILLED_GONE_SECONDS  # a process stuck in the kernel (state D)
+    while group_members(pgid, token) and loop.time() < give_up:
+        await asyncio.sleep(GONE_POLL_SECONDS)
+    return True
