@@ -467,7 +467,7 @@ async def test_sse_replays_then_streams_live_then_ends(http: Harness):
         assert end["event"] == "end" and json.loads(end["data"]) == final.to_json()
         with pytest.raises(EOFError):
             await sse.next()
-    assert not http.hub._subs
+    assert not http.hub.watching()
 
 
 async def test_sse_resumes_after_last_event_id_and_ends_at_once_when_finished(http: Harness):
@@ -499,8 +499,8 @@ async def test_sse_pings_and_a_disconnect_closes_the_subscription(tmp_path: Path
             assert (await sse.next())["event"] == "progress"
             assert (await sse.next())["event"] == "progress"
             assert await sse.next() == {"comment": "ping"}
-            assert len(h.hub._subs) == 1
-        await wait_until(lambda: not h.hub._subs, what="the subscription to close")
+            assert h.hub.watching() == 1
+        await wait_until(lambda: not h.hub.watching(), what="the subscription to close")
     finally:
         await h.client.aclose()
         await h.server.stop()
@@ -519,7 +519,7 @@ async def test_stopping_the_server_ends_open_streams(tmp_path: Path):
             with pytest.raises(EOFError):
                 await sse.next()
             await stopping
-        assert not h.hub._subs
+        assert not h.hub.watching()
     finally:
         await h.client.aclose()
         h.store.close()

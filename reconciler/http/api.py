@@ -24,7 +24,7 @@ from reconciler.http.control import Control
 from reconciler.http.metrics import CONTENT_TYPE_LATEST, Metrics
 from reconciler.http.openapi import openapi_document
 from reconciler.http.schemas import SyncRequest
-from reconciler.http.sse import deployment_events
+from reconciler.http.sse import LiveFeeds, deployment_events
 from reconciler.http.webhooks import UNSIGNED, WebhookReceiver
 from reconciler.store import STATUSES, Store, is_transient
 from reconciler.times import SINCE_HELP, parse_since
@@ -47,6 +47,7 @@ class Context:
     ping_interval: float
     ready_timeout: float
     stopping: asyncio.Event
+    feeds: LiveFeeds
 
 
 def ctx(request: Request) -> Context:
@@ -242,14 +243,7 @@ async def deployment_stream(request: Request) -> Response:
     if await db(c.control.store.get_deployment, dep_id) is None:
         raise HTTPException(404, f"no deployment {dep_id}")
     return StreamingResponse(
-        deployment_events(
-            c.control.store,
-            c.control.hub,
-            dep_id,
-            last_event_id=last_id,
-            ping_interval=c.ping_interval,
-            stopping=c.stopping,
-        ),
+        deployment_events(c.feeds, dep_id, last_event_id=last_id),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )

@@ -18,6 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from reconciler.http import api
 from reconciler.http.control import Control
 from reconciler.http.metrics import Metrics
+from reconciler.http.sse import LiveFeeds
 from reconciler.http.webhooks import WebhookReceiver
 
 log = logging.getLogger("reconciler.http")
@@ -117,6 +118,7 @@ def create_app(
         ping_interval=ping_interval,
         ready_timeout=ready_timeout,
         stopping=asyncio.Event(),
+        feeds=LiveFeeds(lambda: control.store, control.hub, ping_interval=ping_interval),
     )
     return app
 
@@ -125,3 +127,4 @@ def stop_streams(app: Starlette) -> None:
     """End the open event streams (the server is stopping)."""
     context: api.Context = app.state.ctx
     context.stopping.set()
+    context.feeds.stop()

@@ -685,13 +685,17 @@ class Store(OutboxQueries):
                 ]
             return _deployment(row, progress, log)
 
-    def events_after(self, deployment_id: int, after_event_id: int) -> list[EventRecord]:
-        """Progress events of a deployment with an id above ``after_event_id``, in order."""
+    def events_after(
+        self, deployment_id: int, after_event_id: int, *, limit: int | None = None
+    ) -> list[EventRecord]:
+        """Progress events of a deployment with an id above ``after_event_id``, in order
+        (the first ``limit`` of them, if given)."""
         with self.engine.connect() as conn:
             rows = conn.execute(
                 select(_E)
                 .where(_E.c.deployment_id == deployment_id, _E.c.id > after_event_id)
                 .order_by(_E.c.id)
+                .limit(limit)
             ).all()
             return [_event(row) for row in rows]
 
