@@ -8,6 +8,7 @@ hub is told as the executor tells it, so what the API reads is what a daemon wou
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
@@ -38,6 +39,7 @@ from reconciler.http import (
 )
 from reconciler.http.app import ROUTES
 from reconciler.http.openapi import openapi_document
+from reconciler.http.sse import LiveFeeds, deployment_events
 from reconciler.http.webhooks import sign, sign_generic
 from reconciler.plan import Decision
 from reconciler.store import DeploymentRecord, NewDeployment, Store, make_engine
@@ -523,6 +525,71 @@ async def test_stopping_the_server_ends_open_streams(tmp_path: Path):
     finally:
         await h.client.aclose()
         h.store.close()
+
+
+async def test_many_viewers_of_a_deployment_share_one_store_read_per_event(
+    http: Harness, monkeypatch: pytest.MonkeyPatch
+):
+    """Viewers cost the deployment nothing: N viewers x E events is not N x E store reads
+    (which queued the deployment's own writes behind them), but about E."""
+    rec = http.deploy(statuses=("in_progress",))
+    reads = 0
+    events_after = http.store.events_after
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        nonlocal reads
+        reads += 1
+        return events_after(*args, **kwargs)
+
+    monkeypatch.setattr(http.store, "events_after", counting)
+    url = f"/api/v1/deployments/{rec.id}/events"
+    viewers, live = 40, 10
+    async with contextlib.AsyncExitStack() as stack:
+        readers = []
+        for _ in range(viewers):
+            response = await stack.enter_async_context(http.client.stream("GET", url))
+            readers.append(SSEReader(response))
+        for sse in readers:  # the recorded history: pending, in_progress
+            assert [(await sse.next())["event"] for _ in range(2)] == ["progress"] * 2
+        before = reads
+        for i in range(live):
+            http.store.add_event(
+                rec.id, status="in_progress", message=f"step {i}", percent=i, details={}, at=T0
+            )
+            http.publish(rec, "in_progress", f"step {i}", percent=i)
+            for sse in readers:  # every viewer has it before the next one is recorded
+                assert json.loads((await sse.next())["data"])["message"] == f"step {i}"
+        assert reads - before <= live + 2, f"{reads - before} store reads for {live} events"
+    await wait_until(lambda: not http.hub.watching(), what="the feed to close")
+
+
+async def test_a_viewer_that_falls_behind_skips_ahead_and_never_holds_up_the_feed(
+    tmp_path: Path,
+):
+    store = Store.from_url(f"sqlite:///{tmp_path / 'r.db'}", migrate=True)
+    hub = EventHub()
+    h = Harness(None, None, None, None, store, hub)  # type: ignore[arg-type]
+    rec = h.deploy(statuses=("in_progress",))
+    for i in range(40):
+        store.add_event(
+            rec.id, status="in_progress", message=f"e{i}", percent=None, details={}, at=T0
+        )
+    feeds = LiveFeeds(lambda: store, hub, buffer_events=10, page_events=5, ping_interval=5)
+    fast = deployment_events(feeds, rec.id)
+    slow = deployment_events(feeds, rec.id)
+    first_slow = await anext(slow)  # the slow viewer takes one chunk, then stops reading
+    assert first_slow.count(b"event: progress") == 5  # the first page read
+    store.set_status(rec.id, "completed", at=T0 + timedelta(minutes=1))
+    h.publish(rec, "completed", "completed")
+    received = b""
+    async for chunk in fast:  # the fast one is never held up by the slow one
+        received += chunk
+    assert received.count(b"event: progress") == 42 + 1 and b"event: end" in received
+    rest = b"".join([chunk async for chunk in slow])
+    assert rest.startswith(b": skipped to after event ")
+    assert rest.count(b"event: progress") < 40 and rest.endswith(b"\n\n")
+    assert b"event: end" in rest and not feeds and not hub.watching()
+    store.close()
 
 
 # ---- POST /api/v1/sync ---------------------------------------------------------------

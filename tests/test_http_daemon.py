@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
 import socket
+import sqlite3
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -208,3 +212,103 @@ def test_a_signed_github_push_makes_the_daemon_deploy(world: World):
     finally:
         served.close()
     assert "event=sync trigger=webhook" in served.stderr.read_text()
+
+
+CHATTY = r"""#!/usr/bin/env bash
+read -r _ < "$DEPLOY_GATE"
+for i in $(seq 1 "$LINES"); do echo "{\"progress\": $((i * 100 / LINES)), \"message\": \"step $i\"}"; done
+"""
+
+
+async def _watch(port: int, dep_id: int, connected: asyncio.Event, got: list[int]) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET /api/v1/deployments/{dep_id}/events HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+    assert (await reader.readline()).startswith(b"HTTP/1.1 200")
+    connected.set()
+    progress = 0
+    while line := await reader.readline():
+        if line == b"event: progress\n":
+            progress += 1
+        elif line == b"event: end\n":
+            got.append(progress)
+            break
+    writer.close()
+
+
+def _viewers(port: int, dep_id: int, n: int, connected: threading.Event, got: list[int]) -> None:
+    async def main() -> None:
+        events = [asyncio.Event() for _ in range(n)]
+        tasks = [asyncio.create_task(_watch(port, dep_id, e, got)) for e in events]
+        await asyncio.gather(*(e.wait() for e in events))
+        connected.set()
+        await asyncio.gather(*tasks)
+
+    asyncio.run(main())
+
+
+def _run_watched(served: Served, version: str, viewers: int, got: list[int]) -> float:
+    """Deploy ``version`` with ``viewers`` live SSE viewers attached before its output
+    starts; the seconds the daemon took from the first step to the end, by its records."""
+    world = served.world
+    world.repo.set_env("staging", {"api": version}, timeout="120s")
+    [dep] = wait_for(
+        lambda: [d for d in served.deployments() if d["version"] == version],
+        what=f"the deployment of {version}",
+    )
+    connected = threading.Event()
+    thread = threading.Thread(
+        target=_viewers, args=(served.port, dep["id"], viewers, connected, got)
+    )
+    if viewers:
+        thread.start()
+        assert connected.wait(30), "the viewers did not connect"
+    world.open_gate()
+    shown = wait_for(
+        lambda: (
+            (r := served.client.get(f"/api/v1/deployments/{dep['id']}").json())["status"]
+            == "completed"
+            and r
+        ),
+        timeout=60,
+        what=f"{version} to complete",
+    )
+    if viewers:
+        thread.join(30)
+    steps = [p["at"] for p in shown["progress"] if p["message"].startswith("step ")]
+    db = world.tmp / "state" / "reconciler.db"
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        first, last = conn.execute(
+            "SELECT min(e.at), d.completed_at FROM deployment_events e JOIN deployments d"
+            " ON d.id = e.deployment_id WHERE d.id = ? AND e.message = 'step 1'",
+            (dep["id"],),
+        ).fetchone()
+    assert len(steps) == LINES
+    return (datetime.fromisoformat(last) - datetime.fromisoformat(first)).total_seconds()
+
+
+LINES = 150
+
+
+def test_live_viewers_cost_a_deployment_nothing(world: World):
+    """100 viewers of a 150-event deployment: before, each viewer read the store at each
+    event, the deployment's own writes queued behind 15,000 reads and it ran many times
+    slower; now it runs about as fast as with nobody watching."""
+    script = world.tmp / "chatty.sh"
+    script.write_text(CHATTY)
+    script.chmod(0o755)
+    text = world.config.read_text().replace(str(world.tmp / "deploy.sh"), str(script))
+    world.config.write_text(text.replace("SECRET_TOKEN =", f'LINES = "{LINES}", SECRET_TOKEN ='))
+    world.repo.set_env("staging", {"api": "0.9"})
+    served = Served(world)
+    try:
+        world.open_gate()
+        wait_for(lambda: served.deployments(status="completed"), what="the first deployment")
+        alone = _run_watched(served, "1.0", 0, [])
+        got: list[int] = []
+        watched = _run_watched(served, "1.1", 100, got)
+        # Every viewer saw every event (the steps and the status changes), then the end.
+        assert len(got) == 100 and set(got) == {got[0]} and got[0] > LINES
+        assert watched < max(3 * alone, 1.0), f"{watched:.2f} s watched vs {alone:.2f} s alone"
+    finally:
+        served.close()
+    assert "Traceback" not in served.stderr.read_text()
