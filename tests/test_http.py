@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import hmac
 import json
+import logging
 import signal
 import socket
 import time
@@ -32,6 +33,7 @@ from reconciler.executor import DeploymentEvent
 from reconciler.http import (
     HttpServer,
     HttpServerError,
+    Limits,
     create_app,
     parse_listen,
     serve,
@@ -182,12 +184,14 @@ class Harness:
         )
 
 
-async def start(tmp_path: Path, config: Config, **app_kw: Any) -> Harness:
+async def start(
+    tmp_path: Path, config: Config, *, limits: Limits | None = None, **app_kw: Any
+) -> Harness:
     store = Store.from_url(f"sqlite:///{tmp_path / 'state' / 'reconciler.db'}", migrate=True)
     hub = EventHub()
     control = FakeControl(config, store, hub)
     app = create_app(control, **app_kw)
-    server = HttpServer(app, "127.0.0.1:0", on_stop=lambda: stop_streams(app))
+    server = HttpServer(app, "127.0.0.1:0", on_stop=lambda: stop_streams(app), limits=limits)
     await server.start()
     client = httpx.AsyncClient(base_url=server.url, timeout=10)
     return Harness(control, client, server, app, store, hub)
@@ -926,3 +930,85 @@ async def test_serve_leaves_the_signal_handlers_alone_and_stops_when_cancelled(t
     with socket.socket() as again:  # the port is free again
         again.bind(("127.0.0.1", port))
     store.close()
+
+
+# ---- connections: timeouts and the cap -------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def guarded(tmp_path: Path, **limits: Any) -> AsyncIterator[Harness]:
+    h = await start(tmp_path, make_config(tmp_path), limits=Limits(**limits))
+    try:
+        yield h
+    finally:
+        await h.client.aclose()
+        await h.server.stop()
+        h.store.close()
+
+
+async def raw(h: Harness) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    host, port = h.server.address or ("", 0)
+    return await asyncio.open_connection(host, port)
+
+
+async def test_a_client_slow_to_send_its_headers_gets_a_408_and_is_closed(tmp_path: Path):
+    async with guarded(tmp_path, header_timeout=0.3) as h:
+        silent = await raw(h)
+        slow = await raw(h)
+        slow[1].write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # never finished
+        for reader, _ in (silent, slow):
+            answer = await asyncio.wait_for(reader.read(), 5)  # read to EOF: closed
+            assert answer.startswith(b"HTTP/1.1 408 ")
+            assert answer.endswith(b'{"error": "request not received in time"}')
+        assert h.server.guard.timed_out == 2
+        # A prompt client is not affected, and keeps its connection between requests.
+        for _ in range(3):
+            assert (await h.client.get("/healthz")).status_code == 200
+
+
+async def test_a_client_slow_to_send_its_body_is_dropped(tmp_path: Path):
+    async with guarded(tmp_path, header_timeout=5, body_timeout=0.3) as h:
+        reader, writer = await raw(h)
+        writer.write(
+            b"POST /hooks/git HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n"
+            b'X-Hub-Signature-256: sha256=00\r\n\r\n{"ref"'
+        )
+        started = time.monotonic()
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # dropped, no answer
+        assert 0.25 < time.monotonic() - started < 4
+        assert h.server.guard.timed_out == 1
+
+
+async def test_at_the_cap_idle_connections_make_room_and_busy_ones_refuse(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    async with guarded(tmp_path, max_connections=3, header_timeout=30) as h:
+        idle = [await raw(h) for _ in range(3)]
+        # A fourth connection: the oldest idle one is closed to make room for it.
+        assert (await h.client.get("/healthz")).status_code == 200
+        assert await asyncio.wait_for(idle[0][0].read(), 5) == b""
+        assert h.server.guard.evicted == 1
+        # Three streams keep their connections busy: now a new connection is refused.
+        await h.client.aclose()
+        rec = h.deploy(statuses=("in_progress",))
+        streams = []
+        for _ in range(3):
+            reader, writer = await raw(h)
+            writer.write(
+                f"GET /api/v1/deployments/{rec.id}/events HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+            )
+            assert (await reader.readline()).startswith(b"HTTP/1.1 200")
+            streams.append((reader, writer))
+        for _, writer in idle[1:]:  # (they were evicted by now; closing ours is harmless)
+            writer.close()
+        caplog.set_level(logging.WARNING, "reconciler.http")
+        for _ in range(5):
+            reader, writer = await raw(h)
+            answer = await asyncio.wait_for(reader.read(), 5)
+            assert answer.startswith(b"HTTP/1.1 503 ")
+            assert b"too many connections" in answer
+            writer.close()
+        refusals = [r for r in caplog.records if "http_connections_refused" in r.getMessage()]
+        assert len(refusals) == 1 and h.server.guard.refused == 5
+        for _, writer in streams:
+            writer.close()

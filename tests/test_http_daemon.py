@@ -6,12 +6,13 @@ import asyncio
 import hashlib
 import hmac
 import json
+import resource
 import socket
 import sqlite3
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 
@@ -41,7 +42,14 @@ def free_port() -> int:
 class Served:
     """A daemon process with its HTTP server, and a client for it."""
 
-    def __init__(self, world: World, *, watch: bool = True) -> None:
+    def __init__(
+        self,
+        world: World,
+        *,
+        watch: bool = True,
+        server: str = "",
+        preexec_fn: Callable[[], None] | None = None,
+    ) -> None:
         self.world = world
         self.port = free_port()
         (world.tmp / "api-token").write_text(TOKEN + "\n")
@@ -56,7 +64,7 @@ class Served:
 listen = "127.0.0.1:{self.port}"
 token_file = "api-token"
 webhook_secret_file = "webhook-secret"
-"""
+{server}"""
         )
         self.stderr = world.tmp / f"daemon-{time.monotonic_ns()}.log"
         self.proc = subprocess.Popen(
@@ -65,6 +73,7 @@ webhook_secret_file = "webhook-secret"
             env=cli_env(),
             stdout=subprocess.DEVNULL,
             stderr=self.stderr.open("w"),
+            preexec_fn=preexec_fn,
         )
         self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=10)
         wait_for(self._up, what="the HTTP server")
@@ -312,3 +321,117 @@ def test_live_viewers_cost_a_deployment_nothing(world: World):
     finally:
         served.close()
     assert "Traceback" not in served.stderr.read_text()
+
+
+def _fd_limit(soft: int, hard: int) -> Callable[[], None]:
+    return lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+class Flood:
+    """Keeps ``n`` idle TCP connections open to a port, reopening each one the server
+    closes, until stopped: a client fleet (or an attacker) that never sends a request."""
+
+    def __init__(self, port: int, n: int) -> None:
+        self.port, self.n = port, n
+        self.stopping = threading.Event()
+        self.opened = 0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _open(self) -> socket.socket:
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex(("127.0.0.1", self.port))
+        self.opened += 1
+        return s
+
+    def _run(self) -> None:
+        socks = [self._open() for _ in range(self.n)]
+        try:
+            while not self.stopping.is_set():
+                for i, s in enumerate(socks):
+                    try:
+                        if s.recv(4096) == b"":  # closed by the server: reopen
+                            s.close()
+                            socks[i] = self._open()
+                    except BlockingIOError:
+                        pass
+                    except OSError:
+                        s.close()
+                        socks[i] = self._open()
+                self.stopping.wait(0.05)
+        finally:
+            for s in socks:
+                s.close()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join(10)
+
+
+def test_idle_connections_exhaust_neither_descriptors_nor_health(world: World):
+    """300 idle connections, kept up, against a daemon whose descriptor limit is 256: before,
+    accept() failed with EMFILE (a traceback each), /healthz timed out and git could not
+    fetch. Now the daemon raises its soft limit to the hard one, caps connections below it
+    (closing idle ones to make room), and deploys a commit pushed during the flood."""
+    world.repo.set_env("staging", {"api": "1.0"})
+    served = Served(world, server='header_timeout = "3s"\n', preexec_fn=_fd_limit(200, 256))
+    flood: Flood | None = None
+    try:
+        limits = Path(f"/proc/{served.proc.pid}/limits").read_text()
+        [line] = [x for x in limits.splitlines() if x.startswith("Max open files")]
+        assert line.split()[3:5] == ["256", "256"]  # soft raised to the hard limit
+        wait_for(lambda: served.deployments(status="completed"), what="the first deployment")
+        flood = Flood(served.port, 300)
+        wait_for(lambda: flood.opened >= 400, what="the server to close idle connections")
+        for _ in range(5):
+            started = time.monotonic()
+            assert served.client.get("/healthz").status_code == 200
+            assert time.monotonic() - started < 5
+            served.client.close()  # a new connection each time, in the flood
+            served.client = httpx.Client(base_url=f"http://127.0.0.1:{served.port}", timeout=10)
+        sha = world.repo.set_env("staging", {"api": "1.1"})
+        done = wait_for(
+            lambda: [d for d in served.deployments(status="completed") if d["version"] == "1.1"],
+            timeout=30,
+            what="the commit pushed during the flood to be deployed",
+        )
+        assert done[0]["commit"] == sha
+        fds = len(list(Path(f"/proc/{served.proc.pid}/fd").iterdir()))
+        assert fds < 256
+    finally:
+        if flood is not None:
+            flood.stop()
+        served.close()
+    log = served.stderr.read_text()
+    assert "Traceback" not in log and "Too many open files" not in log
+    assert "max_connections=128" in log  # 256 descriptors, 128 kept for the rest
+
+
+def test_busy_connections_over_the_cap_are_refused_and_logged_once(world: World):
+    world.repo.set_env("staging", {"api": "1.0-gate"})
+    served = Served(world, server="max_connections = 4\n")
+    try:
+        [running] = wait_for(lambda: served.deployments(), what="the deployment to be recorded")
+        served.client.close()  # its keep-alive connection would count as one of the four
+        url = f"/api/v1/deployments/{running['id']}/events"
+        streams = []
+        for _ in range(4):
+            s = socket.create_connection(("127.0.0.1", served.port))
+            s.sendall(f"GET {url} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+            assert s.recv(4096).startswith(b"HTTP/1.1 200")
+            streams.append(s)
+        for _ in range(20):
+            with socket.create_connection(("127.0.0.1", served.port)) as s:
+                s.settimeout(5)
+                assert s.recv(4096).startswith(b"HTTP/1.1 503 Service Unavailable")
+        for s in streams:
+            s.close()
+        served.client = httpx.Client(base_url=f"http://127.0.0.1:{served.port}", timeout=10)
+        wait_for(lambda: served.client.get("/healthz").status_code == 200, what="room again")
+        world.open_gate()
+    finally:
+        served.close()
+    log = served.stderr.read_text()
+    assert log.count("event=http_connections_refused") == 1
+    assert "count=1 open=4 max_connections=4" in log
