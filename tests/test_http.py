@@ -41,6 +41,7 @@ from reconciler.http import (
 )
 from reconciler.http.app import ROUTES
 from reconciler.http.openapi import openapi_document
+from reconciler.http.server import connection_budget
 from reconciler.http.sse import LiveFeeds, deployment_events
 from reconciler.http.webhooks import sign, sign_generic
 from reconciler.plan import Decision
@@ -774,7 +775,7 @@ async def test_gitlab_and_generic_webhooks(http: Harness):
     headers = {
         "Content-Type": "application/json",
         "X-Reconciler-Timestamp": str(now),
-        "X-Reconciler-Signature-256": sign_generic(WEBHOOK_SECRET, now, generic),
+        "X-Reconciler-Signature-256": sign_generic(WEBHOOK_SECRET, now, generic, delivery="ci-1"),
         "X-Reconciler-Delivery": "ci-1",
     }
     r = await http.client.post("/hooks/git", content=generic, headers=headers)
@@ -782,7 +783,7 @@ async def test_gitlab_and_generic_webhooks(http: Harness):
     stale = now - 3600
     headers = {
         "X-Reconciler-Timestamp": str(stale),
-        "X-Reconciler-Signature-256": sign_generic(WEBHOOK_SECRET, stale, generic),
+        "X-Reconciler-Signature-256": sign_generic(WEBHOOK_SECRET, stale, generic, delivery="ci-2"),
         "X-Reconciler-Delivery": "ci-2",
     }
     r = await http.client.post("/hooks/git", content=generic, headers=headers)
@@ -1012,3 +1013,13 @@ async def test_at_the_cap_idle_connections_make_room_and_busy_ones_refuse(
         assert len(refusals) == 1 and h.server.guard.refused == 5
         for _, writer in streams:
             writer.close()
+
+
+def test_the_unit_leaves_descriptors_for_every_connection_allowed():
+    unit = (Path(__file__).resolve().parent.parent / "systemd" / "reconciler.service").read_text()
+    [limit] = [
+        line.split("=", 1)[1] for line in unit.splitlines() if line.startswith("LimitNOFILE=")
+    ]
+    default = Limits().max_connections
+    assert connection_budget(default, int(limit)) == default
+    assert connection_budget(default, 1024) == 768  # what the unit's default would allow
