@@ -387,7 +387,13 @@ async def test_show_a_deployment_and_404(http: Harness):
     assert r.status_code == 200
     body = r.json()
     full = http.store.get_deployment(rec.id, with_progress=True, with_log=True)
-    assert full is not None and body == full.to_json()
+    assert full is not None
+    assert body == {
+        **full.to_json(),
+        "log_lines": 2,
+        "log_truncated": False,
+        "log_url": f"/api/v1/deployments/{rec.id}/log",
+    }
     assert [p["status"] for p in body["progress"]] == ["pending", "in_progress", "completed"]
     assert body["log"] == "hello\nworld"
     for path in ("/api/v1/deployments/999", "/api/v1/deployments/abc", "/api/v1/deployments/0"):
@@ -399,6 +405,52 @@ async def test_show_a_deployment_and_404(http: Harness):
     }
     wrong = await http.client.delete(f"/api/v1/deployments/{rec.id}")
     assert wrong.status_code == 405 and "error" in wrong.json()
+
+
+async def test_a_huge_log_is_shown_by_its_tail_and_paged(http: Harness):
+    """A run with a 24 MiB log: the record carries its tail only, the log is paged in
+    bounded pages, and together the pages are the whole log, in order."""
+    rec = http.deploy()
+    filler = "x" * 1000
+    lines = [f"line {i:05d} {filler}" for i in range(24_000)]
+    http.store.append_log(rec.id, [("stdout", line, T0) for line in lines])
+    http.store.append_log(rec.id, [("stderr", "y" * 40_000, T0)])  # one longer than 16 KiB
+    r = await http.client.get(f"/api/v1/deployments/{rec.id}")
+    assert r.status_code == 200 and len(r.content) < 80_000  # not 24 MiB
+    body = r.json()
+    assert body["log_lines"] == 24_001 and body["log_truncated"] is True
+    tail = body["log"].split("\n")
+    assert tail[-1] == "y" * 16384 + " … (23,616 characters cut)"
+    assert tail[:-1] == lines[-len(tail) + 1 :]
+    assert body["log_url"] == f"/api/v1/deployments/{rec.id}/log"
+    validator("DeploymentDetail").validate(body)
+
+    got: list[str] = []
+    url: str | None = f"{body['log_url']}?limit=5000"
+    pages = 0
+    while url is not None:
+        page = await http.client.get(url)
+        assert page.status_code == 200 and len(page.content) < 1_100_000
+        validator("LogPage").validate(page.json())
+        assert page.json()["offset"] == len(got)
+        got += [entry["line"] for entry in page.json()["lines"]]
+        link = page.headers.get("link")
+        url = link[1 : link.index(">")] if link else None
+        assert (url is None) == (page.json()["next_offset"] is None)
+        pages += 1
+    assert got[:-1] == lines and got[-1].startswith("y" * 16384 + " … ")
+    assert pages == 25  # about 1,000 lines of 1 KiB fit in a 1 MiB page
+    for params, status in (
+        ({"offset": "-1"}, 400),
+        ({"limit": "0"}, 400),
+        ({"limit": "10001"}, 400),
+        ({"page": "2"}, 400),
+        ({"offset": "99999"}, 200),
+    ):
+        answer = await http.client.get(body["log_url"], params=params)
+        assert answer.status_code == status, params
+    assert (await http.client.get(f"{body['log_url']}?offset=99999")).json()["lines"] == []
+    assert (await http.client.get("/api/v1/deployments/999/log")).status_code == 404
 
 
 async def test_index_page_links_the_api(http: Harness):

@@ -35,6 +35,7 @@ ROUTES = [
     Route("/api/v1/deployments", api.deployments, methods=["GET"]),
     Route("/api/v1/deployments/{id}", api.deployment, methods=["GET"]),
     Route("/api/v1/deployments/{id}/events", api.deployment_stream, methods=["GET"]),
+    Route("/api/v1/deployments/{id}/log", api.deployment_log, methods=["GET"]),
     Route("/api/v1/sync", api.sync, methods=["POST"]),
     Route("/hooks/git", api.git_hook, methods=["POST"]),
 ]
