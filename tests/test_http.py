@@ -38,6 +38,7 @@ from reconciler.http import (
     parse_listen,
     serve,
     stop_streams,
+    watch_connections,
 )
 from reconciler.http.app import ROUTES
 from reconciler.http.openapi import openapi_document
@@ -193,6 +194,7 @@ async def start(
     control = FakeControl(config, store, hub)
     app = create_app(control, **app_kw)
     server = HttpServer(app, "127.0.0.1:0", on_stop=lambda: stop_streams(app), limits=limits)
+    watch_connections(app, server)
     await server.start()
     client = httpx.AsyncClient(base_url=server.url, timeout=10)
     return Harness(control, client, server, app, store, hub)
@@ -1032,6 +1034,26 @@ async def test_a_client_slow_to_send_its_body_is_dropped(tmp_path: Path):
         assert h.server.guard.timed_out == 1
 
 
+async def test_a_client_that_stops_reading_its_response_is_dropped(tmp_path: Path):
+    async with guarded(tmp_path, write_timeout=0.3) as h:
+        rec = h.deploy()
+        h.store.append_log(rec.id, [("stdout", "z" * 8000, T0)] * 2000)  # 16 MB of log
+        host, port = h.server.address or ("", 0)
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # and never read
+        sock.connect((host, port))
+        try:
+            for offset in range(0, 2000, 120):  # pipelined: ~1 MB each
+                sock.sendall(
+                    f"GET /api/v1/deployments/{rec.id}/log?offset={offset}&limit=120 "
+                    "HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+                )
+            await wait_until(lambda: h.server.guard.write_timeouts == 1, what="the drop")
+            assert (await h.client.get("/healthz")).status_code == 200
+        finally:
+            sock.close()
+
+
 async def test_at_the_cap_idle_connections_make_room_and_busy_ones_refuse(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ):
@@ -1063,6 +1085,12 @@ async def test_at_the_cap_idle_connections_make_room_and_busy_ones_refuse(
             writer.close()
         refusals = [r for r in caplog.records if "http_connections_refused" in r.getMessage()]
         assert len(refusals) == 1 and h.server.guard.refused == 5
+        text = h.app.state.ctx.metrics.render().decode()
+        assert "reconciler_http_connections 3.0" in text
+        assert "reconciler_http_max_connections 3.0" in text
+        assert 'reconciler_http_connections_closed_total{reason="refused"} 5.0' in text
+        assert 'reconciler_http_connections_closed_total{reason="evicted"}' in text
+        assert "reconciler_sse_viewers 3.0" in text
         for _, writer in streams:
             writer.close()
 

@@ -9,7 +9,7 @@ Served by uvicorn inside the daemon's asyncio loop::
 
 from __future__ import annotations
 
-from reconciler.http.app import create_app, stop_streams
+from reconciler.http.app import create_app, stop_streams, watch_connections
 from reconciler.http.control import Control
 from reconciler.http.server import (
     HttpServer,
@@ -41,6 +41,7 @@ async def start_http(control: Control, listen: str | None = None) -> HttpServer:
         ),
         fd_limit=fd_limit,
     )
+    watch_connections(app, server)
     await server.start()
     return server
 
@@ -55,4 +56,5 @@ __all__ = [
     "serve",
     "start_http",
     "stop_streams",
+    "watch_connections",
 ]

@@ -18,6 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from reconciler.http import api
 from reconciler.http.control import Control
 from reconciler.http.metrics import Metrics
+from reconciler.http.server import HttpServer
 from reconciler.http.sse import LiveFeeds
 from reconciler.http.webhooks import WebhookReceiver
 
@@ -121,6 +122,7 @@ def create_app(
         stopping=asyncio.Event(),
         feeds=LiveFeeds(lambda: control.store, control.hub, ping_interval=ping_interval),
     )
+    metrics.connections.feeds = app.state.ctx.feeds
     return app
 
 
@@ -129,3 +131,9 @@ def stop_streams(app: Starlette) -> None:
     context: api.Context = app.state.ctx
     context.stopping.set()
     context.feeds.stop()
+
+
+def watch_connections(app: Starlette, server: HttpServer) -> None:
+    """Let the app's metrics count ``server``'s connections."""
+    context: api.Context = app.state.ctx
+    context.metrics.connections.guard = server.guard

@@ -168,7 +168,9 @@ class ConnectionGuard:
         self.idle: dict[GuardedH11Protocol, None] = {}  # waiting for a request, oldest first
         self.refused = 0
         self.evicted = 0
-        self.timed_out = 0
+        self.timed_out = 0  # a request's headers or body not received in time
+        self.write_timeouts = 0  # a response not read in time
+        self.open = 0
         self._unlogged = 0
         self._logged_at: float | None = None
 
@@ -210,12 +212,14 @@ class GuardedH11Protocol(H11Protocol):
                 transport.close()
                 return
         super().connection_made(transport)
+        guard.open += 1
         self._idle(True)
         self._arm(guard.limits.header_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._refused:
             return
+        self.guard.open -= 1
         self._disarm()
         self._idle(False)
         if self._write_stall is not None:
@@ -249,7 +253,7 @@ class GuardedH11Protocol(H11Protocol):
         super().pause_writing()
         if self._write_stall is None:
             self._write_stall = self.loop.call_later(
-                self.guard.limits.write_timeout, self._drop, False
+                self.guard.limits.write_timeout, self._write_timed_out
             )
 
     def resume_writing(self) -> None:
@@ -284,6 +288,10 @@ class GuardedH11Protocol(H11Protocol):
             self.transport.close()
         else:
             self._drop(evicted=False)
+
+    def _write_timed_out(self) -> None:
+        self.guard.write_timeouts += 1
+        self._drop()
 
     def _drop(self, evicted: bool = False) -> None:
         """Close at once, whatever is buffered (the peer is not reading, or is idle)."""

@@ -202,6 +202,9 @@ class LiveFeeds:
     def __len__(self) -> int:
         return len(self._feeds)
 
+    def viewers(self) -> int:
+        return sum(feed.viewers for feed in self._feeds.values())
+
     def open(self, deployment_id: int) -> DeploymentFeed:
         feed = self._feeds.get(deployment_id)
         if feed is None:
