@@ -26,7 +26,8 @@ import httpx
 import jsonschema
 import pytest
 
-from reconciler.config import Config
+from reconciler.config import Config, ConfigError
+from reconciler.daemon import _check_reloadable
 from reconciler.engine import SyncOutcome
 from reconciler.events import EventHub
 from reconciler.executor import DeploymentEvent
@@ -1103,3 +1104,10 @@ def test_the_unit_leaves_descriptors_for_every_connection_allowed():
     default = Limits().max_connections
     assert connection_budget(default, int(limit)) == default
     assert connection_budget(default, 1024) == 768  # what the unit's default would allow
+
+
+def test_connection_limits_cannot_change_on_reload(tmp_path: Path):
+    old = make_config(tmp_path)
+    _check_reloadable(old, make_config(tmp_path))
+    with pytest.raises(ConfigError, match=r"^server.max_connections, server.header_timeout "):
+        _check_reloadable(old, make_config(tmp_path, max_connections=5, header_timeout="1s"))
