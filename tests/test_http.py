@@ -1064,6 +1064,12 @@ async def test_at_the_cap_idle_connections_make_room_and_busy_ones_refuse(
         assert (await h.client.get("/healthz")).status_code == 200
         assert await asyncio.wait_for(idle[0][0].read(), 5) == b""
         assert h.server.guard.evicted == 1
+        # Fresh connections go before a client's kept-alive one, which keeps working.
+        extra = await raw(h)
+        assert await asyncio.wait_for(idle[1][0].read(), 5) == b""
+        assert (await h.client.get("/healthz")).status_code == 200
+        assert h.server.guard.evicted == 2
+        extra[1].close()
         # Three streams keep their connections busy: now a new connection is refused.
         await h.client.aclose()
         rec = h.deploy(statuses=("in_progress",))

@@ -9,7 +9,7 @@ and deployment commands; so connections are guarded (`ConnectionGuard`): a clien
 its request headers within ``header_timeout`` and its body within ``body_timeout``, one that
 does not read its response for ``write_timeout`` is dropped, and at most ``max_connections``
 are open (fewer if the descriptor limit is low). At the cap, the oldest connection still
-waiting for a request is closed to make room; only when every connection is busy is a new
+waiting for its first request (else the oldest kept-alive idle one) is closed to make room; only when every connection is busy is a new
 one refused (a 503), and refusals are logged once a minute with their count, not each.
 """
 
@@ -165,7 +165,11 @@ class ConnectionGuard:
         self.limits = limits
         self.max_connections = limits.max_connections
         self.monotonic = monotonic
-        self.idle: dict[GuardedH11Protocol, None] = {}  # waiting for a request, oldest first
+        # Connections waiting for a request, oldest first: never asked anything yet, and
+        # kept alive after a response (a client's pool: closed to make room only when no
+        # fresh one is left, since reusing it then fails for that client once).
+        self.fresh: dict[GuardedH11Protocol, None] = {}
+        self.kept_alive: dict[GuardedH11Protocol, None] = {}
         self.refused = 0
         self.evicted = 0
         self.timed_out = 0  # a request's headers or body not received in time
@@ -202,9 +206,9 @@ class GuardedH11Protocol(H11Protocol):
         self._write_stall: asyncio.TimerHandle | None = None
         self._refused = False
         if len(self.connections) >= guard.max_connections:
-            if guard.idle:  # make room: the oldest connection that has asked nothing yet
-                oldest = next(iter(guard.idle))
-                oldest._drop(evicted=True)
+            idle = guard.fresh or guard.kept_alive
+            if idle:  # make room: the oldest connection waiting for a request
+                next(iter(idle))._drop(evicted=True)
             else:
                 self._refused = True
                 guard.refuse(len(self.connections))
@@ -213,7 +217,7 @@ class GuardedH11Protocol(H11Protocol):
                 return
         super().connection_made(transport)
         guard.open += 1
-        self._idle(True)
+        guard.fresh[self] = None
         self._arm(guard.limits.header_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -221,7 +225,7 @@ class GuardedH11Protocol(H11Protocol):
             return
         self.guard.open -= 1
         self._disarm()
-        self._idle(False)
+        self._busy()
         if self._write_stall is not None:
             self._write_stall.cancel()
             self._write_stall = None
@@ -236,18 +240,19 @@ class GuardedH11Protocol(H11Protocol):
             if self._deadline is None:
                 self._arm(self.guard.limits.header_timeout)
         elif state is h11.SEND_BODY:
-            self._idle(False)
+            self._busy()
             if not self._in_body:
                 self._in_body = True
                 self._arm(self.guard.limits.body_timeout)
         else:  # the whole request is in
-            self._idle(False)
+            self._busy()
             self._disarm()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
         if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
-            self._idle(True)  # keep-alive: idle again (uvicorn's keep-alive timeout applies)
+            # Idle again (uvicorn's keep-alive timeout applies).
+            self.guard.kept_alive[self] = None
 
     def pause_writing(self) -> None:
         super().pause_writing()
@@ -262,11 +267,9 @@ class GuardedH11Protocol(H11Protocol):
             self._write_stall.cancel()
             self._write_stall = None
 
-    def _idle(self, idle: bool) -> None:
-        if idle:
-            self.guard.idle[self] = None
-        else:
-            self.guard.idle.pop(self, None)
+    def _busy(self) -> None:
+        self.guard.fresh.pop(self, None)
+        self.guard.kept_alive.pop(self, None)
 
     def _arm(self, seconds: float) -> None:
         self._disarm()
@@ -284,7 +287,7 @@ class GuardedH11Protocol(H11Protocol):
         self.guard.timed_out += 1
         if self.conn.their_state is h11.IDLE and self.conn.our_state is h11.IDLE:
             self.transport.write(_TIMEOUT)  # nothing answered yet: say why, then close
-            self._idle(False)
+            self._busy()
             self.transport.close()
         else:
             self._drop(evicted=False)
@@ -295,7 +298,7 @@ class GuardedH11Protocol(H11Protocol):
 
     def _drop(self, evicted: bool = False) -> None:
         """Close at once, whatever is buffered (the peer is not reading, or is idle)."""
-        self._idle(False)
+        self._busy()
         self._write_stall = None
         if evicted:
             self.guard.evicted += 1
