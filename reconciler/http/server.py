@@ -9,8 +9,9 @@ and deployment commands; so connections are guarded (`ConnectionGuard`): a clien
 its request headers within ``header_timeout`` and its body within ``body_timeout``, one that
 does not read its response for ``write_timeout`` is dropped, and at most ``max_connections``
 are open (fewer if the descriptor limit is low). At the cap, the oldest connection still
-waiting for its first request (else the oldest kept-alive idle one) is closed to make room; only when every connection is busy is a new
-one refused (a 503), and refusals are logged once a minute with their count, not each.
+waiting for its first request (else the oldest kept-alive idle one) is closed to make room;
+only when every connection is busy is a new one refused (a 503), and refusals are logged
+once a minute with their count, not each.
 """
 
 from __future__ import annotations
