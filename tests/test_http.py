@@ -15,6 +15,7 @@ import json
 import logging
 import signal
 import socket
+import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from reconciler.http import (
     HttpServer,
     HttpServerError,
     Limits,
+    api,
     create_app,
     parse_listen,
     serve,
@@ -621,6 +623,40 @@ async def test_many_viewers_of_a_deployment_share_one_store_read_per_event(
                 assert json.loads((await sse.next())["data"])["message"] == f"step {i}"
         assert reads - before <= live + 2, f"{reads - before} store reads for {live} events"
     await wait_until(lambda: not http.hub.watching(), what="the feed to close")
+
+
+async def test_slow_api_reads_leave_the_deployments_threads_free(
+    http: Harness, monkeypatch: pytest.MonkeyPatch
+):
+    """The executor writes each event through asyncio's default thread pool: API reads must
+    not be able to fill it (a slow database, many clients), or the deployment waits."""
+    rec = http.deploy()
+    release = threading.Event()
+    get_deployment = http.store.get_deployment
+
+    blocked = []
+
+    def slow(*args: Any, **kwargs: Any) -> Any:
+        blocked.append(1)
+        release.wait(10)
+        blocked.pop()
+        return get_deployment(*args, **kwargs)
+
+    def waiting() -> int:
+        return len(blocked)
+
+    monkeypatch.setattr(http.store, "get_deployment", slow)
+    readers = [
+        asyncio.create_task(http.client.get(f"/api/v1/deployments/{rec.id}")) for _ in range(12)
+    ]
+    # Every thread the API reads with is blocked in the store now.
+    await wait_until(lambda: waiting() >= api.READ_THREADS, what="the reads to block")
+    try:
+        # What `executor.durable` does for every event of a running deployment:
+        assert await asyncio.wait_for(asyncio.to_thread(lambda: "written"), 2) == "written"
+    finally:
+        release.set()
+    assert [r.status_code for r in await asyncio.gather(*readers)] == [200] * 12
 
 
 async def test_a_viewer_that_falls_behind_skips_ahead_and_never_holds_up_the_feed(

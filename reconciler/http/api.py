@@ -9,8 +9,10 @@ import asyncio
 import hmac
 import logging
 from collections.abc import Callable, Collection
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import datetime
+from functools import partial
 from typing import Any, TypeVar
 from urllib.parse import urlencode
 
@@ -69,10 +71,25 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
+#: Threads for the API's store reads. Their own: the executor writes every event through
+#: asyncio's default pool, which slow or many reads would otherwise fill (the deployment
+#: then waits for them); here a read waits for a read, never a deployment for a read.
+READ_THREADS = 4
+_reads: ThreadPoolExecutor | None = None
+
+
+def read_in_thread(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> asyncio.Future[T]:
+    """Run a store read on the HTTP side's own threads."""
+    global _reads
+    if _reads is None:
+        _reads = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="http-read")
+    return asyncio.get_running_loop().run_in_executor(_reads, partial(fn, *args, **kwargs))
+
+
 async def db(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
     """A store call, off the loop; a database that is away is a 503, not a 500."""
     try:
-        return await asyncio.to_thread(fn, *args, **kwargs)
+        return await read_in_thread(fn, *args, **kwargs)
     except Exception as exc:
         if is_transient(exc):
             raise HTTPException(503, f"database unavailable: {_one_line(exc)}") from exc
@@ -131,7 +148,7 @@ async def readyz(request: Request) -> Response:
     database = "ok"
     try:
         await asyncio.wait_for(
-            asyncio.to_thread(_ping_database, c.control.store), timeout=c.ready_timeout
+            read_in_thread(_ping_database, c.control.store), timeout=c.ready_timeout
         )
     except TimeoutError:
         database = f"no answer within {c.ready_timeout:g} s"

@@ -120,7 +120,12 @@ def create_app(
         ping_interval=ping_interval,
         ready_timeout=ready_timeout,
         stopping=asyncio.Event(),
-        feeds=LiveFeeds(lambda: control.store, control.hub, ping_interval=ping_interval),
+        feeds=LiveFeeds(
+            lambda: control.store,
+            control.hub,
+            read=api.read_in_thread,
+            ping_interval=ping_interval,
+        ),
     )
     metrics.connections.feeds = app.state.ctx.feeds
     return app

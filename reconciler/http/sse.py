@@ -15,7 +15,7 @@ import asyncio
 import bisect
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from reconciler.events import EventHub
@@ -167,10 +167,6 @@ class DeploymentFeed:
             watch.close()
 
 
-def _to_thread(fn: Callable[..., Any], *args: Any) -> Any:
-    return asyncio.to_thread(fn, *args)
-
-
 class LiveFeeds:
     """The feeds of the deployments being watched, one each, gone with their last viewer."""
 
@@ -179,7 +175,7 @@ class LiveFeeds:
         store: Callable[[], Store],
         hub: EventHub,
         *,
-        read: Callable[..., Any] = _to_thread,
+        read: Callable[..., Awaitable[Any]] = asyncio.to_thread,
         ping_interval: float = 15.0,
         batch_seconds: float = BATCH_SECONDS,
         buffer_events: int = BUFFER_EVENTS,
