@@ -28,7 +28,8 @@ from reconciler.http.openapi import openapi_document
 from reconciler.http.schemas import SyncRequest
 from reconciler.http.sse import LiveFeeds, deployment_events
 from reconciler.http.webhooks import UNSIGNED, WebhookReceiver
-from reconciler.store import STATUSES, LogLine, Store, format_time, is_transient
+from reconciler.store import STATUSES, Store, is_transient
+from reconciler.store.records import LogLine, format_time
 from reconciler.times import SINCE_HELP, parse_since
 
 log = logging.getLogger("reconciler.http")
