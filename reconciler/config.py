@@ -99,6 +99,11 @@ class ServerConfig(_Section):
     webhook_secret_file: str | None = None  # HMAC key / GitLab token for POST /hooks/git
     webhook_max_bytes: int = Field(default=1_048_576, ge=1024)
     webhook_replay_window: Seconds = 600.0  # a delivery seen within this window is ignored
+    # Connections: each holds a file descriptor (capped lower if the fd limit is low).
+    max_connections: int = Field(default=1000, ge=1)
+    header_timeout: Seconds = Field(default=10.0, gt=0)  # a request's headers, within this
+    body_timeout: Seconds = Field(default=30.0, gt=0)  # its body, within this after them
+    write_timeout: Seconds = Field(default=30.0, gt=0)  # a client not reading is dropped
 
 
 NotificationEvent = Literal[

@@ -380,6 +380,11 @@ def _check_reloadable(old: Config, new: Config) -> None:
         "database.url": (old.database_url, new.database_url),
         "daemon.state_dir": (old.state_dir, new.state_dir),
         "server.listen": (old.server.listen, new.server.listen),
+        # The HTTP server's connection guard is built at start.
+        **{
+            f"server.{key}": (getattr(old.server, key), getattr(new.server, key))
+            for key in ("max_connections", "header_timeout", "body_timeout", "write_timeout")
+        },
     }
     changed = [key for key, (a, b) in fixed.items() if a != b]
     if changed:

@@ -8,11 +8,14 @@ hub is told as the executor tells it, so what the API reads is what a daemon wou
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
+import logging
 import signal
 import socket
+import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -24,20 +27,26 @@ import httpx
 import jsonschema
 import pytest
 
-from reconciler.config import Config
+from reconciler.config import Config, ConfigError
+from reconciler.daemon import _check_reloadable
 from reconciler.engine import SyncOutcome
 from reconciler.events import EventHub
 from reconciler.executor import DeploymentEvent
 from reconciler.http import (
     HttpServer,
     HttpServerError,
+    Limits,
+    api,
     create_app,
     parse_listen,
     serve,
     stop_streams,
+    watch_connections,
 )
 from reconciler.http.app import ROUTES
 from reconciler.http.openapi import openapi_document
+from reconciler.http.server import connection_budget
+from reconciler.http.sse import LiveFeeds, deployment_events
 from reconciler.http.webhooks import sign, sign_generic
 from reconciler.plan import Decision
 from reconciler.store import DeploymentRecord, NewDeployment, Store, make_engine
@@ -180,12 +189,15 @@ class Harness:
         )
 
 
-async def start(tmp_path: Path, config: Config, **app_kw: Any) -> Harness:
+async def start(
+    tmp_path: Path, config: Config, *, limits: Limits | None = None, **app_kw: Any
+) -> Harness:
     store = Store.from_url(f"sqlite:///{tmp_path / 'state' / 'reconciler.db'}", migrate=True)
     hub = EventHub()
     control = FakeControl(config, store, hub)
     app = create_app(control, **app_kw)
-    server = HttpServer(app, "127.0.0.1:0", on_stop=lambda: stop_streams(app))
+    server = HttpServer(app, "127.0.0.1:0", on_stop=lambda: stop_streams(app), limits=limits)
+    watch_connections(app, server)
     await server.start()
     client = httpx.AsyncClient(base_url=server.url, timeout=10)
     return Harness(control, client, server, app, store, hub)
@@ -380,7 +392,13 @@ async def test_show_a_deployment_and_404(http: Harness):
     assert r.status_code == 200
     body = r.json()
     full = http.store.get_deployment(rec.id, with_progress=True, with_log=True)
-    assert full is not None and body == full.to_json()
+    assert full is not None
+    assert body == {
+        **full.to_json(),
+        "log_lines": 2,
+        "log_truncated": False,
+        "log_url": f"/api/v1/deployments/{rec.id}/log",
+    }
     assert [p["status"] for p in body["progress"]] == ["pending", "in_progress", "completed"]
     assert body["log"] == "hello\nworld"
     for path in ("/api/v1/deployments/999", "/api/v1/deployments/abc", "/api/v1/deployments/0"):
@@ -392,6 +410,52 @@ async def test_show_a_deployment_and_404(http: Harness):
     }
     wrong = await http.client.delete(f"/api/v1/deployments/{rec.id}")
     assert wrong.status_code == 405 and "error" in wrong.json()
+
+
+async def test_a_huge_log_is_shown_by_its_tail_and_paged(http: Harness):
+    """A run with a 24 MiB log: the record carries its tail only, the log is paged in
+    bounded pages, and together the pages are the whole log, in order."""
+    rec = http.deploy()
+    filler = "x" * 1000
+    lines = [f"line {i:05d} {filler}" for i in range(24_000)]
+    http.store.append_log(rec.id, [("stdout", line, T0) for line in lines])
+    http.store.append_log(rec.id, [("stderr", "y" * 40_000, T0)])  # one longer than 16 KiB
+    r = await http.client.get(f"/api/v1/deployments/{rec.id}")
+    assert r.status_code == 200 and len(r.content) < 80_000  # not 24 MiB
+    body = r.json()
+    assert body["log_lines"] == 24_001 and body["log_truncated"] is True
+    tail = body["log"].split("\n")
+    assert tail[-1] == "y" * 16384 + " … (23,616 characters cut)"
+    assert tail[:-1] == lines[-len(tail) + 1 :]
+    assert body["log_url"] == f"/api/v1/deployments/{rec.id}/log"
+    validator("DeploymentDetail").validate(body)
+
+    got: list[str] = []
+    url: str | None = f"{body['log_url']}?limit=5000"
+    pages = 0
+    while url is not None:
+        page = await http.client.get(url)
+        assert page.status_code == 200 and len(page.content) < 1_100_000
+        validator("LogPage").validate(page.json())
+        assert page.json()["offset"] == len(got)
+        got += [entry["line"] for entry in page.json()["lines"]]
+        link = page.headers.get("link")
+        url = link[1 : link.index(">")] if link else None
+        assert (url is None) == (page.json()["next_offset"] is None)
+        pages += 1
+    assert got[:-1] == lines and got[-1].startswith("y" * 16384 + " … ")
+    assert pages == 25  # about 1,000 lines of 1 KiB fit in a 1 MiB page
+    for params, status in (
+        ({"offset": "-1"}, 400),
+        ({"limit": "0"}, 400),
+        ({"limit": "10001"}, 400),
+        ({"page": "2"}, 400),
+        ({"offset": "99999"}, 200),
+    ):
+        answer = await http.client.get(body["log_url"], params=params)
+        assert answer.status_code == status, params
+    assert (await http.client.get(f"{body['log_url']}?offset=99999")).json()["lines"] == []
+    assert (await http.client.get("/api/v1/deployments/999/log")).status_code == 404
 
 
 async def test_index_page_links_the_api(http: Harness):
@@ -467,7 +531,7 @@ async def test_sse_replays_then_streams_live_then_ends(http: Harness):
         assert end["event"] == "end" and json.loads(end["data"]) == final.to_json()
         with pytest.raises(EOFError):
             await sse.next()
-    assert not http.hub._subs
+    assert not http.hub.watching()
 
 
 async def test_sse_resumes_after_last_event_id_and_ends_at_once_when_finished(http: Harness):
@@ -499,8 +563,8 @@ async def test_sse_pings_and_a_disconnect_closes_the_subscription(tmp_path: Path
             assert (await sse.next())["event"] == "progress"
             assert (await sse.next())["event"] == "progress"
             assert await sse.next() == {"comment": "ping"}
-            assert len(h.hub._subs) == 1
-        await wait_until(lambda: not h.hub._subs, what="the subscription to close")
+            assert h.hub.watching() == 1
+        await wait_until(lambda: not h.hub.watching(), what="the subscription to close")
     finally:
         await h.client.aclose()
         await h.server.stop()
@@ -519,10 +583,109 @@ async def test_stopping_the_server_ends_open_streams(tmp_path: Path):
             with pytest.raises(EOFError):
                 await sse.next()
             await stopping
-        assert not h.hub._subs
+        assert not h.hub.watching()
     finally:
         await h.client.aclose()
         h.store.close()
+
+
+async def test_many_viewers_of_a_deployment_share_one_store_read_per_event(
+    http: Harness, monkeypatch: pytest.MonkeyPatch
+):
+    """Viewers cost the deployment nothing: N viewers x E events is not N x E store reads
+    (which queued the deployment's own writes behind them), but about E."""
+    rec = http.deploy(statuses=("in_progress",))
+    reads = 0
+    events_after = http.store.events_after
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        nonlocal reads
+        reads += 1
+        return events_after(*args, **kwargs)
+
+    monkeypatch.setattr(http.store, "events_after", counting)
+    url = f"/api/v1/deployments/{rec.id}/events"
+    viewers, live = 40, 10
+    async with contextlib.AsyncExitStack() as stack:
+        readers = []
+        for _ in range(viewers):
+            response = await stack.enter_async_context(http.client.stream("GET", url))
+            readers.append(SSEReader(response))
+        for sse in readers:  # the recorded history: pending, in_progress
+            assert [(await sse.next())["event"] for _ in range(2)] == ["progress"] * 2
+        before = reads
+        for i in range(live):
+            http.store.add_event(
+                rec.id, status="in_progress", message=f"step {i}", percent=i, details={}, at=T0
+            )
+            http.publish(rec, "in_progress", f"step {i}", percent=i)
+            for sse in readers:  # every viewer has it before the next one is recorded
+                assert json.loads((await sse.next())["data"])["message"] == f"step {i}"
+        assert reads - before <= live + 2, f"{reads - before} store reads for {live} events"
+    await wait_until(lambda: not http.hub.watching(), what="the feed to close")
+
+
+async def test_slow_api_reads_leave_the_deployments_threads_free(
+    http: Harness, monkeypatch: pytest.MonkeyPatch
+):
+    """The executor writes each event through asyncio's default thread pool: API reads must
+    not be able to fill it (a slow database, many clients), or the deployment waits."""
+    rec = http.deploy()
+    release = threading.Event()
+    get_deployment = http.store.get_deployment
+
+    blocked = []
+
+    def slow(*args: Any, **kwargs: Any) -> Any:
+        blocked.append(1)
+        release.wait(10)
+        blocked.pop()
+        return get_deployment(*args, **kwargs)
+
+    def waiting() -> int:
+        return len(blocked)
+
+    monkeypatch.setattr(http.store, "get_deployment", slow)
+    readers = [
+        asyncio.create_task(http.client.get(f"/api/v1/deployments/{rec.id}")) for _ in range(12)
+    ]
+    # Every thread the API reads with is blocked in the store now.
+    await wait_until(lambda: waiting() >= api.READ_THREADS, what="the reads to block")
+    try:
+        # What `executor.durable` does for every event of a running deployment:
+        assert await asyncio.wait_for(asyncio.to_thread(lambda: "written"), 2) == "written"
+    finally:
+        release.set()
+    assert [r.status_code for r in await asyncio.gather(*readers)] == [200] * 12
+
+
+async def test_a_viewer_that_falls_behind_skips_ahead_and_never_holds_up_the_feed(
+    tmp_path: Path,
+):
+    store = Store.from_url(f"sqlite:///{tmp_path / 'r.db'}", migrate=True)
+    hub = EventHub()
+    h = Harness(None, None, None, None, store, hub)  # type: ignore[arg-type]
+    rec = h.deploy(statuses=("in_progress",))
+    for i in range(40):
+        store.add_event(
+            rec.id, status="in_progress", message=f"e{i}", percent=None, details={}, at=T0
+        )
+    feeds = LiveFeeds(lambda: store, hub, buffer_events=10, page_events=5, ping_interval=5)
+    fast = deployment_events(feeds, rec.id)
+    slow = deployment_events(feeds, rec.id)
+    first_slow = await anext(slow)  # the slow viewer takes one chunk, then stops reading
+    assert first_slow.count(b"event: progress") == 5  # the first page read
+    store.set_status(rec.id, "completed", at=T0 + timedelta(minutes=1))
+    h.publish(rec, "completed", "completed")
+    received = b""
+    async for chunk in fast:  # the fast one is never held up by the slow one
+        received += chunk
+    assert received.count(b"event: progress") == 42 + 1 and b"event: end" in received
+    rest = b"".join([chunk async for chunk in slow])
+    assert rest.startswith(b": skipped to after event ")
+    assert rest.count(b"event: progress") < 40 and rest.endswith(b"\n\n")
+    assert b"event: end" in rest and not feeds and not hub.watching()
+    store.close()
 
 
 # ---- POST /api/v1/sync ---------------------------------------------------------------
@@ -703,7 +866,7 @@ async def test_gitlab_and_generic_webhooks(http: Harness):
     headers = {
         "Content-Type": "application/json",
         "X-Reconciler-Timestamp": str(now),
-        "X-Reconciler-Signature-256": sign_generic(WEBHOOK_SECRET, now, generic),
+        "X-Reconciler-Signature-256": sign_generic(WEBHOOK_SECRET, now, generic, delivery="ci-1"),
         "X-Reconciler-Delivery": "ci-1",
     }
     r = await http.client.post("/hooks/git", content=generic, headers=headers)
@@ -711,7 +874,7 @@ async def test_gitlab_and_generic_webhooks(http: Harness):
     stale = now - 3600
     headers = {
         "X-Reconciler-Timestamp": str(stale),
-        "X-Reconciler-Signature-256": sign_generic(WEBHOOK_SECRET, stale, generic),
+        "X-Reconciler-Signature-256": sign_generic(WEBHOOK_SECRET, stale, generic, delivery="ci-2"),
         "X-Reconciler-Delivery": "ci-2",
     }
     r = await http.client.post("/hooks/git", content=generic, headers=headers)
@@ -859,3 +1022,134 @@ async def test_serve_leaves_the_signal_handlers_alone_and_stops_when_cancelled(t
     with socket.socket() as again:  # the port is free again
         again.bind(("127.0.0.1", port))
     store.close()
+
+
+# ---- connections: timeouts and the cap -------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def guarded(tmp_path: Path, **limits: Any) -> AsyncIterator[Harness]:
+    h = await start(tmp_path, make_config(tmp_path), limits=Limits(**limits))
+    try:
+        yield h
+    finally:
+        await h.client.aclose()
+        await h.server.stop()
+        h.store.close()
+
+
+async def raw(h: Harness) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    host, port = h.server.address or ("", 0)
+    return await asyncio.open_connection(host, port)
+
+
+async def test_a_client_slow_to_send_its_headers_gets_a_408_and_is_closed(tmp_path: Path):
+    async with guarded(tmp_path, header_timeout=0.3) as h:
+        silent = await raw(h)
+        slow = await raw(h)
+        slow[1].write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # never finished
+        for reader, _ in (silent, slow):
+            answer = await asyncio.wait_for(reader.read(), 5)  # read to EOF: closed
+            assert answer.startswith(b"HTTP/1.1 408 ")
+            assert answer.endswith(b'{"error": "request not received in time"}')
+        assert h.server.guard.timed_out == 2
+        # A prompt client is not affected, and keeps its connection between requests.
+        for _ in range(3):
+            assert (await h.client.get("/healthz")).status_code == 200
+
+
+async def test_a_client_slow_to_send_its_body_is_dropped(tmp_path: Path):
+    async with guarded(tmp_path, header_timeout=5, body_timeout=0.3) as h:
+        reader, writer = await raw(h)
+        writer.write(
+            b"POST /hooks/git HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n"
+            b'X-Hub-Signature-256: sha256=00\r\n\r\n{"ref"'
+        )
+        started = time.monotonic()
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # dropped, no answer
+        assert 0.25 < time.monotonic() - started < 4
+        assert h.server.guard.timed_out == 1
+
+
+async def test_a_client_that_stops_reading_its_response_is_dropped(tmp_path: Path):
+    async with guarded(tmp_path, write_timeout=0.3) as h:
+        rec = h.deploy()
+        h.store.append_log(rec.id, [("stdout", "z" * 8000, T0)] * 2000)  # 16 MB of log
+        host, port = h.server.address or ("", 0)
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # and never read
+        sock.connect((host, port))
+        try:
+            for offset in range(0, 2000, 120):  # pipelined: ~1 MB each
+                sock.sendall(
+                    f"GET /api/v1/deployments/{rec.id}/log?offset={offset}&limit=120 "
+                    "HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+                )
+            await wait_until(lambda: h.server.guard.write_timeouts == 1, what="the drop")
+            assert (await h.client.get("/healthz")).status_code == 200
+        finally:
+            sock.close()
+
+
+async def test_at_the_cap_idle_connections_make_room_and_busy_ones_refuse(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    async with guarded(tmp_path, max_connections=3, header_timeout=30) as h:
+        idle = [await raw(h) for _ in range(3)]
+        # A fourth connection: the oldest idle one is closed to make room for it.
+        assert (await h.client.get("/healthz")).status_code == 200
+        assert await asyncio.wait_for(idle[0][0].read(), 5) == b""
+        assert h.server.guard.evicted == 1
+        # Fresh connections go before a client's kept-alive one, which keeps working.
+        extra = await raw(h)
+        assert await asyncio.wait_for(idle[1][0].read(), 5) == b""
+        assert (await h.client.get("/healthz")).status_code == 200
+        assert h.server.guard.evicted == 2
+        extra[1].close()
+        # Three streams keep their connections busy: now a new connection is refused.
+        await h.client.aclose()
+        rec = h.deploy(statuses=("in_progress",))
+        streams = []
+        for _ in range(3):
+            reader, writer = await raw(h)
+            writer.write(
+                f"GET /api/v1/deployments/{rec.id}/events HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+            )
+            assert (await reader.readline()).startswith(b"HTTP/1.1 200")
+            streams.append((reader, writer))
+        for _, writer in idle[1:]:  # (they were evicted by now; closing ours is harmless)
+            writer.close()
+        caplog.set_level(logging.WARNING, "reconciler.http")
+        for _ in range(5):
+            reader, writer = await raw(h)
+            answer = await asyncio.wait_for(reader.read(), 5)
+            assert answer.startswith(b"HTTP/1.1 503 ")
+            assert b"too many connections" in answer
+            writer.close()
+        refusals = [r for r in caplog.records if "http_connections_refused" in r.getMessage()]
+        assert len(refusals) == 1 and h.server.guard.refused == 5
+        text = h.app.state.ctx.metrics.render().decode()
+        assert "reconciler_http_connections 3.0" in text
+        assert "reconciler_http_max_connections 3.0" in text
+        assert 'reconciler_http_connections_closed_total{reason="refused"} 5.0' in text
+        assert 'reconciler_http_connections_closed_total{reason="evicted"}' in text
+        assert "reconciler_sse_viewers 3.0" in text
+        for _, writer in streams:
+            writer.close()
+
+
+def test_the_unit_leaves_descriptors_for_every_connection_allowed():
+    unit = (Path(__file__).resolve().parent.parent / "systemd" / "reconciler.service").read_text()
+    [limit] = [
+        line.split("=", 1)[1] for line in unit.splitlines() if line.startswith("LimitNOFILE=")
+    ]
+    default = Limits().max_connections
+    assert connection_budget(default, int(limit)) == default
+    assert connection_budget(default, 1024) == 768  # what the unit's default would allow
+
+
+def test_connection_limits_cannot_change_on_reload(tmp_path: Path):
+    old = make_config(tmp_path)
+    _check_reloadable(old, make_config(tmp_path))
+    with pytest.raises(ConfigError, match=r"^server.max_connections, server.header_timeout "):
+        _check_reloadable(old, make_config(tmp_path, max_connections=5, header_timeout="1s"))

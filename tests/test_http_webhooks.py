@@ -224,10 +224,48 @@ def test_generic_hmac_with_timestamp():
     ref_body = json.dumps({"ref": "refs/heads/main"}).encode()
     ref_headers = {
         "X-Reconciler-Timestamp": str(ts),
-        "X-Reconciler-Signature-256": sign_generic(SECRET, ts, ref_body),
+        "X-Reconciler-Signature-256": sign_generic(SECRET, ts, ref_body, delivery="ci-run-7"),
         "X-Reconciler-Delivery": "ci-run-7",
     }
     assert r.receive(SECRET, ref_headers, ref_body, branch="main").result == "accepted"
+
+
+def test_generic_delivery_id_is_signed_so_a_replay_cannot_pass_for_a_new_delivery():
+    clock = Clock()
+    r = receiver(clock)
+    body = json.dumps({"branch": "main"}).encode()
+    ts = int(clock.now)
+    signed = {
+        "X-Reconciler-Timestamp": str(ts),
+        "X-Reconciler-Signature-256": sign_generic(SECRET, ts, body, delivery="ci-1"),
+        "X-Reconciler-Delivery": "ci-1",
+    }
+    # The signed string: timestamp "." delivery "." body.
+    mac = hmac.new(SECRET.encode(), f"{ts}.ci-1.".encode() + body, hashlib.sha256).hexdigest()
+    assert signed["X-Reconciler-Signature-256"] == f"sha256={mac}"
+    assert r.receive(SECRET, signed, body, branch="main").result == "accepted"
+    assert r.receive(SECRET, signed, body, branch="main").result == "duplicate"
+    # A captured request replayed under another delivery id, or none, is refused.
+    for replay in (
+        {**signed, "X-Reconciler-Delivery": "ci-2"},
+        {k: v for k, v in signed.items() if k != "X-Reconciler-Delivery"},
+    ):
+        out = r.receive(SECRET, replay, body, branch="main")
+        assert (out.result, out.message) == (
+            "forbidden",
+            "signature does not match: check the webhook secret",
+        )
+    # A sender still signing timestamp.body while sending a delivery id is told what to sign.
+    unsigned_id = {
+        "X-Reconciler-Timestamp": str(ts),
+        "X-Reconciler-Signature-256": sign_generic(SECRET, ts, body),
+        "X-Reconciler-Delivery": "ci-3",
+    }
+    out = r.receive(SECRET, unsigned_id, body, branch="main")
+    assert out.result == "forbidden"
+    assert out.message == (
+        "the signature must cover X-Reconciler-Delivery: sign timestamp.delivery.body"
+    )
 
 
 def test_generic_refusals():

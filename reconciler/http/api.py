@@ -9,8 +9,10 @@ import asyncio
 import hmac
 import logging
 from collections.abc import Callable, Collection
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from datetime import datetime
+from functools import partial
 from typing import Any, TypeVar
 from urllib.parse import urlencode
 
@@ -24,9 +26,10 @@ from reconciler.http.control import Control
 from reconciler.http.metrics import CONTENT_TYPE_LATEST, Metrics
 from reconciler.http.openapi import openapi_document
 from reconciler.http.schemas import SyncRequest
-from reconciler.http.sse import deployment_events
+from reconciler.http.sse import LiveFeeds, deployment_events
 from reconciler.http.webhooks import UNSIGNED, WebhookReceiver
 from reconciler.store import STATUSES, Store, is_transient
+from reconciler.store.records import LogLine, format_time
 from reconciler.times import SINCE_HELP, parse_since
 
 log = logging.getLogger("reconciler.http")
@@ -47,6 +50,7 @@ class Context:
     ping_interval: float
     ready_timeout: float
     stopping: asyncio.Event
+    feeds: LiveFeeds
 
 
 def ctx(request: Request) -> Context:
@@ -68,10 +72,25 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
+#: Threads for the API's store reads. Their own: the executor writes every event through
+#: asyncio's default pool, which slow or many reads would otherwise fill (the deployment
+#: then waits for them); here a read waits for a read, never a deployment for a read.
+READ_THREADS = 4
+_reads: ThreadPoolExecutor | None = None
+
+
+def read_in_thread(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> asyncio.Future[T]:
+    """Run a store read on the HTTP side's own threads."""
+    global _reads
+    if _reads is None:
+        _reads = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="http-read")
+    return asyncio.get_running_loop().run_in_executor(_reads, partial(fn, *args, **kwargs))
+
+
 async def db(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
     """A store call, off the loop; a database that is away is a 503, not a 500."""
     try:
-        return await asyncio.to_thread(fn, *args, **kwargs)
+        return await read_in_thread(fn, *args, **kwargs)
     except Exception as exc:
         if is_transient(exc):
             raise HTTPException(503, f"database unavailable: {_one_line(exc)}") from exc
@@ -130,7 +149,7 @@ async def readyz(request: Request) -> Response:
     database = "ok"
     try:
         await asyncio.wait_for(
-            asyncio.to_thread(_ping_database, c.control.store), timeout=c.ready_timeout
+            read_in_thread(_ping_database, c.control.store), timeout=c.ready_timeout
         )
     except TimeoutError:
         database = f"no answer within {c.ready_timeout:g} s"
@@ -218,15 +237,90 @@ async def deployments(request: Request) -> Response:
     return JSONResponse([r.to_json() for r in records], headers=headers)
 
 
+# A run's log can be large (up to the capture cap, far more for runs recorded before it):
+# a deployment carries only its tail, and `/log` pages the rest, each bounded in lines and
+# bytes and read off the loop, so that no request builds a large body.
+LOG_TAIL_LINES = 200
+LOG_TAIL_BYTES = 64 * 1024
+LOG_PAGE_LINES = 1000
+LOG_PAGE_MAX_LINES = 10_000
+LOG_PAGE_BYTES = 1024 * 1024
+LOG_LINE_CHARS = 16 * 1024
+MAX_OFFSET = 2**31 - 1
+
+
+def _log_url(dep_id: int) -> str:
+    return f"/api/v1/deployments/{dep_id}/log"
+
+
+def _within(
+    lines: list[LogLine], budget: int, *, from_end: bool, overhead: int = 1
+) -> list[LogLine]:
+    """The lines from one end that fit in ``budget`` bytes, counting ``overhead`` bytes
+    around each (at least one line)."""
+    kept: list[LogLine] = []
+    size = 0
+    for entry in reversed(lines) if from_end else lines:
+        size += len(entry.line.encode()) + overhead
+        if size > budget and kept:
+            break
+        kept.append(entry)
+    return kept[::-1] if from_end else kept
+
+
+def _deployment_detail(store: Store, dep_id: int) -> dict[str, Any] | None:
+    record = store.get_deployment(dep_id, with_progress=True)
+    if record is None:
+        return None
+    total, tail = store.log_tail(dep_id, LOG_TAIL_LINES, max_chars=LOG_LINE_CHARS)
+    tail = _within(tail, LOG_TAIL_BYTES, from_end=True)
+    body = replace(record, log=tail).to_json()
+    body.update(
+        log_lines=total,
+        log_truncated=len(tail) < total,
+        log_url=_log_url(dep_id),
+    )
+    return body
+
+
 async def deployment(request: Request) -> Response:
     _params(request, ())
     dep_id = _deployment_id(request)
-    record = await db(
-        ctx(request).control.store.get_deployment, dep_id, with_progress=True, with_log=True
-    )
-    if record is None:
+    body = await db(_deployment_detail, ctx(request).control.store, dep_id)
+    if body is None:
         raise HTTPException(404, f"no deployment {dep_id}")
-    return JSONResponse(record.to_json())
+    return JSONResponse(body)
+
+
+def _log_page(store: Store, dep_id: int, offset: int, limit: int) -> dict[str, Any] | None:
+    if store.get_deployment(dep_id) is None:
+        return None
+    # One line more than asked says whether there is a next page.
+    lines = store.log_page(dep_id, offset, limit + 1, max_chars=LOG_LINE_CHARS)
+    # Each line is an object of about 64 bytes besides the line itself (stream, at, quotes).
+    page = _within(lines[:limit], LOG_PAGE_BYTES, from_end=False, overhead=64)
+    more = len(page) < len(lines)
+    return {
+        "deployment_id": dep_id,
+        "offset": offset,
+        "lines": [{"stream": e.stream, "line": e.line, "at": format_time(e.at)} for e in page],
+        "next_offset": offset + len(page) if more else None,
+    }
+
+
+async def deployment_log(request: Request) -> Response:
+    params = _params(request, {"offset", "limit"})
+    dep_id = _deployment_id(request)
+    offset = _int(params, "offset", low=0, high=MAX_OFFSET) or 0
+    limit = _int(params, "limit", low=1, high=LOG_PAGE_MAX_LINES) or LOG_PAGE_LINES
+    body = await db(_log_page, ctx(request).control.store, dep_id, offset, limit)
+    if body is None:
+        raise HTTPException(404, f"no deployment {dep_id}")
+    headers = {}
+    if body["next_offset"] is not None:
+        query = urlencode({"offset": body["next_offset"], "limit": limit})
+        headers["Link"] = f'<{_log_url(dep_id)}?{query}>; rel="next"'
+    return JSONResponse(body, headers=headers)
 
 
 async def deployment_stream(request: Request) -> Response:
@@ -242,14 +336,7 @@ async def deployment_stream(request: Request) -> Response:
     if await db(c.control.store.get_deployment, dep_id) is None:
         raise HTTPException(404, f"no deployment {dep_id}")
     return StreamingResponse(
-        deployment_events(
-            c.control.store,
-            c.control.hub,
-            dep_id,
-            last_event_id=last_id,
-            ping_interval=c.ping_interval,
-            stopping=c.stopping,
-        ),
+        deployment_events(c.feeds, dep_id, last_event_id=last_id),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )

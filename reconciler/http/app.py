@@ -18,6 +18,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from reconciler.http import api
 from reconciler.http.control import Control
 from reconciler.http.metrics import Metrics
+from reconciler.http.server import HttpServer
+from reconciler.http.sse import LiveFeeds
 from reconciler.http.webhooks import WebhookReceiver
 
 log = logging.getLogger("reconciler.http")
@@ -34,6 +36,7 @@ ROUTES = [
     Route("/api/v1/deployments", api.deployments, methods=["GET"]),
     Route("/api/v1/deployments/{id}", api.deployment, methods=["GET"]),
     Route("/api/v1/deployments/{id}/events", api.deployment_stream, methods=["GET"]),
+    Route("/api/v1/deployments/{id}/log", api.deployment_log, methods=["GET"]),
     Route("/api/v1/sync", api.sync, methods=["POST"]),
     Route("/hooks/git", api.git_hook, methods=["POST"]),
 ]
@@ -117,7 +120,14 @@ def create_app(
         ping_interval=ping_interval,
         ready_timeout=ready_timeout,
         stopping=asyncio.Event(),
+        feeds=LiveFeeds(
+            lambda: control.store,
+            control.hub,
+            read=api.read_in_thread,
+            ping_interval=ping_interval,
+        ),
     )
+    metrics.connections.feeds = app.state.ctx.feeds
     return app
 
 
@@ -125,3 +135,10 @@ def stop_streams(app: Starlette) -> None:
     """End the open event streams (the server is stopping)."""
     context: api.Context = app.state.ctx
     context.stopping.set()
+    context.feeds.stop()
+
+
+def watch_connections(app: Starlette, server: HttpServer) -> None:
+    """Let the app's metrics count ``server``'s connections."""
+    context: api.Context = app.state.ctx
+    context.metrics.connections.guard = server.guard

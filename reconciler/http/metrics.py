@@ -14,13 +14,15 @@ from datetime import datetime
 
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE_LATEST
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from reconciler.engine import SyncOutcome
 from reconciler.events import Event
 from reconciler.executor import DeploymentEvent
 from reconciler.http.control import Control
+from reconciler.http.server import ConnectionGuard
+from reconciler.http.sse import LiveFeeds
 from reconciler.http.webhooks import RESULTS
 from reconciler.store import ACTIVE_STATUSES, SYNC_RESULTS
 
@@ -94,6 +96,8 @@ class Metrics:
         for sync_result in SYNC_RESULTS:
             self.syncs.labels(sync_result)
         registry.register(_NotificationCollector(control))
+        self.connections = _ConnectionCollector()
+        registry.register(self.connections)
         self._running: set[int] = set()
         self.running.set_function(lambda: float(len(self._running)))
         self._started: OrderedDict[int, datetime] = OrderedDict()
@@ -163,3 +167,47 @@ class _NotificationCollector(Collector):
             for result, value in sorted(counts.items()):
                 family.add_metric([target, result], value)
         yield family
+
+
+class _ConnectionCollector(Collector):
+    """The HTTP server's connections and live viewers, read when Prometheus scrapes (the
+    server and the feeds are attached once they exist)."""
+
+    def __init__(self) -> None:
+        self.guard: ConnectionGuard | None = None
+        self.feeds: LiveFeeds | None = None
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        if self.guard is not None:
+            g = self.guard
+            yield GaugeMetricFamily(
+                "reconciler_http_connections", "Open HTTP connections.", value=g.open
+            )
+            yield GaugeMetricFamily(
+                "reconciler_http_max_connections",
+                "Open HTTP connections allowed (server.max_connections, or fewer when the "
+                "descriptor limit is low).",
+                value=g.max_connections,
+            )
+            closed = CounterMetricFamily(
+                "reconciler_http_connections_closed",
+                "HTTP connections closed by the server, by reason.",
+                labels=["reason"],
+            )
+            for reason, value in (
+                ("refused", g.refused),
+                ("evicted", g.evicted),
+                ("request_timeout", g.timed_out),
+                ("write_timeout", g.write_timeouts),
+            ):
+                closed.add_metric([reason], value)
+            yield closed
+        if self.feeds is not None:
+            yield GaugeMetricFamily(
+                "reconciler_sse_viewers",
+                "Open event streams of deployments' progress.",
+                value=self.feeds.viewers(),
+            )

@@ -157,11 +157,55 @@ def _paths() -> dict[str, Any]:
         },
         "/api/v1/deployments/{id}": {
             "get": {
-                "summary": "One deployment, with its progress timeline and log (as `show --json`).",
+                "summary": "One deployment, with its progress timeline and the tail of its log.",
+                "description": (
+                    "As `show --json`, except that `log` is only the log's last lines (at most "
+                    "200 lines and 64 KiB); `log_lines`, `log_truncated` and `log_url` say how "
+                    "much there is and where to page it."
+                ),
                 "operationId": "getDeployment",
                 "parameters": [_ID],
                 "responses": {
                     "200": _json(_ref("DeploymentDetail"), "The deployment."),
+                    "404": _error("No such deployment."),
+                    "503": _error("Database unavailable."),
+                },
+            }
+        },
+        "/api/v1/deployments/{id}/log": {
+            "get": {
+                "summary": "One deployment's log, a page at a time.",
+                "description": (
+                    "Lines `offset` to `offset + limit` of the run's log, at most 1 MiB "
+                    "(a shorter page then: follow `next_offset`); a line longer than 16 KiB "
+                    "ends with how much of it was cut."
+                ),
+                "operationId": "getDeploymentLog",
+                "parameters": [
+                    _ID,
+                    _query(
+                        "offset",
+                        "First line (0-based; default 0).",
+                        {"type": "integer", "minimum": 0, "maximum": 2**31 - 1},
+                    ),
+                    _query(
+                        "limit",
+                        "Lines per page (default 1000).",
+                        {"type": "integer", "minimum": 1, "maximum": 10000},
+                    ),
+                ],
+                "responses": {
+                    "200": _json(
+                        _ref("LogPage"),
+                        "A page of the log.",
+                        headers={
+                            "Link": {
+                                "description": 'The next page, `<...?offset=N&limit=L>; rel="next"`, unless this is the last.',
+                                "schema": {"type": "string"},
+                            }
+                        },
+                    ),
+                    "400": _error("Bad parameter."),
                     "404": _error("No such deployment."),
                     "503": _error("Database unavailable."),
                 },
@@ -232,8 +276,10 @@ def _paths() -> dict[str, Any]:
                 "description": (
                     "Authenticated by GitHub's `X-Hub-Signature-256`, GitLab's `X-Gitlab-Token`, "
                     "or `X-Reconciler-Signature-256: sha256=<hex HMAC-SHA256(secret, timestamp + "
-                    '"." + body)>` with `X-Reconciler-Timestamp`. Deliveries repeated within '
-                    "the replay window are answered `duplicate` and ignored."
+                    '"." + delivery + "." + body)>` with `X-Reconciler-Timestamp` and '
+                    '`X-Reconciler-Delivery` (without a delivery id: timestamp + "." + body). '
+                    "Deliveries repeated within the replay window are answered `duplicate` and "
+                    "ignored."
                 ),
                 "operationId": "gitWebhook",
                 "requestBody": {

@@ -63,10 +63,29 @@ class Deployment(_Out):
 
 
 class DeploymentDetail(Deployment):
-    """A deployment record with its progress timeline (chronological) and captured log."""
+    """A deployment record with its progress timeline (chronological) and the tail of its
+    captured log (the whole log: `log_url`)."""
 
     progress: list[ProgressEvent]
-    log: str
+    log: str = Field(description="The last lines of the run's log (at most 200 / 64 KiB).")
+    log_lines: int = Field(ge=0, description="How many lines the whole log has.")
+    log_truncated: bool = Field(description="True when `log` is not the whole log.")
+    log_url: str = Field(description="Where the whole log is paged: GET it with offset, limit.")
+
+
+class LogLine(_Out):
+    stream: Literal["stdout", "stderr", "system"]
+    line: str
+    at: AwareDatetime
+
+
+class LogPage(_Out):
+    """Lines ``offset`` .. ``offset + len(lines)`` of a run's log, in order."""
+
+    deployment_id: int
+    offset: int = Field(ge=0)
+    lines: list[LogLine]
+    next_offset: int | None = Field(description="The next page's offset; null at the end.")
 
 
 class StatusEntry(_Out):
@@ -122,6 +141,8 @@ RESPONSE_MODELS: tuple[type[BaseModel], ...] = (
     ProgressEvent,
     Deployment,
     DeploymentDetail,
+    LogLine,
+    LogPage,
     StatusEntry,
     Error,
     Health,

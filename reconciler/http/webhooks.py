@@ -6,10 +6,12 @@ Three kinds of sender are told apart by the header that authenticates them:
   ``X-GitHub-Event`` (``push``, ``ping``, ...), ``X-GitHub-Delivery`` (a GUID).
 - GitLab: ``X-Gitlab-Token: <the secret itself>``, ``X-Gitlab-Event`` (``Push Hook``, ...),
   ``Idempotency-Key`` (same across retries, GitLab 17.4+) or ``X-Gitlab-Event-UUID``.
-- Generic: ``X-Reconciler-Signature-256: sha256=<hex HMAC-SHA256(secret, timestamp + "." +
-  body)>`` with ``X-Reconciler-Timestamp: <unix seconds>`` (refused outside the replay
-  window) and an optional ``X-Reconciler-Delivery`` id; the body is ``{"ref":
-  "refs/heads/main"}`` or ``{"branch": "main"}``.
+- Generic: ``X-Reconciler-Signature-256: sha256=<hex HMAC-SHA256(secret, signed)>`` with
+  ``X-Reconciler-Timestamp: <unix seconds>`` (refused outside the replay window) and an
+  optional ``X-Reconciler-Delivery`` id, where ``signed`` is ``timestamp + "." + delivery +
+  "." + body``, or ``timestamp + "." + body`` without a delivery id: everything the replay
+  check relies on is signed, so a captured request cannot be replayed under a new id. The
+  body is ``{"ref": "refs/heads/main"}`` or ``{"branch": "main"}``.
 
 Every comparison is constant-time, every signature is checked over the exact bytes received,
 and nothing of the body is parsed before the sender is authenticated.
@@ -106,9 +108,19 @@ def sign(secret: str | bytes, message: bytes) -> str:
     return "sha256=" + hmac.new(key, message, hashlib.sha256).hexdigest()
 
 
-def sign_generic(secret: str | bytes, timestamp: int | str, body: bytes) -> str:
-    """The ``X-Reconciler-Signature-256`` value for a body sent at ``timestamp``."""
-    return sign(secret, str(timestamp).encode() + b"." + body)
+def generic_signed_bytes(timestamp: int | str, body: bytes, delivery: str | None = None) -> bytes:
+    """What the generic signature covers: ``timestamp.delivery.body`` (``timestamp.body``
+    without a delivery id)."""
+    head = f"{timestamp}." + (f"{delivery}." if delivery else "")
+    return head.encode() + body
+
+
+def sign_generic(
+    secret: str | bytes, timestamp: int | str, body: bytes, *, delivery: str | None = None
+) -> str:
+    """The ``X-Reconciler-Signature-256`` value for a body sent at ``timestamp`` with the
+    ``X-Reconciler-Delivery`` id ``delivery`` (if any)."""
+    return sign(secret, generic_signed_bytes(timestamp, body, delivery))
 
 
 def _lower(headers: Mapping[str, str]) -> dict[str, str]:
@@ -155,6 +167,7 @@ def verify_generic(
     *,
     now: float,
     window: float,
+    delivery: str | None = None,
 ) -> None:
     if not signature:
         raise Refused("unauthorized", UNSIGNED)
@@ -164,7 +177,13 @@ def verify_generic(
         sent = int(timestamp.strip())
     except ValueError:
         raise Refused("bad_request", "X-Reconciler-Timestamp must be unix seconds") from None
-    if not _same(signature.strip(), sign_generic(secret, sent, body)):
+    given = signature.strip()
+    if not _same(given, sign_generic(secret, sent, body, delivery=delivery)):
+        if delivery and _same(given, sign_generic(secret, sent, body)):
+            raise Refused(
+                "forbidden",
+                "the signature must cover X-Reconciler-Delivery: sign timestamp.delivery.body",
+            )
         raise Refused("forbidden", "signature does not match: check the webhook secret")
     if abs(now - sent) > window:
         raise Refused(
@@ -254,13 +273,15 @@ class ReplayCache:
                 break
             del self._seen[key]
 
-    def seen(self, key: str) -> bool:
-        """True if ``key`` was seen within the window; otherwise remember it and say False."""
+    def seen(self, *keys: str) -> bool:
+        """True if any of ``keys`` was seen within the window; otherwise remember them all
+        and say False."""
         now = self.clock()
         self._expire(now)
-        if key in self._seen:
+        if any(key in self._seen for key in keys):
             return True
-        self._seen[key] = now
+        for key in keys:
+            self._seen[key] = now
         while len(self._seen) > self.max_entries:
             self._seen.popitem(last=False)
         return False
@@ -314,10 +335,15 @@ class WebhookReceiver:
                 h.get(GENERIC_TIMESTAMP),
                 now=self.wall_clock(),
                 window=self.replays.window,
+                delivery=(h.get(GENERIC_DELIVERY) or "").strip() or None,
             )
         # Only an authenticated delivery may enter the replay cache: a forger cannot fill it.
         delivery = delivery_id(sender, h)
-        if delivery is not None and self.replays.seen(delivery):
+        keys = [] if delivery is None else [delivery]
+        if sender == "generic" and h.get(GENERIC_DELIVERY, "").strip():
+            # The signature too: the same signed bytes can never pass twice, whatever id.
+            keys.append(f"generic:{h[GENERIC_SIGNATURE].strip()}")
+        if keys and self.replays.seen(*keys):
             return Outcome("duplicate", "delivery already received", sender, delivery)
         data = parse_body(body, h.get("content-type"))
         if sender == "github":

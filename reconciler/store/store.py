@@ -685,15 +685,66 @@ class Store(OutboxQueries):
                 ]
             return _deployment(row, progress, log)
 
-    def events_after(self, deployment_id: int, after_event_id: int) -> list[EventRecord]:
-        """Progress events of a deployment with an id above ``after_event_id``, in order."""
+    def events_after(
+        self, deployment_id: int, after_event_id: int, *, limit: int | None = None
+    ) -> list[EventRecord]:
+        """Progress events of a deployment with an id above ``after_event_id``, in order
+        (the first ``limit`` of them, if given)."""
         with self.engine.connect() as conn:
             rows = conn.execute(
                 select(_E)
                 .where(_E.c.deployment_id == deployment_id, _E.c.id > after_event_id)
                 .order_by(_E.c.id)
+                .limit(limit)
             ).all()
             return [_event(row) for row in rows]
+
+    def _log_lines(self, max_chars: int) -> Select[Any]:
+        return select(
+            _L.c.stream,
+            func.substr(_L.c.line, 1, max_chars).label("line"),
+            func.length(_L.c.line).label("length"),
+            _L.c.at,
+        )
+
+    @staticmethod
+    def _log_line(row: Row[Any], max_chars: int) -> LogLine:
+        line = row.line
+        if row.length > max_chars:  # only runs recorded before lines were cut on capture
+            line += f" … ({row.length - max_chars:,} characters cut)"
+        return LogLine(stream=row.stream, line=line, at=row.at)
+
+    def log_page(
+        self, deployment_id: int, offset: int, limit: int, *, max_chars: int = 16384
+    ) -> list[LogLine]:
+        """Lines ``offset`` to ``offset + limit`` (0-based, in order) of a run's log, each
+        cut at ``max_chars``: a page of any log in bounded memory."""
+        query = (
+            self._log_lines(max_chars)
+            .where(_L.c.deployment_id == deployment_id)
+            .order_by(_L.c.id)
+            .offset(offset)
+            .limit(limit)
+        )
+        with self.engine.connect() as conn:
+            return [self._log_line(row, max_chars) for row in conn.execute(query)]
+
+    def log_tail(
+        self, deployment_id: int, limit: int, *, max_chars: int = 16384
+    ) -> tuple[int, list[LogLine]]:
+        """(how many lines the run's log has, its last ``limit`` lines in order)."""
+        query = (
+            self._log_lines(max_chars)
+            .where(_L.c.deployment_id == deployment_id)
+            .order_by(_L.c.id.desc())
+            .limit(limit)
+        )
+        count = select(func.count()).select_from(_L).where(_L.c.deployment_id == deployment_id)
+        with self.engine.connect() as conn:
+            total = int(conn.execute(count).scalar_one())
+            lines = [self._log_line(row, max_chars) for row in conn.execute(query)]
+        lines.reverse()
+        return total, lines
 
     def history(
         self,
