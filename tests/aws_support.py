@@ -34,7 +34,6 @@ from reconciler.providers import build_providers
 from reconciler.store import Store
 from tests.support import Repo
 
-
 ACCOUNT = "123456789012"
 REGION = "us-east-1"
 # Fake credentials: the provider reads them from the standard chain (the environment); the
@@ -192,7 +191,9 @@ class EcsScheduler:
                 if previous is not None:  # rollback: true
                     self._event(service, f"deployment {d['id']} failed: rolling back")
                     self.start(
-                        backend, service, backend.describe_task_definition(previous["taskDefinition"])
+                        backend,
+                        service,
+                        backend.describe_task_definition(previous["taskDefinition"]),
                     )
                 continue
             d["runningCount"] += 1
@@ -201,10 +202,14 @@ class EcsScheduler:
                     rolloutState="COMPLETED",
                     rolloutStateReason=f"ECS deployment {d['id']} completed.",
                 )
-                service.deployments[:] = [x for x in service.deployments if x is d or x["status"] == "PRIMARY"]
+                service.deployments[:] = [
+                    x for x in service.deployments if x is d or x["status"] == "PRIMARY"
+                ]
                 self._event(service, "has reached a steady state.")
             else:
-                self._event(service, f"has started 1 tasks: {d['runningCount']}/{d['desiredCount']}.")
+                self._event(
+                    service, f"has started 1 tasks: {d['runningCount']}/{d['desiredCount']}."
+                )
 
 
 # -- the engine ----------------------------------------------------------------------------

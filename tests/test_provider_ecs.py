@@ -25,8 +25,6 @@ from tests.aws_support import (
     EcsScheduler,
     Moto,
     assert_no_credentials,
-    moto,  # noqa: F401 (fixture)
-    _moto_server,  # noqa: F401 (fixture)
     settle,
     wait_progress,
 )
@@ -37,7 +35,7 @@ CLUSTER = "prod"
 
 
 @pytest.fixture
-def ecs(moto: Moto, monkeypatch: pytest.MonkeyPatch) -> Any:  # noqa: F811
+def ecs(moto: Moto, monkeypatch: pytest.MonkeyPatch) -> Any:
     """A cluster with service `api` (2 tasks) on task definition api:1 = repo/api:1.0."""
     scheduler = EcsScheduler(monkeypatch)
     client = moto.client("ecs")
@@ -96,7 +94,7 @@ def records(engine: Engine) -> list[Any]:
     ]
 
 
-def test_deploy_registers_a_revision_and_follows_our_deployment(tmp_path: Path, ecs, moto):  # noqa: F811
+def test_deploy_registers_a_revision_and_follows_our_deployment(tmp_path: Path, ecs, moto):
     world = AwsWorld(tmp_path, provider_toml(moto.url))
     world.set_env("staging", env_body("1.0"))
 
@@ -105,7 +103,9 @@ def test_deploy_registers_a_revision_and_follows_our_deployment(tmp_path: Path, 
         after_first = revisions(ecs)
         world.set_env("staging", env_body("2.0"))
         await settle(engine)
-        drift = await engine.providers["aws"].current_version("staging", "api", {"container": "api"})
+        drift = await engine.providers["aws"].current_version(
+            "staging", "api", {"container": "api"}
+        )
         return after_first, records(engine), drift
 
     after_first, (second, first), drift = world.run(body)
@@ -133,7 +133,7 @@ def test_deploy_registers_a_revision_and_follows_our_deployment(tmp_path: Path, 
 def test_circuit_breaker_failure_is_rolled_back_with_the_previous_revision(
     tmp_path: Path,
     ecs,
-    moto,  # noqa: F811
+    moto,
 ):
     world = AwsWorld(tmp_path, provider_toml(moto.url))
     world.set_env("staging", env_body("1.0", on_failure="rollback"))
@@ -154,7 +154,7 @@ def test_circuit_breaker_failure_is_rolled_back_with_the_previous_revision(
     assert revisions(ecs) == ["api:1", "api:2"]  # the rollback registered nothing new
 
 
-def test_deadline_mid_rollout_puts_the_service_back(tmp_path: Path, ecs, moto):  # noqa: F811
+def test_deadline_mid_rollout_puts_the_service_back(tmp_path: Path, ecs, moto):
     world = AwsWorld(tmp_path, provider_toml(moto.url))
     world.set_env("staging", env_body("2.0-hang", timeout=1))
 
@@ -170,7 +170,7 @@ def test_deadline_mid_rollout_puts_the_service_back(tmp_path: Path, ecs, moto): 
     assert live(ecs) == ("api:1", "repo/api:1.0")
 
 
-def test_cancel_mid_rollout_puts_the_service_back(tmp_path: Path, ecs, moto):  # noqa: F811
+def test_cancel_mid_rollout_puts_the_service_back(tmp_path: Path, ecs, moto):
     world = AwsWorld(tmp_path, provider_toml(moto.url))
     world.set_env("staging", env_body("2.0-hang"))
 
@@ -185,7 +185,7 @@ def test_cancel_mid_rollout_puts_the_service_back(tmp_path: Path, ecs, moto):  #
     assert live(ecs) == ("api:1", "repo/api:1.0")
 
 
-def test_validation_refusal_changes_nothing(tmp_path: Path, ecs, moto):  # noqa: F811
+def test_validation_refusal_changes_nothing(tmp_path: Path, ecs, moto):
     world = AwsWorld(tmp_path, provider_toml(moto.url))
     world.set_env("staging", env_body("2.0", service="nope"))
 
@@ -226,7 +226,7 @@ def make(url: str, **settings: Any) -> EcsProvider:
     return EcsProvider("aws", conf, Path("."))
 
 
-def test_unreachable_endpoint_is_a_validation_failure(tmp_path: Path, moto):  # noqa: F811
+def test_unreachable_endpoint_is_a_validation_failure(tmp_path: Path, moto):
     async def main():
         store = Store.from_url(f"sqlite:///{tmp_path / 'r.db'}", migrate=True)
         executor = Executor(store, {"aws": make("http://127.0.0.1:9")})
@@ -238,7 +238,7 @@ def test_unreachable_endpoint_is_a_validation_failure(tmp_path: Path, moto):  # 
     assert "credentials: Could not connect to the endpoint URL" in rec.error_message
 
 
-def test_rollback_reuses_the_revision_that_ran_the_version(tmp_path: Path, ecs, moto):  # noqa: F811
+def test_rollback_reuses_the_revision_that_ran_the_version(tmp_path: Path, ecs, moto):
     provider = make(moto.url)
 
     async def main():
@@ -246,7 +246,9 @@ def test_rollback_reuses_the_revision_that_ran_the_version(tmp_path: Path, ecs, 
         executor = Executor(store, {"aws": provider})
         spec = _spec()
         up = Job(spec=spec, service="api", version="2.0", previous_version="1.0", trigger="git")
-        back = Job(spec=spec, service="api", version="1.0", previous_version="2.0", trigger="rollback")
+        back = Job(
+            spec=spec, service="api", version="1.0", previous_version="2.0", trigger="rollback"
+        )
         return await executor.run(up), await executor.run(back), store
 
     up, back, store = asyncio.run(main())
@@ -257,7 +259,7 @@ def test_rollback_reuses_the_revision_that_ran_the_version(tmp_path: Path, ecs, 
     assert "rollback: reusing task definition api:1 (repo/api:1.0)" in log
 
 
-def test_drift_reads_the_image_tag_after_an_out_of_band_change(ecs, moto):  # noqa: F811
+def test_drift_reads_the_image_tag_after_an_out_of_band_change(ecs, moto):
     provider = make(moto.url)
     ecs.register_task_definition(
         family="api", containerDefinitions=[{"name": "api", "image": "repo/api:9.9", "memory": 1}]
@@ -267,7 +269,7 @@ def test_drift_reads_the_image_tag_after_an_out_of_band_change(ecs, moto):  # no
     assert got == "9.9"
 
 
-def test_stop_uses_stop_service_deployment_with_rollback_where_available(moto):  # noqa: F811
+def test_stop_uses_stop_service_deployment_with_rollback_where_available(moto):
     provider = make("http://127.0.0.1:9")
     client = provider.ecs_once
     arn = "arn:aws:ecs:us-east-1:123456789012:service-deployment/prod/api/abc"
@@ -303,13 +305,13 @@ def test_stop_uses_stop_service_deployment_with_rollback_where_available(moto): 
         ({"profile": "no-such-profile"}, "providers.aws.profile: The config profile"),
     ],
 )
-def test_setting_mistakes_are_one_line_config_errors(moto, settings, message):  # noqa: F811
+def test_setting_mistakes_are_one_line_config_errors(moto, settings, message):
     with pytest.raises(ConfigError) as err:
         make("http://127.0.0.1:9", **settings)
     assert str(err.value).startswith(message) and "\n" not in str(err.value)
 
 
-def test_strategy_other_than_rolling_is_refused(moto):  # noqa: F811
+def test_strategy_other_than_rolling_is_refused(moto):
     provider = make("http://127.0.0.1:9")
     problems = provider.check_spec(_spec(strategy={"type": "canary", "steps": [10]}))
     assert problems == [(("strategy", "type"), "provider 'aws' (ecs) supports rolling, not canary")]

@@ -21,7 +21,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from desired_state import parse_duration
 from reconciler.config import ProviderConfig
-from reconciler.providers.base import Check, DeploymentFailed, Provider
+from reconciler.providers.base import Check, DeploymentFailed, Provider, Redactor
 
 if TYPE_CHECKING:
     from mypy_boto3_sts import STSClient
@@ -79,9 +79,8 @@ def aws_error(exc: Exception) -> AwsError:
         message = str(err.get("Message") or "").strip().splitlines()
         text = message[0] if message else str(exc)
         return AwsError(f"{exc.operation_name}: {code}: {text}", code)
-    return AwsError(
-        str(exc).splitlines()[0] if str(exc) else type(exc).__name__, type(exc).__name__
-    )
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    return AwsError(text or type(exc).__name__, type(exc).__name__)
 
 
 def split_image(ref: str) -> tuple[str, str | None]:
@@ -167,15 +166,17 @@ class AwsProvider(Provider):
         return client
 
     async def call(self, fn: Callable[[], T]) -> T:
-        """Run one boto3 call (or a few) in a worker thread; AWS errors become AwsError."""
+        """Run one boto3 call (or a few) in a worker thread; AWS errors become AwsError,
+        with the credentials redacted (an error may echo the access key, and validation
+        messages are recorded as they are)."""
         return await asyncio.to_thread(self._guarded, fn)
 
-    @staticmethod
-    def _guarded(fn: Callable[[], T]) -> T:
+    def _guarded(self, fn: Callable[[], T]) -> T:
         try:
             return fn()
         except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
-            raise aws_error(exc) from None
+            err = aws_error(exc)
+            raise AwsError(Redactor(self.secrets())(str(err)), err.code) from None
 
     async def credentials_check(self) -> Check:
         try:

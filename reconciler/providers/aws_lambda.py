@@ -156,6 +156,15 @@ class LambdaProvider(AwsProvider):
         p, fn, alias = self._names(req)
         current = await self.call(lambda: self.lam.get_alias(FunctionName=fn, Name=alias))
         old = current["FunctionVersion"]
+        weights = current.get("RoutingConfig", {}).get("AdditionalVersionWeights", {})
+        live = await self.call(
+            lambda: self.lam.get_function_configuration(FunctionName=fn, Qualifier=old)
+        )
+        if live.get("Description") == req.version and not weights:
+            await ctx.report_progress(
+                100, f"alias {alias} already on version {old} ({req.version})"
+            )
+            return
         if req.trigger == "rollback":
             kept = await self.call(lambda: self._published(fn, req.version))
             if kept is not None:
