@@ -21,12 +21,8 @@ from itertools import count
 from pathlib import Path
 from typing import Any
 
-import boto3
 import httpx
 import pytest
-from botocore.config import Config as BotoConfig
-from moto import server as moto_server
-from moto.ecs import models as moto_ecs
 
 from reconciler.config import load_config
 from reconciler.engine import Engine, open_source
@@ -49,6 +45,9 @@ class Moto:
         self.url = url
 
     def client(self, service: str) -> Any:
+        import boto3
+        from botocore.config import Config as BotoConfig
+
         return boto3.client(
             service,
             endpoint_url=self.url,
@@ -61,8 +60,10 @@ class Moto:
 
 @pytest.fixture(scope="module")
 def _moto_server() -> Iterator[str]:
+    from moto.server import ThreadedMotoServer  # imported here: conftest loads this module
+
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
     try:
@@ -90,12 +91,18 @@ def moto(_moto_server: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Moto]:
 # -- ECS -----------------------------------------------------------------------------------
 
 
+def _moto_ecs() -> Any:
+    from moto.ecs import models
+
+    return models
+
+
 class EcsScheduler:
     """ECS's deployment scheduler, which moto lacks (see the module docstring)."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.ids = count(1000)
-        cls = moto_ecs.EC2ContainerServiceBackend
+        cls = _moto_ecs().EC2ContainerServiceBackend
         original_update = cls.update_service
         original_describe = cls.describe_services
         scheduler = self
@@ -117,7 +124,7 @@ class EcsScheduler:
         monkeypatch.setattr(cls, "describe_services", describe_services)
 
     def backend(self) -> Any:
-        return moto_ecs.ecs_backends[ACCOUNT][REGION]
+        return _moto_ecs().ecs_backends[ACCOUNT][REGION]
 
     def service(self, cluster: str, name: str) -> Any:
         return self.backend().services[f"{cluster}:{name}"]
