@@ -311,6 +311,14 @@ def test_setting_mistakes_are_one_line_config_errors(moto, settings, message):
     assert str(err.value).startswith(message) and "\n" not in str(err.value)
 
 
+def test_a_missing_region_is_a_config_error(moto, monkeypatch):
+    monkeypatch.delenv("AWS_DEFAULT_REGION")
+    monkeypatch.delenv("AWS_REGION", raising=False)
+    conf = ProviderConfig.model_validate({"type": "ecs"})
+    with pytest.raises(ConfigError, match=r"^providers\.aws\.region: no region: set it here"):
+        EcsProvider("aws", conf, Path("."))
+
+
 def test_strategy_other_than_rolling_is_refused(moto):
     provider = make("http://127.0.0.1:9")
     problems = provider.check_spec(_spec(strategy={"type": "canary", "steps": [10]}))

@@ -527,3 +527,37 @@ def test_credentials_are_redacted_from_what_is_recorded(tmp_path: Path, moto):
     rec = asyncio.run(main())
     assert rec.status == "failed" and "Credential=***/20261129" in rec.error_message
     assert_no_credentials(json.dumps(rec.to_json(), default=str))
+
+
+def test_an_error_mid_canary_puts_the_alias_back():
+    provider = make("http://127.0.0.1:9")
+    fn = {"FunctionName": "api"}
+    rec = Recorder()
+    canary = {"type": "canary", "steps": [10, 50], "interval": "0"}
+
+    def move(version: str, weights: dict[str, float]) -> dict[str, Any]:
+        routing = {"AdditionalVersionWeights": weights}
+        return {**fn, "Name": "staging", "FunctionVersion": version, "RoutingConfig": routing}
+
+    with Stubber(provider.lam) as stub:
+        stub.add_response("get_alias", {"FunctionVersion": "1"}, {**fn, "Name": "staging"})
+        stub.add_response(
+            "get_function_configuration", {"Description": "1.0"}, {**fn, "Qualifier": "1"}
+        )
+        stub.add_response("get_function_configuration", {"LastUpdateStatus": "Successful"}, fn)
+        code = {**fn, "S3Bucket": "builds", "S3Key": "api-2.0.zip"}
+        stub.add_response("update_function_code", {"CodeSha256": "abc"}, code)
+        stub.add_response("get_function_configuration", {"LastUpdateStatus": "Successful"}, fn)
+        publish = {**fn, "Description": "2.0", "CodeSha256": "abc"}
+        stub.add_response("publish_version", {"Version": "2"}, publish)
+        stub.add_response(
+            "get_function_configuration", {"State": "Active"}, {**fn, "Qualifier": "2"}
+        )
+        stub.add_response("update_alias", {}, move("1", {"2": 0.1}))
+        stub.add_client_error("update_alias", "ServiceException", "internal", http_status_code=500)
+        stub.add_response("update_alias", {}, move("1", {}))
+        with pytest.raises(DeploymentFailed) as err:
+            asyncio.run(provider.deploy(rec.ctx(10, strategy=canary)))
+        stub.assert_no_pending_responses()
+    assert str(err.value) == "UpdateAlias: ServiceException: internal"
+    assert rec.lines[-1] == "UpdateAlias api:staging -> version 1"

@@ -179,9 +179,13 @@ class LambdaProvider(AwsProvider):
             return
         if req.strategy.get("type") == "canary":
             await self._canary(ctx, fn, alias, old, new, _Canary.model_validate(dict(req.strategy)))
-        else:
+            return
+        try:
             await self._point(ctx, fn, alias, new, {})
             await ctx.report_progress(100, f"alias {alias} -> version {new}")
+        except asyncio.CancelledError:  # the move may have been applied: not completed, undo
+            await self._restore(ctx, fn, alias, old)
+            raise
 
     async def _publish(self, ctx: DeployContext, p: LambdaParams, fn: str) -> str:
         """UpdateFunctionCode, wait until updated, PublishVersion, wait until active."""
@@ -233,35 +237,38 @@ class LambdaProvider(AwsProvider):
         steps = list(strategy.steps)
         if steps[-1] != 100:
             steps.append(100)
-        shifted = False
+        shifted = False  # set before each alias change: a cancel during the call undoes it
         try:
             for i, weight in enumerate(steps):
                 if strategy.alarms:
                     firing = await self.call(lambda: self._firing(strategy.alarms))
                     if firing is not None:
-                        if shifted:
-                            await self._point(ctx, fn, alias, old, {})
                         raise DeploymentFailed(
                             f"alarm {firing[0]} is in ALARM: {firing[1]}; alias {alias} "
                             f"restored to version {old}"
                         )
+                shifted = True
                 if weight >= 100:
                     await self._point(ctx, fn, alias, new, {})
-                    shifted = False  # done: nothing to put back
                     await ctx.report_progress(100, f"alias {alias} -> version {new}")
                     return
                 await self._point(ctx, fn, alias, old, {new: weight / 100})
-                shifted = True
                 await ctx.report_progress(
                     60 + weight * 40 // 100,
                     f"canary: {weight}% of {alias} on version {new}",
                     {"step": i + 1, "steps": len(steps), "weight": weight},
                 )
                 await asyncio.sleep(strategy.interval)
-        except asyncio.CancelledError:
+        except BaseException:  # an alarm, an error, the deadline, a cancel
             if shifted:
-                await self._point(ctx, fn, alias, old, {})
+                await self._restore(ctx, fn, alias, old)
             raise
+
+    async def _restore(self, ctx: DeployContext, fn: str, alias: str, old: str) -> None:
+        try:
+            await self._point(ctx, fn, alias, old, {})
+        except AwsError as exc:
+            ctx.log(f"could not put alias {alias} back on version {old}: {exc}", "stderr")
 
     async def _point(
         self, ctx: DeployContext, fn: str, alias: str, version: str, weights: dict[str, float]

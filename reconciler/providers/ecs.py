@@ -205,7 +205,6 @@ class EcsProvider(AwsProvider):
             ctx.log(f"registered task definition {_revision(target)} with {image}")
         await ctx.report_progress(5, f"task definition {_revision(target)}", {"image": image})
 
-        started_by_us = False
         if target == previous_arn:
             deployment = _primary(svc, target)
             if deployment is None:
@@ -213,9 +212,14 @@ class EcsProvider(AwsProvider):
                     f"service '{name}' is on {_revision(target)} but has no deployment of it"
                 )
             ctx.log(f"following deployment {deployment['id']} already running {_revision(target)}")
-        else:
-            config = dict(svc.get("deploymentConfiguration") or {})
-            config["deploymentCircuitBreaker"] = {"enable": True, "rollback": True}
+            await self._follow(ctx, name, str(deployment["id"]), seen_events)
+            return
+        config = dict(svc.get("deploymentConfiguration") or {})
+        config["deploymentCircuitBreaker"] = {"enable": True, "rollback": True}
+        deployment_id: str | None = None
+        try:
+            # Inside the try: a cancel while UpdateService is on its way still undoes it
+            # (the call itself completes in its thread).
             updated = await self.call(
                 lambda: self.ecs.update_service(
                     cluster=self.cluster,
@@ -224,19 +228,17 @@ class EcsProvider(AwsProvider):
                     deploymentConfiguration=config,  # type: ignore[arg-type]
                 )
             )
-            started_by_us = True
             deployment = _primary(updated["service"], target)
             if deployment is None:
                 await self._stop(ctx, name, None, previous_arn)
                 raise DeploymentFailed(
                     f"UpdateService started no deployment of {_revision(target)} on '{name}'"
                 )
-            ctx.log(f"UpdateService: deployment {deployment['id']} of {_revision(target)} started")
-        try:
-            await self._follow(ctx, name, str(deployment["id"]), seen_events)
+            deployment_id = str(deployment["id"])
+            ctx.log(f"UpdateService: deployment {deployment_id} of {_revision(target)} started")
+            await self._follow(ctx, name, deployment_id, seen_events)
         except asyncio.CancelledError:
-            if started_by_us:
-                await self._stop(ctx, name, str(deployment["id"]), previous_arn)
+            await self._stop(ctx, name, deployment_id, previous_arn)
             raise
 
     async def _revision_with(self, td: Json, container: str, image: str) -> str | None:
