@@ -156,14 +156,14 @@ def test_circuit_breaker_failure_is_rolled_back_with_the_previous_revision(
 
 def test_deadline_mid_rollout_puts_the_service_back(tmp_path: Path, ecs, moto):
     world = AwsWorld(tmp_path, provider_toml(moto.url))
-    world.set_env("staging", env_body("2.0-hang", timeout=1))
+    world.set_env("staging", env_body("2.0-hang", timeout=3))
 
     async def body(engine: Engine):
         await settle(engine, "startup")
         return records(engine)
 
     (rec,) = world.run(body)
-    assert rec.status == "timed_out" and "deadline of 1s" in rec.error_message
+    assert rec.status == "timed_out" and "deadline of 3s" in rec.error_message
     log = "\n".join(line.line for line in rec.log)
     # moto has no StopServiceDeployment: the fallback updates back to the previous revision.
     assert "updating back instead" in log and "updated back to api:1" in log

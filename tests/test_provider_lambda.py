@@ -239,7 +239,7 @@ def test_rollback_points_the_alias_at_the_published_version_without_rebuilding(
 def test_deadline_during_a_canary_restores_the_alias(tmp_path: Path, lam, moto):
     world = AwsWorld(tmp_path, provider_toml(moto.url))
     world.set_env(
-        "staging", env_body("2.0", timeout=1, strategy="{type: canary, steps: [10], interval: 1m}")
+        "staging", env_body("2.0", timeout=5, strategy="{type: canary, steps: [10], interval: 1m}")
     )
 
     async def body(engine: Engine):
