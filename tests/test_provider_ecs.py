@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from tests.aws_support import (
     settle,
     wait_progress,
 )
+from tests.support import RECONCILER, ROOT, cli_env
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -325,3 +327,42 @@ def test_strategy_other_than_rolling_is_refused(moto):
     assert problems == [(("strategy", "type"), "provider 'aws' (ecs) supports rolling, not canary")]
     problems = provider.check_spec(_spec(strategy={"type": "rolling", "max_surge": 1}))
     assert problems == [(("strategy", "max_surge", "[key]"), "unknown key 'max_surge' for rolling")]
+
+
+def test_cli_sync_deploys_and_validate_reports_strategy_errors(tmp_path: Path, ecs, moto):
+    """`reconciler sync` and `show` as real subprocesses (credentials from the environment),
+    and `reconciler validate` of a folder with a strategy ecs refuses, with file:line:col."""
+    world = AwsWorld(tmp_path, provider_toml(moto.url))
+    world.set_env("staging", env_body("2.0"))
+    env = {**cli_env(), "PYTHONPATH": str(ROOT)}
+    cli = [*RECONCILER, "--config", str(world.config)]
+    synced = subprocess.run(
+        [*cli, "sync", "--json"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60
+    )
+    assert synced.returncode == 0, synced.stderr
+    (dep,) = json.loads(synced.stdout)["deployments"]
+    assert (dep["version"], dep["status"], dep["provider_type"]) == ("2.0", "completed", "ecs")
+    assert live(ecs) == ("api:2", "repo/api:2.0")
+    shown = subprocess.run(
+        [*cli, "show", str(dep["id"]), "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert "has reached a steady state" in shown.stdout
+    assert_no_credentials(synced.stdout, synced.stderr, shown.stdout, shown.stderr)
+
+    folder = tmp_path / "check"
+    folder.mkdir()
+    (folder / "prod.yaml").write_text(
+        "environment: prod\nprovider: aws\nservices:\n  api:\n    version: '1'\n"
+        "strategy:\n  type: rolling\n  max_surge: 2\n"
+    )
+    checked = subprocess.run(
+        [*cli, "validate", str(folder)], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert checked.returncode == 1
+    assert (
+        "prod.yaml:8:3: strategy.max_surge: unknown key 'max_surge' for rolling" in checked.stderr
+    )
