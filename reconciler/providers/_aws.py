@@ -187,17 +187,21 @@ class AwsProvider(Provider):
 
     def secrets(self) -> list[str]:
         """The resolved AWS credentials too: an error text that echoes them is redacted."""
-        if self._credential_values is None:
-            values: list[str] = []
-            try:
-                creds = self.session.get_credentials()
-                if creds is not None:
-                    frozen = creds.get_frozen_credentials()
-                    values = [v for v in (frozen.access_key, frozen.secret_key, frozen.token) if v]
-            except botocore.exceptions.BotoCoreError:
-                values = []
-            self._credential_values = values
-        return [*super().secrets(), *(v for v in self._credential_values if len(v) >= 4)]
+        with self._lock:  # the chain is resolved once, as boto3 itself does
+            if self._credential_values is None:
+                values: list[str] = []
+                try:
+                    creds = self.session.get_credentials()
+                    if creds is not None:
+                        frozen = creds.get_frozen_credentials()
+                        values = [
+                            v for v in (frozen.access_key, frozen.secret_key, frozen.token) if v
+                        ]
+                except botocore.exceptions.BotoCoreError:
+                    values = []
+                self._credential_values = values
+            resolved = self._credential_values
+        return [*super().secrets(), *(v for v in resolved if len(v) >= 4)]
 
 
 def strategy_problems(

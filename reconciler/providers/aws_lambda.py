@@ -245,7 +245,7 @@ class LambdaProvider(AwsProvider):
                     if firing is not None:
                         raise DeploymentFailed(
                             f"alarm {firing[0]} is in ALARM: {firing[1]}; alias {alias} "
-                            f"restored to version {old}"
+                            f"back on version {old}"
                         )
                 shifted = True
                 if weight >= 100:
