@@ -69,3 +69,11 @@ def store(db_url: str) -> Iterator[Store]:
 # ======================================================================================
 # End of the database fixtures.
 # ======================================================================================
+
+
+# ======================================================================================
+# AWS fixtures (owner: the ecs and lambda providers): `moto` is a moto server on 127.0.0.1
+# with fake credentials in the environment; see tests/aws_support.py.
+# ======================================================================================
+pytest.register_assert_rewrite("tests.aws_support")
+from tests.aws_support import _moto_server, moto  # noqa: E402, F401
