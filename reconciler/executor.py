@@ -323,6 +323,8 @@ class _Run:
         error_message: str | None,
         validation: dict[str, Any] | None,
     ) -> DeploymentRecord:
+        if validation is not None:  # check messages may quote what a platform echoed
+            validation = json.loads(self.redact(json.dumps(validation)))
         kwargs: dict[str, Any] = dict(
             at=at, message=message, error_message=error_message, validation=validation
         )

@@ -22,7 +22,15 @@ from sqlalchemy.exc import OperationalError
 import reconciler.executor as executor_module
 from reconciler.config import load_config
 from reconciler.engine import Engine, open_source
-from reconciler.providers import CommandProvider, DeployContext, Provider, build_providers
+from reconciler.providers import (
+    Check,
+    CommandProvider,
+    DeployContext,
+    DeployRequest,
+    Provider,
+    Validation,
+    build_providers,
+)
 from reconciler.store import TERMINAL_STATUSES, DeploymentRecord, Store
 from tests.support import World, alive
 
@@ -191,6 +199,30 @@ def test_a_providers_own_timeout_error_is_a_failure_not_the_deadline(world: Worl
     )
     assert rec.status == "failed"
     assert rec.error_message == "provider error: TimeoutError: the platform's API did not answer"
+
+
+class _EchoingValidation(CommandProvider):
+    """A platform that quotes the credential back in its refusal."""
+
+    async def validate(self, request: DeployRequest) -> Validation:
+        return Validation((Check("credentials", False, "token hunter2-secret rejected"),))
+
+
+def test_validation_messages_are_redacted_like_everything_else(world: World):
+    world.repo.set_env("staging", {"api": "1.0"})
+    rec = engine_run(
+        world,
+        deploy_once,
+        providers=lambda p: {
+            "local": _EchoingValidation("local", p["local"].config, p["local"].base_dir)
+        },
+    )
+    assert rec.status == "failed"
+    assert rec.validation == {
+        "ok": False,
+        "checks": [{"name": "credentials", "ok": False, "message": "token *** rejected"}],
+    }
+    assert "hunter2" not in (rec.error_message or "")
 
 
 class _AwayAtTheEnd(Store):
