@@ -82,6 +82,8 @@ class DaemonConfig(_Section):
     # How long a stopped command gets between SIGTERM and SIGKILL (SPEC §4 rule 7: 10 s).
     kill_grace: Seconds = 10.0
     timezone: str | None = None  # windows without `timezone:`; default: the host's
+    # How often the live versions are read from the targets (reconciler/drift.py); 0: off.
+    drift_interval: Seconds = 300.0
 
 
 class ServerConfig(_Section):

@@ -14,7 +14,7 @@ from datetime import datetime
 
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE_LATEST
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from reconciler.engine import SyncOutcome
@@ -94,6 +94,7 @@ class Metrics:
         for sync_result in SYNC_RESULTS:
             self.syncs.labels(sync_result)
         registry.register(_NotificationCollector(control))
+        registry.register(_DriftCollector(control))
         self._running: set[int] = set()
         self.running.set_function(lambda: float(len(self._running)))
         self._started: OrderedDict[int, datetime] = OrderedDict()
@@ -162,4 +163,24 @@ class _NotificationCollector(Collector):
         for target, counts in sorted(self.control.notification_stats().items()):
             for result, value in sorted(counts.items()):
                 family.add_metric([target, result], value)
+        yield family
+
+
+class _DriftCollector(Collector):
+    """Drifted services per environment, as of the drift monitor's last reading."""
+
+    def __init__(self, control: Control) -> None:
+        self.control = control
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        family = GaugeMetricFamily(
+            "reconciler_services_drifted",
+            "Services whose live version differs from the deployed one, by environment.",
+            labels=["environment"],
+        )
+        for environment, count in sorted(self.control.drifted_services().items()):
+            family.add_metric([environment], count)
         yield family

@@ -11,6 +11,7 @@ from reconciler.store.db import (
     schema_current,
     upgrade,
 )
+from reconciler.store.drift import LiveObservation
 from reconciler.store.records import (
     ACTIVE_STATUSES,
     FAILURE_STATUSES,
@@ -48,6 +49,7 @@ __all__ = [
     "DeploymentRecord",
     "EnvironmentStateRecord",
     "EventRecord",
+    "LiveObservation",
     "LogLine",
     "NewDeployment",
     "SchemaTooNew",
