@@ -401,3 +401,40 @@ def test_engine_deadline_mid_rollout_is_timed_out_and_the_old_keeps_serving(
     assert history[0].status == "timed_out"
     assert live(dockerd, "t1-api") == before
     assert candidates(dockerd, "t1-api") == []
+
+
+def test_engine_drift_out_of_band_container_then_self_heal(dockerd: Dockerd, tmp_path: Path):
+    repo = Repo(tmp_path / "desired")
+    config = write_config(tmp_path, dockerd.host)
+
+    def replace_out_of_band(version: str) -> None:
+        dockerd.cli("rm", "-f", "dr-api")
+        dockerd.cli(
+            "run", "-d", "--name", "dr-api", "--label", f"reconciler.version={version}", "app:1.0"
+        )
+
+    async def body(engine: Engine):
+        repo.write("dr.yaml", env_file("dr", {"api": "1.0"}))
+        repo.commit()
+        await settle(engine)
+        replace_out_of_band("0.9")
+        await engine.drift.check()
+        drifted = [(d.state, d.message) for d in await engine.decisions()]
+        repo.write("dr.yaml", env_file("dr", {"api": "1.0"}, self_heal=True))
+        repo.commit("self-heal on")
+        await settle(engine)
+        await engine.drift.check()  # wakes the environment: redeploy 1.0
+        await engine.idle()
+        after = [(d.state, d.message) for d in await engine.decisions()]
+        return drifted, after, engine.store.history(environment="dr")
+
+    drifted, after, history = run_engine(config, body)
+    assert drifted == [("drifted", "live version is 0.9, deployed 1.0")]
+    assert [(d.version, d.trigger, d.status) for d in history] == [
+        ("1.0", "drift", "completed"),
+        ("1.0", "git", "completed"),
+    ]
+    assert after == [("synced", "")]
+    assert live(dockerd, "dr-api") is not None
+    assert live(dockerd, "dr-api")[2] == "1.0"  # type: ignore[index]
+    assert dockerd.names("dr-api") == ["dr-api"]
