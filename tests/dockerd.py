@@ -127,11 +127,18 @@ class Dockerd:
         return sorted(out)
 
 
-@pytest.fixture(scope="session")
-def dockerd() -> Iterator[Dockerd]:
+class EngineUnavailable(Exception):
+    """dockerd is missing or cannot start here (the tests skip, saying why)."""
+
+
+@contextlib.contextmanager
+def running_dockerd() -> Iterator[Dockerd]:
+    """A dockerd of our own, with the test images; stopped and removed at the end."""
     exe = shutil.which("dockerd")
     if exe is None or shutil.which("docker") is None:
-        pytest.skip("dockerd/docker not installed (Debian docker.io; .ci/run installs it)")
+        raise EngineUnavailable(
+            "dockerd/docker not installed (Debian docker.io; .ci/run installs it)"
+        )
     # Short paths: containerd's sockets live under the exec root (108-byte socket limit).
     root = Path(tempfile.mkdtemp(prefix="rd-", dir="/tmp"))
     sock = root / "d.sock"
@@ -178,15 +185,26 @@ def _wait_up(proc: subprocess.Popen[bytes], host: str, log: Path) -> docker.APIC
     while True:
         if proc.poll() is not None:
             tail = log.read_text(errors="replace").strip().splitlines()[-3:]
-            pytest.skip(f"dockerd cannot start here (exit {proc.returncode}): {' | '.join(tail)}")
+            raise EngineUnavailable(
+                f"dockerd cannot start here (exit {proc.returncode}): {' | '.join(tail)}"
+            )
         try:
             api = docker.APIClient(base_url=host, timeout=60)
             api.ping()
             return api
         except DockerException:
             if time.monotonic() > deadline:
-                pytest.skip("dockerd did not answer within 60 s")
+                raise EngineUnavailable("dockerd did not answer within 60 s") from None
             time.sleep(0.1)
+
+
+@pytest.fixture(scope="session")
+def dockerd() -> Iterator[Dockerd]:
+    try:
+        with running_dockerd() as engine:
+            yield engine
+    except EngineUnavailable as exc:
+        pytest.skip(str(exc))
 
 
 @pytest.fixture(scope="session")

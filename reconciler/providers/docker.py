@@ -499,7 +499,11 @@ class DockerProvider(Provider):
                     await ctx.report_progress(
                         60, f"waiting {ready_seconds:g}s for {new_name} to keep running"
                     )
-            await asyncio.sleep(self.poll_interval)
+            await self._pause()
+
+    async def _pause(self) -> None:
+        """Between two looks at the new container (the platform's time, not ours)."""
+        await asyncio.sleep(self.poll_interval)
 
     async def _fail_exited(
         self, ctx: DeployContext, cid: str, new_name: str, state: Mapping[str, Any]
