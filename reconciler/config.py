@@ -95,7 +95,7 @@ class ServerConfig(_Section):
 
 
 NotificationEvent = Literal[
-    "started", "completed", "failed", "timed_out", "rolled_back", "sync_error"
+    "started", "completed", "failed", "timed_out", "rolled_back", "sync_error", "drifted"
 ]
 NOTIFICATION_EVENTS: tuple[NotificationEvent, ...] = (
     "started",
@@ -104,6 +104,7 @@ NOTIFICATION_EVENTS: tuple[NotificationEvent, ...] = (
     "timed_out",
     "rolled_back",
     "sync_error",
+    "drifted",
 )
 
 

@@ -22,7 +22,7 @@ from datetime import datetime
 
 from desired_state import EnvironmentSpec
 from reconciler.providers import Provider, Redactor
-from reconciler.store import LiveObservation, ServiceState, Store
+from reconciler.store import DriftEvent, LiveObservation, ServiceState, Store
 
 log = logging.getLogger(__name__)
 
@@ -135,20 +135,27 @@ class DriftMonitor:
         ]
         readings = [r for r in await asyncio.gather(*reads) if r is not None]
         observations = [self._observation(r, previous.get((r[0], r[1]))) for r in readings]
-        await asyncio.to_thread(self.store.save_live_versions, observations)
+        events = [
+            DriftEvent(o.environment, o.service, o.version, o.deployed_version, o.observed_at)
+            for o in observations
+            if o.drifted
+            and o.version is not None
+            and _is_news(o, previous.get((o.environment, o.service)))
+        ]
+        await asyncio.to_thread(self.store.save_live_versions, observations, events)
+        for event in events:
+            log.warning(
+                "event=drift_detected environment=%s service=%s live=%s deployed=%s",
+                event.environment,
+                event.service,
+                event.live_version,
+                event.deployed_version,
+            )
         heal: set[str] = set()
         for obs in observations:
             key = (obs.environment, obs.service)
             was = previous.get(key)
             if obs.drifted:
-                if was is None or not was.drifted or was.version != obs.version:
-                    log.warning(
-                        "event=drift_detected environment=%s service=%s live=%s deployed=%s",
-                        obs.environment,
-                        obs.service,
-                        obs.version,
-                        obs.deployed_version,
-                    )
                 self.drifted[key] = obs
                 if wanted[obs.environment].self_heal:
                     heal.add(obs.environment)
@@ -221,3 +228,14 @@ class DriftMonitor:
             return obs
         since = was.drifted_since if was is not None and was.version == version else None
         return replace(obs, drifted_since=since or now)
+
+
+def _is_news(obs: LiveObservation, was: LiveObservation | None) -> bool:
+    """Drift that was not there at the previous reading, or another live version, or the
+    same live version against a new deployed version: once per change, not per reading."""
+    return (
+        was is None
+        or not was.drifted
+        or was.version != obs.version
+        or was.deployed_version != obs.deployed_version
+    )

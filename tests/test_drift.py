@@ -22,12 +22,14 @@ import httpx
 import pytest
 
 from desired_state import EnvironmentSpec
-from reconciler.config import load_config
+from reconciler.config import Config, load_config
 from reconciler.engine import Engine, open_source
+from reconciler.notify import Notifier
 from reconciler.plan import LiveVersion, PlanSettings, RecordedState, ServiceRecord, plan
 from reconciler.providers import build_providers
 from reconciler.store import Store
 from tests.support import RECONCILER, Repo, cli_env, wait_for
+from tests.test_notify import Receiver
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -274,6 +276,52 @@ def test_suspended_environment_records_drift_and_deploys_nothing(tmp_path: Path)
     assert decided["api"] == ("drifted", "live version is 0.9, deployed 1.0; suspended in git")
     assert [d.trigger for d in history] == ["git"]
     assert (t.live / "prod-api").read_text().strip() == "0.9"
+
+
+def test_drift_is_notified_once_per_change(tmp_path: Path):
+    receiver = Receiver()
+    receiver.up()
+    t = Target(tmp_path)
+    t.set_env("prod", {"api": "1.0"})
+
+    async def body(engine: Engine):
+        config = Config.model_validate(
+            {
+                "repository": {"url": str(tmp_path / "desired")},
+                "notifications": [
+                    {"type": "webhook", "url": receiver.url(), "events": ["drifted"]}
+                ],
+                "base_dir": tmp_path,
+            }
+        )
+        notifier = Notifier(config, engine.store, None)
+        try:
+            await settle(engine)
+            await notifier.run_once()  # starts its cursors at the end
+            t.change_out_of_band("prod", "api", "0.9")
+            await engine.drift.check()
+            await engine.drift.check()  # the same drift read again: no second notice
+            await notifier.run_once()
+            first = receiver.drain()
+            t.change_out_of_band("prod", "api", "0.8")
+            await engine.drift.check()
+            await notifier.run_once()
+            return first, receiver.drain()
+        finally:
+            await notifier.aclose()
+
+    try:
+        first, second = run_engine(t, body)
+    finally:
+        receiver.down()
+    assert [r.event for r in first] == ["drifted"]
+    doc = first[0].json
+    assert (doc["environment"], doc["service"]) == ("prod", "api")
+    assert doc["drift"] == {"live_version": "0.9", "deployed_version": "1.0"}
+    assert doc["message"] == (
+        "prod/api drifted: live version is 0.9, deployed 1.0 — found by the drift monitor"
+    )
+    assert [r.json["drift"]["live_version"] for r in second] == ["0.8"]
 
 
 # ---- a real daemon: the monitor reads by itself, off the deployment path -------------

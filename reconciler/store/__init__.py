@@ -11,7 +11,7 @@ from reconciler.store.db import (
     schema_current,
     upgrade,
 )
-from reconciler.store.drift import LiveObservation
+from reconciler.store.drift import DriftEvent, LiveObservation
 from reconciler.store.records import (
     ACTIVE_STATUSES,
     FAILURE_STATUSES,
@@ -47,6 +47,7 @@ __all__ = [
     "TRIGGERS",
     "CommitMeta",
     "DeploymentRecord",
+    "DriftEvent",
     "EnvironmentStateRecord",
     "EventRecord",
     "LiveObservation",

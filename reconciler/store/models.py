@@ -290,3 +290,17 @@ class LiveVersionRow(Base):
     observed_at: Mapped[datetime] = mapped_column(UTCDateTime())
     #: Since when the live version differs from the deployed one (None: no drift).
     drifted_since: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class DriftEventRow(Base):
+    """A service found drifted, or drifted to another live version: appended by the drift
+    monitor, read by the notifier (its cursor ``drift`` in ``notification_cursor``)."""
+
+    __tablename__ = "drift_events"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    environment: Mapped[str] = mapped_column(String(63))
+    service: Mapped[str] = mapped_column(String(255))
+    live_version: Mapped[str] = mapped_column(String(128))
+    deployed_version: Mapped[str | None] = mapped_column(String(128))
+    at: Mapped[datetime] = mapped_column(UTCDateTime())

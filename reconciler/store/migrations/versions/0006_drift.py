@@ -1,4 +1,5 @@
-"""Drift: the live version each target last reported, per service.
+"""Drift: the live version each target last reported, per service, and the drift events
+the notifier turns into `drifted` notices.
 
 Revision ID: 0006
 Revises: 0002
@@ -42,7 +43,18 @@ def upgrade() -> None:
         sa.Column("drifted_since", _time(), nullable=True),
         sa.PrimaryKeyConstraint("environment", "service", name="pk_live_versions"),
     )
+    op.create_table(
+        "drift_events",
+        sa.Column("id", _id(), nullable=False),
+        sa.Column("environment", sa.String(63), nullable=False),
+        sa.Column("service", sa.String(255), nullable=False),
+        sa.Column("live_version", sa.String(128), nullable=False),
+        sa.Column("deployed_version", sa.String(128), nullable=True),
+        sa.Column("at", _time(), nullable=False),
+        sa.PrimaryKeyConstraint("id", name="pk_drift_events"),
+    )
 
 
 def downgrade() -> None:
+    op.drop_table("drift_events")
     op.drop_table("live_versions")
