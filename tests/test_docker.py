@@ -438,3 +438,36 @@ def test_engine_drift_out_of_band_container_then_self_heal(dockerd: Dockerd, tmp
     assert live(dockerd, "dr-api") is not None
     assert live(dockerd, "dr-api")[2] == "1.0"  # type: ignore[index]
     assert dockerd.names("dr-api") == ["dr-api"]
+
+
+def test_engine_validation_refusal_and_stop_mid_rollout(dockerd: Dockerd, tmp_path: Path):
+    repo = Repo(tmp_path / "desired")
+    config = write_config(tmp_path, dockerd.host, pull="never")
+
+    async def body(engine: Engine):
+        repo.write("sv.yaml", env_file("sv", {"api": "1.0"}))
+        repo.commit()
+        await settle(engine)
+        before = live(dockerd, "sv-api")
+        repo.write("sv.yaml", env_file("sv", {"api": "7.7"}))  # not in the engine; never pull
+        repo.commit()
+        await settle(engine)
+        refused = engine.store.history(environment="sv")[0]
+        after_refusal = dockerd.names("sv-api")
+        repo.write("sv.yaml", env_file("sv", {"api": "2.0-slow"}))
+        repo.commit()
+        await engine.sync("manual")
+        while not candidates(dockerd, "sv-api"):  # the new container waits for its health
+            await asyncio.sleep(0.02)
+        cancelled = await engine.stop(0.1)  # the grace runs out: the run is cancelled
+        return before, refused, after_refusal, cancelled, engine.store.history(environment="sv")
+
+    before, refused, after_refusal, cancelled, history = run_engine(config, body)
+    assert refused.status == "failed"
+    assert (
+        refused.error_message == "validation failed: image: app:7.7: not present and pull = never"
+    )
+    assert after_refusal == ["sv-api"] and before is not None
+    assert cancelled == [history[0].id] and history[0].status == "cancelled"
+    assert live(dockerd, "sv-api") == before  # untouched by both
+    assert candidates(dockerd, "sv-api") == []

@@ -205,12 +205,11 @@ class DockerProvider(Provider):
         API version, so it cannot be made on the event loop or at configuration time)."""
         with self._api_lock:
             if self._api is None:
+                kwargs: dict[str, Any]
                 if self.host is not None:
-                    kwargs: dict[str, Any] = {"base_url": self.host}
-                else:
-                    kwargs = dict(
-                        kwargs_from_env()
-                    )  # DOCKER_HOST, DOCKER_TLS_VERIFY, DOCKER_CERT_PATH
+                    kwargs = {"base_url": self.host}
+                else:  # DOCKER_HOST, DOCKER_TLS_VERIFY, DOCKER_CERT_PATH, as the CLI reads them
+                    kwargs = dict(kwargs_from_env())
                 self._api = docker.APIClient(timeout=int(self.api_timeout), **kwargs)
             return self._api
 
@@ -339,7 +338,8 @@ class DockerProvider(Provider):
         repo, tag = parse_repository_tag(ref)
 
         def put(item: dict[str, Any] | BaseException | None) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
+                loop.call_soon_threadsafe(queue.put_nowait, item)
 
         def worker() -> None:
             try:
