@@ -19,7 +19,7 @@ from reconciler.config import ConfigError, ProviderConfig, load_config
 from reconciler.engine import Engine, open_source
 from reconciler.executor import Executor, Job
 from reconciler.providers import build_providers
-from reconciler.providers.docker import DockerProvider
+from reconciler.providers.docker import DockerParams, DockerProvider
 from reconciler.store import Store
 from tests.dockerd import NETWORK, Dockerd, free_port
 from tests.support import Repo
@@ -99,6 +99,11 @@ def test_settings_and_params_are_checked():
     ]
     missing = spec("p1", {"api": "1.0"}, {"container": "x"})
     assert [msg for _, msg in p.check_spec(missing)] == ["required key missing"]
+    side_by_side = DockerParams(image="app", ports=["8080", "127.0.0.1::80"])
+    assert not side_by_side.holds_host_ports()
+    assert DockerParams(image="app", ports=["127.0.0.1:8080:80"]).holds_host_ports()
+    assert DockerParams(image="app", ports=["8080:80/udp"]).holds_host_ports()
+    assert DockerParams(image="app", network="host").holds_host_ports()
     canary = spec("p1", {"api": "1.0"}, strategy={"type": "canary"})
     assert "supports blue_green, rolling, not canary" in p.check_spec(canary)[0][1]
 
@@ -471,3 +476,26 @@ def test_engine_validation_refusal_and_stop_mid_rollout(dockerd: Dockerd, tmp_pa
     assert cancelled == [history[0].id] and history[0].status == "cancelled"
     assert live(dockerd, "sv-api") == before  # untouched by both
     assert candidates(dockerd, "sv-api") == []
+
+
+def test_blue_green_with_a_fixed_host_port_refuses_to_stop_the_old(dockerd: Dockerd, store: Store):
+    params = {
+        "image": "app",
+        "network": NETWORK,
+        "ports": [f"127.0.0.1:{free_port()}:8080"],
+        "command": ["httpd", "-f", "-p", "8080", "-h", "/"],
+    }
+    prov = provider(dockerd.host)
+    s = spec("bg2", {"web": "1.0"}, params, strategy={"type": "blue_green"})
+
+    async def body():
+        await run_job(store, prov, Job(s, "web", "1.0", None, "git"))
+        before = live(dockerd, "bg2-web")
+        rec = await run_job(store, prov, Job(s, "web", "1.1", "1.0", "git"))
+        return before, rec
+
+    before, rec = asyncio.run(body())
+    assert rec.status == "failed"
+    assert rec.error_message is not None and "port is already allocated" in rec.error_message
+    assert live(dockerd, "bg2-web") == before
+    assert candidates(dockerd, "bg2-web") == []

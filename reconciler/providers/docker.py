@@ -6,8 +6,8 @@ the new container under a temporary name beside the old one, waits until its HEA
 healthy (no healthcheck: running for `ready_seconds`), then removes the old container and
 gives the new one the service's name. A new container that fails, a cancellation or the
 deadline removes the new container; the old one keeps serving. `rolling` with fixed host ports
-must stop the old container first (the new one could not bind): on failure the old one is
-started again, so it resumes serving.
+(or the host's network) must stop the old container first (the new one could not bind): on
+failure the old one is started again, so it resumes serving.
 """
 
 from __future__ import annotations
@@ -115,8 +115,10 @@ class DockerParams(BaseModel):
     def port_bindings(self) -> dict[int | str, Any]:
         return dict(parse_port(spec) for spec in self.ports)
 
-    def fixed_host_ports(self) -> bool:
-        return any(
+    def holds_host_ports(self) -> bool:
+        """Whether two containers of this service could not run side by side: a published
+        fixed host port, or the host's network (every port it listens on is the host's)."""
+        return self.network == "host" or any(
             isinstance(b, int) or (isinstance(b, tuple) and len(b) == 2)
             for b in self.port_bindings().values()
         )
@@ -269,7 +271,7 @@ class DockerProvider(Provider):
         stop_first = (
             str(req.strategy.get("type", "rolling")) == "rolling"
             and old_running
-            and p.fixed_host_ports()
+            and p.holds_host_ports()
         )
         new_id: str | None = None
         created: list[str] = []  # set in the worker thread as soon as the engine made it
@@ -278,7 +280,7 @@ class DockerProvider(Provider):
         try:
             if stop_first:
                 assert old_id is not None
-                await ctx.report_progress(PULL_SHARE + 2, f"stopping {name} (fixed host ports)")
+                await ctx.report_progress(PULL_SHARE + 2, f"stopping {name} (host ports)")
                 ctx.log(f"stopping old container {name} to free its host ports")
                 old_stopped = True
                 await self._api_call("stop", old_id, timeout=int(ctx.kill_grace))
