@@ -27,7 +27,7 @@ from reconciler.engine import Engine, open_source
 from reconciler.notify import Notifier
 from reconciler.plan import LiveVersion, PlanSettings, RecordedState, ServiceRecord, plan
 from reconciler.providers import build_providers
-from reconciler.store import Store
+from reconciler.store import DriftEvent, LiveObservation, Store
 from tests.support import RECONCILER, Repo, cli_env, wait_for
 from tests.test_notify import Receiver
 
@@ -98,6 +98,31 @@ def test_plan_self_heal_backs_off_and_gives_up_like_any_retry():
     d = decide(LiveVersion("1.3.0", 9), gave_up, self_heal=True)
     assert (d.state, d.deploy) == ("drifted", False)
     assert d.message.endswith("; self-heal gave up after 2 attempts")
+
+
+# ---- the store (SQLite and PostgreSQL) ------------------------------------------------
+
+
+def test_store_live_versions_upsert_and_drift_events(store: Store):
+    def obs(version: str | None, at: datetime, **kw: Any) -> LiveObservation:
+        return LiveObservation("prod", "api", version, 7, "1.4.2", at, **kw)
+
+    store.save_live_versions(
+        [obs("1.3.0", NOW, drifted_since=NOW)], [DriftEvent("prod", "api", "1.3.0", "1.4.2", NOW)]
+    )
+    later = NOW + timedelta(minutes=5)
+    store.save_live_versions(
+        [obs(None, later, error="timed out"), LiveObservation("dev", "api", "1", 1, "1", later)]
+    )
+    rows = store.live_versions()
+    assert rows[("prod", "api")] == obs(None, later, error="timed out")
+    assert rows[("dev", "api")].version == "1" and not rows[("dev", "api")].drifted
+    assert list(store.live_versions(["dev"])) == [("dev", "api")]
+    cursor = store.start_drift_cursor("drift", at=NOW)
+    assert (cursor.last_event_id, cursor.last_sync_id) == (1, 0)  # starts at the end
+    store.save_live_versions([], [DriftEvent("prod", "api", "1.2.0", "1.4.2", later)])
+    [event] = store.drift_events_after(cursor.last_event_id)
+    assert (event.id, event.live_version, event.at) == (2, "1.2.0", later)
 
 
 # ---- the command provider through a real engine -------------------------------------
