@@ -124,6 +124,12 @@ class DriftMonitor:
             for env, spec in specs.items()
             if spec.provider in providers and reads_live_version(providers[spec.provider])
         }
+        if only is None:  # forget services that are gone (or no longer read)
+            self.drifted = {
+                key: obs
+                for key, obs in self.drifted.items()
+                if key[0] in wanted and key[1] in wanted[key[0]].services
+            }
         if not wanted:
             return []
         states, previous = await asyncio.to_thread(self._recorded, set(wanted))
