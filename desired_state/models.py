@@ -302,6 +302,11 @@ class EnvironmentSpec(BaseModel):
         description="deployments start only inside one of these windows (none: any time)",
     )
     suspended: TextBool = Field(default=False, description="true: record drift, deploy nothing")
+    self_heal: TextBool = Field(
+        default=False,
+        description="true: a service whose live version drifted from the deployed one is"
+        " redeployed (trigger drift)",
+    )
 
     @field_validator("depends_on")
     @classmethod

@@ -91,6 +91,8 @@ class DaemonConfig(_Section):
     # What a run's log keeps (SPEC §6): head and tail, the rest counted. "1MiB", "512kB", bytes.
     log_cap: Annotated[ByteSize, Field(ge=4096)] = ByteSize(1024 * 1024)
     timezone: str | None = None  # windows without `timezone:`; default: the host's
+    # How often the live versions are read from the targets (reconciler/drift.py); 0: off.
+    drift_interval: Seconds = 300.0
 
 
 class ServerConfig(_Section):
@@ -107,7 +109,7 @@ class ServerConfig(_Section):
 
 
 NotificationEvent = Literal[
-    "started", "completed", "failed", "timed_out", "rolled_back", "sync_error"
+    "started", "completed", "failed", "timed_out", "rolled_back", "sync_error", "drifted"
 ]
 NOTIFICATION_EVENTS: tuple[NotificationEvent, ...] = (
     "started",
@@ -116,6 +118,7 @@ NOTIFICATION_EVENTS: tuple[NotificationEvent, ...] = (
     "timed_out",
     "rolled_back",
     "sync_error",
+    "drifted",
 )
 
 

@@ -118,6 +118,9 @@ class Daemon:
     def notification_stats(self) -> dict[str, dict[str, int]]:
         return self._notifier.stats() if self._notifier else {}
 
+    def drifted_services(self) -> dict[str, int]:
+        return self.engine.drift.drifted_by_environment() if self.engine else {}
+
     def stop(self) -> None:
         self._stop.set()
 
@@ -145,6 +148,7 @@ class Daemon:
             scheduler = AsyncIOScheduler(event_loop=asyncio.get_running_loop())
             engine.scheduler = scheduler
             scheduler.start()
+            engine.drift.start()  # live versions, off the deployment path
             loop = asyncio.get_running_loop()
             for sig, handler in (
                 (signal.SIGTERM, self.stop),

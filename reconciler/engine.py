@@ -34,9 +34,11 @@ from desired_state import (
     parse_environment_file,
 )
 from reconciler.config import Config
+from reconciler.drift import DriftMonitor
 from reconciler.executor import Executor, Job, Listener, utcnow
 from reconciler.plan import (
     Decision,
+    LiveVersion,
     PlanSettings,
     RecordedState,
     ServiceRecord,
@@ -154,6 +156,15 @@ class Engine:
         self._last_error: str | None = None
         self.scheduler: AsyncIOScheduler | None = None
         self.on_sync: Callable[[SyncOutcome], None] | None = None
+        # Live versions, read off the deployment path (started by the daemon).
+        self.drift = DriftMonitor(
+            store,
+            lambda: self.effective,
+            lambda: self.providers,
+            wake=self.wake,
+            clock=clock,
+            interval=config.daemon.drift_interval,
+        )
 
     def reload(self, config: Config, providers: Mapping[str, Provider]) -> None:
         """Take a new configuration (SIGHUP) without touching running deployments: they
@@ -164,6 +175,7 @@ class Engine:
         self.executor.kill_grace = config.daemon.kill_grace
         self.executor.log_cap = config.daemon.log_cap
         self.settings = _plan_settings(config)
+        self.drift.interval = config.daemon.drift_interval
         if config.daemon.max_parallel != self._max_parallel:
             # Running deployments release the old semaphore; new ones take the new one.
             self.slots = asyncio.Semaphore(config.daemon.max_parallel)
@@ -213,6 +225,8 @@ class Engine:
             outcome = await self._sync(trigger)
             outcome.trigger = trigger
             outcome.duration_seconds = time.monotonic() - started
+        if outcome.result in ("ok", "errors"):
+            self.drift.request()  # a commit was applied: read the live versions again
         if self.on_sync is not None:
             self.on_sync(outcome)
         return outcome
@@ -439,10 +453,16 @@ class Engine:
         }
         triples = dependency_triples(specs)
         completed = self.store.completed_versions(triples) if triples else set()
+        live = {
+            key: LiveVersion(obs.version, obs.deployment_id)
+            for key, obs in self.store.live_versions(envs).items()
+            if obs.version is not None
+        }
         return RecordedState(
             services=services,
             operator_suspended=frozenset(self.store.suspended_environments()),
             completed=frozenset(completed),
+            live=live,
         )
 
     async def decisions(self, environments: Iterable[str] | None = None) -> list[Decision]:
@@ -589,6 +609,7 @@ class Engine:
             final = await self.executor.run(job, rec)
         finally:
             self._deploying.pop(job.environment, None)
+            self.drift.deployment_ended(job.environment, job.service)
         level = logging.INFO if final.status == "completed" else logging.WARNING
         log.log(
             level,
@@ -634,6 +655,7 @@ class Engine:
         """Stop starting work; let running deployments finish within `grace` seconds, then
         cancel them (they end `cancelled`). Returns the ids of the cancelled deployments."""
         self.stopping = True
+        await self.drift.stop()
         if self.scheduler is not None and self.scheduler.running:
             self.scheduler.shutdown(wait=False)
         for event in self._wake.values():

@@ -79,6 +79,7 @@ from reconciler.events import EventHub, Subscription
 from reconciler.executor import DeploymentEvent, durable, utcnow
 from reconciler.store import (
     DeploymentRecord,
+    DriftEvent,
     LedgerBatch,
     LedgerEvent,
     NewNotification,
@@ -95,6 +96,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CURSOR_NAME = "notifications"
+#: The cursor over `drift_events` (reconciler/drift.py): `drifted` notices.
+DRIFT_CURSOR = "drift"
 #: Ledger status of a deployment event -> the notice it makes.
 EVENT_OF_STATUS: dict[str, str] = {
     "validating": "started",
@@ -122,6 +125,7 @@ _EMOJI = {
     "timed_out": "⏱️",
     "rolled_back": "↩️",
     "sync_error": "⚠️",
+    "drifted": "🔀",
 }
 _STATS_KEYS = ("delivered", "failed", "suppressed", "dead")
 
@@ -276,6 +280,14 @@ def sync_json(sync: SyncRecord) -> dict[str, Any]:
     }
 
 
+def drift_summary(drift: DriftEvent) -> tuple[str, None, str]:
+    head = (
+        f"{drift.environment}/{drift.service} drifted: live version is {drift.live_version},"
+        f" deployed {drift.deployed_version}"
+    )
+    return head, None, "found by the drift monitor"
+
+
 def render(
     target: Target,
     event: str,
@@ -285,18 +297,21 @@ def render(
     deployment: DeploymentRecord | None,
     sync: SyncRecord | None,
     at: datetime,
+    drift: DriftEvent | None = None,
 ) -> dict[str, Any]:
     """The JSON body sent to ``target`` for one notice."""
     if deployment is not None:
         head, error, footer = deployment_summary(event, deployment)
     elif sync is not None:
         head, error, footer = sync_summary(sync)
+    elif drift is not None:
+        head, error, footer = drift_summary(drift)
     else:  # pragma: no cover - a notice is about a deployment or a sync
         raise ValueError("a notice needs a deployment or a sync")
     plain = head + (f": {_clip(error, 300)}" if error else "")
     if target.config.type == "slack":
         return slack_message(event, head, error, footer, plain)
-    return {
+    body = {
         "event": event,
         "environment": environment,
         "service": service,
@@ -305,6 +320,12 @@ def render(
         "message": plain + (f" — {footer}" if footer else ""),
         "at": format_time(at),
     }
+    if drift is not None:
+        body["drift"] = {
+            "live_version": drift.live_version,
+            "deployed_version": drift.deployed_version,
+        }
+    return body
 
 
 def slack_message(
@@ -440,7 +461,67 @@ class Notifier:
     # ------------------------------------------------------------------ deriving
 
     async def derive(self) -> int:
-        """Turn new ledger rows into outbox rows (one transaction); return rows inserted."""
+        """Turn new ledger rows, then new drift events, into outbox rows; return rows
+        inserted."""
+        return await self._derive_ledger() + await self._derive_drift()
+
+    async def _derive_drift(self) -> int:
+        """`drift_events` after the cursor ``drift`` → `drifted` notices, in one transaction
+        with the cursor's move (the same compare-and-set as the ledger's)."""
+        store = self.store
+        cursor = await asyncio.to_thread(store.notification_cursor, DRIFT_CURSOR)
+        if cursor is None:
+            cursor = await asyncio.to_thread(
+                store.start_drift_cursor, DRIFT_CURSOR, at=self.clock()
+            )
+        events = await asyncio.to_thread(store.drift_events_after, cursor.last_event_id, BATCH)
+        if not events:
+            return 0
+        notices = [
+            NewNotification(
+                target=target.name,
+                event="drifted",
+                environment=event.environment,
+                service=event.service,
+                deployment_id=None,
+                sync_id=None,
+                fingerprint=fingerprint(
+                    target.name, "drifted", event.environment, event.service, event.live_version
+                ),
+                payload=render(
+                    target,
+                    "drifted",
+                    environment=event.environment,
+                    service=event.service,
+                    deployment=None,
+                    sync=None,
+                    at=event.at,
+                    drift=event,
+                ),
+                occurred_at=event.at,
+                suppress_for=0.0,
+            )
+            for event in events
+            for target in self.targets.values()
+            if target.wants("drifted", event.environment)
+        ]
+        created = await asyncio.to_thread(
+            store.enqueue_notifications,
+            DRIFT_CURSOR,
+            expected=(cursor.last_event_id, cursor.last_sync_id),
+            advance_to=(events[-1].id, cursor.last_sync_id),
+            notifications=notices,
+            now=self.clock(),
+        )
+        if created is None or len(events) >= BATCH:
+            self._more = True
+        for name in {rec.target for rec in created or () if rec.state != "suppressed"}:
+            lane = self._lane_wake.get(name)
+            if lane is not None:
+                lane.set()
+        return len(created or ())
+
+    async def _derive_ledger(self) -> int:
         store = self.store
         cursor = await asyncio.to_thread(store.notification_cursor, CURSOR_NAME)
         if cursor is None:

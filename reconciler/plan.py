@@ -31,11 +31,37 @@ class ServiceRecord:
 
 
 @dataclass(frozen=True)
+class LiveVersion:
+    """A version read from the target (reconciler/drift.py), and the service's latest
+    deployment when it was read: a reading older than the latest deployment says nothing
+    about what that deployment left running, so the planner ignores it."""
+
+    version: str
+    deployment_id: int | None
+
+
+@dataclass(frozen=True)
 class RecordedState:
     services: Mapping[tuple[str, str], ServiceRecord] = field(default_factory=dict)
     operator_suspended: frozenset[str] = frozenset()
     # (environment, service, version) triples with a completed deployment: for depends_on.
     completed: frozenset[tuple[str, str, str]] = frozenset()
+    # Live versions read from the targets (only the known ones): for drift.
+    live: Mapping[tuple[str, str], LiveVersion] = field(default_factory=dict)
+
+
+def drifted_from(rec: ServiceRecord, live: LiveVersion | None) -> str | None:
+    """The live version when it differs from the deployed one (and the reading is not older
+    than the latest deployment); None when there is no drift to speak of."""
+    if (
+        live is None
+        or rec.running
+        or rec.deployed_version is None
+        or live.deployment_id != rec.last_deployment_id
+        or live.version == rec.deployed_version
+    ):
+        return None
+    return live.version
 
 
 @dataclass(frozen=True)
@@ -51,10 +77,12 @@ class Decision:
     service: str
     desired: str | None
     deployed: str | None
-    state: str  # synced | out_of_sync | deploying | failed | waiting | suspended | invalid
+    state: (
+        str  # synced | out_of_sync | deploying | failed | waiting | suspended | invalid | drifted
+    )
     message: str
     deploy: bool = False  # start a deployment now
-    trigger: str | None = None  # git | retry, when deploy
+    trigger: str | None = None  # git | retry | drift, when deploy
     attempt: int = 0
     not_before: datetime | None = None  # when a waiting decision may change by itself
     last_deployment_id: int | None = None
@@ -156,6 +184,14 @@ def plan_environment(
             out.append(base.decide(state="deploying", message="deployment running"))
             continue
         if rec.deployed_version == svc.version:
+            live = drifted_from(rec, recorded.live.get((env, name)))
+            if live is not None:
+                out.append(
+                    _drift_decision(
+                        base, spec, rec, live, suspended, is_open, next_open, now, settings
+                    )
+                )
+                continue
             if suspended:
                 out.append(base.decide(state="suspended", message=_why_suspended(spec)))
             else:
@@ -247,6 +283,55 @@ class _Base:
             not_before,
             self.last_deployment_id,
         )
+
+
+def _drift_decision(
+    base: _Base,
+    spec: EnvironmentSpec,
+    rec: ServiceRecord,
+    live: str,
+    suspended: bool,
+    is_open: bool,
+    next_open: datetime | None,
+    now: datetime,
+    settings: PlanSettings,
+) -> Decision:
+    """State `drifted`; with `self_heal` (and not suspended) the deployed version is
+    deployed again, trigger `drift`, under the same retry, backoff and window rules."""
+    msg = f"live version is {live}, deployed {rec.deployed_version}"
+    if suspended:
+        return base.decide(state="drifted", message=f"{msg}; {_why_suspended(spec)}")
+    if not spec.self_heal:
+        return base.decide(state="drifted", message=msg)
+    failures = rec.streak_count if rec.streak_version == base.desired else 0
+    if failures >= settings.retries:
+        return base.decide(
+            state="drifted", message=f"{msg}; self-heal gave up after {failures} attempts"
+        )
+    if failures and rec.streak_last_at is not None:
+        retry_at = rec.streak_last_at + timedelta(
+            seconds=settings.retry_backoff * 2 ** (failures - 1)
+        )
+        if retry_at > now:
+            wait = format_duration((retry_at - now).total_seconds())
+            return base.decide(
+                state="drifted", message=f"{msg}; self-heal retry in {wait}", not_before=retry_at
+            )
+    if not is_open:
+        assert next_open is not None
+        when = _when(next_open, now.astimezone(next_open.tzinfo))
+        return base.decide(
+            state="drifted",
+            message=f"{msg}; self-heal waits: window opens {when}",
+            not_before=next_open.astimezone(UTC),
+        )
+    return base.decide(
+        state="drifted",
+        message=f"{msg}; self-heal",
+        deploy=True,
+        trigger="drift",
+        attempt=failures + 1,
+    )
 
 
 def _why_suspended(spec: EnvironmentSpec) -> str:

@@ -77,3 +77,8 @@ def store(db_url: str) -> Iterator[Store]:
 # ======================================================================================
 pytest.register_assert_rewrite("tests.aws_support")
 from tests.aws_support import _moto_server, moto  # noqa: E402, F401
+
+# ======================================================================================
+# Docker engine fixtures (owner: providers/docker): `dockerd`, `registry`, session-wide.
+# ======================================================================================
+pytest_plugins = ["tests.dockerd"]

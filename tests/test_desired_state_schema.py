@@ -38,7 +38,9 @@ def test_schema_structure():
         "depends_on",
         "windows",
         "suspended",
+        "self_heal",
     }
+    assert props["self_heal"]["enum"] == [True, False, "true", "false"]
     assert all(p.get("description") for p in props.values())
     assert props["environment"]["pattern"] == NAME_RE
     assert props["services"]["propertyNames"] == {"pattern": SERVICE_RE}

@@ -114,6 +114,9 @@ class FakeControl:
     def notification_stats(self) -> dict[str, dict[str, int]]:
         return {"ops": {"delivered": 2, "failed": 1}}
 
+    def drifted_services(self) -> dict[str, int]:
+        return {"production": 2}
+
 
 def make_config(tmp_path: Path, *, token: bool = True, webhooks: bool = True, **server) -> Config:
     server = dict(server)
@@ -279,6 +282,7 @@ async def test_metrics_follow_published_events(http: Harness):
         'reconciler_syncs_total{result="failed"} 1.0',
         "reconciler_fetch_errors_total 1.0",
         "reconciler_queue_depth 3.0",
+        'reconciler_services_drifted{environment="production"} 2.0',
         'reconciler_notifications_total{result="delivered",target="ops"} 2.0',
         "reconciler_deployments_running 0.0",
         'reconciler_webhook_requests_total{result="accepted"} 0.0',

@@ -51,3 +51,7 @@ class Control(Protocol):
     def notification_stats(self) -> dict[str, dict[str, int]]:
         """Per notification target: delivered/failed/suppressed/dead counts since start."""
         ...
+
+    def drifted_services(self) -> dict[str, int]:
+        """Per environment: services whose live version differs from the deployed one."""
+        ...

@@ -98,6 +98,7 @@ class Metrics:
         registry.register(_NotificationCollector(control))
         self.connections = _ConnectionCollector()
         registry.register(self.connections)
+        registry.register(_DriftCollector(control))
         self._running: set[int] = set()
         self.running.set_function(lambda: float(len(self._running)))
         self._started: OrderedDict[int, datetime] = OrderedDict()
@@ -211,3 +212,23 @@ class _ConnectionCollector(Collector):
                 "Open event streams of deployments' progress.",
                 value=self.feeds.viewers(),
             )
+
+
+class _DriftCollector(Collector):
+    """Drifted services per environment, as of the drift monitor's last reading."""
+
+    def __init__(self, control: Control) -> None:
+        self.control = control
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        family = GaugeMetricFamily(
+            "reconciler_services_drifted",
+            "Services whose live version differs from the deployed one, by environment.",
+            labels=["environment"],
+        )
+        for environment, count in sorted(self.control.drifted_services().items()):
+            family.add_metric([environment], count)
+        yield family

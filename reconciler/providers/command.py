@@ -10,6 +10,7 @@ import re
 import shutil
 import signal
 from collections import deque
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -103,7 +104,28 @@ class CommandProvider(Provider):
         if not isinstance(strategies, list) or not all(isinstance(x, str) for x in strategies):
             raise self.config_error("strategies", "expected a list of strategy names")
         self._strategies = frozenset(strategies)
-        unknown = set(s) - {"command", "env", "workdir", "strategies"}
+        probe = s.get("current_version_command")
+        if probe is not None and (
+            not isinstance(probe, list) or not probe or not all(isinstance(c, str) for c in probe)
+        ):
+            raise self.config_error(
+                "current_version_command", "expected a non-empty list of strings"
+            )
+        self.current_version_command: list[str] | None = probe
+        # For the drift monitor: without the setting there is nothing to ask.
+        self.reads_live_version = probe is not None
+        timeout = s.get("current_version_timeout", 10)
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
+            raise self.config_error("current_version_timeout", "expected a number of seconds")
+        self.current_version_timeout = float(timeout)
+        unknown = set(s) - {
+            "command",
+            "env",
+            "workdir",
+            "strategies",
+            "current_version_command",
+            "current_version_timeout",
+        }
         if unknown:
             raise self.config_error(sorted(unknown)[0], "unknown key for a command provider")
 
@@ -116,28 +138,20 @@ class CommandProvider(Provider):
         return [*super().secrets(), *expanded]
 
     def argv(self, req: DeployRequest) -> list[str]:
-        values = {
-            "{environment}": req.environment,
-            "{service}": req.service,
-            "{version}": req.version,
-            "{previous_version}": req.previous_version or "",
-        }
-        out = []
-        for arg in self.command:
-            for key, value in values.items():
-                arg = arg.replace(key, value)
-            out.append(arg)
-        return out
+        return _substitute(
+            self.command,
+            {
+                "{environment}": req.environment,
+                "{service}": req.service,
+                "{version}": req.version,
+                "{previous_version}": req.previous_version or "",
+            },
+        )
 
     def environment(self, req: DeployRequest) -> dict[str, str]:
-        """Built, not inherited: the daemon's settings (its database URL) and credentials
-        never reach a command, nor a log that prints its environment."""
-        env = {k: v for k, v in os.environ.items() if k in INHERITED_ENV or k.startswith("LC_")}
-        env.update(self.env)
+        env = self._base_environment(req.environment, req.service, req.params)
         env.update(
             {
-                "RECONCILER_ENVIRONMENT": req.environment,
-                "RECONCILER_SERVICE": req.service,
                 "RECONCILER_VERSION": req.version,
                 "RECONCILER_PREVIOUS_VERSION": req.previous_version or "",
                 "RECONCILER_DEPLOYMENT_ID": str(req.deployment_id),
@@ -146,9 +160,60 @@ class CommandProvider(Provider):
                 "RECONCILER_STRATEGY": json.dumps(dict(req.strategy), sort_keys=True),
             }
         )
-        for key, value in req.params.items():
+        return env
+
+    def _base_environment(
+        self, environment: str, service: str, params: Mapping[str, Any]
+    ) -> dict[str, str]:
+        """What every program this provider runs sees: built, not inherited — the daemon's
+        settings (its database URL) and credentials never reach a command, nor a log that
+        prints its environment. The allowlisted host variables, `env`, the environment and
+        service names, and the params as RECONCILER_PARAM_*."""
+        env = {k: v for k, v in os.environ.items() if k in INHERITED_ENV or k.startswith("LC_")}
+        env.update(self.env)
+        env["RECONCILER_ENVIRONMENT"] = environment
+        env["RECONCILER_SERVICE"] = service
+        for key, value in params.items():
             env[_param_env_name(key)] = _text(value)
         return env
+
+    async def current_version(
+        self, environment: str, service: str, params: Mapping[str, Any]
+    ) -> str | None:
+        """The first line `current_version_command` prints (None without the setting, or
+        when it prints nothing). A failure or the timeout raises: the version is unknown."""
+        if self.current_version_command is None:
+            return None
+        argv = _substitute(
+            self.current_version_command,
+            {"{environment}": environment, "{service}": service},
+        )
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env=self._base_environment(environment, service, params),
+                cwd=self.workdir,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            raise RuntimeError(f"cannot start {argv[0]}: {exc.strerror}") from None
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(), self.current_version_timeout)
+        except BaseException:
+            killpg(proc.pid, signal.SIGKILL)  # a reading has no grace: end the whole group
+            await proc.wait()
+            raise
+        if proc.returncode != 0:
+            last = err.decode("utf-8", "replace").strip().splitlines()[-1:] or [""]
+            raise RuntimeError(
+                f"{argv[0]} failed with exit status {proc.returncode}"
+                + (f": {last[0]}" if last[0] else "")
+            )
+        lines = [ln.strip() for ln in out.decode("utf-8", "replace").splitlines() if ln.strip()]
+        return lines[0] if lines else None
 
     def _program(self, argv0: str) -> str | None:
         if "/" in argv0:
@@ -348,3 +413,12 @@ class LineSplitter:
             self._cut += len(part) - room
         else:
             self._buf += part
+
+
+def _substitute(template: list[str], values: Mapping[str, str]) -> list[str]:
+    out = []
+    for arg in template:
+        for key, value in values.items():
+            arg = arg.replace(key, value)
+        out.append(arg)
+    return out

@@ -11,6 +11,7 @@ from reconciler.store.db import (
     schema_current,
     upgrade,
 )
+from reconciler.store.drift import DriftEvent, LiveObservation
 from reconciler.store.records import (
     ACTIVE_STATUSES,
     FAILURE_STATUSES,
@@ -46,8 +47,10 @@ __all__ = [
     "TRIGGERS",
     "CommitMeta",
     "DeploymentRecord",
+    "DriftEvent",
     "EnvironmentStateRecord",
     "EventRecord",
+    "LiveObservation",
     "LogLine",
     "NewDeployment",
     "SchemaTooNew",

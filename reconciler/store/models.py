@@ -273,3 +273,38 @@ class NotificationOutbox(Base):
             "occurred_at",
         ),
     )
+
+
+class LiveVersionRow(Base):
+    """What the drift monitor last read from a target (reconciler/drift.py), per service.
+
+    ``version`` None: the target could not tell (an error, nothing running) — unknown,
+    not drift. ``deployment_id`` is the service's latest deployment when it was read: a
+    reading older than the latest deployment is ignored by the planner.
+    """
+
+    __tablename__ = "live_versions"
+
+    environment: Mapped[str] = mapped_column(String(63), primary_key=True)
+    service: Mapped[str] = mapped_column(String(255), primary_key=True)
+    version: Mapped[str | None] = mapped_column(String(128))
+    deployment_id: Mapped[int | None] = mapped_column(BigId)
+    deployed_version: Mapped[str | None] = mapped_column(String(128))
+    error: Mapped[str | None] = mapped_column(Text)
+    observed_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    #: Since when the live version differs from the deployed one (None: no drift).
+    drifted_since: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class DriftEventRow(Base):
+    """A service found drifted, or drifted to another live version: appended by the drift
+    monitor, read by the notifier (its cursor ``drift`` in ``notification_cursor``)."""
+
+    __tablename__ = "drift_events"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    environment: Mapped[str] = mapped_column(String(63))
+    service: Mapped[str] = mapped_column(String(255))
+    live_version: Mapped[str] = mapped_column(String(128))
+    deployed_version: Mapped[str | None] = mapped_column(String(128))
+    at: Mapped[datetime] = mapped_column(UTCDateTime())

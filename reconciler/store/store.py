@@ -39,6 +39,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 
 from reconciler.store.db import make_engine, upgrade, write_engine
+from reconciler.store.drift import DriftQueries
 from reconciler.store.models import (
     Base,
     Deployment,
@@ -386,7 +387,7 @@ def _refresh_service_state(conn: Connection, environment: str, service: str) -> 
 # --------------------------------------------------------------------------- the store
 
 
-class Store(OutboxQueries):
+class Store(OutboxQueries, DriftQueries):
     """All reads and writes of the reconciler's records."""
 
     engine: Engine

@@ -1,0 +1,164 @@
+"""The drift queries: live versions read from the targets (reconciler/drift.py).
+
+A mixin of `Store`. `live_versions` has one row per service, replaced at each reading; the
+planner reads them with the ledger (`Engine.recorded`), so `status` shows drift whether it
+runs in the daemon or as a standalone command. `drift_events` is appended to, in the same
+transaction, when a service is found drifted (or drifted to another version): the notifier
+reads it after its cursor ``drift`` (a row of ``notification_cursor`` whose
+``last_event_id`` counts drift events) and sends `drifted` notices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Engine, Table, func, insert, select
+from sqlalchemy.dialects import postgresql, sqlite
+
+from reconciler.store.models import Base, DriftEventRow, LiveVersionRow, NotificationCursor
+from reconciler.store.records import NotificationCursorRecord, StoreError
+
+_L: Table = Base.metadata.tables[LiveVersionRow.__tablename__]
+_DE: Table = Base.metadata.tables[DriftEventRow.__tablename__]
+_NC: Table = Base.metadata.tables[NotificationCursor.__tablename__]
+_CHUNK = 300
+
+
+@dataclass(frozen=True)
+class LiveObservation:
+    environment: str
+    service: str
+    version: str | None  # None: unknown (the provider could not tell, or failed)
+    deployment_id: int | None  # the service's latest deployment when read
+    deployed_version: str | None  # the ledger's deployed version when read
+    observed_at: datetime
+    error: str | None = None
+    drifted_since: datetime | None = None
+
+    @property
+    def drifted(self) -> bool:
+        return (
+            self.version is not None
+            and self.deployed_version is not None
+            and self.version != self.deployed_version
+        )
+
+
+@dataclass(frozen=True)
+class DriftEvent:
+    """A service found drifted (or drifted to another live version)."""
+
+    environment: str
+    service: str
+    live_version: str
+    deployed_version: str | None
+    at: datetime
+    id: int = 0  # set when read back
+
+
+_COLUMNS = (
+    "environment",
+    "service",
+    "version",
+    "deployment_id",
+    "deployed_version",
+    "observed_at",
+    "error",
+    "drifted_since",
+)
+
+
+class DriftQueries:
+    engine: Engine
+    _writer: Engine
+
+    def save_live_versions(
+        self, observations: Sequence[LiveObservation], events: Sequence[DriftEvent] = ()
+    ) -> None:
+        """Replace the rows of these services and append `events` (one transaction)."""
+        if not observations and not events:
+            return
+        rows: list[dict[str, Any]] = []
+        for obs in observations:
+            if obs.observed_at.tzinfo is None:
+                raise StoreError("observed_at must be a timezone-aware datetime")
+            rows.append({name: getattr(obs, name) for name in _COLUMNS})
+        keys = ["environment", "service"]
+        with self._writer.begin() as conn:
+            for chunk in (rows[i : i + _CHUNK] for i in range(0, len(rows), _CHUNK)):
+                if conn.dialect.name == "postgresql":
+                    pg = postgresql.insert(_L).values(chunk)
+                    set_ = {c: pg.excluded[c] for c in _COLUMNS if c not in keys}
+                    conn.execute(pg.on_conflict_do_update(index_elements=keys, set_=set_))
+                else:
+                    lite = sqlite.insert(_L).values(chunk)
+                    set_ = {c: lite.excluded[c] for c in _COLUMNS if c not in keys}
+                    conn.execute(lite.on_conflict_do_update(index_elements=keys, set_=set_))
+            for event in events:
+                if event.at.tzinfo is None:
+                    raise StoreError("a drift event needs a timezone-aware time")
+                conn.execute(
+                    insert(_DE).values(
+                        environment=event.environment,
+                        service=event.service,
+                        live_version=event.live_version,
+                        deployed_version=event.deployed_version,
+                        at=event.at,
+                    )
+                )
+
+    def live_versions(
+        self, environments: Collection[str] | None = None
+    ) -> dict[tuple[str, str], LiveObservation]:
+        query = select(*(_L.c[name] for name in _COLUMNS))
+        rows: list[Any] = []
+        with self.engine.connect() as conn:
+            if environments is None:
+                rows = list(conn.execute(query))
+            else:
+                envs = sorted(set(environments))
+                for i in range(0, len(envs), _CHUNK):
+                    chunk = envs[i : i + _CHUNK]
+                    rows.extend(conn.execute(query.where(_L.c.environment.in_(chunk))))
+        return {(row[0], row[1]): LiveObservation(*row) for row in rows}
+
+    def drift_events_after(self, after_id: int, limit: int = 500) -> list[DriftEvent]:
+        query = select(_DE).where(_DE.c.id > after_id).order_by(_DE.c.id).limit(limit)
+        with self.engine.connect() as conn:
+            return [
+                DriftEvent(
+                    environment=row.environment,
+                    service=row.service,
+                    live_version=row.live_version,
+                    deployed_version=row.deployed_version,
+                    at=row.at,
+                    id=row.id,
+                )
+                for row in conn.execute(query)
+            ]
+
+    def start_drift_cursor(self, name: str, *, at: datetime) -> NotificationCursorRecord:
+        """The notifier's cursor over `drift_events`, created at their current end if new
+        (a first start does not notify old drift). ``last_sync_id`` stays 0."""
+        from reconciler.store.store import _insert_ignore
+
+        if at.tzinfo is None:
+            raise StoreError("at must be a timezone-aware datetime")
+        with self._writer.begin() as conn:
+            last = conn.execute(select(func.max(_DE.c.id))).scalar() or 0
+            _insert_ignore(
+                conn,
+                _NC,
+                {"name": name, "last_event_id": last, "last_sync_id": 0, "updated_at": at},
+                ["name"],
+            )
+            row = conn.execute(select(_NC).where(_NC.c.name == name)).one()
+            return NotificationCursorRecord(
+                name=row.name,
+                last_event_id=row.last_event_id,
+                last_sync_id=row.last_sync_id,
+                updated_at=row.updated_at,
+            )
