@@ -292,7 +292,7 @@ def test_stop_uses_stop_service_deployment_with_rollback_where_available(moto):
             return None
 
         request = DeployRequest("staging", "api", "2.0", "1.0", 1, None, 10, {}, {}, "git")
-        ctx = DeployContext(request, 0.0, progress, lambda _s, line: lines.append(line))
+        ctx = DeployContext(request, 0.0, progress, lambda _s, line, _cut=0: lines.append(line))
         asyncio.run(provider._stop(ctx, "api", "ecs-svc/1", "arn:td/api:1"))
         stub.assert_no_pending_responses()
     assert lines == [f"stopped deployment ecs-svc/1 with rollback ({arn})"]

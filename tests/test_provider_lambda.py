@@ -353,7 +353,7 @@ class Recorder:
             DeployRequest(**fields),
             time.monotonic() + timeout,
             progress,
-            lambda _stream, line: self.lines.append(line),
+            lambda _stream, line, _cut=0: self.lines.append(line),
         )
 
 
