@@ -170,8 +170,13 @@ def test_deadline_mid_rollout_is_timed_out_and_restored(tmp_path: Path, kube: Fa
 
 
 def test_graceful_stop_cancels_the_rollout_and_restores(tmp_path: Path, kube: FakeKube):
+    kube.add_deployment("slow", f"{REPO}:1.0", replicas=3, namespace="apps")  # 6 s deadline
     world = KubeWorld(tmp_path, kube)
-    world.set_version("1.1-fail")
+    world.repo.write(
+        "staging.yaml",
+        'environment: staging\nprovider: k8s\nservices:\n  slow:\n    version: "1.1-fail"\n',
+    )
+    world.repo.commit()
 
     async def body(engine: Engine):
         await engine.sync("startup")
@@ -183,7 +188,7 @@ def test_graceful_stop_cancels_the_rollout_and_restores(tmp_path: Path, kube: Fa
 
     cancelled, history = run_engine(world, body)
     assert [d.status for d in history] == ["cancelled"] and cancelled == [history[0].id]
-    assert world.image() == f"{REPO}:1.0"
+    assert kube.image("deployments", "apps", "slow") == f"{REPO}:1.0"
 
 
 def test_refused_credentials_change_nothing(tmp_path: Path, kube: FakeKube):

@@ -661,3 +661,24 @@ def test_kubectl_follows_statefulsets_and_daemonsets_of_the_fake(kube: FakeKube,
     }
     assert kube.rolled_out("statefulsets", "default", "db")
     assert kube.image("daemonsets", "default", "agent") == f"{REPO}:1.1"
+
+
+def test_an_api_server_that_never_answers_is_a_failed_check_after_request_timeout(
+    store: Store, tmp_path: Path
+):
+    import socket
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # accepts connections, never answers
+    try:
+        fake = FakeKube()  # only for its kubeconfig writer, pointed at the silent port
+        fake.url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        fake.server.server_close()
+        provider = make_provider(fake, tmp_path, request_timeout="1s")
+        rec = run(store, provider, job("1.1"))
+    finally:
+        silent.close()
+    assert rec.status == "failed"
+    assert rec.error_message.startswith("validation failed: connection: cannot reach the API server")
+    assert rec.duration_seconds is not None and 1.0 <= rec.duration_seconds < 5

@@ -21,6 +21,7 @@ import contextlib
 import json
 import os
 import re
+import weakref
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,6 @@ import aiohttp
 import yaml
 from kubernetes.aio import client as k8s
 from kubernetes.aio import config as k8s_config
-from kubernetes.aio import watch as k8s_watch
 from kubernetes.aio.client.exceptions import ApiException
 from kubernetes.aio.config.config_exception import ConfigException
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -60,6 +60,13 @@ CONFLICT_RETRIES = 5
 WATCH_SECONDS = 300  # one watch request at most; then the object is read again
 _SETTINGS = {"kubeconfig", "context", "namespace", "request_timeout"}
 _STRATEGY_KEYS = {"max_surge", "max_unavailable"}
+
+
+_MODELS: dict[str, type[Workload]] = {
+    "Deployment": k8s.V1Deployment,
+    "StatefulSet": k8s.V1StatefulSet,
+    "DaemonSet": k8s.V1DaemonSet,
+}
 
 
 class KubernetesParams(BaseModel):
@@ -302,6 +309,19 @@ def api_error(exc: ApiException) -> str:
     return f"{head}: {message}" if message else head
 
 
+def _tls(c: k8s.Configuration) -> tuple[Any, ...]:
+    """What an ApiClient fixes at construction (its TLS context, the endpoint)."""
+    return (c.host, c.ssl_ca_cert, c.cert_file, c.key_file, c.verify_ssl, c.tls_server_name)
+
+
+async def _close_at_loop_end(api_client: k8s.ApiClient) -> None:
+    """Hold a shared client open until the loop shuts down (asyncio.run cancels this task)."""
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await api_client.close()  # type: ignore[no-untyped-call]  # untyped in the client
+
+
 class KubernetesProvider(Provider):
     type = "kubernetes"
     params_model = KubernetesParams
@@ -309,6 +329,10 @@ class KubernetesProvider(Provider):
 
     def __init__(self, name: str, config: ProviderConfig, base_dir: Path) -> None:
         super().__init__(name, config, base_dir)
+        self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, k8s.ApiClient] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._closers: set[asyncio.Task[None]] = set()
         s = config.settings
         unknown = set(s) - _SETTINGS
         if unknown:
@@ -430,10 +454,7 @@ class KubernetesProvider(Provider):
 
     # -- the API --------------------------------------------------------------------------
 
-    @contextlib.asynccontextmanager
-    async def _api(self) -> AsyncIterator[k8s.AppsV1Api]:
-        """An API client for one operation (credentials are re-read: tokens rotate)."""
-        configuration = k8s.Configuration()
+    async def _load(self, configuration: k8s.Configuration) -> None:
         try:
             if self.kubeconfig is not None:
                 await k8s_config.load_kube_config(  # type: ignore[no-untyped-call]  # untyped in the client
@@ -446,8 +467,23 @@ class KubernetesProvider(Provider):
                 k8s_config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]  # untyped in the client
         except (ConfigException, OSError) as exc:
             raise DeploymentFailed(f"kubernetes configuration: {exc}") from None
-        async with k8s.ApiClient(configuration) as api_client:
-            yield k8s.AppsV1Api(api_client)
+
+    @contextlib.asynccontextmanager
+    async def _api(self) -> AsyncIterator[k8s.AppsV1Api]:
+        """The API for one operation. Credentials are loaded afresh each time (tokens rotate,
+        exec plugins renew them); the HTTP client, its TLS context (~0.1 s to build) and its
+        keep-alive connections are kept per event loop, and closed when that loop ends."""
+        configuration = k8s.Configuration()
+        await self._load(configuration)
+        loop = asyncio.get_running_loop()
+        api_client = self._clients.get(loop)
+        if api_client is None or _tls(api_client.configuration) != _tls(configuration):
+            api_client = k8s.ApiClient(configuration)
+            self._clients[loop] = api_client
+            self._closers.add(loop.create_task(_close_at_loop_end(api_client)))
+        else:  # same endpoint and TLS material: take the fresh credentials
+            api_client.configuration = api_client.rest_client.configuration = configuration
+        yield k8s.AppsV1Api(api_client)
 
     def _timeout(self, ctx: DeployContext | None = None) -> float:
         if ctx is None:
@@ -478,12 +514,49 @@ class KubernetesProvider(Provider):
             return await apps.patch_namespaced_stateful_set(t.name, t.namespace, body, **kwargs)
         return await apps.patch_namespaced_daemon_set(t.name, t.namespace, body, **kwargs)
 
-    def _list_fn(self, apps: k8s.AppsV1Api, t: Target) -> Any:
+    async def _watch(
+        self, apps: k8s.AppsV1Api, t: Target, resource_version: str | None, seconds: int
+    ) -> AsyncIterator[tuple[str, Workload | None]]:
+        """Watch events of the one workload: (type, object), one JSON event per line. On the
+        shared client (the client's Watch helper builds a client of its own each time)."""
+        kwargs: dict[str, Any] = {
+            "field_selector": f"metadata.name={t.name}",
+            "resource_version": resource_version,
+            "timeout_seconds": seconds,  # the server ends the watch; then it is read again
+            "watch": True,
+            "_request_timeout": seconds + self.request_timeout,
+        }
         if t.kind == "Deployment":
-            return apps.list_namespaced_deployment
-        if t.kind == "StatefulSet":
-            return apps.list_namespaced_stateful_set
-        return apps.list_namespaced_daemon_set
+            resp = await apps.list_namespaced_deployment_without_preload_content(
+                t.namespace, **kwargs
+            )
+        elif t.kind == "StatefulSet":
+            resp = await apps.list_namespaced_stateful_set_without_preload_content(
+                t.namespace, **kwargs
+            )
+        else:
+            resp = await apps.list_namespaced_daemon_set_without_preload_content(
+                t.namespace, **kwargs
+            )
+        try:
+            if resp.status >= 400:
+                raise ApiException(status=resp.status, reason=resp.reason, body=await resp.text())
+            async for line in resp.content:
+                if not line.strip():
+                    continue
+                event = json.loads(line)
+                kind, raw = str(event.get("type", "")), event.get("object")
+                if kind == "ERROR":  # e.g. 410 Gone: the resourceVersion is too old
+                    status = raw if isinstance(raw, dict) else {}
+                    raise ApiException(
+                        status=status.get("code"),
+                        reason=status.get("reason"),
+                        body=json.dumps(status),
+                    )
+                model = _MODELS[t.kind]
+                yield kind, (model.from_dict(raw) if kind in ("ADDED", "MODIFIED") else None)
+        finally:
+            resp.release()
 
     @staticmethod
     def _containers(obj: Workload) -> list[k8s.V1Container]:
@@ -701,27 +774,16 @@ class KubernetesProvider(Provider):
             if await self._judge(obj, t, ctx, seen):
                 return
             rv = obj.metadata.resource_version if obj.metadata else None
-            watch = k8s_watch.Watch()  # type: ignore[no-untyped-call]  # untyped in the client
+            seconds = max(1, min(WATCH_SECONDS, int(ctx.remaining()) + 1))
             try:
-                async for event in watch.stream(  # type: ignore[no-untyped-call]  # untyped in the client
-                    self._list_fn(apps, t),
-                    t.namespace,
-                    field_selector=f"metadata.name={t.name}",
-                    resource_version=rv,
-                    timeout_seconds=max(1, min(WATCH_SECONDS, int(ctx.remaining()) + 1)),
-                ):
-                    kind = event["type"]
+                async for kind, event in self._watch(apps, t, rv, seconds):
                     if kind == "DELETED":
                         raise DeploymentFailed(f"{t} was deleted during the rollout")
-                    if kind in ("ADDED", "MODIFIED") and await self._judge(
-                        event["object"], t, ctx, seen
-                    ):
+                    if event is not None and await self._judge(event, t, ctx, seen):
                         return
             except ApiException as exc:
                 if exc.status != 410:  # 410 Gone: too old a resourceVersion; read again
                     raise
-            finally:
-                await watch.close()  # type: ignore[no-untyped-call]  # untyped in the client
             obj = await self._read(apps, t, self._timeout(ctx))
 
     async def _judge(
