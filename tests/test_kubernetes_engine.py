@@ -224,13 +224,14 @@ def test_daemon_deploys_and_its_api_never_shows_the_token(tmp_path: Path, kube: 
         )
     )
     stderr = tmp_path / "daemon.log"
-    proc = subprocess.Popen(
-        [*RECONCILER, "--config", str(world.config), "run"],
-        cwd=tmp_path,
-        env=cli_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=stderr.open("w"),
-    )
+    with stderr.open("w") as err:
+        proc = subprocess.Popen(
+            [*RECONCILER, "--config", str(world.config), "run"],
+            cwd=tmp_path,
+            env=cli_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10)
 
     def done() -> list[dict[str, Any]]:
