@@ -205,7 +205,8 @@ class FakeKube:
         self.requests: list[tuple[str, str, str]] = []  # (method, path, content type)
         self.paused = False  # the controllers stop stepping (a test freezes a rollout)
         self.watches = 0  # watch requests received so far
-        # Called with (method, path) before each request is handled: a test's hook to act
+        self.compacted = 0  # watches from an older resourceVersion get 410 Gone (etcd compaction)
+        # Called with (method, path?query) before each request is handled: a test's hook to act
         # between a client's calls (e.g. change an object between its read and its patch).
         self.before_request: Callable[[str, str], None] | None = None
         self._pods: dict[tuple[str, str, str], list[Obj]] = {}  # sts/ds pods: rev, ready
@@ -340,6 +341,17 @@ class FakeKube:
             obj = copy.deepcopy(self.objects[(resource, namespace, name)])
             obj["metadata"].setdefault("labels", {})[key] = value
             self._store(resource, obj, "MODIFIED")
+
+    def delete(self, resource: str, namespace: str, name: str) -> None:
+        with self.lock:
+            obj = copy.deepcopy(self.objects[(resource, namespace, name)])
+            self._store(resource, obj, "DELETED")
+
+    def compact(self) -> None:
+        """Forget the history so far, as etcd compaction does: older watches get 410."""
+        with self.lock:
+            self._next_rv()  # other writes happened since, and their history is gone too
+            self.compacted = self.rv
 
     def objects_of(self, resource: str) -> list[Obj]:
         with self.lock:
@@ -1106,7 +1118,7 @@ class _Handler(BaseHTTPRequestHandler):
         with kube.lock:
             kube.requests.append((method, url.path, ctype))
         if kube.before_request is not None:
-            kube.before_request(method, url.path)
+            kube.before_request(method, self.path)  # the path with its query
         try:
             self._route(method, url.path.rstrip("/") or "/", query, ctype)
         except ApiError as exc:
@@ -1228,6 +1240,11 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 cursor = int(since)
                 backlog = []
+                if cursor < kube.compacted:
+                    gone = ApiError(
+                        410, "Expired", f"too old resource version: {cursor} ({kube.compacted})"
+                    )
+                    backlog = [(kube.rv, "ERROR", gone.status())]
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Transfer-Encoding", "chunked")
@@ -1243,7 +1260,8 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             for _, kind, obj in backlog:
                 chunk(json.dumps({"type": kind, "object": obj}).encode() + b"\n")
-            while not kube._closing.is_set():
+            expired = any(kind == "ERROR" for _, kind, _ in backlog)
+            while not expired and not kube._closing.is_set():
                 with kube.lock:
                     fresh = [
                         (rv, kind, obj)

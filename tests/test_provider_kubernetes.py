@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import subprocess
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -680,5 +681,90 @@ def test_an_api_server_that_never_answers_is_a_failed_check_after_request_timeou
     finally:
         silent.close()
     assert rec.status == "failed"
-    assert rec.error_message.startswith("validation failed: connection: cannot reach the API server")
+    assert rec.error_message.startswith(
+        "validation failed: connection: cannot reach the API server"
+    )
     assert rec.duration_seconds is not None and 1.0 <= rec.duration_seconds < 5
+
+
+def test_a_watch_too_old_is_read_again_and_a_deleted_workload_fails(
+    kube: FakeKube, store: Store, tmp_path: Path
+):
+    kube.add_deployment("api", f"{REPO}:1.0", replicas=3)
+    provider = make_provider(kube, tmp_path)
+    watch_requests: list[str] = []
+
+    def compact_at_first_watch(method: str, path: str) -> None:
+        if method == "GET" and "watch=true" in path:
+            watch_requests.append(path)
+            if len(watch_requests) == 1:
+                kube.compact()  # etcd compacted: this watch's resourceVersion is gone
+            else:
+                kube.paused = False  # the rollout proceeds under the second watch
+
+    kube.paused = True
+    kube.before_request = compact_at_first_watch
+    rec = run(store, provider, job("1.1", timeout=10))
+    kube.before_request = None
+    assert rec.status == "completed", rec.error_message
+    assert len(watch_requests) == 2  # the one answered 410 Gone, then one after a fresh read
+
+    kube.add_deployment("doomed", f"{REPO}:1.0", replicas=3)
+    seen = kube.watches
+    kube.paused = True  # the rollout waits while the workload is deleted under it
+
+    def delete_when_watched() -> None:
+        kube.wait(lambda: kube.watches > seen, what="the provider's watch")
+        kube.delete("deployments", "default", "doomed")
+
+    deleter = threading.Thread(target=delete_when_watched)
+    deleter.start()
+    rec = run(store, provider, job("1.1", params={"deployment": "doomed"}, timeout=10))
+    deleter.join()
+    kube.paused = False
+    assert rec.status == "failed"
+    assert rec.error_message == "deployment default/doomed was deleted during the rollout"
+
+
+def test_an_image_changed_by_someone_else_mid_rollout_is_not_restored(
+    kube: FakeKube, store: Store, tmp_path: Path
+):
+    kube.add_deployment("api", f"{REPO}:1.0", replicas=3)
+    provider = make_provider(kube, tmp_path)
+
+    async def main():
+        started = asyncio.Event()
+        ex = Executor(
+            store,
+            {"k8s": provider},
+            kill_grace=2.0,
+            listener=lambda ev: started.set() if " updated, " in ev.message else None,
+        )
+        task = asyncio.create_task(ex.run(job("1.1-fail")))
+        await started.wait()
+        kube.set_image("deployments", "default", "api", f"{REPO}:1.0-hotfix")
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return store.get_deployment(store.history()[0].id, with_log=True)
+
+    rec = asyncio.run(main())
+    assert rec.status == "cancelled"
+    assert kube.image("deployments", "default", "api") == f"{REPO}:1.0-hotfix"
+    assert f"now runs {REPO}:1.0-hotfix; left as it is" in rec.to_json()["log"]
+
+
+def test_kubeconfig_defaults_to_the_environment(kube: FakeKube, tmp_path: Path, monkeypatch):
+    config = kube.kubeconfig(tmp_path / "from-env")
+    monkeypatch.setenv("KUBECONFIG", str(config))
+    provider = KubernetesProvider(
+        "k8s", ProviderConfig.model_validate({"type": "kubernetes"}), tmp_path
+    )
+    assert provider.kubeconfig == str(config)
+    kube.add_deployment("api", f"{REPO}:1.0", replicas=1)
+    assert asyncio.run(provider.current_version("e", "api", {})) == "1.0"
+    monkeypatch.delenv("KUBECONFIG")
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    with pytest.raises(ConfigError, match="no cluster configured"):
+        KubernetesProvider("k8s", ProviderConfig.model_validate({"type": "kubernetes"}), tmp_path)

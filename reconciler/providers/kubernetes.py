@@ -480,7 +480,9 @@ class KubernetesProvider(Provider):
         if api_client is None or _tls(api_client.configuration) != _tls(configuration):
             api_client = k8s.ApiClient(configuration)
             self._clients[loop] = api_client
-            self._closers.add(loop.create_task(_close_at_loop_end(api_client)))
+            closer = loop.create_task(_close_at_loop_end(api_client))
+            self._closers.add(closer)  # a reference, so the task lives until the loop ends
+            closer.add_done_callback(self._closers.discard)
         else:  # same endpoint and TLS material: take the fresh credentials
             api_client.configuration = api_client.rest_client.configuration = configuration
         yield k8s.AppsV1Api(api_client)
@@ -513,6 +515,24 @@ class KubernetesProvider(Provider):
         if t.kind == "StatefulSet":
             return await apps.patch_namespaced_stateful_set(t.name, t.namespace, body, **kwargs)
         return await apps.patch_namespaced_daemon_set(t.name, t.namespace, body, **kwargs)
+
+    async def _list_one(
+        self, apps: k8s.AppsV1Api, t: Target, timeout: float
+    ) -> tuple[Workload | None, str | None]:
+        """The workload (None: gone) and the collection's current resourceVersion."""
+        kwargs: dict[str, Any] = {
+            "field_selector": f"metadata.name={t.name}",
+            "_request_timeout": timeout,
+        }
+        listed: k8s.V1DeploymentList | k8s.V1StatefulSetList | k8s.V1DaemonSetList
+        if t.kind == "Deployment":
+            listed = await apps.list_namespaced_deployment(t.namespace, **kwargs)
+        elif t.kind == "StatefulSet":
+            listed = await apps.list_namespaced_stateful_set(t.namespace, **kwargs)
+        else:
+            listed = await apps.list_namespaced_daemon_set(t.namespace, **kwargs)
+        rv = listed.metadata.resource_version if listed.metadata else None
+        return (listed.items[0] if listed.items else None), rv
 
     async def _watch(
         self, apps: k8s.AppsV1Api, t: Target, resource_version: str | None, seconds: int
@@ -768,12 +788,14 @@ class KubernetesProvider(Provider):
     async def _follow(
         self, apps: k8s.AppsV1Api, t: Target, ctx: DeployContext, obj: Workload
     ) -> None:
-        """Watch the workload until kubectl's rules say done (or failed)."""
+        """Watch the workload until kubectl's rules say done (or failed). After a watch ends
+        it is listed again, as an informer does: the list's resourceVersion is current,
+        where the object's own may be older than the server's watch history (410)."""
         seen: dict[str, Any] = {}
+        rv = obj.metadata.resource_version if obj.metadata else None
         while True:
             if await self._judge(obj, t, ctx, seen):
                 return
-            rv = obj.metadata.resource_version if obj.metadata else None
             seconds = max(1, min(WATCH_SECONDS, int(ctx.remaining()) + 1))
             try:
                 async for kind, event in self._watch(apps, t, rv, seconds):
@@ -782,9 +804,12 @@ class KubernetesProvider(Provider):
                     if event is not None and await self._judge(event, t, ctx, seen):
                         return
             except ApiException as exc:
-                if exc.status != 410:  # 410 Gone: too old a resourceVersion; read again
+                if exc.status != 410:  # 410 Gone: too old a resourceVersion; list again
                     raise
-            obj = await self._read(apps, t, self._timeout(ctx))
+            listed, rv = await self._list_one(apps, t, self._timeout(ctx))
+            if listed is None:
+                raise DeploymentFailed(f"{t} was deleted during the rollout")
+            obj = listed
 
     async def _judge(
         self, obj: Workload, t: Target, ctx: DeployContext, seen: dict[str, Any]
