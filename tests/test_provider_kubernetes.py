@@ -768,3 +768,45 @@ def test_kubeconfig_defaults_to_the_environment(kube: FakeKube, tmp_path: Path, 
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     with pytest.raises(ConfigError, match="no cluster configured"):
         KubernetesProvider("k8s", ProviderConfig.model_validate({"type": "kubernetes"}), tmp_path)
+
+
+def test_workloads_whose_rollout_cannot_be_followed_fail_validation(
+    kube: FakeKube, store: Store, tmp_path: Path
+):
+    kube.add_deployment("paused", f"{REPO}:1.0", replicas=1)
+    kube.add_deployment("recreate", f"{REPO}:1.0", replicas=1, strategy={"type": "Recreate"})
+    kube.add_statefulset("db", f"{REPO}:1.0", replicas=1)
+    merge = "application/merge-patch+json"
+    with kube.lock:
+        kube.patch("deployments", "default", "paused", merge, {"spec": {"paused": True}})
+        kube.patch(
+            "statefulsets",
+            "default",
+            "db",
+            merge,
+            {"spec": {"updateStrategy": {"type": "OnDelete", "rollingUpdate": None}}},
+        )
+    provider = make_provider(kube, tmp_path)
+    errors = [
+        run(store, provider, j).error_message
+        for j in (
+            job("1.1", params={"deployment": "paused"}),
+            job(
+                "1.1",
+                params={"deployment": "recreate"},
+                strategy={"type": "rolling", "max_surge": "1"},
+            ),
+            job("1.1", params={"deployment": "db", "kind": "StatefulSet"}),
+        )
+    ]
+    assert errors == [
+        "validation failed: workload: deployment default/paused is paused (kubectl rollout resume)",
+        "validation failed: workload: deployment default/recreate uses strategy Recreate: "
+        "max_surge/max_unavailable need RollingUpdate",
+        "validation failed: workload: statefulset default/db uses updateStrategy OnDelete: "
+        "only RollingUpdate rollouts can be followed",
+    ]
+    assert kube.patches() == []
+    # Without strategy parameters a Recreate Deployment deploys (kubectl's rules still hold).
+    rec = run(store, provider, job("1.1", params={"deployment": "recreate"}))
+    assert rec.status == "completed", rec.error_message

@@ -351,7 +351,7 @@ class KubernetesProvider(Provider):
         if self.request_timeout <= 0:
             raise self.config_error("request_timeout", "must be at least 1s")
         # Where the cluster and credentials come from: the setting, $KUBECONFIG, the
-        # in-cluster service account, ~/.kube/config (kubectl's order, in-cluster first).
+        # in-cluster service account, and last ~/.kube/config (for use outside a cluster).
         self.kubeconfig: str | None = None
         if "kubeconfig" in s:
             self.kubeconfig = str(self.resolve(s["kubeconfig"]))
@@ -360,6 +360,10 @@ class KubernetesProvider(Provider):
             self.kubeconfig = os.environ["KUBECONFIG"]
             self._check_kubeconfig("kubeconfig", source=" (from $KUBECONFIG)")
         elif os.environ.get("KUBERNETES_SERVICE_HOST"):
+            try:  # checked now (service account token, CA), loaded again per operation
+                k8s_config.load_incluster_config(client_configuration=k8s.Configuration())  # type: ignore[no-untyped-call]  # untyped in the client
+            except ConfigException as exc:
+                raise self.config_error("kubeconfig", f"in-cluster configuration: {exc}") from None
             self._register_file_secret(SERVICE_ACCOUNT_TOKEN)
         elif Path("~/.kube/config").expanduser().is_file():
             self.kubeconfig = str(Path("~/.kube/config").expanduser())
@@ -667,7 +671,7 @@ class KubernetesProvider(Provider):
         """What RBAC allows this identity on the workload (SelfSubjectAccessReview)."""
         authz = k8s.AuthorizationV1Api(apps.api_client)
         denied: list[str] = []
-        for verb in ("patch", "watch"):
+        for verb in ("patch", "list", "watch"):
             review = k8s.V1SelfSubjectAccessReview(
                 spec=k8s.V1SelfSubjectAccessReviewSpec(
                     resource_attributes=k8s.V1ResourceAttributes(
@@ -683,8 +687,8 @@ class KubernetesProvider(Provider):
                 result = await authz.create_self_subject_access_review(
                     review, _request_timeout=self._timeout()
                 )
-            except ApiException:  # cannot ask: the run itself will tell
-                return []
+            except ApiException as exc:  # cannot ask: the run itself will tell
+                return [Check("permissions", True, f"not checked: {api_error(exc)}")]
             if result.status is None or not result.status.allowed:
                 denied.append(verb)
         if denied:
@@ -692,7 +696,7 @@ class KubernetesProvider(Provider):
                 Check(
                     "permissions",
                     False,
-                    f"not allowed to {' or '.join(denied)} {t.resource} in namespace {t.namespace}",
+                    f"not allowed to {', '.join(denied)} {t.resource} in namespace {t.namespace}",
                 )
             ]
         return [Check("permissions", True)]
