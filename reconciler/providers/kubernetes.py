@@ -745,28 +745,30 @@ class KubernetesProvider(Provider):
 
     async def _deploy(self, apps: k8s.AppsV1Api, t: Target, ctx: DeployContext) -> None:
         req = ctx.request
-        before, image, obj = "", "", None
-        for attempt in range(CONFLICT_RETRIES):
-            current = await self._read(apps, t, self._timeout(ctx))
-            container = self._container(current, t)
-            before = container.image or ""
-            image = self._image_for(before, t, req.version)
-            body = self._patch_body(current, t, container.name, image, req.strategy)
-            try:
-                obj = await self._patch(apps, t, body, self._timeout(ctx))
-                break
-            except ApiException as exc:
-                if exc.status != 409 or attempt == CONFLICT_RETRIES - 1:
-                    raise
-                ctx.log(f"{t} changed while patching ({api_error(exc)}); reading it again")
-        assert obj is not None
-        verb = "rollback: restoring" if req.trigger == "rollback" else "setting"
-        ctx.log(f"{t}: {verb} container image {before} -> {image}")
-        await ctx.report_progress(0, f"{t}: image {image}", {"image": image, "previous": before})
+        before, image, sent = "", "", False
         try:
+            for attempt in range(CONFLICT_RETRIES):
+                current = await self._read(apps, t, self._timeout(ctx))
+                container = self._container(current, t)
+                before = container.image or ""
+                image = self._image_for(before, t, req.version)
+                body = self._patch_body(current, t, container.name, image, req.strategy)
+                sent = True  # from here a stop may find the patch applied
+                try:
+                    obj = await self._patch(apps, t, body, self._timeout(ctx))
+                    break
+                except ApiException as exc:
+                    if exc.status != 409 or attempt == CONFLICT_RETRIES - 1:
+                        raise
+                    ctx.log(f"{t} changed while patching ({api_error(exc)}); reading it again")
+            verb = "rollback: restoring" if req.trigger == "rollback" else "setting"
+            ctx.log(f"{t}: {verb} container image {before} -> {image}")
+            await ctx.report_progress(
+                0, f"{t}: image {image}", {"image": image, "previous": before}
+            )
             await self._follow(apps, t, ctx, obj)
         except asyncio.CancelledError:
-            if before != image:
+            if sent and before != image:
                 await self._undo(apps, t, ctx, image, before)
             raise
 
