@@ -810,3 +810,58 @@ def test_workloads_whose_rollout_cannot_be_followed_fail_validation(
     # Without strategy parameters a Recreate Deployment deploys (kubectl's rules still hold).
     rec = run(store, provider, job("1.1", params={"deployment": "recreate"}))
     assert rec.status == "completed", rec.error_message
+
+
+def test_the_fake_answers_the_official_client(kube: FakeKube, tmp_path: Path):
+    """The fake's discovery and write semantics, as the real client sees them."""
+    from kubernetes.aio import client, config
+
+    kube.add_deployment("api", f"{REPO}:1.0", replicas=1)
+
+    async def main():
+        conf = client.Configuration()
+        await config.load_kube_config(
+            config_file=str(kube.kubeconfig(tmp_path / "kc")), client_configuration=conf
+        )
+        async with client.ApiClient(conf) as api:
+            version = await client.VersionApi(api).get_code()
+            apps = client.AppsV1Api(api)
+            stale = await apps.read_namespaced_deployment("api", "default")
+            merged = await apps.patch_namespaced_deployment(
+                "api",
+                "default",
+                {"metadata": {"labels": {"team": "shop"}}},
+                _content_type="application/merge-patch+json",
+            )
+            stale.spec.replicas = 2
+            with pytest.raises(client.ApiException) as conflict:
+                await apps.replace_namespaced_deployment("api", "default", stale)
+            merged.spec.replicas = 2
+            replaced = await apps.replace_namespaced_deployment("api", "default", merged)
+            patched = await apps.patch_namespaced_deployment(
+                "api",
+                "default",
+                [
+                    {
+                        "op": "replace",
+                        "path": "/spec/template/spec/containers/0/image",
+                        "value": "x:2",
+                    }
+                ],
+                _content_type="application/json-patch+json",
+            )
+            listed = await apps.list_namespaced_replica_set("default", label_selector="app=api")
+            return version, merged, conflict.value, replaced, patched, listed
+
+    version, merged, conflict, replaced, patched, listed = asyncio.run(main())
+    assert (version.major, version.minor, version.git_version) == ("1", "32", "v1.32.4")
+    assert merged.metadata.labels["team"] == "shop"
+    assert conflict.status == 409 and "the object has been modified" in conflict.body
+    assert replaced.spec.replicas == 2 and replaced.metadata.generation == 2
+    assert patched.spec.template.spec.containers[0].image == "x:2"
+    assert patched.metadata.generation == 3
+    revisions = {
+        rs.metadata.annotations["deployment.kubernetes.io/revision"] for rs in listed.items
+    }
+    assert "1" in revisions  # (the image patch may have made revision 2 already)
+    assert all(rs.metadata.owner_references[0].controller for rs in listed.items)
