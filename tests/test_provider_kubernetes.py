@@ -544,7 +544,10 @@ def test_current_version_reads_the_spec_after_an_out_of_band_change(
     kube.add_deployment("api", f"{REPO}:1.0", replicas=2)
     provider = make_provider(kube, tmp_path)
     assert run(store, provider, job("1.1")).status == "completed"
-    live = lambda params=None: asyncio.run(provider.current_version("staging", "api", params or {}))  # noqa: E731
+
+    def live(params: dict[str, str] | None = None) -> str | None:
+        return asyncio.run(provider.current_version("staging", "api", params or {}))
+
     assert live() == "1.1"
     kube.set_image("deployments", "default", "api", f"{REPO}:1.1-hotfix")
     assert live() == "1.1-hotfix"
@@ -865,3 +868,16 @@ def test_the_fake_answers_the_official_client(kube: FakeKube, tmp_path: Path):
     }
     assert "1" in revisions  # (the image patch may have made revision 2 already)
     assert all(rs.metadata.owner_references[0].controller for rs in listed.items)
+
+
+def test_credentials_in_the_kubeconfig_are_redacted(kube: FakeKube, tmp_path: Path):
+    (tmp_path / "sa-token").write_text("token-from-file-4e1f\n")
+    doc = json.loads(kube.kubeconfig(tmp_path / "kc").read_text())
+    doc["users"] = [
+        {"name": "fake-user", "user": {"tokenFile": "sa-token"}},
+        {"name": "other", "user": {"username": "ada", "password": "pa55word-9"}},
+    ]
+    (tmp_path / "kc").write_text(json.dumps(doc))
+    conf = ProviderConfig.model_validate({"type": "kubernetes", "kubeconfig": "kc"})
+    secrets = KubernetesProvider("k8s", conf, tmp_path).secrets()
+    assert "token-from-file-4e1f" in secrets and "pa55word-9" in secrets
