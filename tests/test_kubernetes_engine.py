@@ -261,3 +261,35 @@ def test_daemon_deploys_and_its_api_never_shows_the_token(tmp_path: Path, kube: 
     for text in (shown.text, status.text, stderr.read_text()):
         assert TOKEN not in text
     assert "Traceback" not in stderr.read_text()
+
+
+def test_reconciler_validate_reports_kubernetes_params_with_positions(
+    tmp_path: Path, kube: FakeKube
+):
+    world = KubeWorld(tmp_path, kube)
+    world.repo.write(
+        "staging.yaml",
+        'environment: staging\nprovider: k8s\nservices:\n  api:\n    version: "1.1"\n'
+        "    params:\n      image: registry.local/api:1.0\n      kind: CronJob\n"
+        "strategy:\n  type: canary\n",
+    )
+    world.repo.commit()
+    out = subprocess.run(
+        [*RECONCILER, "--config", str(world.config), "validate", str(world.repo.path)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=cli_env(),
+        timeout=60,
+    )
+    assert out.returncode == 1, out.stderr
+    lines = out.stdout.splitlines() + out.stderr.splitlines()
+    assert any(
+        "staging.yaml:7:" in line
+        and "services.api.params.image" in line
+        and "not an image repository" in line
+        for line in lines
+    ), lines
+    assert any("services.api.params.kind" in line for line in lines), lines
+    assert any("strategy.type" in line and "supports rolling, not canary" in line for line in lines)
+    assert "Traceback" not in out.stderr
