@@ -16,16 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.source import (
-    Changes,
-    GitSource,
-    SourceError,
-    _git_env,
-    _is_env_file,
-    _ref_filter,
-    poll_delay,
-    watch_refs,
-)
+from reconciler.source import Changes, GitSource, SourceError, poll_delay, watch_refs
+from reconciler.source.gitcmd import git_env
+from reconciler.source.tree import is_env_file
+from reconciler.source.watch import ref_filter
 
 WAIT = 10.0  # generous: only reached when something is broken
 
@@ -118,11 +112,11 @@ def source(repo: Path | str, tmp_path: Path, path: str = "envs", **kw: object) -
     ],
 )
 def test_is_env_file(relpath: str, expected: bool) -> None:
-    assert _is_env_file(relpath) is expected
+    assert is_env_file(relpath) is expected
 
 
 def test_git_never_prompts() -> None:
-    env = _git_env()
+    env = git_env()
     assert env["GIT_TERMINAL_PROMPT"] == "0"
     assert env["GIT_ASKPASS"] == ""
     assert "BatchMode=yes" in env["GIT_SSH_COMMAND"] or "GIT_SSH_COMMAND" in os.environ
@@ -430,7 +424,7 @@ def test_local_git_dir(work: Path, tmp_path: Path) -> None:
 
 
 def test_ref_filter() -> None:
-    accept = _ref_filter(Path("/r/.git"), "feature/x")
+    accept = ref_filter(Path("/r/.git"), "feature/x")
     assert accept("/r/.git/refs/heads/feature/x")
     assert accept("/r/.git/refs/heads/feature")
     assert accept("/r/.git/packed-refs")
