@@ -11,7 +11,7 @@ deployments with the same rules (`_ServiceFold`).
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import lru_cache
@@ -21,9 +21,7 @@ from typing import Any
 from sqlalchemy import (
     Connection,
     Engine,
-    Row,
     Select,
-    Table,
     and_,
     bindparam,
     delete,
@@ -38,9 +36,9 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 
+from reconciler.store import rows
 from reconciler.store.db import make_engine, upgrade, write_engine
 from reconciler.store.models import (
-    Base,
     Deployment,
     DeploymentEvent,
     DeploymentLog,
@@ -73,14 +71,19 @@ from reconciler.store.records import (
     SyncRecord,
 )
 
-#: Values per IN (...) / OR chunk: stays far below SQLite's bound-variable limit.
-_CHUNK = 300
+# Shared with the other query modules (rows.py), under the names the queries use.
+_aware = rows.aware
+_check = rows.check
+_chunks = rows.chunks
+_deployment = rows.deployment_record
+_event = rows.event_record
+_insert_ignore = rows.insert_ignore
+_sync = rows.sync_record
+_table = rows.table
+_upsert = rows.upsert
+
 #: Rows fetched at a time when scanning one service's deployments backwards.
 _SCAN_PAGE = 64
-
-
-def _table(model: type[Base]) -> Table:
-    return Base.metadata.tables[model.__tablename__]
 
 
 _D = _table(Deployment)
@@ -112,92 +115,6 @@ _FOLD_COLUMNS = (_D.c.id, _D.c.version, _D.c.status, _D.c.trigger, _D.c.complete
 
 def _now() -> datetime:
     return datetime.now(UTC)
-
-
-def _aware(value: datetime, name: str) -> datetime:
-    if value.tzinfo is None or value.utcoffset() is None:
-        raise StoreError(f"{name} must be a timezone-aware datetime")
-    return value
-
-
-def _check(value: str, allowed: Collection[str], what: str) -> None:
-    if value not in allowed:
-        raise StoreError(f"unknown {what} {value!r}; expected one of {', '.join(allowed)}")
-
-
-def _chunks(items: Sequence[Any], size: int = _CHUNK) -> Iterator[Sequence[Any]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
-# --------------------------------------------------------------------------- row mapping
-
-
-def _deployment(
-    row: Row[Any],
-    progress: list[EventRecord] | None = None,
-    log: list[LogLine] | None = None,
-) -> DeploymentRecord:
-    m = row._mapping
-    return DeploymentRecord(
-        id=m["id"],
-        environment=m["environment"],
-        service=m["service"],
-        version=m["version"],
-        previous_version=m["previous_version"],
-        provider=m["provider"],
-        provider_type=m["provider_type"],
-        strategy=m["strategy"],
-        status=m["status"],
-        error_message=m["error_message"],
-        trigger=m["trigger"],
-        commit=m["commit"],
-        commit_author=m["commit_author"],
-        attempt=m["attempt"],
-        timeout_seconds=m["timeout_seconds"],
-        validation=m["validation"],
-        started_at=m["started_at"],
-        completed_at=m["completed_at"],
-        created_at=m["created_at"],
-        params=m["params"],
-        sync_id=m["sync_id"],
-        rollback_of=m["rollback_of"],
-        progress=progress,
-        log=log,
-    )
-
-
-def _event(row: Row[Any]) -> EventRecord:
-    m = row._mapping
-    return EventRecord(
-        id=m["id"],
-        deployment_id=m["deployment_id"],
-        status=m["status"],
-        message=m["message"],
-        percent=m["percent"],
-        details=m["details"] if m["details"] is not None else {},
-        at=m["at"],
-    )
-
-
-def _sync(row: Row[Any]) -> SyncRecord:
-    m = row._mapping
-    return SyncRecord(
-        id=m["id"],
-        trigger=m["trigger"],
-        commit_sha=m["commit_sha"],
-        commit_author=m["commit_author"],
-        commit_time=m["commit_time"],
-        commit_subject=m["commit_subject"],
-        seen_at=m["seen_at"],
-        ended_at=m["ended_at"],
-        result=m["result"],
-        full_load=bool(m["full_load"]),
-        note=m["note"],
-        environments_changed=list(m["environments_changed"] or []),
-        errors=list(m["errors"] or []),
-        error_message=m["error_message"],
-    )
 
 
 #: service_state columns in the order of `ServiceState`'s fields.
@@ -287,37 +204,6 @@ class _ServiceFold:
             "streak_count": self.streak_count,
             "streak_last_at": self.streak_last_at,
         }
-
-
-def _insert_ignore(conn: Connection, table: Any, values: dict[str, Any], keys: list[str]) -> None:
-    """INSERT ... ON CONFLICT (keys) DO NOTHING."""
-    if conn.dialect.name == "postgresql":
-        conn.execute(
-            postgresql.insert(table).values(**values).on_conflict_do_nothing(index_elements=keys)
-        )
-    elif conn.dialect.name == "sqlite":
-        conn.execute(
-            sqlite.insert(table).values(**values).on_conflict_do_nothing(index_elements=keys)
-        )
-    else:  # pragma: no cover - only SQLite and PostgreSQL are supported
-        where = [table.c[key] == values[key] for key in keys]
-        if conn.execute(select(*[table.c[key] for key in keys]).where(*where)).first() is None:
-            conn.execute(insert(table).values(**values))
-
-
-def _upsert(conn: Connection, table: Any, values: dict[str, Any], keys: list[str]) -> None:
-    """INSERT ... ON CONFLICT (keys) DO UPDATE SET every other column."""
-    changes = {name: value for name, value in values.items() if name not in keys}
-    if conn.dialect.name == "postgresql":
-        pg = postgresql.insert(table).values(**values)
-        conn.execute(pg.on_conflict_do_update(index_elements=keys, set_=changes))
-    elif conn.dialect.name == "sqlite":
-        lite = sqlite.insert(table).values(**values)
-        conn.execute(lite.on_conflict_do_update(index_elements=keys, set_=changes))
-    else:  # pragma: no cover
-        where = [table.c[key] == values[key] for key in keys]
-        if conn.execute(update(table).where(*where).values(**changes)).rowcount == 0:
-            conn.execute(insert(table).values(**values))
 
 
 _PG_COMPLETED = text(
