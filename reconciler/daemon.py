@@ -32,6 +32,7 @@ from reconciler.plan import Decision
 from reconciler.providers import build_providers
 from reconciler.source import poll_delay, watch_refs
 from reconciler.store import Store, schema_current
+from reconciler.store.holder import DatabaseLock
 from reconciler.systemd import SystemdNotifier
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,7 @@ class Daemon:
         self._tasks: set[asyncio.Task[None]] = set()
         self._http: HttpServer | None = None
         self._notifier: Notifier | None = None
+        self._held: DatabaseLock | None = None
 
     # ---- what the HTTP API and signals call (reconciler.http.control.Control) -----------
 
@@ -135,6 +137,12 @@ class Daemon:
             if not await asyncio.to_thread(schema_current, store.engine):
                 applied = await migrate_in_child(cfg.database_url)
                 log.info("event=migrated revisions=%s", ",".join(applied) or "-")
+            # One daemon per database: before recovery, which would fail another's runs.
+            held = DatabaseLock(store.engine)
+            await asyncio.to_thread(
+                held.acquire, role="daemon", state_dir=str(cfg.state_dir), at=utcnow()
+            )
+            self._held = held
             source = open_source(cfg)
             engine = self.engine = Engine(
                 cfg, store, source, providers, listener=self.hub.deployment
@@ -187,6 +195,8 @@ class Daemon:
             source.close()
             log.info("event=stopped")
         finally:
+            if self._held is not None:
+                await asyncio.to_thread(self._held.release)
             lock.release()
             self.sd.close()
 

@@ -11,6 +11,7 @@ from reconciler.store.db import (
     schema_current,
     upgrade,
 )
+from reconciler.store.holder import DatabaseHeld, DatabaseLock, Holder
 from reconciler.store.records import (
     ACTIVE_STATUSES,
     FAILURE_STATUSES,
@@ -45,9 +46,12 @@ __all__ = [
     "TERMINAL_STATUSES",
     "TRIGGERS",
     "CommitMeta",
+    "DatabaseHeld",
+    "DatabaseLock",
     "DeploymentRecord",
     "EnvironmentStateRecord",
     "EventRecord",
+    "Holder",
     "LogLine",
     "NewDeployment",
     "SchemaTooNew",

@@ -1,0 +1,106 @@
+"""Real daemon processes sharing one database: the second refuses instead of deploying."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.support import RECONCILER, World, cli_env, wait_for
+
+pytestmark = pytest.mark.timeout(120)
+
+
+class Daemon:
+    def __init__(self, world: World, config: Path) -> None:
+        self.stderr = world.tmp / f"daemon-{time.monotonic_ns()}.log"
+        self.proc = subprocess.Popen(
+            [*RECONCILER, "--config", str(config), "run"],
+            cwd=world.tmp,
+            env=cli_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=self.stderr.open("w"),
+        )
+
+    def log(self) -> str:
+        return self.stderr.read_text()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def _history(world: World) -> list[dict]:
+    return json.loads(world.cli("history", "--json", check=True).stdout)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def database(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'shared' / 'reconciler.db'}"
+    url: str = request.getfixturevalue("pg_url")
+    return url
+
+
+def test_a_second_daemon_on_the_same_database_refuses_and_leaves_the_first_alone(
+    tmp_path: Path, database: str
+) -> None:
+    world = World(tmp_path)
+    text = world.config.read_text() + f'\n[database]\nurl = "{database}"\n'
+    world.config.write_text(text)
+    other = tmp_path / "other.toml"
+    other.write_text(text.replace('state_dir = "state"', 'state_dir = "state2"'))
+    world.repo.set_env("staging", {"api": "1.0-hang"})
+    first = Daemon(world, world.config)
+    second: Daemon | None = None
+    try:
+        wait_for(world.pids.exists, what="the first daemon's deployment to start")
+        second = Daemon(world, other)
+        code = second.proc.wait(30)
+        message = second.log()
+        assert code == 2, message
+        assert message.count("\n") == 1 and "Traceback" not in message
+        for part in (f"pid {first.proc.pid}", str(tmp_path / "state"), "since"):
+            assert part in message, message
+        # Nor does a command that deploys from the other state directory run beside it.
+        deploy = subprocess.run(
+            [*RECONCILER, "--config", str(other), "deploy", "--env", "staging", "--version", "9"],
+            capture_output=True,
+            text=True,
+            cwd=world.tmp,
+            env=cli_env(),
+            timeout=60,
+        )
+        assert deploy.returncode == 2 and "holds the database" in deploy.stderr, deploy.stderr
+        # The first daemon's run was neither failed nor started again.
+        [record] = _history(world)
+        assert record["status"] == "in_progress"
+        assert [r[0] for r in world.runs()] == ["start"]
+
+        # A killed holder does not block the next start: the lock dies with it.
+        first.proc.send_signal(signal.SIGKILL)
+        first.proc.wait(10)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(int(world.pids.read_text().split()[0]), signal.SIGKILL)
+        second = Daemon(world, other)
+        wait_for(
+            lambda: _history(world)[-1]["status"] == "failed",
+            what="the second daemon to start and recover",
+        )
+        assert second.proc.poll() is None, second.log()
+        assert _history(world)[-1]["error_message"].startswith("interrupted")
+        second.proc.send_signal(signal.SIGTERM)
+        assert second.proc.wait(30) == 0
+    finally:
+        first.kill()
+        if second is not None:
+            second.kill()
+        with contextlib.suppress(ProcessLookupError, FileNotFoundError, ValueError):
+            os.killpg(int(world.pids.read_text().split()[0]), signal.SIGKILL)
