@@ -47,6 +47,8 @@ STUCK_SYNC_SECONDS = 300.0
 # The hub wakes the notifier at once; this poll only finds what other processes recorded
 # (a standalone `reconciler sync`), so it can be slow and keep the idle daemon asleep.
 NOTIFY_POLL_SECONDS = 30.0
+# How often the daemon checks that its SQLite file is still the database (one stat).
+DATABASE_CHECK_SECONDS = 5.0
 # How soon a watch that could not start (no repository yet, a vanished folder) tries again.
 WATCH_RETRY_SECONDS = 2.0
 
@@ -163,6 +165,7 @@ class Daemon:
                 loop.add_signal_handler(sig, handler)
             self._spawn(self._sync_loop(), "sync-loop")
             self._spawn(self._watchdog_loop(), "watchdog")
+            self._spawn(self._database_check_loop(), "database-check")
             self._start_polling()
             watching = cfg.repository.watch and source.is_local()
             if watching:
@@ -304,6 +307,16 @@ class Daemon:
                 self.sd.watchdog()
             await asyncio.sleep(interval / 2)
 
+    async def _database_check_loop(self) -> None:
+        """A SQLite file deleted or replaced underneath goes unnoticed by every query (they
+        write into the unlinked file): look for it, so that it is said (the store logs
+        `event=database_lost` once) and shown in the status line, /readyz and metrics."""
+        while True:
+            if self.store.file_problem() is not None:
+                self.sd.status(self._status_line())
+                return
+            await asyncio.sleep(DATABASE_CHECK_SECONDS)
+
     async def _poll_loop(self) -> None:
         while True:
             await asyncio.sleep(poll_delay(self.config.repository.poll_interval))
@@ -353,6 +366,8 @@ class Daemon:
             text += f"; {len(engine.invalid)} invalid"
         if self._last_fetch_error:
             text += f"; fetch failing: {self._last_fetch_error}"
+        if self.store.file_problem() is not None:
+            text += "; database file lost: restart"
         return text
 
 

@@ -104,3 +104,30 @@ def test_a_second_daemon_on_the_same_database_refuses_and_leaves_the_first_alone
             second.kill()
         with contextlib.suppress(ProcessLookupError, FileNotFoundError, ValueError):
             os.killpg(int(world.pids.read_text().split()[0]), signal.SIGKILL)
+
+
+def test_a_sqlite_file_deleted_under_the_daemon_makes_it_unready_and_says_why(
+    tmp_path: Path,
+) -> None:
+    from tests.test_http_daemon import Served
+
+    world = World(tmp_path)
+    world.repo.set_env("staging", {"api": "1.0"})
+    served = Served(world)
+    try:
+        wait_for(lambda: served.client.get("/readyz").status_code == 200, what="ready")
+        database = tmp_path / "state" / "reconciler.db"
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{database}{suffix}").unlink(missing_ok=True)
+        for _ in range(3):  # asked again and again: said once in the log
+            r = served.client.get("/readyz")
+            assert r.status_code == 503, r.text
+            assert "deleted" in r.json()["database"] and str(database) in r.json()["database"]
+        assert "reconciler_database_ok 0.0" in served.client.get("/metrics").text
+        wait_for(
+            lambda: "event=database_lost" in served.stderr.read_text(), what="the event logged"
+        )
+        assert served.stderr.read_text().count("event=database_lost") == 1
+    finally:
+        served.close()
+    assert "Traceback" not in served.stderr.read_text()

@@ -37,7 +37,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 
 from reconciler.store import rows
-from reconciler.store.db import make_engine, upgrade, write_engine
+from reconciler.store.db import SQLiteFile, make_engine, upgrade, write_engine
 from reconciler.store.models import (
     Deployment,
     DeploymentEvent,
@@ -280,6 +280,7 @@ class Store(OutboxQueries):
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._writer = write_engine(engine)
+        self._file = SQLiteFile.of(engine)
 
     @classmethod
     def from_url(cls, url: str, *, migrate: bool = True) -> Store:
@@ -289,9 +290,18 @@ class Store(OutboxQueries):
         return cls(engine)
 
     def ping(self) -> None:
-        """Raise if the database does not answer (readiness checks)."""
+        """Raise if the database does not answer, or is no longer the file it was (a
+        SQLite file deleted or replaced underneath: readiness checks)."""
+        problem = self.file_problem()
+        if problem is not None:
+            raise StoreError(problem)
         with self.engine.connect() as conn:
             conn.execute(select(literal(1))).scalar_one()
+
+    def file_problem(self) -> str | None:
+        """Why the SQLite file written to is not the database any more (deleted or replaced
+        under the process), or None; always None on PostgreSQL. One ``stat``: cheap."""
+        return self._file.problem() if self._file is not None else None
 
     def close(self) -> None:
         """Close the pooled connections (the store can still be used afterwards)."""
