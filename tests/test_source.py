@@ -754,3 +754,55 @@ def test_local_fetch_follows_loose_and_packed_refs_through_shared_objects(
     with pytest.raises(SourceError, match="branch 'main' not found"):
         src.fetch()
     src.close()
+
+
+# -- the applied commit: kept readable by the mirror alone -----------------------------
+
+
+def _rewrite_and_prune(repo: Path) -> str:
+    """A force push that drops every earlier commit, then a gc that deletes them."""
+    git(repo, "checkout", "-q", "--orphan", "rewritten")
+    new = commit(repo, "rewritten", {"envs/staging.yaml": "environment: staging-2\n"})
+    git(repo, "branch", "-q", "-M", "main")
+    git(repo, "reflog", "expire", "--expire=now", "--all")
+    git(repo, "gc", "-q", "--prune=now")
+    return new
+
+
+def test_the_applied_commit_survives_a_rewrite_and_gc_of_the_source(
+    work: Path, tmp_path: Path
+) -> None:
+    url = str(work)  # local: the mirror borrows the source's objects (alternates)
+    src = source(url, tmp_path)
+    applied = src.fetch()
+    src.keep(applied)
+    new = _rewrite_and_prune(work)
+    assert src.fetch() == new  # a refused head still moves the branch of the mirror
+    src.close()
+    # A fresh process (a restart, or `reconciler status`) reads it from the mirror alone.
+    fresh = source(url, tmp_path)
+    assert fresh.commit_info(applied).subject == "initial"
+    loaded = fresh.load(None, applied)
+    assert loaded.files["staging.yaml"] == b"environment: staging\n"
+    assert not fresh.is_ancestor(applied, new)
+    # Keeping the next commit lets the previous one go, and reads the same.
+    fresh.keep(new)
+    assert fresh.load(None, new).files["staging.yaml"] == b"environment: staging-2\n"
+    assert len(list((tmp_path / "state" / "repo.git" / "objects" / "pack").glob("*.pack"))) == 1
+    fresh.close()
+
+
+def test_a_fetch_that_moves_the_head_recycles_the_cat_file_processes(
+    work: Path, tmp_path: Path
+) -> None:
+    """A long-lived `git cat-file` keeps serving objects of packs deleted since (a gc in
+    the source): after a fetch that moves the head, the mirror answers as a restart would."""
+    src = source(work, tmp_path)
+    old = src.fetch()
+    git(work, "gc", "-q")
+    assert src.commit_info(old).subject == "initial"  # starts the persistent processes
+    new = _rewrite_and_prune(work)
+    assert src.fetch() == new
+    with pytest.raises(SourceError, match="unknown commit"):
+        src.commit_info(old)
+    src.close()

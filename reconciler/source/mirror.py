@@ -31,6 +31,11 @@ from reconciler.source.gitcmd import (
 )
 from reconciler.source.tree import REGULAR_MODES, Changes, CommitInfo, TreeReader, normalise_path
 
+#: Where the mirror keeps the last applied commit (see GitSource.keep).
+APPLIED_REF = "refs/reconciler/applied"
+# The file in the mirror naming the pack that holds the applied commit's own objects.
+_KEPT_PACK = "reconciler-applied-pack"
+
 
 class GitSource:
     """A bare single-branch mirror of the desired-state repository in ``workdir``."""
@@ -131,37 +136,89 @@ class GitSource:
     def fetch(self) -> str:
         """Bring the mirror's branch to the remote branch head (forced) and return its sha."""
         with self._fetch_lock:
-            self._ensure_mirror()
-            self._share_local_objects()
-            action = f"cannot fetch {self._display_url} (branch {self.branch})"
-            if self._shared is not None:
-                # The objects are shared already: moving the ref is the whole fetch.
-                sha = self._local_head(self._shared)
-                if sha is not None:
-                    with contextlib.suppress(GitFailed):  # e.g. not a commit: fetch says why
-                        if sha != self.head():
-                            self._run(["update-ref", self._ref, f"{sha}^{{commit}}"])
-                        return sha
-            try:
-                self._run(
-                    [
-                        "fetch",
-                        "--quiet",
-                        "--no-tags",
-                        "--no-write-fetch-head",
-                        "--no-recurse-submodules",
-                        "--no-show-forced-updates",
-                        "--",
-                        self.url,
-                        f"+{self._ref}:{self._ref}",
-                    ]
-                )
-            except GitFailed as exc:
-                raise SourceError(f"{action}: {self._fetch_reason(exc)}") from None
-            sha = self.head()
-            if sha is None:  # pragma: no cover - git said it fetched
-                raise SourceError(f"{action}: the branch did not arrive")
+            before = self.head()
+            sha = self._fetch()
+            if sha != before:
+                # GitPython's long-lived cat-file processes keep serving packs deleted
+                # since they started (a gc in the source): start afresh, so that what the
+                # mirror answers is what a restart would.
+                self.close()
             return sha
+
+    def _fetch(self) -> str:
+        self._ensure_mirror()
+        self._share_local_objects()
+        action = f"cannot fetch {self._display_url} (branch {self.branch})"
+        if self._shared is not None:
+            # The objects are shared already: moving the ref is the whole fetch.
+            sha = self._local_head(self._shared)
+            if sha is not None:
+                with contextlib.suppress(GitFailed):  # e.g. not a commit: fetch says why
+                    if sha != self.head():
+                        self._run(["update-ref", self._ref, f"{sha}^{{commit}}"])
+                    return sha
+        try:
+            self._run(
+                [
+                    "fetch",
+                    "--quiet",
+                    "--no-tags",
+                    "--no-write-fetch-head",
+                    "--no-recurse-submodules",
+                    "--no-show-forced-updates",
+                    "--",
+                    self.url,
+                    f"+{self._ref}:{self._ref}",
+                ]
+            )
+        except GitFailed as exc:
+            raise SourceError(f"{action}: {self._fetch_reason(exc)}") from None
+        sha = self.head()
+        if sha is None:  # pragma: no cover - git said it fetched
+            raise SourceError(f"{action}: the branch did not arrive")
+        return sha
+
+    def keep(self, sha: str) -> None:
+        """Keep ``sha`` (the last applied commit) readable from the mirror alone.
+
+        The branch ref moves with every fetch, also to a head that is refused (a force
+        push), and a local source's objects are only borrowed (alternates): a gc there
+        would take the applied commit with it, and with it the desired state the daemon
+        shows and compares against. So ``refs/reconciler/applied`` points at it, and for a
+        borrowing mirror the objects needed to read it (the commit, and the trees and blobs
+        under ``path``) are copied into one pack of the mirror's own, which replaces the
+        previous commit's pack.
+        """
+        with self._fetch_lock:
+            try:
+                self._run(["update-ref", APPLIED_REF, f"{sha}^{{commit}}"])
+                if (self.workdir / "objects" / "info" / "alternates").is_file():
+                    self._pack_own(sha)
+            except GitFailed as exc:
+                raise self._error(f"cannot keep {sha[:12]}", exc) from None
+            except OSError as exc:
+                raise SourceError(f"cannot keep {sha[:12]}: {exc.strerror or exc}") from None
+
+    def _pack_own(self, sha: str) -> None:
+        args = ["rev-list", "--objects", "--no-walk", sha]
+        if self.path:
+            args += ["--", f":(literal){self.path}"]
+        objects = self._run(args)
+        pack_dir = self.workdir / "objects" / "pack"
+        # Objects borrowed from the alternate are packed too (no --local).
+        name = self._run(["pack-objects", "-q", str(pack_dir / "pack")], input=objects)
+        kept = name.decode().strip()
+        marker = self.workdir / _KEPT_PACK
+        try:
+            previous = marker.read_text().strip()
+        except FileNotFoundError:
+            previous = ""
+        tmp = marker.with_suffix(".tmp")
+        tmp.write_text(kept + "\n")
+        tmp.replace(marker)
+        if previous and previous != kept and SHA.fullmatch(previous):
+            for ext in (".pack", ".idx", ".rev", ".bitmap"):
+                (pack_dir / f"pack-{previous}{ext}").unlink(missing_ok=True)
 
     def _fetch_reason(self, exc: GitFailed) -> str:
         if exc.timed_out:
