@@ -280,6 +280,8 @@ class Engine:
         assert step.meta is not None and step.desired is not None
         sync_id = self.store.begin_sync(trigger=trigger, seen_at=seen, commit=step.meta)
         self._save_states(step.desired, step.meta.sha)
+        saved = set(self.store.environment_states()) if step.full else set(self.effective)
+        self.store.forget_environment_states(saved - set(step.effective))
         self.store.finish_sync(
             sync_id,
             result=step.result,
@@ -289,6 +291,11 @@ class Engine:
             full_load=step.full,
             note=step.note,
         )
+        if self.commit is None or self.commit.sha != step.meta.sha:
+            try:  # the mirror keeps what was applied readable (GitSource.keep)
+                self.source.keep(step.meta.sha)
+            except SourceError as exc:
+                log.warning("event=keep_failed commit=%s error=%r", step.meta.sha[:12], str(exc))
         return sync_id
 
     async def _refuse(self, trigger: str, seen: datetime, head: str, applied: str) -> SyncOutcome:
@@ -298,6 +305,10 @@ class Engine:
             f"refused {head[:12]}: it does not descend from the last applied commit "
             f"{applied[:12]} (history rewritten); set repository.allow_force_push = true to accept"
         )
+        if self.commit is None and applied:
+            # Just started: what stays in force is what was applied, not nothing.
+            await self._load_applied(applied)
+            self.wake(self.effective)
         log.error("event=sync_refused commit=%s applied=%s", head[:12], applied[:12])
         meta = None
         if message != self._last_error:  # already recorded: no need to read the commit
@@ -383,7 +394,31 @@ class Engine:
         """The desired state of the last synced commit, from the local clone (for `status`)."""
         sha = await asyncio.to_thread(self.store.last_synced_commit)
         if sha is not None:
+            await self._load_applied(sha)
+
+    async def _load_applied(self, sha: str) -> None:
+        """The desired state applied at `sha`: read from the mirror (which keeps it), else,
+        when even the mirror cannot read it (deleted, say), the environment states saved at
+        each sync."""
+        try:
             await self._load_full(sha)
+            return
+        except SourceError as exc:
+            log.warning(
+                "event=applied_commit_unreadable commit=%s error=%r using=saved_states",
+                sha[:12],
+                str(exc),
+            )
+        saved, meta = await asyncio.to_thread(
+            lambda: (self.store.environment_states(), self.store.applied_commit())
+        )
+        self.parsed, self.desired, self.invalid = {}, None, {}
+        self.effective = {
+            name: EnvironmentSpec.model_validate(state.spec) for name, state in saved.items()
+        }
+        self.commit = (
+            meta if meta is not None and meta.sha == sha else CommitMeta(sha, None, None, None)
+        )
 
     async def preview(self) -> None:
         """The desired state at the fetched branch head, recording nothing (for `plan`)."""

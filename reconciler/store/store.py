@@ -800,6 +800,28 @@ class Store(OutboxQueries):
                 for row in conn.execute(select(_ENV).order_by(_ENV.c.name))
             }
 
+    def forget_environment_states(self, names: Collection[str]) -> None:
+        """Drop the saved desired state of environments that left the repository, so that
+        falling back on the saved states never brings them back."""
+        if not names:
+            return
+        with self._writer.begin() as conn:
+            for chunk in _chunks(sorted(names)):
+                conn.execute(delete(_ENV).where(_ENV.c.name.in_(chunk)))
+
+    def applied_commit(self) -> CommitMeta | None:
+        """The commit of the latest sync that applied, as that sync recorded it."""
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(_S.c.commit_sha, _S.c.commit_author, _S.c.commit_time, _S.c.commit_subject)
+                .where(_S.c.result.in_(SYNC_APPLIED_RESULTS), _S.c.commit_sha.is_not(None))
+                .order_by(_S.c.id.desc())
+                .limit(1)
+            ).first()
+        if row is None:
+            return None
+        return CommitMeta(sha=row[0], author=row[1], time=row[2], subject=row[3])
+
     def record_operator_action(
         self,
         *,
