@@ -234,6 +234,8 @@ class Engine:
         for err in step.desired.errors:
             log.warning("event=invalid_file error=%r", str(err))
         self.wake(step.effective if old is None or step.full else step.changed)
+        if head != old:  # after the wake: deployments need not wait for it
+            await asyncio.to_thread(self._keep, head)
         errors = [str(e) for e in step.desired.errors]
         return SyncOutcome(sync_id, head, step.result, step.changed, errors)
 
@@ -291,12 +293,14 @@ class Engine:
             full_load=step.full,
             note=step.note,
         )
-        if self.commit is None or self.commit.sha != step.meta.sha:
-            try:  # the mirror keeps what was applied readable (GitSource.keep)
-                self.source.keep(step.meta.sha)
-            except SourceError as exc:
-                log.warning("event=keep_failed commit=%s error=%r", step.meta.sha[:12], str(exc))
         return sync_id
+
+    def _keep(self, sha: str) -> None:
+        """Have the mirror keep what was applied readable (GitSource.keep)."""
+        try:
+            self.source.keep(sha)
+        except SourceError as exc:
+            log.warning("event=keep_failed commit=%s error=%r", sha[:12], str(exc))
 
     async def _refuse(self, trigger: str, seen: datetime, head: str, applied: str) -> SyncOutcome:
         """A head that does not descend from the last applied commit (a force push) is not

@@ -92,3 +92,15 @@ def test_a_restarted_daemon_still_shows_the_applied_state(tmp_path: Path) -> Non
             assert "Traceback" not in served.stderr.read_text()
     finally:
         served.close()
+
+
+def test_the_saved_states_forget_environments_that_left_the_repository(tmp_path: Path) -> None:
+    world = World(tmp_path)
+    world.repo.set_env("staging", {"api": "1.0"})
+    world.repo.set_env("production", {"api": "1.0"})
+    world.cli("sync", check=True)
+    (world.repo.path / "production.yaml").unlink()
+    world.repo.commit("production retired")
+    world.cli("sync", check=True)
+    shutil.rmtree(tmp_path / "state" / "repo.git")
+    assert [row["environment"] for row in _status(world)] == ["staging"]
