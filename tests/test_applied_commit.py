@@ -81,7 +81,7 @@ def test_a_restarted_daemon_still_shows_the_applied_state(tmp_path: Path) -> Non
             world.config.write_text(config)  # Served adds its [server] section again
             served = Served(world)
             wait_for(
-                lambda: "event=sync_refused" in served.stderr.read_text(),
+                lambda s=served: "event=sync_refused" in s.stderr.read_text(),
                 what=f"the refusal after a restart ({restart})",
             )
             assert desired() == [("staging", "api", "1.0")], restart
