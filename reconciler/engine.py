@@ -152,6 +152,7 @@ class Engine:
         self._last_error: str | None = None
         self.scheduler: AsyncIOScheduler | None = None
         self.on_sync: Callable[[SyncOutcome], None] | None = None
+        self._keeping: asyncio.Task[None] | None = None  # GitSource.keep of the last commit
 
     def reload(self, config: Config, providers: Mapping[str, Provider]) -> None:
         """Take a new configuration (SIGHUP) without touching running deployments: they
@@ -234,8 +235,9 @@ class Engine:
         for err in step.desired.errors:
             log.warning("event=invalid_file error=%r", str(err))
         self.wake(step.effective if old is None or step.full else step.changed)
-        if head != old:  # after the wake: deployments need not wait for it
-            await asyncio.to_thread(self._keep, head)
+        if head != old:  # beside the deployments, which need not wait for it (~30 ms)
+            previous = self._keeping
+            self._keeping = asyncio.create_task(self._keep(head, previous), name="keep")
         errors = [str(e) for e in step.desired.errors]
         return SyncOutcome(sync_id, head, step.result, step.changed, errors)
 
@@ -295,12 +297,19 @@ class Engine:
         )
         return sync_id
 
-    def _keep(self, sha: str) -> None:
-        """Have the mirror keep what was applied readable (GitSource.keep)."""
+    async def _keep(self, sha: str, previous: asyncio.Task[None] | None) -> None:
+        """Have the mirror keep what was applied readable (GitSource.keep), in order."""
+        if previous is not None:
+            await previous
         try:
-            self.source.keep(sha)
-        except SourceError as exc:
+            await asyncio.to_thread(self.source.keep, sha)
+        except Exception as exc:  # the next applied commit tries again
             log.warning("event=keep_failed commit=%s error=%r", sha[:12], str(exc))
+
+    async def kept(self) -> None:
+        """Wait until the mirror keeps the last applied commit (stop, standalone runs)."""
+        if self._keeping is not None:
+            await asyncio.shield(self._keeping)
 
     async def _refuse(self, trigger: str, seen: datetime, head: str, applied: str) -> SyncOutcome:
         """A head that does not descend from the last applied commit (a force push) is not
@@ -656,6 +665,7 @@ class Engine:
         self.stopping = True
         if self.scheduler is not None and self.scheduler.running:
             self.scheduler.shutdown(wait=False)
+        await self.kept()
         for event in self._wake.values():
             event.set()
         tasks = list(self._runners.values())

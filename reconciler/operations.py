@@ -91,6 +91,7 @@ async def open_engine(
             engine.runners_enabled = False
             try:
                 yield engine
+                await engine.kept()
             finally:
                 source.close()
         except DatabaseHeld as exc:
