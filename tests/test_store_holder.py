@@ -129,3 +129,13 @@ def test_postgres_locks_are_per_schema(pg_url: str) -> None:
         with admin.connect() as conn:
             conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
         admin.dispose()
+
+
+def test_a_release_frees_the_lock_at_once(stores: tuple[Store, Store]) -> None:
+    """A restart takes the lock again straight away (no waiting for the server to notice a
+    closed session)."""
+    a, b = stores
+    for store in (a, b) * 10:
+        lock = DatabaseLock(store.engine)
+        lock.acquire(role="daemon", state_dir="/srv/one", at=AT)
+        lock.release()

@@ -38,10 +38,12 @@ _ROW_ID = 1
 
 # hashtextextended: PostgreSQL >= 11. The prefix keeps the key apart from other users of
 # advisory locks in the same database.
-_PG_TRY_LOCK = text(
-    "SELECT pg_try_advisory_lock(hashtextextended("
-    "'reconciler-daemon:' || current_database() || '.' || coalesce(current_schema(), ''), 0))"
+_PG_KEY = (
+    "hashtextextended('reconciler-daemon:' || current_database() || '.' "
+    "|| coalesce(current_schema(), ''), 0)"
 )
+_PG_TRY_LOCK = text(f"SELECT pg_try_advisory_lock({_PG_KEY})")
+_PG_UNLOCK = text(f"SELECT pg_advisory_unlock({_PG_KEY})")
 
 
 @dataclass(frozen=True)
@@ -156,7 +158,11 @@ class DatabaseLock:
         conn, self._pg = self._pg, None
         if conn is not None:
             with contextlib.suppress(Exception):
-                # Close the session itself (not back to the pool): that drops the lock.
+                # Unlock at once (the server ends a closed session a moment later), then
+                # close the session itself rather than pool it.
+                conn.execute(_PG_UNLOCK)
+                conn.commit()
+            with contextlib.suppress(Exception):
                 conn.invalidate()
                 conn.close()
         f, self._file = self._file, None
