@@ -32,7 +32,7 @@ from reconciler.plan import Decision
 from reconciler.providers import build_providers
 from reconciler.source import poll_delay, watch_refs
 from reconciler.store import Store, schema_current
-from reconciler.store.holder import DatabaseLock
+from reconciler.store.holder import DatabaseHeld, DatabaseLock
 from reconciler.systemd import SystemdNotifier
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,8 @@ STUCK_SYNC_SECONDS = 300.0
 # The hub wakes the notifier at once; this poll only finds what other processes recorded
 # (a standalone `reconciler sync`), so it can be slow and keep the idle daemon asleep.
 NOTIFY_POLL_SECONDS = 30.0
-# How often the daemon checks that its SQLite file is still the database (one stat).
+# How often the daemon checks that its SQLite file is still the database (one stat) and
+# that its PostgreSQL session still holds the database lock (one SELECT 1).
 DATABASE_CHECK_SECONDS = 5.0
 # How soon a watch that could not start (no repository yet, a vanished folder) tries again.
 WATCH_RETRY_SECONDS = 2.0
@@ -71,6 +72,7 @@ class Daemon:
         self._http: HttpServer | None = None
         self._notifier: Notifier | None = None
         self._held: DatabaseLock | None = None
+        self._fatal: Exception | None = None  # raised by run() once stopped
 
     # ---- what the HTTP API and signals call (reconciler.http.control.Control) -----------
 
@@ -197,6 +199,8 @@ class Daemon:
                 log.warning("event=cancelled_at_stop ids=%s", ",".join(map(str, cancelled)))
             source.close()
             log.info("event=stopped")
+            if self._fatal is not None:
+                raise self._fatal
         finally:
             if self._held is not None:
                 await asyncio.to_thread(self._held.release)
@@ -308,13 +312,23 @@ class Daemon:
             await asyncio.sleep(interval / 2)
 
     async def _database_check_loop(self) -> None:
-        """A SQLite file deleted or replaced underneath goes unnoticed by every query (they
-        write into the unlinked file): look for it, so that it is said (the store logs
-        `event=database_lost` once) and shown in the status line, /readyz and metrics."""
+        """What no query notices: a SQLite file deleted or replaced underneath (queries
+        write into the unlinked file; the store logs `event=database_lost` once, shown in
+        the status line, /readyz and metrics), and a PostgreSQL session that ended and took
+        the database lock with it (taken again if free; if another daemon has it, stop)."""
+        said = False
         while True:
-            if self.store.file_problem() is not None:
+            if not said and self.store.file_problem() is not None:
+                said = True
                 self.sd.status(self._status_line())
-                return
+            if self._held is not None:
+                try:
+                    await asyncio.to_thread(self._held.check, at=utcnow())
+                except DatabaseHeld as exc:
+                    log.error("event=database_lock_lost error=%r", str(exc))
+                    self._fatal = exc
+                    self.stop()
+                    return
             await asyncio.sleep(DATABASE_CHECK_SECONDS)
 
     async def _poll_loop(self) -> None:

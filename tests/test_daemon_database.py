@@ -131,3 +131,35 @@ def test_a_sqlite_file_deleted_under_the_daemon_makes_it_unready_and_says_why(
     finally:
         served.close()
     assert "Traceback" not in served.stderr.read_text()
+
+
+@pytest.mark.postgres
+def test_a_daemon_whose_postgres_lock_was_taken_stops_with_exit_2(
+    tmp_path: Path, pg_url: str
+) -> None:
+    from datetime import UTC, datetime
+
+    from reconciler.store import Store
+    from reconciler.store.holder import DatabaseLock
+    from tests.test_store_holder import _terminate_holders
+
+    world = World(tmp_path)
+    world.config.write_text(world.config.read_text() + f'\n[database]\nurl = "{pg_url}"\n')
+    world.repo.set_env("staging", {"api": "1.0"})
+    daemon = Daemon(world, world.config)
+    store = Store.from_url(pg_url, migrate=False)
+    intruder = DatabaseLock(store.engine)
+    try:
+        wait_for(lambda: _history(world), what="the first deployment")
+        # Its session ends (a server restart, say) and another process is quicker.
+        _terminate_holders(pg_url)
+        intruder.acquire(role="daemon", state_dir="/srv/intruder", at=datetime.now(UTC))
+        code = daemon.proc.wait(30)
+        log = daemon.log()
+        assert code == 2, log
+        assert "event=database_lock_lost" in log and "/srv/intruder" in log.splitlines()[-1]
+        assert "Traceback" not in log
+    finally:
+        daemon.kill()
+        intruder.release()
+        store.close()

@@ -139,3 +139,45 @@ def test_a_release_frees_the_lock_at_once(stores: tuple[Store, Store]) -> None:
         lock = DatabaseLock(store.engine)
         lock.acquire(role="daemon", state_dir="/srv/one", at=AT)
         lock.release()
+
+
+def _terminate_holders(url: str) -> None:
+    """End the server sessions holding advisory locks on this schema's database (what a
+    server restart or an administrator's pg_terminate_backend does)."""
+    engine = create_engine(url, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            conn.execute(
+                text(
+                    # With a timeout, it waits until the session is gone (PostgreSQL 14+).
+                    "SELECT pg_terminate_backend(pid, 5000) FROM pg_locks "
+                    "WHERE locktype = 'advisory' AND pid <> pg_backend_pid() AND objid = "
+                    "(hashtextextended('reconciler-daemon:' || current_database() || '.' "
+                    "|| current_schema(), 0) & 4294967295)::oid"
+                )
+            )
+    finally:
+        engine.dispose()
+
+
+def test_a_lost_postgres_session_is_taken_again_or_reported(pg_url: str) -> None:
+    a, b = Store.from_url(pg_url), Store.from_url(pg_url)
+    lock, other = DatabaseLock(a.engine), DatabaseLock(b.engine)
+    try:
+        lock.acquire(role="daemon", state_dir="/srv/one", at=AT)
+        lock.check(at=AT)  # alive: nothing to do
+        _terminate_holders(pg_url)
+        # Nobody took it meanwhile: the check takes it again, and it keeps others out.
+        lock.check(at=AT)
+        with pytest.raises(DatabaseHeld):
+            other.acquire(role="daemon", state_dir="/srv/two", at=AT)
+        # Lost again, and another process was quicker: the check says who holds it now.
+        _terminate_holders(pg_url)
+        assert _try(other)
+        with pytest.raises(DatabaseHeld, match="/srv/next"):
+            lock.check(at=AT)
+    finally:
+        lock.release()
+        other.release()
+        a.close()
+        b.close()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import socket
 from dataclasses import dataclass
@@ -33,6 +34,8 @@ from reconciler.store.db import write_engine
 from reconciler.store.models import DaemonHolder
 from reconciler.store.rows import aware, table, upsert
 
+log = logging.getLogger(__name__)
+
 _H = table(DaemonHolder)
 _ROW_ID = 1
 
@@ -44,6 +47,7 @@ _PG_KEY = (
 )
 _PG_TRY_LOCK = text(f"SELECT pg_try_advisory_lock({_PG_KEY})")
 _PG_UNLOCK = text(f"SELECT pg_advisory_unlock({_PG_KEY})")
+_PG_ALIVE = text("SELECT 1")
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,7 @@ class DatabaseLock:
         self.engine = engine
         self._pg: Connection | None = None
         self._file: IO[bytes] | None = None
+        self._as: tuple[str, str] | None = None  # (role, state_dir) it was taken as
 
     def _lock_path(self) -> Path | None:
         database = self.engine.url.database
@@ -135,6 +140,34 @@ class DatabaseLock:
         except BaseException:
             self._unlock()
             raise
+        self._as = (role, state_dir)
+
+    def check(self, *, at: datetime) -> None:
+        """Make sure this process still holds the lock; DatabaseHeld if another took it.
+
+        A flock cannot be lost, but a PostgreSQL session can end under the holder (a
+        server restart, a terminated backend) and the lock with it. Then the lock is
+        taken again, if it is still free. A database that does not answer says nothing
+        either way (nobody else can take the lock meanwhile): asked again at the next check.
+        """
+        if self._as is None or self.engine.dialect.name != "postgresql":
+            return
+        conn = self._pg
+        if conn is not None:
+            try:
+                conn.execute(_PG_ALIVE)
+                conn.commit()
+                return
+            except Exception:
+                self._unlock()  # the session is gone, and the lock with it
+        role, state_dir = self._as
+        try:
+            self.acquire(role=role, state_dir=state_dir, at=at)
+        except DatabaseHeld:
+            raise
+        except Exception:
+            return  # the server is still away: try again at the next check
+        log.warning("event=database_lock_regained")
 
     def holder(self) -> Holder | None:
         """Who recorded itself last as the holder (stale if nobody holds the lock now)."""
@@ -147,6 +180,7 @@ class DatabaseLock:
 
     def release(self) -> None:
         """Clear the holder row and drop the lock (idempotent)."""
+        self._as = None
         if self._pg is None and self._file is None:
             return
         # A database that is away loses the row with the lock: nothing to keep.
