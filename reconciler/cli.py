@@ -162,6 +162,7 @@ def run_cmd(ctx: click.Context, log_format: str | None) -> None:
     from reconciler.daemon import MigrationFailed, run_daemon
     from reconciler.http import HttpServerError
     from reconciler.lock import AlreadyRunning
+    from reconciler.store.holder import DatabaseHeld
 
     config = cfg(ctx)
     setup_logging(log_format or "text")
@@ -171,6 +172,8 @@ def run_cmd(ctx: click.Context, log_format: str | None) -> None:
         fail(str(exc), 2)
     except MigrationFailed as exc:
         fail(str(exc), 1)
+    except DatabaseHeld as exc:
+        fail(str(exc), 2)
     except AlreadyRunning as exc:
         pid = exc.args[0]
         fail(

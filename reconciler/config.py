@@ -280,6 +280,12 @@ def load_config(
 
 
 def _check(config: Config, file: Path) -> None:
+    if config.repository.allowed_signers is not None:
+        # Accepting it would apply unsigned commits to an operator who asked for signed ones.
+        raise ConfigError(
+            f"{file}: repository.allowed_signers: signed-commit checks are not supported yet; "
+            "remove the setting (commits are not verified)"
+        )
     if config.daemon.timezone is not None:
         from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 

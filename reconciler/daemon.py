@@ -32,6 +32,7 @@ from reconciler.plan import Decision
 from reconciler.providers import build_providers
 from reconciler.source import poll_delay, watch_refs
 from reconciler.store import Store, schema_current
+from reconciler.store.holder import DatabaseHeld, DatabaseLock
 from reconciler.systemd import SystemdNotifier
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,9 @@ STUCK_SYNC_SECONDS = 300.0
 # The hub wakes the notifier at once; this poll only finds what other processes recorded
 # (a standalone `reconciler sync`), so it can be slow and keep the idle daemon asleep.
 NOTIFY_POLL_SECONDS = 30.0
+# How often the daemon checks that its SQLite file is still the database (one stat) and
+# that its PostgreSQL session still holds the database lock (one SELECT 1).
+DATABASE_CHECK_SECONDS = 5.0
 # How soon a watch that could not start (no repository yet, a vanished folder) tries again.
 WATCH_RETRY_SECONDS = 2.0
 
@@ -67,6 +71,8 @@ class Daemon:
         self._tasks: set[asyncio.Task[None]] = set()
         self._http: HttpServer | None = None
         self._notifier: Notifier | None = None
+        self._held: DatabaseLock | None = None
+        self._fatal: Exception | None = None  # raised by run() once stopped
 
     # ---- what the HTTP API and signals call (reconciler.http.control.Control) -----------
 
@@ -138,6 +144,12 @@ class Daemon:
             if not await asyncio.to_thread(schema_current, store.engine):
                 applied = await migrate_in_child(cfg.database_url)
                 log.info("event=migrated revisions=%s", ",".join(applied) or "-")
+            # One daemon per database: before recovery, which would fail another's runs.
+            held = DatabaseLock(store.engine)
+            await asyncio.to_thread(
+                held.acquire, role="daemon", state_dir=str(cfg.state_dir), at=utcnow()
+            )
+            self._held = held
             source = open_source(cfg)
             engine = self.engine = Engine(
                 cfg, store, source, providers, listener=self.hub.deployment
@@ -159,6 +171,7 @@ class Daemon:
                 loop.add_signal_handler(sig, handler)
             self._spawn(self._sync_loop(), "sync-loop")
             self._spawn(self._watchdog_loop(), "watchdog")
+            self._spawn(self._database_check_loop(), "database-check")
             self._start_polling()
             watching = cfg.repository.watch and source.is_local()
             if watching:
@@ -190,7 +203,11 @@ class Daemon:
                 log.warning("event=cancelled_at_stop ids=%s", ",".join(map(str, cancelled)))
             source.close()
             log.info("event=stopped")
+            if self._fatal is not None:
+                raise self._fatal
         finally:
+            if self._held is not None:
+                await asyncio.to_thread(self._held.release)
             lock.release()
             self.sd.close()
 
@@ -298,6 +315,26 @@ class Daemon:
                 self.sd.watchdog()
             await asyncio.sleep(interval / 2)
 
+    async def _database_check_loop(self) -> None:
+        """What no query notices: a SQLite file deleted or replaced underneath (queries
+        write into the unlinked file; the store logs `event=database_lost` once, shown in
+        the status line, /readyz and metrics), and a PostgreSQL session that ended and took
+        the database lock with it (taken again if free; if another daemon has it, stop)."""
+        said = False
+        while True:
+            if not said and self.store.file_problem() is not None:
+                said = True
+                self.sd.status(self._status_line())
+            if self._held is not None:
+                try:
+                    await asyncio.to_thread(self._held.check, at=utcnow())
+                except DatabaseHeld as exc:
+                    log.error("event=database_lock_lost error=%r", str(exc))
+                    self._fatal = exc
+                    self.stop()
+                    return
+            await asyncio.sleep(DATABASE_CHECK_SECONDS)
+
     async def _poll_loop(self) -> None:
         while True:
             await asyncio.sleep(poll_delay(self.config.repository.poll_interval))
@@ -347,6 +384,8 @@ class Daemon:
             text += f"; {len(engine.invalid)} invalid"
         if self._last_fetch_error:
             text += f"; fetch failing: {self._last_fetch_error}"
+        if self.store.file_problem() is not None:
+            text += "; database file lost: restart"
         return text
 
 

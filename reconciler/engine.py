@@ -165,6 +165,7 @@ class Engine:
             clock=clock,
             interval=config.daemon.drift_interval,
         )
+        self._keeping: asyncio.Task[None] | None = None  # GitSource.keep of the last commit
 
     def reload(self, config: Config, providers: Mapping[str, Provider]) -> None:
         """Take a new configuration (SIGHUP) without touching running deployments: they
@@ -267,6 +268,9 @@ class Engine:
         for err in step.desired.errors:
             log.warning("event=invalid_file error=%r", str(err))
         self.wake(step.effective if old is None or step.full else step.changed)
+        if head != old:  # beside the deployments, which need not wait for it (~30 ms)
+            previous = self._keeping
+            self._keeping = asyncio.create_task(self._keep(head, previous), name="keep")
         errors = [str(e) for e in step.desired.errors]
         return SyncOutcome(sync_id, head, step.result, step.changed, errors)
 
@@ -313,6 +317,8 @@ class Engine:
         assert step.meta is not None and step.desired is not None
         sync_id = self.store.begin_sync(trigger=trigger, seen_at=seen, commit=step.meta)
         self._save_states(step.desired, step.meta.sha)
+        saved = set(self.store.environment_states()) if step.full else set(self.effective)
+        self.store.forget_environment_states(saved - set(step.effective))
         self.store.finish_sync(
             sync_id,
             result=step.result,
@@ -324,6 +330,20 @@ class Engine:
         )
         return sync_id
 
+    async def _keep(self, sha: str, previous: asyncio.Task[None] | None) -> None:
+        """Have the mirror keep what was applied readable (GitSource.keep), in order."""
+        if previous is not None:
+            await previous
+        try:
+            await asyncio.to_thread(self.source.keep, sha)
+        except Exception as exc:  # the next applied commit tries again
+            log.warning("event=keep_failed commit=%s error=%r", sha[:12], str(exc))
+
+    async def kept(self) -> None:
+        """Wait until the mirror keeps the last applied commit (stop, standalone runs)."""
+        if self._keeping is not None:
+            await asyncio.shield(self._keeping)
+
     async def _refuse(self, trigger: str, seen: datetime, head: str, applied: str) -> SyncOutcome:
         """A head that does not descend from the last applied commit (a force push) is not
         applied unless `allow_force_push`; recorded once per refused head."""
@@ -331,6 +351,10 @@ class Engine:
             f"refused {head[:12]}: it does not descend from the last applied commit "
             f"{applied[:12]} (history rewritten); set repository.allow_force_push = true to accept"
         )
+        if self.commit is None and applied:
+            # Just started: what stays in force is what was applied, not nothing.
+            await self._load_applied(applied)
+            self.wake(self.effective)
         log.error("event=sync_refused commit=%s applied=%s", head[:12], applied[:12])
         meta = None
         if message != self._last_error:  # already recorded: no need to read the commit
@@ -416,7 +440,31 @@ class Engine:
         """The desired state of the last synced commit, from the local clone (for `status`)."""
         sha = await asyncio.to_thread(self.store.last_synced_commit)
         if sha is not None:
+            await self._load_applied(sha)
+
+    async def _load_applied(self, sha: str) -> None:
+        """The desired state applied at `sha`: read from the mirror (which keeps it), else,
+        when even the mirror cannot read it (deleted, say), the environment states saved at
+        each sync."""
+        try:
             await self._load_full(sha)
+            return
+        except SourceError as exc:
+            log.warning(
+                "event=applied_commit_unreadable commit=%s error=%r using=saved_states",
+                sha[:12],
+                str(exc),
+            )
+        saved, meta = await asyncio.to_thread(
+            lambda: (self.store.environment_states(), self.store.applied_commit())
+        )
+        self.parsed, self.desired, self.invalid = {}, None, {}
+        self.effective = {
+            name: EnvironmentSpec.model_validate(state.spec) for name, state in saved.items()
+        }
+        self.commit = (
+            meta if meta is not None and meta.sha == sha else CommitMeta(sha, None, None, None)
+        )
 
     async def preview(self) -> None:
         """The desired state at the fetched branch head, recording nothing (for `plan`)."""
@@ -658,6 +706,7 @@ class Engine:
         await self.drift.stop()
         if self.scheduler is not None and self.scheduler.running:
             self.scheduler.shutdown(wait=False)
+        await self.kept()
         for event in self._wake.values():
             event.set()
         tasks = list(self._runners.values())

@@ -21,6 +21,8 @@ from reconciler.lock import AlreadyRunning, StateLock
 from reconciler.plan import Decision
 from reconciler.providers import build_providers
 from reconciler.store import (
+    DatabaseHeld,
+    DatabaseLock,
     DeploymentRecord,
     Store,
     check_schema,
@@ -78,13 +80,24 @@ async def open_engine(
             raise OperationError(_daemon_running(exc.args[0]), code=2) from None
     try:
         store = await asyncio.to_thread(open_store, config, migrate=exclusive)
-        source = open_source(config)
-        engine = Engine(config, store, source, providers, listener=listener)
-        engine.runners_enabled = False
+        held = DatabaseLock(store.engine)
         try:
-            yield engine
+            if exclusive:  # a daemon on another state directory may use this database
+                await asyncio.to_thread(
+                    held.acquire, role="command", state_dir=str(config.state_dir), at=utcnow()
+                )
+            source = open_source(config)
+            engine = Engine(config, store, source, providers, listener=listener)
+            engine.runners_enabled = False
+            try:
+                yield engine
+                await engine.kept()
+            finally:
+                source.close()
+        except DatabaseHeld as exc:
+            raise OperationError(str(exc), code=2) from None
         finally:
-            source.close()
+            await asyncio.to_thread(held.release)
             store.engine.dispose()
     finally:
         lock.release()

@@ -16,16 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.source import (
-    Changes,
-    GitSource,
-    SourceError,
-    _git_env,
-    _is_env_file,
-    _ref_filter,
-    poll_delay,
-    watch_refs,
-)
+from reconciler.source import Changes, GitSource, SourceError, poll_delay, watch_refs
+from reconciler.source.gitcmd import git_env
+from reconciler.source.tree import is_env_file
+from reconciler.source.watch import ref_filter
 
 WAIT = 10.0  # generous: only reached when something is broken
 
@@ -118,11 +112,11 @@ def source(repo: Path | str, tmp_path: Path, path: str = "envs", **kw: object) -
     ],
 )
 def test_is_env_file(relpath: str, expected: bool) -> None:
-    assert _is_env_file(relpath) is expected
+    assert is_env_file(relpath) is expected
 
 
 def test_git_never_prompts() -> None:
-    env = _git_env()
+    env = git_env()
     assert env["GIT_TERMINAL_PROMPT"] == "0"
     assert env["GIT_ASKPASS"] == ""
     assert "BatchMode=yes" in env["GIT_SSH_COMMAND"] or "GIT_SSH_COMMAND" in os.environ
@@ -430,7 +424,7 @@ def test_local_git_dir(work: Path, tmp_path: Path) -> None:
 
 
 def test_ref_filter() -> None:
-    accept = _ref_filter(Path("/r/.git"), "feature/x")
+    accept = ref_filter(Path("/r/.git"), "feature/x")
     assert accept("/r/.git/refs/heads/feature/x")
     assert accept("/r/.git/refs/heads/feature")
     assert accept("/r/.git/packed-refs")
@@ -759,4 +753,56 @@ def test_local_fetch_follows_loose_and_packed_refs_through_shared_objects(
     git(work, "branch", "-q", "-m", "main", "renamed")
     with pytest.raises(SourceError, match="branch 'main' not found"):
         src.fetch()
+    src.close()
+
+
+# -- the applied commit: kept readable by the mirror alone -----------------------------
+
+
+def _rewrite_and_prune(repo: Path) -> str:
+    """A force push that drops every earlier commit, then a gc that deletes them."""
+    git(repo, "checkout", "-q", "--orphan", "rewritten")
+    new = commit(repo, "rewritten", {"envs/staging.yaml": "environment: staging-2\n"})
+    git(repo, "branch", "-q", "-M", "main")
+    git(repo, "reflog", "expire", "--expire=now", "--all")
+    git(repo, "gc", "-q", "--prune=now")
+    return new
+
+
+def test_the_applied_commit_survives_a_rewrite_and_gc_of_the_source(
+    work: Path, tmp_path: Path
+) -> None:
+    url = str(work)  # local: the mirror borrows the source's objects (alternates)
+    src = source(url, tmp_path)
+    applied = src.fetch()
+    src.keep(applied)
+    new = _rewrite_and_prune(work)
+    assert src.fetch() == new  # a refused head still moves the branch of the mirror
+    src.close()
+    # A fresh process (a restart, or `reconciler status`) reads it from the mirror alone.
+    fresh = source(url, tmp_path)
+    assert fresh.commit_info(applied).subject == "initial"
+    loaded = fresh.load(None, applied)
+    assert loaded.files["staging.yaml"] == b"environment: staging\n"
+    assert not fresh.is_ancestor(applied, new)
+    # Keeping the next commit lets the previous one go, and reads the same.
+    fresh.keep(new)
+    assert fresh.load(None, new).files["staging.yaml"] == b"environment: staging-2\n"
+    assert len(list((tmp_path / "state" / "repo.git" / "objects" / "pack").glob("*.pack"))) == 1
+    fresh.close()
+
+
+def test_a_fetch_that_moves_the_head_recycles_the_cat_file_processes(
+    work: Path, tmp_path: Path
+) -> None:
+    """A long-lived `git cat-file` keeps serving objects of packs deleted since (a gc in
+    the source): after a fetch that moves the head, the mirror answers as a restart would."""
+    src = source(work, tmp_path)
+    old = src.fetch()
+    git(work, "gc", "-q")
+    assert src.commit_info(old).subject == "initial"  # starts the persistent processes
+    new = _rewrite_and_prune(work)
+    assert src.fetch() == new
+    with pytest.raises(SourceError, match="unknown commit"):
+        src.commit_info(old)
     src.close()

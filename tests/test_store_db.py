@@ -211,3 +211,46 @@ def test_from_url_migrate_flag(sqlite_url: str, migrate: bool) -> None:
         assert (current_revision(store.engine) is not None) is migrate
     finally:
         store.engine.dispose()
+
+
+def test_a_sqlite_file_deleted_or_replaced_underneath_is_noticed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from reconciler.store import Store, StoreError
+
+    path = tmp_path / "state" / "reconciler.db"
+    store = Store.from_url(f"sqlite:///{path}")
+    replaced = Store.from_url(f"sqlite:///{tmp_path / 'other.db'}")
+    try:
+        store.ping()
+        assert store.file_problem() is None
+        path.unlink()
+        with caplog.at_level("ERROR"):
+            for _ in range(2):
+                with pytest.raises(StoreError, match="was deleted while the daemon runs"):
+                    store.ping()
+        assert [r.getMessage() for r in caplog.records].count(
+            f"event=database_lost path={path} reason=deleted"
+        ) == 1
+        # Replaced by another file at the same path (a restore under a running daemon).
+        replaced.ping()
+        (tmp_path / "other.db").rename(tmp_path / "moved.db")
+        (tmp_path / "moved.db").rename(tmp_path / "other.db")
+        assert replaced.file_problem() is None  # the same file, moved back: still it
+        (tmp_path / "other.db").unlink()
+        Store.from_url(f"sqlite:///{tmp_path / 'other.db'}").close()
+        assert "was replaced" in (replaced.file_problem() or "")
+    finally:
+        store.close()
+        replaced.close()
+
+
+def test_postgres_has_no_file_to_lose(pg_url: str) -> None:
+    from reconciler.store import Store
+
+    store = Store.from_url(pg_url)
+    try:
+        assert store.file_problem() is None
+        store.ping()
+    finally:
+        store.close()

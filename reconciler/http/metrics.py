@@ -79,6 +79,12 @@ class Metrics:
             "Deployments started and not yet ended.",
             registry=registry,
         )
+        self.database_ok = Gauge(
+            "reconciler_database_ok",
+            "0 when the SQLite database file was deleted or replaced under the daemon.",
+            registry=registry,
+        )
+        self.database_ok.set_function(lambda: 0.0 if control.store.file_problem() else 1.0)
         self.webhooks = Counter(
             "reconciler_webhook_requests",
             "Requests to POST /hooks/git, by outcome.",

@@ -12,6 +12,7 @@ from reconciler.store.db import (
     upgrade,
 )
 from reconciler.store.drift import DriftEvent, LiveObservation
+from reconciler.store.holder import DatabaseHeld, DatabaseLock, Holder
 from reconciler.store.records import (
     ACTIVE_STATUSES,
     FAILURE_STATUSES,
@@ -46,10 +47,13 @@ __all__ = [
     "TERMINAL_STATUSES",
     "TRIGGERS",
     "CommitMeta",
+    "DatabaseHeld",
+    "DatabaseLock",
     "DeploymentRecord",
     "DriftEvent",
     "EnvironmentStateRecord",
     "EventRecord",
+    "Holder",
     "LiveObservation",
     "LogLine",
     "NewDeployment",

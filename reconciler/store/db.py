@@ -7,6 +7,9 @@ migrations that live inside this package, configured programmatically (no alembi
 
 from __future__ import annotations
 
+import logging
+import os
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,7 +33,7 @@ _PG_MIGRATION_LOCK = 0x7265636F6E63  # "reconc"
 SQLITE_BUSY_TIMEOUT_MS = 30000
 
 #: The newest migration shipped in this package (tests check it against Alembic's head).
-HEAD_REVISION = "0004"
+HEAD_REVISION = "0005"
 
 
 def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -70,6 +73,68 @@ def make_engine(url: str) -> Engine:
         event.listen(engine, "begin", _sqlite_on_begin)
         return engine
     return create_engine(parsed, pool_pre_ping=True)
+
+
+log = logging.getLogger(__name__)
+
+
+class SQLiteFile:
+    """Notices a SQLite database file deleted or replaced under the running process.
+
+    Connections opened before keep writing into the unlinked inode, so everything written
+    since would be gone at the next start while every query still answers. The identity
+    (device, inode) of the file is taken when the first connection opens it; `problem`
+    compares it with what the path holds now (one ``stat``) and logs the first problem
+    once.
+    """
+
+    def __init__(self, engine: Engine, path: Path) -> None:
+        self.path = path
+        # The file may exist already (migrations opened it): then that is the database.
+        self._identity: tuple[int, int] | None = self._stat()
+        self._problem: str | None = None
+        self._lock = threading.Lock()
+        event.listen(engine, "connect", self._on_connect)
+
+    @classmethod
+    def of(cls, engine: Engine) -> SQLiteFile | None:
+        """For a SQLite file database; None for PostgreSQL or an in-memory database."""
+        url = engine.url
+        database = url.database
+        if url.get_backend_name() != "sqlite" or not database or database == ":memory:":
+            return None
+        if database.startswith("file:"):
+            return None
+        return cls(engine, Path(database).expanduser().absolute())
+
+    def _stat(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino
+
+    def _on_connect(self, _dbapi_connection: Any, _record: Any) -> None:
+        with self._lock:
+            if self._identity is None:
+                self._identity = self._stat()
+
+    def problem(self) -> str | None:
+        """Why the file this process writes to is no longer the database, or None."""
+        with self._lock:
+            if self._problem is not None or self._identity is None:
+                return self._problem
+            now = self._stat()
+            if now == self._identity:
+                return None
+            what = "deleted" if now is None else "replaced"
+            self._problem = (
+                f"the SQLite database file {self.path} was {what} while the daemon runs: "
+                "what it records now is lost at restart; restore the file from a backup "
+                "or restart the daemon"
+            )
+        log.error("event=database_lost path=%s reason=%s", self.path, what)
+        return self._problem
 
 
 def write_engine(engine: Engine) -> Engine:

@@ -20,6 +20,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from reconciler.store.models import Base, DriftEventRow, LiveVersionRow, NotificationCursor
 from reconciler.store.records import NotificationCursorRecord, StoreError
+from reconciler.store.rows import chunks, insert_ignore
 
 _L: Table = Base.metadata.tables[LiveVersionRow.__tablename__]
 _DE: Table = Base.metadata.tables[DriftEventRow.__tablename__]
@@ -88,7 +89,7 @@ class DriftQueries:
             rows.append({name: getattr(obs, name) for name in _COLUMNS})
         keys = ["environment", "service"]
         with self._writer.begin() as conn:
-            for chunk in (rows[i : i + _CHUNK] for i in range(0, len(rows), _CHUNK)):
+            for chunk in chunks(rows, _CHUNK):
                 if conn.dialect.name == "postgresql":
                     pg = postgresql.insert(_L).values(chunk)
                     set_ = {c: pg.excluded[c] for c in _COLUMNS if c not in keys}
@@ -143,13 +144,11 @@ class DriftQueries:
     def start_drift_cursor(self, name: str, *, at: datetime) -> NotificationCursorRecord:
         """The notifier's cursor over `drift_events`, created at their current end if new
         (a first start does not notify old drift). ``last_sync_id`` stays 0."""
-        from reconciler.store.store import _insert_ignore
-
         if at.tzinfo is None:
             raise StoreError("at must be a timezone-aware datetime")
         with self._writer.begin() as conn:
             last = conn.execute(select(func.max(_DE.c.id))).scalar() or 0
-            _insert_ignore(
+            insert_ignore(
                 conn,
                 _NC,
                 {"name": name, "last_event_id": last, "last_sync_id": 0, "updated_at": at},

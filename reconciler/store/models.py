@@ -308,3 +308,17 @@ class DriftEventRow(Base):
     live_version: Mapped[str] = mapped_column(String(128))
     deployed_version: Mapped[str | None] = mapped_column(String(128))
     at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class DaemonHolder(Base):
+    """The process holding the database's deploy lock (one row, id 1): named in the error
+    that a second daemon on the same database stops with."""
+
+    __tablename__ = "daemon_holder"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    role: Mapped[str] = mapped_column(String(32))
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    state_dir: Mapped[str] = mapped_column(Text)
+    since: Mapped[datetime] = mapped_column(UTCDateTime())

@@ -14,10 +14,10 @@ from collections.abc import Collection, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Row, Table, func, insert, select, update
+from sqlalchemy import Connection, Engine, Row, func, insert, select, update
 
+from reconciler.store import rows
 from reconciler.store.models import (
-    Base,
     Deployment,
     DeploymentEvent,
     NotificationCursor,
@@ -34,10 +34,14 @@ from reconciler.store.records import (
     StoreError,
 )
 
-
-def _table(model: type[Base]) -> Table:
-    return Base.metadata.tables[model.__tablename__]
-
+# Shared with the other query modules (rows.py), under the names the queries use.
+_CHUNK = rows.CHUNK
+_aware = rows.aware
+_deployment = rows.deployment_record
+_event = rows.event_record
+_insert_ignore = rows.insert_ignore
+_sync = rows.sync_record
+_table = rows.table
 
 _D = _table(Deployment)
 _E = _table(DeploymentEvent)
@@ -47,14 +51,6 @@ _O = _table(NotificationOutbox)
 
 #: States that make an identical failure notice redundant (see `NewNotification`).
 _SUPPRESSING = ("pending", "delivered")
-#: Values per IN (...) list.
-_CHUNK = 300
-
-
-def _aware(value: datetime, name: str) -> datetime:
-    if value.tzinfo is None or value.utcoffset() is None:
-        raise StoreError(f"{name} must be a timezone-aware datetime")
-    return value
 
 
 def _cursor(row: Row[Any]) -> NotificationCursorRecord:
@@ -106,8 +102,6 @@ class OutboxQueries:
         """The cursor ``name``, created at the current end of the ledger if it is new (a
         first start does not notify the whole history). An unfinished sync at the end is
         left ahead of the cursor, so that its outcome is still seen."""
-        from reconciler.store.store import _insert_ignore
-
         _aware(at, "at")
         with self._writer.begin() as conn:
             last_event = conn.execute(select(func.max(_E.c.id))).scalar() or 0
@@ -141,8 +135,6 @@ class OutboxQueries:
         All event ids are returned (to tell a gap from a filtered row); the events whose
         status is in ``statuses`` come with their deployment record.
         """
-        from reconciler.store.store import _deployment, _event, _sync
-
         wanted_statuses = set(statuses)
         with self.engine.connect() as conn:
             rows = conn.execute(

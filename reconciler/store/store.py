@@ -11,7 +11,7 @@ deployments with the same rules (`_ServiceFold`).
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import lru_cache
@@ -21,9 +21,7 @@ from typing import Any
 from sqlalchemy import (
     Connection,
     Engine,
-    Row,
     Select,
-    Table,
     and_,
     bindparam,
     delete,
@@ -36,12 +34,13 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Row
 from sqlalchemy.exc import IntegrityError
 
-from reconciler.store.db import make_engine, upgrade, write_engine
+from reconciler.store import rows
+from reconciler.store.db import SQLiteFile, make_engine, upgrade, write_engine
 from reconciler.store.drift import DriftQueries
 from reconciler.store.models import (
-    Base,
     Deployment,
     DeploymentEvent,
     DeploymentLog,
@@ -74,14 +73,19 @@ from reconciler.store.records import (
     SyncRecord,
 )
 
-#: Values per IN (...) / OR chunk: stays far below SQLite's bound-variable limit.
-_CHUNK = 300
+# Shared with the other query modules (rows.py), under the names the queries use.
+_aware = rows.aware
+_check = rows.check
+_chunks = rows.chunks
+_deployment = rows.deployment_record
+_event = rows.event_record
+_insert_ignore = rows.insert_ignore
+_sync = rows.sync_record
+_table = rows.table
+_upsert = rows.upsert
+
 #: Rows fetched at a time when scanning one service's deployments backwards.
 _SCAN_PAGE = 64
-
-
-def _table(model: type[Base]) -> Table:
-    return Base.metadata.tables[model.__tablename__]
 
 
 _D = _table(Deployment)
@@ -113,92 +117,6 @@ _FOLD_COLUMNS = (_D.c.id, _D.c.version, _D.c.status, _D.c.trigger, _D.c.complete
 
 def _now() -> datetime:
     return datetime.now(UTC)
-
-
-def _aware(value: datetime, name: str) -> datetime:
-    if value.tzinfo is None or value.utcoffset() is None:
-        raise StoreError(f"{name} must be a timezone-aware datetime")
-    return value
-
-
-def _check(value: str, allowed: Collection[str], what: str) -> None:
-    if value not in allowed:
-        raise StoreError(f"unknown {what} {value!r}; expected one of {', '.join(allowed)}")
-
-
-def _chunks(items: Sequence[Any], size: int = _CHUNK) -> Iterator[Sequence[Any]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
-# --------------------------------------------------------------------------- row mapping
-
-
-def _deployment(
-    row: Row[Any],
-    progress: list[EventRecord] | None = None,
-    log: list[LogLine] | None = None,
-) -> DeploymentRecord:
-    m = row._mapping
-    return DeploymentRecord(
-        id=m["id"],
-        environment=m["environment"],
-        service=m["service"],
-        version=m["version"],
-        previous_version=m["previous_version"],
-        provider=m["provider"],
-        provider_type=m["provider_type"],
-        strategy=m["strategy"],
-        status=m["status"],
-        error_message=m["error_message"],
-        trigger=m["trigger"],
-        commit=m["commit"],
-        commit_author=m["commit_author"],
-        attempt=m["attempt"],
-        timeout_seconds=m["timeout_seconds"],
-        validation=m["validation"],
-        started_at=m["started_at"],
-        completed_at=m["completed_at"],
-        created_at=m["created_at"],
-        params=m["params"],
-        sync_id=m["sync_id"],
-        rollback_of=m["rollback_of"],
-        progress=progress,
-        log=log,
-    )
-
-
-def _event(row: Row[Any]) -> EventRecord:
-    m = row._mapping
-    return EventRecord(
-        id=m["id"],
-        deployment_id=m["deployment_id"],
-        status=m["status"],
-        message=m["message"],
-        percent=m["percent"],
-        details=m["details"] if m["details"] is not None else {},
-        at=m["at"],
-    )
-
-
-def _sync(row: Row[Any]) -> SyncRecord:
-    m = row._mapping
-    return SyncRecord(
-        id=m["id"],
-        trigger=m["trigger"],
-        commit_sha=m["commit_sha"],
-        commit_author=m["commit_author"],
-        commit_time=m["commit_time"],
-        commit_subject=m["commit_subject"],
-        seen_at=m["seen_at"],
-        ended_at=m["ended_at"],
-        result=m["result"],
-        full_load=bool(m["full_load"]),
-        note=m["note"],
-        environments_changed=list(m["environments_changed"] or []),
-        errors=list(m["errors"] or []),
-        error_message=m["error_message"],
-    )
 
 
 #: service_state columns in the order of `ServiceState`'s fields.
@@ -290,37 +208,6 @@ class _ServiceFold:
         }
 
 
-def _insert_ignore(conn: Connection, table: Any, values: dict[str, Any], keys: list[str]) -> None:
-    """INSERT ... ON CONFLICT (keys) DO NOTHING."""
-    if conn.dialect.name == "postgresql":
-        conn.execute(
-            postgresql.insert(table).values(**values).on_conflict_do_nothing(index_elements=keys)
-        )
-    elif conn.dialect.name == "sqlite":
-        conn.execute(
-            sqlite.insert(table).values(**values).on_conflict_do_nothing(index_elements=keys)
-        )
-    else:  # pragma: no cover - only SQLite and PostgreSQL are supported
-        where = [table.c[key] == values[key] for key in keys]
-        if conn.execute(select(*[table.c[key] for key in keys]).where(*where)).first() is None:
-            conn.execute(insert(table).values(**values))
-
-
-def _upsert(conn: Connection, table: Any, values: dict[str, Any], keys: list[str]) -> None:
-    """INSERT ... ON CONFLICT (keys) DO UPDATE SET every other column."""
-    changes = {name: value for name, value in values.items() if name not in keys}
-    if conn.dialect.name == "postgresql":
-        pg = postgresql.insert(table).values(**values)
-        conn.execute(pg.on_conflict_do_update(index_elements=keys, set_=changes))
-    elif conn.dialect.name == "sqlite":
-        lite = sqlite.insert(table).values(**values)
-        conn.execute(lite.on_conflict_do_update(index_elements=keys, set_=changes))
-    else:  # pragma: no cover
-        where = [table.c[key] == values[key] for key in keys]
-        if conn.execute(update(table).where(*where).values(**changes)).rowcount == 0:
-            conn.execute(insert(table).values(**values))
-
-
 _PG_COMPLETED = text(
     "SELECT w.e, w.s, w.v FROM unnest(CAST(:e AS text[]), CAST(:s AS text[]), CAST(:v AS text[]))"
     " AS w(e, s, v) WHERE EXISTS (SELECT 1 FROM deployments AS d WHERE d.environment = w.e"
@@ -395,6 +282,7 @@ class Store(OutboxQueries, DriftQueries):
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._writer = write_engine(engine)
+        self._file = SQLiteFile.of(engine)
 
     @classmethod
     def from_url(cls, url: str, *, migrate: bool = True) -> Store:
@@ -404,9 +292,18 @@ class Store(OutboxQueries, DriftQueries):
         return cls(engine)
 
     def ping(self) -> None:
-        """Raise if the database does not answer (readiness checks)."""
+        """Raise if the database does not answer, or is no longer the file it was (a
+        SQLite file deleted or replaced underneath: readiness checks)."""
+        problem = self.file_problem()
+        if problem is not None:
+            raise StoreError(problem)
         with self.engine.connect() as conn:
             conn.execute(select(literal(1))).scalar_one()
+
+    def file_problem(self) -> str | None:
+        """Why the SQLite file written to is not the database any more (deleted or replaced
+        under the process), or None; always None on PostgreSQL. One ``stat``: cheap."""
+        return self._file.problem() if self._file is not None else None
 
     def close(self) -> None:
         """Close the pooled connections (the store can still be used afterwards)."""
@@ -973,6 +870,28 @@ class Store(OutboxQueries, DriftQueries):
                 )
                 for row in conn.execute(select(_ENV).order_by(_ENV.c.name))
             }
+
+    def forget_environment_states(self, names: Collection[str]) -> None:
+        """Drop the saved desired state of environments that left the repository, so that
+        falling back on the saved states never brings them back."""
+        if not names:
+            return
+        with self._writer.begin() as conn:
+            for chunk in _chunks(sorted(names)):
+                conn.execute(delete(_ENV).where(_ENV.c.name.in_(chunk)))
+
+    def applied_commit(self) -> CommitMeta | None:
+        """The commit of the latest sync that applied, as that sync recorded it."""
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(_S.c.commit_sha, _S.c.commit_author, _S.c.commit_time, _S.c.commit_subject)
+                .where(_S.c.result.in_(SYNC_APPLIED_RESULTS), _S.c.commit_sha.is_not(None))
+                .order_by(_S.c.id.desc())
+                .limit(1)
+            ).first()
+        if row is None:
+            return None
+        return CommitMeta(sha=row[0], author=row[1], time=row[2], subject=row[3])
 
     def record_operator_action(
         self,

@@ -1,0 +1,141 @@
+"""Helpers shared by the store's query modules (`store.py`, `outbox.py`): table lookup,
+argument checks, row → record mapping, and portable INSERT ... ON CONFLICT."""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterator, Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, Row, Table, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from reconciler.store.models import Base
+from reconciler.store.records import (
+    DeploymentRecord,
+    EventRecord,
+    LogLine,
+    StoreError,
+    SyncRecord,
+)
+
+#: Values per IN (...) / OR chunk: stays far below SQLite's bound-variable limit.
+CHUNK = 300
+
+
+def table(model: type[Base]) -> Table:
+    return Base.metadata.tables[model.__tablename__]
+
+
+def aware(value: datetime, name: str) -> datetime:
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise StoreError(f"{name} must be a timezone-aware datetime")
+    return value
+
+
+def check(value: str, allowed: Collection[str], what: str) -> None:
+    if value not in allowed:
+        raise StoreError(f"unknown {what} {value!r}; expected one of {', '.join(allowed)}")
+
+
+def chunks(items: Sequence[Any], size: int = CHUNK) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def deployment_record(
+    row: Row[Any],
+    progress: list[EventRecord] | None = None,
+    log: list[LogLine] | None = None,
+) -> DeploymentRecord:
+    m = row._mapping
+    return DeploymentRecord(
+        id=m["id"],
+        environment=m["environment"],
+        service=m["service"],
+        version=m["version"],
+        previous_version=m["previous_version"],
+        provider=m["provider"],
+        provider_type=m["provider_type"],
+        strategy=m["strategy"],
+        status=m["status"],
+        error_message=m["error_message"],
+        trigger=m["trigger"],
+        commit=m["commit"],
+        commit_author=m["commit_author"],
+        attempt=m["attempt"],
+        timeout_seconds=m["timeout_seconds"],
+        validation=m["validation"],
+        started_at=m["started_at"],
+        completed_at=m["completed_at"],
+        created_at=m["created_at"],
+        params=m["params"],
+        sync_id=m["sync_id"],
+        rollback_of=m["rollback_of"],
+        progress=progress,
+        log=log,
+    )
+
+
+def event_record(row: Row[Any]) -> EventRecord:
+    m = row._mapping
+    return EventRecord(
+        id=m["id"],
+        deployment_id=m["deployment_id"],
+        status=m["status"],
+        message=m["message"],
+        percent=m["percent"],
+        details=m["details"] if m["details"] is not None else {},
+        at=m["at"],
+    )
+
+
+def sync_record(row: Row[Any]) -> SyncRecord:
+    m = row._mapping
+    return SyncRecord(
+        id=m["id"],
+        trigger=m["trigger"],
+        commit_sha=m["commit_sha"],
+        commit_author=m["commit_author"],
+        commit_time=m["commit_time"],
+        commit_subject=m["commit_subject"],
+        seen_at=m["seen_at"],
+        ended_at=m["ended_at"],
+        result=m["result"],
+        full_load=bool(m["full_load"]),
+        note=m["note"],
+        environments_changed=list(m["environments_changed"] or []),
+        errors=list(m["errors"] or []),
+        error_message=m["error_message"],
+    )
+
+
+def insert_ignore(conn: Connection, table: Any, values: dict[str, Any], keys: list[str]) -> None:
+    """INSERT ... ON CONFLICT (keys) DO NOTHING."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(
+            postgresql.insert(table).values(**values).on_conflict_do_nothing(index_elements=keys)
+        )
+    elif conn.dialect.name == "sqlite":
+        conn.execute(
+            sqlite.insert(table).values(**values).on_conflict_do_nothing(index_elements=keys)
+        )
+    else:  # pragma: no cover - only SQLite and PostgreSQL are supported
+        where = [table.c[key] == values[key] for key in keys]
+        if conn.execute(select(*[table.c[key] for key in keys]).where(*where)).first() is None:
+            conn.execute(insert(table).values(**values))
+
+
+def upsert(conn: Connection, table: Any, values: dict[str, Any], keys: list[str]) -> None:
+    """INSERT ... ON CONFLICT (keys) DO UPDATE SET every other column."""
+    changes = {name: value for name, value in values.items() if name not in keys}
+    if conn.dialect.name == "postgresql":
+        pg = postgresql.insert(table).values(**values)
+        conn.execute(pg.on_conflict_do_update(index_elements=keys, set_=changes))
+    elif conn.dialect.name == "sqlite":
+        lite = sqlite.insert(table).values(**values)
+        conn.execute(lite.on_conflict_do_update(index_elements=keys, set_=changes))
+    else:  # pragma: no cover
+        where = [table.c[key] == values[key] for key in keys]
+        if conn.execute(update(table).where(*where).values(**changes)).rowcount == 0:
+            conn.execute(insert(table).values(**values))
