@@ -98,5 +98,10 @@ class Planner:
         self, snapshot: Snapshot, environments: Iterable[str] | None = None
     ) -> list[Decision]:
         envs = None if environments is None else list(environments)
-        recorded = await asyncio.to_thread(self.recorded, snapshot, envs)
-        return self.plan(snapshot, envs, recorded, self.clock())
+        return await asyncio.to_thread(self.decide_now, snapshot, envs, self.clock())
+
+    def decide_now(
+        self, snapshot: Snapshot, environments: list[str] | None, now: datetime
+    ) -> list[Decision]:
+        """Blocking: read the ledger and plan, in one trip to a worker thread."""
+        return self.plan(snapshot, environments, self.recorded(snapshot, environments), now)

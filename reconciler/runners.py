@@ -119,26 +119,38 @@ class Runners:
         first = self.snapshot()
         if services is not None and env in first.effective:
             tried = set(first.effective[env].services) - set(services)
-        while not self.stopping:
-            snap = self.snapshot()
-            if env not in snap.effective or env in snap.invalid:
-                break
-            decisions = await self.planner.decide(snap, [env])
-            due = [
-                d for d in decisions if d.environment == env and d.deploy and d.service not in tried
-            ]
-            if not due:
-                self._schedule_next(env, decisions)
-                break
-            decision = due[0]
-            if once:
-                tried.add(decision.service)
+        # A look without a slot first, so that an environment with nothing due never
+        # queues for one; the decision that counts is taken again once the slot is ours.
+        while not self.stopping and await self._next(env, tried) is not None:
             async with self.slots:
                 if self.stopping:
                     break
-                snap = self.snapshot()
-                done.extend(await self.deploy(_job(snap, snap.effective[env], decision)))
+                step = await self._next(env, tried)
+                if step is None:
+                    break
+                snap, spec, decision = step
+                if once:
+                    tried.add(decision.service)
+                done.extend(await self.deploy(_job(snap, spec, decision)))
         return done
+
+    async def _next(
+        self, env: str, tried: Collection[str]
+    ) -> tuple[Snapshot, EnvironmentSpec, Decision] | None:
+        """The environment's first due action, decided from one snapshot: the deployment
+        uses that snapshot's spec, commit and sync id, never a newer one's. None (and the
+        next wake-up scheduled) when nothing is due: the environment was deleted, is
+        invalid or suspended, its window is closed, or it is in sync."""
+        snap = self.snapshot()
+        spec = snap.effective.get(env)
+        if spec is None or env in snap.invalid:
+            return None
+        decisions = await self.planner.decide(snap, [env])
+        for d in decisions:
+            if d.environment == env and d.deploy and d.service not in tried:
+                return snap, spec, d
+        self._schedule_next(env, decisions)
+        return None
 
     async def deploy(self, job: Job) -> list[DeploymentRecord]:
         """Run a job and, if it fails and the environment says `on_failure: rollback`,
@@ -211,7 +223,7 @@ class Runners:
         if self.scheduler is None or self.stopping:
             return
         self.scheduler.add_job(
-            self.wake,
+            self._scheduled_wake,
             "date",
             run_date=datetime.fromtimestamp(timestamp + 0.05, UTC),
             args=[[env]],
@@ -219,6 +231,12 @@ class Runners:
             replace_existing=True,
             misfire_grace_time=None,
         )
+
+    async def _scheduled_wake(self, environments: list[str]) -> None:
+        """A coroutine, so that APScheduler's asyncio executor runs it on the event loop:
+        a plain function would run on a worker thread, where setting an asyncio event or
+        creating a task is not thread-safe."""
+        self.wake(environments)
 
     async def idle(self) -> None:
         """Wait until no runner has anything to do right now (for tests and standalone runs)."""

@@ -30,7 +30,7 @@ _PG_MIGRATION_LOCK = 0x7265636F6E63  # "reconc"
 SQLITE_BUSY_TIMEOUT_MS = 30000
 
 #: The newest migration shipped in this package (tests check it against Alembic's head).
-HEAD_REVISION = "0002"
+HEAD_REVISION = "0004"
 
 
 def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -181,11 +181,38 @@ def upgrade(engine: Engine) -> list[str]:
     return pending
 
 
+#: SQLite primary result codes worth retrying: another connection holds the lock.
+_SQLITE_TRANSIENT = frozenset({5, 6})  # SQLITE_BUSY, SQLITE_LOCKED
+#: PostgreSQL SQLSTATEs worth retrying besides class 08 (connection exception): the server
+#: shutting down or starting, too many connections, a lock or serialisation conflict.
+_PG_TRANSIENT = frozenset({"57P01", "57P02", "57P03", "53300", "55P03", "40001", "40P01"})
+
+
 def is_transient(exc: BaseException) -> bool:
     """A database error worth retrying: the server is down, restarting or busy (a locked
-    SQLite file), as opposed to a bad statement or a broken invariant."""
-    from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+    SQLite file, a lock timeout), as opposed to a bad statement, a schema that does not
+    match (`no such table`, a column count) or a broken invariant, which retrying for
+    minutes cannot fix. Decided by the driver's error code, not the exception class:
+    sqlite3 raises `OperationalError` for both kinds."""
+    from sqlalchemy.exc import DBAPIError, InterfaceError
 
-    if isinstance(exc, OperationalError | InterfaceError):
+    if not isinstance(exc, DBAPIError):
+        return False
+    if exc.connection_invalidated or isinstance(exc, InterfaceError):
         return True
-    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
+    orig = exc.orig
+    code = getattr(orig, "sqlite_errorcode", None)
+    if isinstance(code, int):
+        return code & 0xFF in _SQLITE_TRANSIENT
+    if type(orig).__module__.startswith("psycopg"):
+        sqlstate = getattr(orig, "sqlstate", None)
+        if sqlstate is None:  # no answer from a server: the connection failed
+            return isinstance(orig, _psycopg_operational())
+        return sqlstate.startswith("08") or sqlstate in _PG_TRANSIENT
+    return False
+
+
+def _psycopg_operational() -> type[BaseException]:
+    import psycopg
+
+    return psycopg.OperationalError

@@ -40,6 +40,7 @@ from sqlalchemy.exc import IntegrityError
 
 from reconciler.store.db import make_engine, upgrade, write_engine
 from reconciler.store.models import (
+    UNFINISHED_SQL,
     Base,
     Deployment,
     DeploymentEvent,
@@ -377,8 +378,10 @@ def _refresh_service_state(conn: Connection, environment: str, service: str) -> 
         if len(rows) < _SCAN_PAGE:
             break
         before = rows[-1][0]
+    # The condition is inlined as the partial index states it (not bound parameters), so
+    # both databases search ix_deployments_running instead of the whole history.
     fold.running_deployment_id = conn.execute(
-        select(func.max(_D.c.id)).where(*where, _D.c.status.in_(_ACTIVE))
+        select(func.max(_D.c.id)).where(*where, text(UNFINISHED_SQL))
     ).scalar()
     conn.execute(update(_SS).where(*key).values(**fold.values()))
 
