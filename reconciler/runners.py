@@ -25,6 +25,7 @@ from reconciler.planning import Planner
 from reconciler.store import DeploymentRecord
 from reconciler.sync import Snapshot
 
+# The engine's logger name, as before the split: operators filter the journal on it.
 log = logging.getLogger("reconciler.engine")
 
 FAILURES = frozenset({"failed", "timed_out"})

@@ -30,6 +30,7 @@ from reconciler.config import Config
 from reconciler.source import Changes, CommitInfo, GitSource, SourceError
 from reconciler.store import CommitMeta, EnvironmentStateRecord, Store
 
+# The engine's logger name, as before the split: operators filter the journal on it.
 log = logging.getLogger("reconciler.engine")
 
 

@@ -198,21 +198,23 @@ def is_transient(exc: BaseException) -> bool:
 
     if not isinstance(exc, DBAPIError):
         return False
-    if exc.connection_invalidated or isinstance(exc, InterfaceError):
+    if exc.connection_invalidated:
         return True
     orig = exc.orig
-    code = getattr(orig, "sqlite_errorcode", None)
-    if isinstance(code, int):
-        return code & 0xFF in _SQLITE_TRANSIENT
-    if type(orig).__module__.startswith("psycopg"):
+    module = type(orig).__module__
+    if module == "sqlite3":
+        code = getattr(orig, "sqlite_errorcode", None)
+        return isinstance(code, int) and code & 0xFF in _SQLITE_TRANSIENT
+    if module.startswith("psycopg"):
         sqlstate = getattr(orig, "sqlstate", None)
-        if sqlstate is None:  # no answer from a server: the connection failed
-            return isinstance(orig, _psycopg_operational())
+        if sqlstate is None:  # no answer from a server: the connection failed or closed
+            return isinstance(orig, _psycopg_connection_errors())
         return sqlstate.startswith("08") or sqlstate in _PG_TRANSIENT
-    return False
+    # Another driver: a socket-level failure or a closed connection.
+    return isinstance(orig, OSError) or isinstance(exc, InterfaceError)
 
 
-def _psycopg_operational() -> type[BaseException]:
+def _psycopg_connection_errors() -> tuple[type[BaseException], ...]:
     import psycopg
 
-    return psycopg.OperationalError
+    return (psycopg.OperationalError, psycopg.InterfaceError)
