@@ -120,6 +120,10 @@ class Engine:
     def commit(self) -> CommitMeta | None:
         return self.snapshot.commit
 
+    @commit.setter
+    def commit(self, commit: CommitMeta | None) -> None:
+        self._replace_snapshot(commit=commit)
+
     @property
     def sync_id(self) -> int | None:
         return self.snapshot.sync_id
