@@ -16,6 +16,7 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from types import MappingProxyType
 
 from desired_state import (
     DesiredState,
@@ -59,6 +60,11 @@ class Snapshot:
     # Valid environments as written; a broken one keeps its last valid desired state.
     effective: Mapping[str, EnvironmentSpec] = field(default_factory=dict)
     invalid: Mapping[str, str] = field(default_factory=dict)  # environment -> first error
+
+    def __post_init__(self) -> None:
+        # Read-only views: a snapshot is shared by every runner that decided from it.
+        for name in ("parsed", "effective", "invalid"):
+            object.__setattr__(self, name, MappingProxyType(dict(getattr(self, name))))
 
 
 @dataclass
