@@ -53,7 +53,8 @@ from _common import (
     write_config,
 )
 
-import reconciler.engine as engine_module
+import reconciler.planning as planning_module
+import reconciler.sync as sync_module
 from desired_state import parse_environment_file
 from reconciler.config import load_config
 from reconciler.engine import Engine, open_source
@@ -98,8 +99,8 @@ class Stopwatch:
 
 WATCH = Stopwatch()
 # Module-level functions the engine calls by name: wrapped once, for every engine.
-engine_module.assemble = WATCH.wrap("assemble", engine_module.assemble)
-engine_module.plan = WATCH.wrap("plan: pure plan()", engine_module.plan)
+sync_module.assemble = WATCH.wrap("assemble", sync_module.assemble)
+planning_module.plan = WATCH.wrap("plan: pure plan()", planning_module.plan)
 
 
 def instrument(engine: Engine) -> Engine:
@@ -107,12 +108,13 @@ def instrument(engine: Engine) -> Engine:
     src.fetch = WATCH.wrap("fetch", src.fetch)  # type: ignore[method-assign]
     src.load = WATCH.wrap("load blobs", src.load)  # type: ignore[method-assign]
     src.commit_info = WATCH.wrap("commit info", src.commit_info)  # type: ignore[method-assign]
-    engine._parse = WATCH.wrap("parse", engine._parse)  # type: ignore[method-assign]
-    engine._effective = WATCH.wrap("effective", engine._effective)  # type: ignore[method-assign]
+    pipeline = engine.pipeline
+    pipeline._parse = WATCH.wrap("parse", pipeline._parse)  # type: ignore[method-assign]
+    pipeline._effective = WATCH.wrap("effective", pipeline._effective)  # type: ignore[method-assign]
     store.begin_sync = WATCH.wrap("record: begin + finish sync", store.begin_sync)  # type: ignore[method-assign]
-    engine._save_states = WATCH.wrap("record: save env states", engine._save_states)  # type: ignore[method-assign]
+    pipeline._save_states = WATCH.wrap("record: save env states", pipeline._save_states)  # type: ignore[method-assign]
     store.finish_sync = WATCH.wrap("record: begin + finish sync", store.finish_sync)  # type: ignore[method-assign]
-    engine.recorded = WATCH.wrap("plan: read recorded state", engine.recorded)  # type: ignore[method-assign]
+    engine.planner.recorded = WATCH.wrap("plan: read recorded state", engine.planner.recorded)  # type: ignore[method-assign]
     engine.wake = lambda environments: None  # type: ignore[method-assign]  # deploy nothing
     return engine
 

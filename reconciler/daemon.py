@@ -63,7 +63,7 @@ class Daemon:
         self.sd = SystemdNotifier()
         self.ready = asyncio.Event()
         self._sync_requested = asyncio.Event()
-        self._trigger = "poll"
+        self._triggers: set[str] = set()  # every reason asked for since the last sync began
         self._stop = asyncio.Event()
         self._sync_started: float | None = None
         self._last_fetch_error: str | None = None
@@ -94,9 +94,10 @@ class Daemon:
         return commit, await self.engine.decisions(envs)
 
     def request_sync(self, trigger: str) -> None:
-        # The strongest reason wins when requests coalesce: it is what the sync records.
-        if not self._sync_requested.is_set() or trigger in ("manual", "webhook", "watch"):
-            self._trigger = trigger
+        # Requests coalesce into one sync, but none is forgotten: the set of reasons is
+        # kept, the sync records the strongest, and an operator's (or a reload's) wakes
+        # every environment even when a commit's request came in after it.
+        self._triggers.add(trigger)
         self._sync_requested.set()
 
     async def retry(self, environment: str, service: str) -> None:
@@ -273,7 +274,8 @@ class Daemon:
         while True:
             await self._sync_requested.wait()
             self._sync_requested.clear()
-            trigger = self._trigger
+            triggers, self._triggers = self._triggers, set()
+            trigger = strongest(triggers)
             self._sync_started = time.monotonic()
             try:
                 outcome = await self.engine.sync(trigger)
@@ -283,7 +285,8 @@ class Daemon:
                 )
                 await asyncio.sleep(retry)
                 retry = min(retry * 2, 60.0)
-                self.request_sync(trigger)
+                for again in triggers:
+                    self.request_sync(again)
                 continue
             finally:
                 self._sync_started = None
@@ -293,7 +296,7 @@ class Daemon:
                     self.ready.set()
                     self.sd.ready(self._status_line())
                     log.info("event=ready commit=%s", (outcome.commit or "")[:12])
-                if trigger in ("manual", "reload"):
+                if triggers & WAKE_ALL:
                     self.engine.wake(self.engine.effective)
             elif not self.ready.is_set():
                 # Until the first fetch works there is nothing to reconcile: keep trying.
@@ -387,6 +390,18 @@ class Daemon:
         if self.store.file_problem() is not None:
             text += "; database file lost: restart"
         return text
+
+
+#: Which reason a coalesced sync records, strongest first: what someone asked for beats
+#: what a commit caused, which beats a routine look.
+TRIGGER_STRENGTH = ("manual", "webhook", "watch", "reload", "startup", "poll")
+#: Reasons that wake every environment, not only those whose desired state changed: an
+#: operator's sync (a resumed environment, a retry) and a reload (new settings).
+WAKE_ALL = frozenset({"manual", "reload"})
+
+
+def strongest(triggers: set[str]) -> str:
+    return min(triggers, key=lambda t: TRIGGER_STRENGTH.index(t) if t in TRIGGER_STRENGTH else 99)
 
 
 class MigrationFailed(Exception):

@@ -33,7 +33,7 @@ _PG_MIGRATION_LOCK = 0x7265636F6E63  # "reconc"
 SQLITE_BUSY_TIMEOUT_MS = 30000
 
 #: The newest migration shipped in this package (tests check it against Alembic's head).
-HEAD_REVISION = "0005"
+HEAD_REVISION = "0006"
 
 
 def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -246,11 +246,40 @@ def upgrade(engine: Engine) -> list[str]:
     return pending
 
 
+#: SQLite primary result codes worth retrying: another connection holds the lock.
+_SQLITE_TRANSIENT = frozenset({5, 6})  # SQLITE_BUSY, SQLITE_LOCKED
+#: PostgreSQL SQLSTATEs worth retrying besides class 08 (connection exception): the server
+#: shutting down or starting, too many connections, a lock or serialisation conflict.
+_PG_TRANSIENT = frozenset({"57P01", "57P02", "57P03", "53300", "55P03", "40001", "40P01"})
+
+
 def is_transient(exc: BaseException) -> bool:
     """A database error worth retrying: the server is down, restarting or busy (a locked
-    SQLite file), as opposed to a bad statement or a broken invariant."""
-    from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+    SQLite file, a lock timeout), as opposed to a bad statement, a schema that does not
+    match (`no such table`, a column count) or a broken invariant, which retrying for
+    minutes cannot fix. Decided by the driver's error code, not the exception class:
+    sqlite3 raises `OperationalError` for both kinds."""
+    from sqlalchemy.exc import DBAPIError, InterfaceError
 
-    if isinstance(exc, OperationalError | InterfaceError):
+    if not isinstance(exc, DBAPIError):
+        return False
+    if exc.connection_invalidated:
         return True
-    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
+    orig = exc.orig
+    module = type(orig).__module__
+    if module == "sqlite3":
+        code = getattr(orig, "sqlite_errorcode", None)
+        return isinstance(code, int) and code & 0xFF in _SQLITE_TRANSIENT
+    if module.startswith("psycopg"):
+        sqlstate = getattr(orig, "sqlstate", None)
+        if sqlstate is None:  # no answer from a server: the connection failed or closed
+            return isinstance(orig, _psycopg_connection_errors())
+        return sqlstate.startswith("08") or sqlstate in _PG_TRANSIENT
+    # Another driver: a socket-level failure or a closed connection.
+    return isinstance(orig, OSError) or isinstance(exc, InterfaceError)
+
+
+def _psycopg_connection_errors() -> tuple[type[BaseException], ...]:
+    import psycopg
+
+    return (psycopg.OperationalError, psycopg.InterfaceError)

@@ -22,8 +22,11 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from reconciler.store.records import ACTIVE_STATUSES
 
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -32,6 +35,11 @@ NAMING_CONVENTION = {
     "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
     "pk": "pk_%(table_name)s",
 }
+
+#: A deployment not finished yet, as SQL: the condition of the partial index
+#: ix_deployments_running, and of the query that uses it (written the same way: SQLite uses
+#: a partial index only when the query repeats its condition).
+UNFINISHED_SQL = "status IN (" + ", ".join(f"'{s}'" for s in sorted(ACTIVE_STATUSES)) + ")"
 
 #: 64-bit ids on PostgreSQL; on SQLite an INTEGER PRIMARY KEY is the (64-bit) rowid.
 BigId = BigInteger().with_variant(Integer(), "sqlite")
@@ -135,6 +143,16 @@ class Deployment(Base):
         Index("ix_deployments_created_at", "created_at"),
         Index("ix_deployments_sync_id", "sync_id"),
         Index("ix_deployments_rollback_of", "rollback_of"),
+        # The running look-up of every status write: unfinished deployments only
+        # (migration 0006).
+        Index(
+            "ix_deployments_running",
+            "environment",
+            "service",
+            "id",
+            sqlite_where=text(UNFINISHED_SQL),
+            postgresql_where=text(UNFINISHED_SQL),
+        ),
     )
 
 

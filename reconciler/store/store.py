@@ -41,6 +41,7 @@ from reconciler.store import rows
 from reconciler.store.db import SQLiteFile, make_engine, upgrade, write_engine
 from reconciler.store.drift import DriftQueries
 from reconciler.store.models import (
+    UNFINISHED_SQL,
     Deployment,
     DeploymentEvent,
     DeploymentLog,
@@ -265,8 +266,10 @@ def _refresh_service_state(conn: Connection, environment: str, service: str) -> 
         if len(rows) < _SCAN_PAGE:
             break
         before = rows[-1][0]
+    # The condition is inlined as the partial index states it (not bound parameters), so
+    # both databases search ix_deployments_running instead of the whole history.
     fold.running_deployment_id = conn.execute(
-        select(func.max(_D.c.id)).where(*where, _D.c.status.in_(_ACTIVE))
+        select(func.max(_D.c.id)).where(*where, text(UNFINISHED_SQL))
     ).scalar()
     conn.execute(update(_SS).where(*key).values(**fold.values()))
 

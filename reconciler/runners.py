@@ -1,0 +1,263 @@
+"""The runner pool: one task per environment, `max_parallel` slots, and the jobs they run.
+
+Each environment has one runner task that asks the planner for the next action and runs
+it, so inside an environment one deployment runs at a time, in file order, and a commit
+storm coalesces into "deploy the newest version" (the runner always plans from the latest
+snapshot). A semaphore bounds how many environments deploy at once. APScheduler only
+decides *when* to look again (retry backoff, windows opening); the runners decide
+*whether*.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Collection, Iterable
+from dataclasses import replace
+from datetime import UTC, datetime
+
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+from desired_state import EnvironmentSpec
+from reconciler.executor import Executor, Job
+from reconciler.plan import Decision
+from reconciler.planning import Planner
+from reconciler.store import DeploymentRecord
+from reconciler.sync import Snapshot
+
+# The engine's logger name, as before the split: operators filter the journal on it.
+log = logging.getLogger("reconciler.engine")
+
+FAILURES = frozenset({"failed", "timed_out"})
+
+
+class Runners:
+    def __init__(
+        self,
+        executor: Executor,
+        planner: Planner,
+        snapshot: Callable[[], Snapshot],
+        *,
+        max_parallel: int,
+    ) -> None:
+        self.executor = executor
+        self.planner = planner
+        self.snapshot = snapshot  # the latest synced desired state
+        self.slots = asyncio.Semaphore(max_parallel)
+        self.max_parallel = max_parallel
+        self.stopping = False
+        # Standalone commands drain environments themselves: no background runners.
+        self.enabled = True
+        self.scheduler: AsyncIOScheduler | None = None
+        self.wakes: dict[str, asyncio.Event] = {}
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+        self.deploying: dict[str, DeploymentRecord] = {}
+        self._active: set[str] = set()  # environments whose runner is awake
+        self._env_locks: dict[str, asyncio.Lock] = {}  # one deployment at a time per environment
+        self._idle = asyncio.Event()
+        self._idle.set()
+        # Told when a run of (environment, service) ends, whatever its outcome (the drift
+        # monitor reads that service's live version again).
+        self.on_run_ended: Callable[[str, str], None] | None = None
+
+    def resize(self, max_parallel: int) -> None:
+        if max_parallel != self.max_parallel:
+            # Running deployments release the old semaphore; new ones take the new one.
+            self.slots = asyncio.Semaphore(max_parallel)
+            self.max_parallel = max_parallel
+
+    def queue_depth(self) -> int:
+        """Environments with work due now or running."""
+        return sum(1 for env, e in self.wakes.items() if e.is_set() or env in self._active)
+
+    def wake(self, environments: Iterable[str]) -> None:
+        for env in environments:
+            if self.stopping or not self.enabled:
+                return
+            event = self.wakes.get(env)
+            if event is None:
+                event = self.wakes[env] = asyncio.Event()
+                self.tasks[env] = asyncio.get_running_loop().create_task(
+                    self._runner(env), name=f"runner:{env}"
+                )
+            event.set()
+            self._idle.clear()
+
+    async def _runner(self, env: str) -> None:
+        event = self.wakes[env]
+        while not self.stopping:
+            await event.wait()
+            event.clear()
+            if self.stopping:
+                return
+            self._active.add(env)
+            try:
+                await self.drain(env)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the store was unreachable, say: try again at the next wake
+                log.exception("event=runner_error environment=%s", env)
+                backoff = self.planner.settings.retry_backoff
+                self._schedule_wake(env, self.planner.clock().timestamp() + backoff)
+            finally:
+                self._active.discard(env)
+                if not self._active and not any(e.is_set() for e in self.wakes.values()):
+                    self._idle.set()
+
+    async def drain(
+        self, env: str, *, once: bool = False, services: Collection[str] | None = None
+    ) -> list[DeploymentRecord]:
+        """Run this environment's due actions one at a time until none is due.
+
+        `once`: each service at most one attempt (a standalone `sync` pass).
+        `services`: only these services (an operator's `sync --service`).
+        """
+        async with self._env_locks.setdefault(env, asyncio.Lock()):
+            return await self._drain(env, once, services)
+
+    async def _drain(
+        self, env: str, once: bool, services: Collection[str] | None
+    ) -> list[DeploymentRecord]:
+        done: list[DeploymentRecord] = []
+        tried: set[str] = set()
+        first = self.snapshot()
+        if services is not None and env in first.effective:
+            tried = set(first.effective[env].services) - set(services)
+        # A look without a slot first, so that an environment with nothing due never
+        # queues for one; the decision that counts is taken again once the slot is ours.
+        while not self.stopping and await self._next(env, tried) is not None:
+            async with self.slots:
+                if self.stopping:
+                    break
+                step = await self._next(env, tried)
+                if step is None:
+                    break
+                snap, spec, decision = step
+                if once:
+                    tried.add(decision.service)
+                done.extend(await self.deploy(_job(snap, spec, decision)))
+        return done
+
+    async def _next(
+        self, env: str, tried: Collection[str]
+    ) -> tuple[Snapshot, EnvironmentSpec, Decision] | None:
+        """The environment's first due action, decided from one snapshot: the deployment
+        uses that snapshot's spec, commit and sync id, never a newer one's. None (and the
+        next wake-up scheduled) when nothing is due: the environment was deleted, is
+        invalid or suspended, its window is closed, or it is in sync."""
+        snap = self.snapshot()
+        spec = snap.effective.get(env)
+        if spec is None or env in snap.invalid:
+            return None
+        decisions = await self.planner.decide(snap, [env])
+        for d in decisions:
+            if d.environment == env and d.deploy and d.service not in tried:
+                return snap, spec, d
+        self._schedule_next(env, decisions)
+        return None
+
+    async def deploy(self, job: Job) -> list[DeploymentRecord]:
+        """Run a job and, if it fails and the environment says `on_failure: rollback`,
+        deploy the previous version (SPEC §4 rule 6). Returns every record it made."""
+        rec = await self.run_job(job)
+        out = [rec]
+        previous = job.previous_version
+        if (
+            rec.status in FAILURES
+            and job.spec.on_failure == "rollback"
+            and previous is not None
+            and previous != job.version
+            and job.trigger != "rollback"
+            and not self.stopping
+        ):
+            back = replace(
+                job,
+                version=previous,
+                previous_version=job.version,
+                trigger="rollback",
+                attempt=1,
+                rollback_of=rec.id,
+            )
+            rb = await self.run_job(back)
+            out.append(rb)
+            if rb.status == "completed" and rec.status == "failed":
+                out[0] = await self.executor.mark_rolled_back(
+                    rec, f"rolled back to {previous} by deployment {rb.id}"
+                )
+        return out
+
+    async def run_job(self, job: Job) -> DeploymentRecord:
+        rec = await self.executor.create(job)
+        self.deploying[job.environment] = rec
+        log.info(
+            "event=deployment_started id=%d environment=%s service=%s version=%s trigger=%s attempt=%d",
+            rec.id,
+            job.environment,
+            job.service,
+            job.version,
+            job.trigger,
+            job.attempt,
+        )
+        try:
+            final = await self.executor.run(job, rec)
+        finally:
+            self.deploying.pop(job.environment, None)
+            if self.on_run_ended is not None:
+                self.on_run_ended(job.environment, job.service)
+        level = logging.INFO if final.status == "completed" else logging.WARNING
+        log.log(
+            level,
+            "event=deployment_ended id=%d environment=%s service=%s version=%s status=%s%s",
+            final.id,
+            job.environment,
+            job.service,
+            job.version,
+            final.status,
+            f" error={final.error_message!r}" if final.error_message else "",
+        )
+        if final.status == "completed":
+            effective = self.snapshot().effective
+            self.wake(e for e, s in effective.items() if job.environment in s.depends_on)
+        return final
+
+    def _schedule_next(self, env: str, decisions: list[Decision]) -> None:
+        times = [d.not_before for d in decisions if d.not_before is not None]
+        if times:
+            self._schedule_wake(env, min(times).timestamp())
+
+    def _schedule_wake(self, env: str, timestamp: float) -> None:
+        if self.scheduler is None or self.stopping:
+            return
+        self.scheduler.add_job(
+            self._scheduled_wake,
+            "date",
+            run_date=datetime.fromtimestamp(timestamp + 0.05, UTC),
+            args=[[env]],
+            id=f"wake:{env}",
+            replace_existing=True,
+            misfire_grace_time=None,
+        )
+
+    async def _scheduled_wake(self, environments: list[str]) -> None:
+        """A coroutine, so that APScheduler's asyncio executor runs it on the event loop:
+        a plain function would run on a worker thread, where setting an asyncio event or
+        creating a task is not thread-safe."""
+        self.wake(environments)
+
+    async def idle(self) -> None:
+        """Wait until no runner has anything to do right now (for tests and standalone runs)."""
+        await self._idle.wait()
+
+
+def _job(snapshot: Snapshot, spec: EnvironmentSpec, d: Decision) -> Job:
+    assert d.desired is not None and d.trigger is not None
+    return Job(
+        spec=spec,
+        service=d.service,
+        version=d.desired,
+        previous_version=d.deployed,
+        trigger=d.trigger,
+        attempt=d.attempt,
+        commit=snapshot.commit,
+        sync_id=snapshot.sync_id,
+    )
