@@ -244,7 +244,7 @@ class _AwayAtTheEnd(Store):
                 cls.refused_late.set()
             self.refused.set()
             raise OperationalError(
-                "UPDATE deployments", {}, Exception("server closed the connection")
+                "UPDATE deployments", {}, ConnectionResetError("server closed the connection")
             )
         return super().set_status(deployment_id, status, **kwargs)
 
