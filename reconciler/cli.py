@@ -18,11 +18,12 @@ from typing import Any, NoReturn, TypeVar
 import click
 from sqlalchemy.exc import SQLAlchemyError
 
-from desired_state import DesiredState, json_schema, load_directory
+from desired_state import DesiredState, json_schema, load_directory, one_line
 from reconciler import operations as ops
 from reconciler.config import Config, ConfigError, config_path, load_config
 from reconciler.executor import DeploymentEvent, Listener
 from reconciler.logs import setup_logging
+from reconciler.numbers import OutOfRange, parse_int
 from reconciler.output import (
     DEPLOYMENT_COLUMNS,
     decisions_table,
@@ -39,7 +40,8 @@ T = TypeVar("T")
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
-    click.echo(f"reconciler: {message}", err=True)
+    """Every error the CLI prints goes through here: one line, whatever it quotes."""
+    click.echo(f"reconciler: {one_line(message)}", err=True)
     sys.exit(code)
 
 
@@ -49,6 +51,12 @@ class Group(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except click.ClickException as exc:
+            # A usage mistake: the same one line as every other error (click's own display
+            # spans four, and would print a newline the user typed as it is).
+            where = exc.ctx.command_path if isinstance(exc, click.UsageError) and exc.ctx else ""
+            hint = f" (see '{where} --help')" if where else ""
+            fail(exc.format_message() + hint, exc.exit_code)
         except ConfigError as exc:
             fail(str(exc), 2)
         except ops.OperationError as exc:
@@ -71,7 +79,6 @@ class Group(click.Group):
             sys.exit(1)
         except (
             click.exceptions.Exit,
-            click.ClickException,
             click.Abort,
             SystemExit,
             KeyboardInterrupt,
@@ -154,7 +161,8 @@ def _progress_printer() -> Listener:
     def show(ev: DeploymentEvent) -> None:
         pct = f"{ev.percent:>3}% " if ev.percent is not None else ""
         where = f"{ev.environment}/{ev.service} {ev.version}"
-        click.echo(f"  #{ev.deployment_id} {where} {ev.status}: {pct}{ev.message}", err=True)
+        line = f"  #{ev.deployment_id} {where} {ev.status}: {pct}{ev.message}"
+        click.echo(one_line(line), err=True)
 
     return show
 
@@ -350,15 +358,23 @@ def history_cmd(
 
 
 @main.command("show")
-@click.argument("deployment_id", type=int)
+@click.argument("deployment_id")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def show_cmd(ctx: click.Context, deployment_id: int, as_json: bool) -> None:
+def show_cmd(ctx: click.Context, deployment_id: str, as_json: bool) -> None:
     """One deployment, its progress timeline and log."""
+    try:
+        dep_id = parse_int(deployment_id.strip(), low=1)
+    except OutOfRange:
+        fail(f"no deployment {deployment_id.strip()}")  # no id that large (or small) exists
+    except ValueError:
+        raise click.BadParameter(
+            f"'{deployment_id}' is not a deployment id", param_hint="DEPLOYMENT_ID"
+        ) from None
     store = ops.open_store(cfg(ctx), migrate=False)
-    record = store.get_deployment(deployment_id, with_progress=True, with_log=True)
+    record = store.get_deployment(dep_id, with_progress=True, with_log=True)
     if record is None:
-        fail(f"no deployment {deployment_id}")
+        fail(f"no deployment {dep_id}")
     if as_json:
         print_json(record.to_json())
     else:

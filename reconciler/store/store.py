@@ -38,6 +38,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 
+from desired_state import one_line
 from reconciler.store.db import make_engine, upgrade, write_engine
 from reconciler.store.models import (
     Base,
@@ -77,6 +78,11 @@ from reconciler.store.records import (
 _CHUNK = 300
 #: Rows fetched at a time when scanning one service's deployments backwards.
 _SCAN_PAGE = 64
+
+
+def _one_line(text: str | None) -> str | None:
+    """Messages in records stay one line: they are printed in tables, logs and CSV."""
+    return None if text is None else one_line(text)
 
 
 def _table(model: type[Base]) -> Table:
@@ -456,7 +462,7 @@ class Store(OutboxQueries):
                     errors=[dict(error) for error in errors],
                     full_load=full_load,
                     note=note,
-                    error_message=error_message,
+                    error_message=_one_line(error_message),
                 )
             ).rowcount
             if changed == 0:
@@ -554,9 +560,9 @@ class Store(OutboxQueries):
                 deployment_id,
                 status,
                 at=at,
-                error_message=error_message,
+                error_message=_one_line(error_message),
                 validation=validation,
-                message=message,
+                message=_one_line(message),
             )
 
     def _set_status(
@@ -628,7 +634,7 @@ class Store(OutboxQueries):
                     insert(_E).values(
                         deployment_id=deployment_id,
                         status=status,
-                        message=message,
+                        message=one_line(message),
                         percent=percent,
                         details=dict(details or {}),
                         at=_aware(at, "at"),
