@@ -318,7 +318,7 @@ def _since(value: str | None) -> datetime | None:
     try:
         return parse_since(value)
     except ValueError:
-        raise click.BadParameter(f"use {SINCE_HELP}") from None
+        raise click.BadParameter(f"use {SINCE_HELP}", param_hint="--since") from None
 
 
 @main.command("history")
