@@ -214,8 +214,8 @@ def _param_problems(params: dict[str, Any], env_names: bool) -> list[Problem]:
                 )
             )
             continue
+        variable = _variable(key)
         if env_names:
-            variable = key.upper().replace("-", "_")
             other = variables.setdefault(variable, key)
             if other != key:
                 out.append(
@@ -243,8 +243,40 @@ def _raise_problems(kind: str, problems: list[Problem]) -> None:
         raise _error(kind, problems[0][1], problems=problems)
 
 
+# Valid param keys seen so far whose RECONCILER_PARAM_ name no other key seen shares. Keys
+# repeat across services and files: this keeps the check out of a large load's time.
+_KNOWN_KEYS: set[str] = set()
+_KEY_OF_VARIABLE: dict[str, str] = {}
+
+
+def _variable(key: str) -> str:
+    variable = key.upper().replace("-", "_")
+    if len(_KEY_OF_VARIABLE) < 10_000:
+        other = _KEY_OF_VARIABLE.setdefault(variable, key)
+        if other == key:
+            _KNOWN_KEYS.add(key)
+        else:
+            _KNOWN_KEYS.discard(other)
+    return variable
+
+
+def _plainly_fine(params: dict[str, Any]) -> bool:
+    """The common case at a glance: known keys with plain text, short in all.
+
+    True implies :func:`_param_problems` finds nothing (the size bound here is stricter)."""
+    known = _KNOWN_KEYS
+    size = 0
+    for key, value in params.items():
+        if key not in known or value.__class__ is not str or not value.isascii():
+            return False
+        if "\x00" in value:
+            return False
+        size += len(key) + len(value)
+    return size <= MAX_PARAM_BYTES
+
+
 def _check_params(value: dict[str, Any]) -> dict[str, Any]:
-    if value:
+    if value and not _plainly_fine(value):
         _raise_problems("params", _param_problems(value, env_names=True))
     return value
 
@@ -426,15 +458,11 @@ class Service(BaseModel):
         description="the version to deploy; always read as text (1.10 is '1.10')",
         examples=["1.4.2"],
     )
-    params: Annotated[dict[str, Any], _none_as(dict)] = Field(
+    params: Annotated[dict[str, Any], _none_as(dict), AfterValidator(_check_params)] = Field(
         default_factory=dict,
         description="provider-specific parameters, checked by the provider",
     )
 
-    @field_validator("params")
-    @classmethod
-    def _bounded_params(cls, value: dict[str, Any]) -> dict[str, Any]:
-        return _check_params(value)
 
 
 class EnvironmentSpec(BaseModel):

@@ -433,3 +433,40 @@ def test_a_records_error_message_is_one_line(tmp_path):
     shown = world.cli("show", str(record["id"]), check=True).stdout
     error_line = next(line for line in shown.splitlines() if "exit status 4" in line)
     assert error_line.endswith("bad\\rworse\\x1b[2J")
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_http_numbers_beyond_the_database_are_4xx_not_500(tmp_path, anyio_backend):
+    from tests.test_http import make_config, start
+
+    h = await start(tmp_path, make_config(tmp_path))
+    try:
+        rec = h.deploy()
+        huge = str(MAX_ID + 1)
+        for path in (f"/api/v1/deployments/{huge}", f"/api/v1/deployments/{'9' * 5000}"):
+            r = await h.client.get(path)
+            assert r.status_code == 404 and r.json()["error"].startswith("no deployment 9")
+        r = await h.client.get(f"/api/v1/deployments/{huge}/events")
+        assert r.status_code == 404
+        cases = [
+            ({"before": huge}, f"parameter 'before' must be at most {MAX_ID}"),
+            ({"before": "²"}, "parameter 'before' must be an integer"),
+            ({"limit": "9" * 5000}, "parameter 'limit' must be between 1 and 1000"),
+            ({"since": "99999999999d"}, "parameter 'since' must be a time"),
+            ({"since": "0001-01-01T00:00:00+14:00"}, "parameter 'since' must be a time"),
+        ]
+        for params, expected in cases:
+            r = await h.client.get("/api/v1/deployments", params=params)
+            assert r.status_code == 400, (params, r.text)
+            assert r.json()["error"].startswith(expected), r.json()
+        r = await h.client.get("/api/v1/deployments", params={"before": str(MAX_ID)})
+        assert r.status_code == 200 and [d["id"] for d in r.json()] == [rec.id]
+        for last in (huge.encode(), "²".encode("latin-1")):
+            r = await h.client.get(
+                f"/api/v1/deployments/{rec.id}/events", headers={"Last-Event-ID": last}
+            )
+            assert r.status_code == 400 and "Last-Event-ID" in r.json()["error"]
+    finally:
+        await h.client.aclose()
+        await h.server.stop()

@@ -97,7 +97,12 @@ def _int(params: dict[str, str], name: str, *, low: int, high: int = MAX_ID) -> 
     try:
         return parse_int(raw, low=low, high=high)
     except OutOfRange:
-        bound = f"between {low} and {high}" if high != MAX_ID else f"at least {low}"
+        if high != MAX_ID:
+            bound = f"between {low} and {high}"
+        elif raw.startswith("-") or not raw.strip("+0"):  # below low (low is 0 or 1 here)
+            bound = f"at least {low}"
+        else:
+            bound = f"at most {high}"
         raise BadRequest(f"parameter '{name}' must be {bound}") from None
     except ValueError:
         raise BadRequest(f"parameter '{name}' must be an integer, not '{raw[:40]}'") from None
