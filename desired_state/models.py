@@ -464,7 +464,6 @@ class Service(BaseModel):
     )
 
 
-
 class EnvironmentSpec(BaseModel):
     """One environment file: which version of each service runs in one environment."""
 
