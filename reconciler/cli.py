@@ -45,18 +45,42 @@ def fail(message: str, code: int = 1) -> NoReturn:
     sys.exit(code)
 
 
+# `reconciler` alone shows the help, which click >= 8.2 raises as a usage error.
+_HELP_ERRORS: tuple[type[Exception], ...] = tuple(
+    t for t in (getattr(click.exceptions, "NoArgsIsHelpError", None),) if t is not None
+)
+
+
+def usage_failure(exc: click.ClickException) -> NoReturn:
+    """A usage mistake: the same one line as every other error (click's own display spans
+    four, and would print a newline the user typed as it is)."""
+    if isinstance(exc, _HELP_ERRORS):
+        raise exc
+    where = exc.ctx.command_path if isinstance(exc, click.UsageError) and exc.ctx else ""
+    hint = f" (see '{where} --help')" if where else ""
+    fail(exc.format_message() + hint, exc.exit_code)
+
+
 class Group(click.Group):
     """Turns every expected failure into one line on stderr and the SPEC's exit status."""
+
+    def make_context(
+        self,
+        info_name: str | None,
+        args: list[str],
+        parent: click.Context | None = None,
+        **extra: Any,
+    ) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except click.ClickException as exc:
+            usage_failure(exc)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except click.ClickException as exc:
-            # A usage mistake: the same one line as every other error (click's own display
-            # spans four, and would print a newline the user typed as it is).
-            where = exc.ctx.command_path if isinstance(exc, click.UsageError) and exc.ctx else ""
-            hint = f" (see '{where} --help')" if where else ""
-            fail(exc.format_message() + hint, exc.exit_code)
+            usage_failure(exc)
         except ConfigError as exc:
             fail(str(exc), 2)
         except ops.OperationError as exc:

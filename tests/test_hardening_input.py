@@ -262,9 +262,10 @@ def test_a_fifo_or_device_named_yaml_is_not_opened(tmp_path):
 
 def test_messages_quote_at_most_a_short_part_of_a_value():
     value = "s" * 5000
-    parsed = parse_environment_file("env.yaml", f"environment: {value}\nprovider: p\n")
-    text = " ".join(str(e) for e in parsed.errors)
-    assert value not in text and "'" + "s" * 60 + "...'" in text
+    for content in (f"environment: {value}\nprovider: p\n", f"{value}\n"):
+        parsed = parse_environment_file("env.yaml", content)
+        text = " ".join(str(e) for e in parsed.errors)
+        assert value not in text and "'" + "s" * 60 + "...'" in text
 
 
 # ---- 18: configuration mistakes are exit 2, one line ---------------------------------------
@@ -417,6 +418,14 @@ def test_cli_errors_quoting_user_text_are_one_line(tmp_path):
     for args, code, expected in cases:
         line = assert_one_line_error(world.cli(*args), code)
         assert expected in line, line
+
+
+def test_usage_errors_are_one_line_at_every_level(tmp_path):
+    for args in (("--bogus",), ("nosuch",), ("db", "--bogus"), ("history", "--limit", "x")):
+        line = assert_one_line_error(cli(*args, cwd=tmp_path), 2)
+        assert line.startswith("reconciler: ") and "--help')" in line
+    alone = cli(cwd=tmp_path)  # the bare command still shows its help
+    assert "[OPTIONS] COMMAND [ARGS]..." in alone.stdout + alone.stderr
 
 
 def test_a_records_error_message_is_one_line(tmp_path):
