@@ -404,7 +404,7 @@ class Strategy(BaseModel):
     )
 
     @model_validator(mode="after")
-    def _check_params(self) -> Strategy:
+    def _bounded(self) -> Strategy:
         extra = self.model_extra
         if extra:
             problems = _param_problems(extra, env_names=False)
@@ -460,7 +460,9 @@ class Service(BaseModel):
     )
     params: Annotated[dict[str, Any], _none_as(dict), AfterValidator(_check_params)] = Field(
         default_factory=dict,
-        description="provider-specific parameters, checked by the provider",
+        description="provider-specific parameters, checked by the provider; each at most"
+        " 32 KiB, 128 KiB in all",
+        json_schema_extra={"propertyNames": {"pattern": PARAM_KEY_RE}},
     )
 
 

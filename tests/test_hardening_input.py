@@ -479,3 +479,17 @@ async def test_http_numbers_beyond_the_database_are_4xx_not_500(tmp_path, anyio_
     finally:
         await h.client.aclose()
         await h.server.stop()
+
+
+def test_the_json_schema_carries_the_bounds():
+    jsonschema = pytest.importorskip("jsonschema")
+    from desired_state import json_schema
+
+    validator = jsonschema.Draft202012Validator(json_schema())
+    base = {"environment": "e", "provider": "p", "services": {"api": {"version": "1"}}}
+    assert validator.is_valid({**base, "timeout": 604800})
+    assert not validator.is_valid({**base, "timeout": 604801})
+    bad_key = {"api": {"version": "1", "params": {"a=b": "x"}}}
+    assert not validator.is_valid({**base, "services": bad_key})
+    window = {"cron": "0 9 * * *", "duration": 366 * 86400 + 1}
+    assert not validator.is_valid({**base, "windows": [window]})
