@@ -89,9 +89,6 @@ def _check_branch(name: str) -> str:
     return name
 
 
-DATABASE_SCHEMES = ("sqlite", "postgresql+psycopg")
-
-
 def _check_database_url(url: str | None) -> str | None:
     """Only the databases this package has drivers for (SQLite, PostgreSQL with psycopg 3)."""
     if url is None:
@@ -109,7 +106,7 @@ def _check_database_url(url: str | None) -> str | None:
     if scheme == "postgresql" or scheme.startswith("postgresql+"):
         if scheme != "postgresql+psycopg":
             raise ValueError(f"use postgresql+psycopg:// (the installed driver), not {scheme}://")
-    elif scheme != "sqlite":
+    elif scheme not in ("sqlite", "sqlite+pysqlite"):
         raise ValueError(
             f"unknown database scheme '{scheme}': use sqlite:/// or postgresql+psycopg://"
         )
