@@ -59,7 +59,7 @@ MAX_STEPS = 100  # strategy steps: percentages, so at most one per percent
 # them together at about 2 MiB. These bounds keep every deployable file deployable.
 PARAM_KEY_RE = r"^[A-Za-z_][A-Za-z0-9_-]{0,63}$"
 MAX_PARAM_BYTES = 32 * 1024  # one param, as the provider receives it (text or JSON)
-MAX_PARAMS_BYTES = 128 * 1024  # all params of one service (or of the strategy) together
+MAX_PARAMS_BYTES = 128 * 1024  # all params of one service together
 MAX_PARAM_DEPTH = 8  # nested mappings and lists inside one param
 MAX_NESTED_KEY = 256  # a key inside a param's mapping (e.g. docker `env` names)
 _PARAM_KEY = re.compile(PARAM_KEY_RE)
@@ -196,9 +196,9 @@ def _value_problems(value: Any, path: tuple[str | int, ...], depth: int, out: li
     return size
 
 
-def _param_problems(params: dict[str, Any], env_names: bool) -> list[Problem]:
+def _param_problems(params: dict[str, Any], env_names: bool, most: int) -> list[Problem]:
     """Every reason why ``params`` could not reach a provider. ``env_names``: each key
-    becomes an environment variable name (service params, SPEC §6)."""
+    becomes an environment variable name (service params, SPEC §6); ``most``: bytes in all."""
     out: list[Problem] = []
     total = 2
     variables: dict[str, str] = {}
@@ -232,8 +232,8 @@ def _param_problems(params: dict[str, Any], env_names: bool) -> list[Problem]:
         if size > MAX_PARAM_BYTES:
             out.append(((key,), f"too large: {size} bytes, at most {MAX_PARAM_BYTES}", False))
         total += _text_size(key) + 4 + size
-    if total > MAX_PARAMS_BYTES:
-        out.append(((), f"too large: {total} bytes in all, at most {MAX_PARAMS_BYTES}", False))
+    if total > most:
+        out.append(((), f"too large: {total} bytes in all, at most {most}", False))
     return out
 
 
@@ -277,7 +277,7 @@ def _plainly_fine(params: dict[str, Any]) -> bool:
 
 def _check_params(value: dict[str, Any]) -> dict[str, Any]:
     if value and not _plainly_fine(value):
-        _raise_problems("params", _param_problems(value, env_names=True))
+        _raise_problems("params", _param_problems(value, env_names=True, most=MAX_PARAMS_BYTES))
     return value
 
 
@@ -407,7 +407,8 @@ class Strategy(BaseModel):
     def _bounded(self) -> Strategy:
         extra = self.model_extra
         if extra:
-            problems = _param_problems(extra, env_names=False)
+            # all of them travel as one value (RECONCILER_STRATEGY, JSON): one param's bound
+            problems = _param_problems(extra, env_names=False, most=MAX_PARAM_BYTES)
             if "steps" in extra:
                 problems += _steps_problems(extra["steps"])
             if "interval" in extra:

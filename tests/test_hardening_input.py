@@ -493,3 +493,13 @@ def test_the_json_schema_carries_the_bounds():
     assert not validator.is_valid({**base, "services": bad_key})
     window = {"cron": "0 9 * * *", "duration": 366 * 86400 + 1}
     assert not validator.is_valid({**base, "windows": [window]})
+
+
+def test_strategy_parameters_together_fit_one_variable():
+    """They reach a command as one variable (RECONCILER_STRATEGY): one param's bound."""
+    lines = "".join(f"  p{i}: {'v' * 10_000}\n" for i in range(4))
+    parsed = parse_environment_file("env.yaml", MINIMAL + "strategy:\n" + lines)
+    assert [(e.path, e.message.split(": ")[0]) for e in parsed.errors] == [
+        ("strategy", "too large")
+    ]
+    assert parsed.errors[0].message.endswith(f"bytes in all, at most {MAX_PARAM_BYTES}")
