@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import stat
 import tempfile
 import tomllib
 from collections.abc import Mapping
@@ -322,11 +321,10 @@ def load_config(
 
 
 def _read_text(file: Path) -> str:
-    """The file's text: UTF-8 (as TOML requires), of a sensible size, from a regular file."""
+    """The file's text: UTF-8 (as TOML requires), of a sensible size (a pipe, as from
+    ``--config <(...)``, is fine; ``/dev/zero`` is not read forever)."""
     try:
         with file.open("rb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                raise ConfigError(f"configuration file {file} is not a regular file")
             data = f.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
         raise ConfigError(f"configuration file {file} does not exist") from None

@@ -503,3 +503,10 @@ def test_strategy_parameters_together_fit_one_variable():
         ("strategy", "too large")
     ]
     assert parsed.errors[0].message.endswith(f"bytes in all, at most {MAX_PARAM_BYTES}")
+
+
+def test_a_configuration_that_never_ends_is_not_read_forever(tmp_path):
+    out = cli("--config", "/dev/zero", "history", cwd=tmp_path, timeout=30)
+    assert assert_one_line_error(out, 2) == (
+        "reconciler: configuration file /dev/zero is larger than 1 MiB"
+    )
