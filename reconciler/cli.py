@@ -324,7 +324,7 @@ def _known_providers(ctx: click.Context) -> set[str] | None:
     path = config_path(obj.get("config_path"), os.environ)
     if obj.get("config_path") is None and not path.exists():
         return None
-    return set(cfg(ctx).providers)
+    return set(load_config(obj.get("config_path"), writable_state=False).providers)
 
 
 @main.command("schema")

@@ -299,8 +299,16 @@ def config_path(explicit: str | os.PathLike[str] | None, environ: Mapping[str, s
 
 
 def load_config(
-    path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None
+    path: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+    *,
+    writable_state: bool = True,
 ) -> Config:
+    """The configuration at ``path`` (or ``$RECONCILER_CONFIG``, or the default), checked.
+
+    ``writable_state=False`` is for commands that never touch the state directory
+    (``validate DIR`` only reads provider names): its write access is then not probed.
+    """
     environ = os.environ if environ is None else environ
     file = config_path(path, environ)
     text = _read_text(file)
@@ -316,7 +324,7 @@ def load_config(
         config = Config.model_validate({**data, "base_dir": file.resolve().parent})
     except ValidationError as exc:
         raise ConfigError(_format_error(str(file), exc)) from None
-    _check(config, file)
+    _check(config, file, writable_state)
     return config
 
 
@@ -339,7 +347,7 @@ def _read_text(file: Path) -> str:
         raise ConfigError(f"{file}:{line}: not UTF-8 text (TOML files are UTF-8)") from None
 
 
-def _check_state_dir(path: Path, file: Path) -> None:
+def _check_state_dir(path: Path, file: Path, writable: bool) -> None:
     """The state directory, or the folder it will be made in, must be a writable folder.
 
     Probed with a real (unnamed, at once removed) file: permission bits do not tell about
@@ -351,6 +359,8 @@ def _check_state_dir(path: Path, file: Path) -> None:
         where = where.parent
     if where.exists() and not where.is_dir():
         raise ConfigError(f"{file}: daemon.state_dir: {where} is not a directory")
+    if not writable:
+        return
     try:
         tempfile.TemporaryFile(dir=where).close()
     except OSError as exc:
@@ -358,8 +368,8 @@ def _check_state_dir(path: Path, file: Path) -> None:
         raise ConfigError(f"{file}: daemon.state_dir: cannot write in {where}: {reason}") from None
 
 
-def _check(config: Config, file: Path) -> None:
-    _check_state_dir(config.state_dir, file)
+def _check(config: Config, file: Path, writable_state: bool) -> None:
+    _check_state_dir(config.state_dir, file, writable_state)
     if config.daemon.timezone is not None:
         from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 

@@ -510,3 +510,21 @@ def test_a_configuration_that_never_ends_is_not_read_forever(tmp_path):
     assert assert_one_line_error(out, 2) == (
         "reconciler: configuration file /dev/zero is larger than 1 MiB"
     )
+
+
+def test_validate_dir_needs_no_write_access_to_the_state_dir(tmp_path):
+    """It reads only provider names from the configuration; a state_dir in the way of
+    ever being a folder is still a mistake."""
+    if not Path("/sys/kernel").is_dir():
+        pytest.skip("no /sys/kernel (a folder no one may write in) here")
+    folder = tmp_path / "envs"
+    folder.mkdir()
+    (folder / "env.yaml").write_text(MINIMAL)
+    providers = '[providers.local]\ntype = "command"\ncommand = ["true"]\n'
+    config = _config(tmp_path, '[daemon]\nstate_dir = "/sys/kernel"\n' + providers)
+    out = cli("--config", str(config), "validate", "envs", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    (tmp_path / "a-file").write_text("x")
+    config = _config(tmp_path, '[daemon]\nstate_dir = "a-file"\n' + providers)
+    out = cli("--config", str(config), "validate", "envs", cwd=tmp_path)
+    assert "daemon.state_dir" in assert_one_line_error(out, 2)
