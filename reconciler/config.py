@@ -15,7 +15,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 from desired_state import format_duration, parse_duration
 
@@ -144,6 +152,20 @@ class DaemonConfig(_Section):
     kill_grace: Seconds = 10.0
     timezone: str | None = None  # windows without `timezone:`; default: the host's
 
+    @model_validator(mode="after")
+    def _longest_wait(self) -> DaemonConfig:
+        # The backoff doubles after each failed attempt: the wait before the last attempt
+        # is retry_backoff * 2**(retries - 2), which must stay a date (and a sane one).
+        longest = self.retry_backoff * 2 ** max(self.retries - 2, 0)
+        if longest > MAX_SECONDS:
+            raise ValueError(
+                f"retries = {self.retries} with retry_backoff = "
+                f"{format_duration(self.retry_backoff)} would wait more than "
+                f"{format_duration(MAX_SECONDS)} before the last attempt: use fewer retries"
+                " or a shorter backoff"
+            )
+        return self
+
 
 class ServerConfig(_Section):
     listen: str = "127.0.0.1:8080"  # "" turns the HTTP server off
@@ -178,7 +200,7 @@ class NotificationConfig(_Section):
     timeout: Seconds = 10.0
     retry_backoff: Seconds = 5.0  # doubled after each failed delivery, up to max_backoff
     max_backoff: Seconds = 600.0
-    max_attempts: int = Field(default=20, ge=1, le=10_000)
+    max_attempts: int = Field(default=20, ge=1, le=1000)  # 2**attempts stays a float
     suppress_repeats: Seconds = 3600.0  # identical failure notices within this are dropped
 
 

@@ -298,6 +298,14 @@ def _config(tmp_path: Path, body: str | bytes) -> Path:
         ("[daemon]\nretry_backoff = inf\n", "daemon.retry_backoff: expected a duration"),
         ("[daemon]\nkill_grace = 1e300\n", "daemon.kill_grace: a duration must be at most 365d"),
         ('poll_interval = "99999999999d"\n', "repository.poll_interval: a duration must be"),
+        (
+            "[daemon]\nretries = 100\n",
+            "daemon: retries = 100 with retry_backoff = 30s would wait more than 365d",
+        ),
+        (
+            '[[notifications]]\ntype = "webhook"\nurl = "http://h/"\nmax_attempts = 5000\n',
+            "max_attempts",
+        ),
         ('[daemon]\nstate_dir = "a-file"\n', "daemon.state_dir: "),
         ('[daemon]\nstate_dir = "a-file/below"\n', "daemon.state_dir: "),
         ('[daemon]\nstate_dir = "/sys/kernel"\n', "daemon.state_dir: cannot write in /sys/kernel"),
