@@ -387,10 +387,11 @@ def history_cmd(
 @click.pass_context
 def show_cmd(ctx: click.Context, deployment_id: str, as_json: bool) -> None:
     """One deployment, its progress timeline and log."""
+    raw = deployment_id.strip()
     try:
-        dep_id = parse_int(deployment_id.strip(), low=1)
-    except OutOfRange:
-        fail(f"no deployment {deployment_id.strip()}")  # no id that large (or small) exists
+        dep_id = parse_int(raw, low=1)
+    except OutOfRange:  # no id that large (or small) exists
+        fail(f"no deployment {raw if len(raw) <= 30 else raw[:30] + '...'}")
     except ValueError:
         raise click.BadParameter(
             f"'{deployment_id}' is not a deployment id", param_hint="DEPLOYMENT_ID"
