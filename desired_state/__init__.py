@@ -5,7 +5,7 @@ This package knows nothing of the reconciler: it turns YAML files into
 """
 
 from .durations import format_duration, parse_duration
-from .errors import FileError
+from .errors import FileError, one_line
 from .loader import (
     DesiredState,
     ParsedFile,
@@ -47,6 +47,7 @@ __all__ = [
     "json_schema",
     "load_directory",
     "load_files",
+    "one_line",
     "parse_duration",
     "parse_environment_file",
 ]

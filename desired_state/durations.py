@@ -8,6 +8,8 @@ __all__ = ["format_duration", "parse_duration"]
 
 _UNIT_RE = re.compile(r"(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?")
 _UNIT_SECONDS = (86400, 3600, 60, 1)
+# Longer text is no duration anyone means; it would also make int() do needless work.
+_MAX_TEXT = 40
 
 
 def _bad(value: object) -> ValueError:
@@ -30,6 +32,8 @@ def parse_duration(value: str | int) -> int:
     if not isinstance(value, str):
         raise _bad(value)
     text = value.strip()
+    if len(text) > _MAX_TEXT:
+        raise _bad(text[:_MAX_TEXT] + "...")
     if text.isascii() and text.isdigit():
         return int(text)
     match = _UNIT_RE.fullmatch(text) if text else None

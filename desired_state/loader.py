@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import gc
 import os
+import stat
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -30,6 +31,8 @@ __all__ = [
 ]
 
 _EXTENSIONS = (".yaml", ".yml")
+# One environment file is a few KiB; a bigger one is a mistake, never read in full.
+MAX_FILE_BYTES = 1024 * 1024
 
 # A check from outside the format (the daemon's providers: params, strategy), run on a file
 # whose schema passed. It returns ``(key path, message)`` pairs; the loader places each at
@@ -114,6 +117,13 @@ def _pydantic_errors(path: str, root: Node, exc: ValidationError) -> list[FileEr
                 line, col = position(node)
                 out.append(FileError(path, line, col, _dotted((*loc, index)), item_message))
             continue
+        problems = ctx.get("problems")
+        if isinstance(problems, list):  # several errors below one field (models.Problem)
+            for below, problem, on_key in problems:
+                node, _found = locate(root, (*loc, *below), key=on_key)
+                line, col = position(node)
+                out.append(FileError(path, line, col, _dotted((*loc, *below)), problem))
+            continue
         if loc and loc[-1] == "[key]":
             loc = loc[:-1]
             where = "key"
@@ -154,6 +164,8 @@ def parse_environment_file(
     """Read one environment file. Never raises on bad content: errors are returned.
 
     `check` adds the errors of the provider the file names (its params and strategy)."""
+    if len(data) > MAX_FILE_BYTES:
+        return ParsedFile(path, None, [_too_large(path)], None)
     doc = compose(path, data)
     root = doc.root
     errors = doc.errors
@@ -426,6 +438,8 @@ def load_directory(
     current directory when ``root`` was given relative to it.
     """
     found: list[tuple[str, Path]] = []
+    inside = os.path.realpath(root)
+    # os.walk does not enter linked folders; linked files are checked in _read_inside.
     for folder, dirs, names in os.walk(root):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         base = Path(folder)
@@ -438,11 +452,42 @@ def load_directory(
     with gc_paused():
         for shown, full in found:
             try:
-                data = full.read_bytes()
+                data = _read_inside(full, inside)
             except OSError as exc:
                 reason = exc.strerror or str(exc)
                 error = FileError(shown, 1, 1, "", f"cannot read the file: {reason}")
                 parsed.append(ParsedFile(shown, None, [error], None))
                 continue
+            except _NotRead as exc:
+                parsed.append(ParsedFile(shown, None, [FileError(shown, 1, 1, "", str(exc))], None))
+                continue
             parsed.append(parse_environment_file(shown, data, check))
         return assemble(parsed, providers)
+
+
+class _NotRead(Exception):
+    """A file that is not the user's YAML: its content is never read, so never shown."""
+
+
+def _too_large(path: str) -> FileError:
+    return FileError(path, 1, 1, "", f"file too large: at most {MAX_FILE_BYTES // 1024} KiB")
+
+
+def _read_inside(file: Path, inside: str) -> bytes:
+    """The bytes of a regular file whose real path lies inside the folder ``inside``.
+
+    A link out of the folder is not followed (it could name a secret that error messages
+    would then quote); a FIFO or device is not opened for reading; at most
+    ``MAX_FILE_BYTES`` (+1, to tell) are read.
+    """
+    real = os.path.realpath(file)
+    if os.path.commonpath([real, inside]) != inside:
+        raise _NotRead("a symbolic link to outside the folder: not read")
+    fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW)
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise _NotRead("not a regular file: not read")
+        data = f.read(MAX_FILE_BYTES + 1)
+    if len(data) > MAX_FILE_BYTES:
+        raise _NotRead(str(_too_large(str(file)).message))
+    return data

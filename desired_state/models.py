@@ -7,6 +7,7 @@ They also accept the natural Python values (ints, bools) when built from code.
 
 from __future__ import annotations
 
+import json
 import re
 import zoneinfo
 from functools import lru_cache
@@ -21,10 +22,11 @@ from pydantic import (
     ValidationInfo,
     WithJsonSchema,
     field_validator,
+    model_validator,
 )
 from pydantic_core import PydanticCustomError
 
-from .durations import parse_duration
+from .durations import format_duration, parse_duration
 
 __all__ = [
     "NAME_RE",
@@ -48,10 +50,33 @@ DURATION_PATTERN = r"^([0-9]+|([0-9]+d)?([0-9]+h)?([0-9]+m)?([0-9]+s)?)$"
 
 STRATEGY_TYPES = ("rolling", "blue_green", "canary")
 
+# Bounds of every value that reaches a clock, a process or the database (SPEC §2).
+MAX_TIMEOUT = 7 * 86400  # a deployment's deadline: at most 7 days
+MAX_WINDOW = 366 * 86400  # a window open longer than a year is always open
+MAX_STEPS = 100  # strategy steps: percentages, so at most one per percent
+# Params reach a provider as text: for `command` one environment variable each
+# (RECONCILER_PARAM_<KEY>, SPEC §6), where Linux caps one variable at 128 KiB and all of
+# them together at about 2 MiB. These bounds keep every deployable file deployable.
+PARAM_KEY_RE = r"^[A-Za-z_][A-Za-z0-9_-]{0,63}$"
+MAX_PARAM_BYTES = 32 * 1024  # one param, as the provider receives it (text or JSON)
+MAX_PARAMS_BYTES = 128 * 1024  # all params of one service together
+MAX_PARAM_DEPTH = 8  # nested mappings and lists inside one param
+MAX_NESTED_KEY = 256  # a key inside a param's mapping (e.g. docker `env` names)
+_PARAM_KEY = re.compile(PARAM_KEY_RE)
+_QUOTE_MAX = 60  # how much of a user's value a message quotes
+
 
 def _error(kind: str, message: str, **ctx: Any) -> PydanticCustomError:
     # The message travels in the context so that braces in user text are never a template.
     return PydanticCustomError(kind, "{message}", {"message": message, **ctx})
+
+
+def _quote(value: object) -> str:
+    """``'value'``, cut short: a message names a value, it does not reproduce it."""
+    text = str(value)
+    if len(text) > _QUOTE_MAX:
+        text = text[:_QUOTE_MAX] + "..."
+    return f"'{text}'"
 
 
 def _describe(value: object) -> str:
@@ -61,7 +86,7 @@ def _describe(value: object) -> str:
         return "a mapping"
     if isinstance(value, list | tuple):
         return "a list"
-    return f"'{value}'"
+    return _quote(value)
 
 
 # --- field types -------------------------------------------------------------------------
@@ -71,7 +96,7 @@ def _check_env_name(value: str) -> str:
     if _NAME.fullmatch(value) is None:
         raise _error(
             "environment_name",
-            f"'{value}' is not a valid environment name: use lowercase letters, digits and -"
+            f"{_quote(value)} is not a valid environment name: use lowercase letters, digits and -"
             " (at most 63, starting and ending with a letter or digit)",
         )
     return value
@@ -81,7 +106,7 @@ def _check_service_name(value: str) -> str:
     if _SERVICE.fullmatch(value) is None:
         raise _error(
             "service_name",
-            f"'{value}' is not a valid service name: use letters, digits and . _ -"
+            f"{_quote(value)} is not a valid service name: use letters, digits and . _ -"
             " (at most 63, starting and ending with a letter or digit)",
         )
     return value
@@ -90,14 +115,14 @@ def _check_service_name(value: str) -> str:
 def _check_version(value: str) -> str:
     if _VERSION.fullmatch(value) is None:
         if len(value) > 128:
-            raise _error("version", f"'{value[:40]}...' is too long for a version: at most 128")
+            raise _error("version", f"{_quote(value)} is too long for a version: at most 128")
         raise _error(
-            "version", f"'{value}' is not a valid version: use letters, digits and . _ + -"
+            "version", f"{_quote(value)} is not a valid version: use letters, digits and . _ + -"
         )
     return value
 
 
-def _to_seconds(value: Any) -> int:
+def _to_seconds(value: Any, maximum: int) -> int:
     if not isinstance(value, str | int) or isinstance(value, bool):
         raise _error(
             "duration",
@@ -108,8 +133,152 @@ def _to_seconds(value: Any) -> int:
     except ValueError as exc:
         raise _error("duration", str(exc)) from None
     if seconds <= 0:
-        raise _error("duration", f"bad duration '{value}': must be longer than 0 seconds")
+        raise _error("duration", f"bad duration {_quote(value)}: must be longer than 0 seconds")
+    if seconds > maximum:
+        raise _error(
+            "duration", f"bad duration {_quote(value)}: at most {format_duration(maximum)}"
+        )
     return seconds
+
+
+def _duration_schema(maximum: int) -> WithJsonSchema:
+    return WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "integer", "minimum": 1, "maximum": maximum},
+                {"type": "string", "pattern": DURATION_PATTERN, "minLength": 1},
+            ],
+        }
+    )
+
+
+def _at_most(maximum: int) -> BeforeValidator:
+    return BeforeValidator(lambda value: _to_seconds(value, maximum))
+
+
+# --- params ------------------------------------------------------------------------------
+
+Problem = tuple[tuple[str | int, ...], str, bool]  # (path below the field, message, at the key)
+
+
+def _text_size(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+def _value_problems(value: Any, path: tuple[str | int, ...], depth: int, out: list[Problem]) -> int:
+    """Problems of one param value (NUL, depth, nested keys); returns its size as JSON."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            out.append((path, "contains a NUL character, which no provider can receive", False))
+        return _text_size(value) + 2
+    if value is None or isinstance(value, bool | int | float):
+        return len(json.dumps(value))
+    if depth >= MAX_PARAM_DEPTH:
+        out.append((path, f"nested deeper than {MAX_PARAM_DEPTH} levels", False))
+        return 0
+    size = 2
+    if isinstance(value, dict):
+        for key, item in value.items():
+            key = str(key)
+            if "\x00" in key or len(key) > MAX_NESTED_KEY:
+                problem = "contains a NUL character" if "\x00" in key else "is too long"
+                out.append(((*path, key), f"this key {problem}", True))
+            size += _text_size(key) + 4 + _value_problems(item, (*path, key), depth + 1, out)
+            if size > MAX_PARAMS_BYTES:
+                break
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            size += 1 + _value_problems(item, (*path, index), depth + 1, out)
+            if size > MAX_PARAMS_BYTES:
+                break
+    else:
+        return len(str(value))
+    return size
+
+
+def _param_problems(params: dict[str, Any], env_names: bool, most: int) -> list[Problem]:
+    """Every reason why ``params`` could not reach a provider. ``env_names``: each key
+    becomes an environment variable name (service params, SPEC §6); ``most``: bytes in all."""
+    out: list[Problem] = []
+    total = 2
+    variables: dict[str, str] = {}
+    for key, value in params.items():
+        key = str(key)
+        if _PARAM_KEY.fullmatch(key) is None:
+            out.append(
+                (
+                    (key,),
+                    f"{_quote(key)} is not a valid param name: use letters, digits, _ and -"
+                    " (at most 64, not starting with a digit or -)",
+                    True,
+                )
+            )
+            continue
+        variable = _variable(key)
+        if env_names:
+            other = variables.setdefault(variable, key)
+            if other != key:
+                out.append(
+                    (
+                        (key,),
+                        f"'{key}' and '{other}' would both be RECONCILER_PARAM_{variable}",
+                        True,
+                    )
+                )
+        if value.__class__ is str and "\x00" not in value:  # the common case, inline
+            size = _text_size(value)
+        else:
+            size = _value_problems(value, (key,), 0, out)
+        if size > MAX_PARAM_BYTES:
+            out.append(((key,), f"too large: {size} bytes, at most {MAX_PARAM_BYTES}", False))
+        total += _text_size(key) + 4 + size
+    if total > most:
+        out.append(((), f"too large: {total} bytes in all, at most {most}", False))
+    return out
+
+
+def _raise_problems(kind: str, problems: list[Problem]) -> None:
+    if problems:
+        # One error for pydantic; the loader reports each problem at its own position.
+        raise _error(kind, problems[0][1], problems=problems)
+
+
+# Valid param keys seen so far whose RECONCILER_PARAM_ name no other key seen shares. Keys
+# repeat across services and files: this keeps the check out of a large load's time.
+_KNOWN_KEYS: set[str] = set()
+_KEY_OF_VARIABLE: dict[str, str] = {}
+
+
+def _variable(key: str) -> str:
+    variable = key.upper().replace("-", "_")
+    if len(_KEY_OF_VARIABLE) < 10_000:
+        other = _KEY_OF_VARIABLE.setdefault(variable, key)
+        if other == key:
+            _KNOWN_KEYS.add(key)
+        else:
+            _KNOWN_KEYS.discard(other)
+    return variable
+
+
+def _plainly_fine(params: dict[str, Any]) -> bool:
+    """The common case at a glance: known keys with plain text, short in all.
+
+    True implies :func:`_param_problems` finds nothing (the size bound here is stricter)."""
+    known = _KNOWN_KEYS
+    size = 0
+    for key, value in params.items():
+        if key not in known or value.__class__ is not str or not value.isascii():
+            return False
+        if "\x00" in value:
+            return False
+        size += len(key) + len(value)
+    return size <= MAX_PARAM_BYTES
+
+
+def _check_params(value: dict[str, Any]) -> dict[str, Any]:
+    if value and not _plainly_fine(value):
+        _raise_problems("params", _param_problems(value, env_names=True, most=MAX_PARAMS_BYTES))
+    return value
 
 
 def _text_bool(value: Any) -> bool:
@@ -170,13 +339,6 @@ def _check_timezone(value: str | None) -> str | None:
     return value
 
 
-_DURATION_SCHEMA: dict[str, Any] = {
-    "anyOf": [
-        {"type": "integer", "minimum": 1},
-        {"type": "string", "pattern": DURATION_PATTERN, "minLength": 1},
-    ],
-}
-
 EnvName = Annotated[
     str,
     AfterValidator(_check_env_name),
@@ -198,7 +360,8 @@ Version = Annotated[
         }
     ),
 ]
-Duration = Annotated[int, BeforeValidator(_to_seconds), WithJsonSchema(_DURATION_SCHEMA)]
+Timeout = Annotated[int, _at_most(MAX_TIMEOUT), _duration_schema(MAX_TIMEOUT)]
+WindowDuration = Annotated[int, _at_most(MAX_WINDOW), _duration_schema(MAX_WINDOW)]
 TextBool = Annotated[
     bool,
     BeforeValidator(_text_bool),
@@ -219,8 +382,8 @@ class Window(BaseModel):
         " names like mon-fri are allowed",
         examples=["0 9 * * mon-fri"],
     )
-    duration: Duration = Field(
-        description="how long the window stays open: seconds or 90s / 30m / 2h / 1d",
+    duration: WindowDuration = Field(
+        description="how long the window stays open: seconds or 90s / 30m / 2h / 1d; at most 366d",
         examples=["8h"],
     )
     timezone: Annotated[str | None, AfterValidator(_check_timezone)] = Field(
@@ -240,9 +403,51 @@ class Strategy(BaseModel):
         description="rolling | blue_green | canary; a provider may refuse a type",
     )
 
+    @model_validator(mode="after")
+    def _bounded(self) -> Strategy:
+        extra = self.model_extra
+        if extra:
+            # all of them travel as one value (RECONCILER_STRATEGY, JSON): one param's bound
+            problems = _param_problems(extra, env_names=False, most=MAX_PARAM_BYTES)
+            if "steps" in extra:
+                problems += _steps_problems(extra["steps"])
+            if "interval" in extra:
+                try:
+                    _to_seconds(extra["interval"], MAX_TIMEOUT)
+                except PydanticCustomError as exc:
+                    problems.append((("interval",), str(exc), False))
+            _raise_problems("strategy", problems)
+        return self
+
     @property
     def params(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
+
+
+def _steps_problems(steps: Any) -> list[Problem]:
+    """``steps``: percentages of the rollout, e.g. ``[10, 50, 100]`` (kept as written)."""
+    if not isinstance(steps, list) or not steps or len(steps) > MAX_STEPS:
+        return [
+            (
+                ("steps",),
+                f"expected a list of 1 to {MAX_STEPS} percentages, got {_describe_list(steps)}",
+                False,
+            )
+        ]
+    out: list[Problem] = []
+    for index, step in enumerate(steps):
+        text = str(step) if isinstance(step, int | str) and not isinstance(step, bool) else ""
+        if not (text.isascii() and text.isdigit() and len(text) <= 3 and int(text) <= 100):
+            out.append(
+                (("steps", index), f"expected a percentage 0-100, got {_describe(step)}", False)
+            )
+    return out
+
+
+def _describe_list(value: Any) -> str:
+    if isinstance(value, list):
+        return f"a list of {len(value)}"
+    return _describe(value)
 
 
 class Service(BaseModel):
@@ -254,9 +459,11 @@ class Service(BaseModel):
         description="the version to deploy; always read as text (1.10 is '1.10')",
         examples=["1.4.2"],
     )
-    params: Annotated[dict[str, Any], _none_as(dict)] = Field(
+    params: Annotated[dict[str, Any], _none_as(dict), AfterValidator(_check_params)] = Field(
         default_factory=dict,
-        description="provider-specific parameters, checked by the provider",
+        description="provider-specific parameters, checked by the provider; each at most"
+        " 32 KiB, 128 KiB in all",
+        json_schema_extra={"propertyNames": {"pattern": PARAM_KEY_RE}},
     )
 
 
@@ -279,9 +486,9 @@ class EnvironmentSpec(BaseModel):
     services: Annotated[dict[ServiceName, Service], Field(min_length=1)] = Field(
         description="at least one service; deployed in the order written",
     )
-    timeout: Duration = Field(
+    timeout: Timeout = Field(
         default=1800,
-        description="deadline of one deployment: seconds or 90s / 30m / 2h / 1d",
+        description="deadline of one deployment: seconds or 90s / 30m / 2h / 1d; at most 7d",
     )
     strategy: Annotated[Strategy, _none_as(Strategy)] = Field(
         default_factory=Strategy,

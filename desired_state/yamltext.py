@@ -151,7 +151,9 @@ def describe(value: object) -> str:
         return f"the boolean {str(value).lower()}"
     if isinstance(value, int | float):
         return f"the number {value}"
-    return f"text '{value}'"
+    text = str(value)
+    # A message names a value; it does not reproduce it (a whole file can be one scalar).
+    return f"text '{text[:60]}...'" if len(text) > 60 else f"text '{text}'"
 
 
 class _Converter:

@@ -20,11 +20,12 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 import click
 from sqlalchemy.exc import SQLAlchemyError
 
-from desired_state import DesiredState, json_schema, load_directory
+from desired_state import DesiredState, json_schema, load_directory, one_line
 from reconciler import operations as ops
 from reconciler.config import Config, ConfigError, config_path, load_config
 from reconciler.executor import DeploymentEvent, Listener
 from reconciler.logs import setup_logging
+from reconciler.numbers import OutOfRange, parse_int
 from reconciler.output import (
     DEPLOYMENT_COLUMNS,
     decisions_table,
@@ -44,16 +45,47 @@ T = TypeVar("T")
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
-    click.echo(f"reconciler: {message}", err=True)
+    """Every error the CLI prints goes through here: one line, whatever it quotes."""
+    click.echo(f"reconciler: {one_line(message)}", err=True)
     sys.exit(code)
+
+
+# `reconciler` alone shows the help, which click >= 8.2 raises as a usage error.
+_HELP_ERRORS: tuple[type[Exception], ...] = tuple(
+    t for t in (getattr(click.exceptions, "NoArgsIsHelpError", None),) if t is not None
+)
+
+
+def usage_failure(exc: click.ClickException) -> NoReturn:
+    """A usage mistake: the same one line as every other error (click's own display spans
+    four, and would print a newline the user typed as it is)."""
+    if isinstance(exc, _HELP_ERRORS):
+        raise exc
+    where = exc.ctx.command_path if isinstance(exc, click.UsageError) and exc.ctx else ""
+    hint = f" (see '{where} --help')" if where else ""
+    fail(exc.format_message() + hint, exc.exit_code)
 
 
 class Group(click.Group):
     """Turns every expected failure into one line on stderr and the SPEC's exit status."""
 
+    def make_context(
+        self,
+        info_name: str | None,
+        args: list[str],
+        parent: click.Context | None = None,
+        **extra: Any,
+    ) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except click.ClickException as exc:
+            usage_failure(exc)
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except click.ClickException as exc:
+            usage_failure(exc)
         except ConfigError as exc:
             fail(str(exc), 2)
         except ops.OperationError as exc:
@@ -76,7 +108,6 @@ class Group(click.Group):
             sys.exit(1)
         except (
             click.exceptions.Exit,
-            click.ClickException,
             click.Abort,
             SystemExit,
             KeyboardInterrupt,
@@ -190,7 +221,8 @@ def _progress_printer() -> Listener:
     def show(ev: DeploymentEvent) -> None:
         pct = f"{ev.percent:>3}% " if ev.percent is not None else ""
         where = f"{ev.environment}/{ev.service} {ev.version}"
-        click.echo(f"  #{ev.deployment_id} {where} {ev.status}: {pct}{ev.message}", err=True)
+        line = f"  #{ev.deployment_id} {where} {ev.status}: {pct}{ev.message}"
+        click.echo(one_line(line), err=True)
 
     return show
 
@@ -336,7 +368,8 @@ def _known_providers(ctx: click.Context) -> dict[str, Provider] | None:
         return None
     from reconciler.providers import build_providers
 
-    return build_providers(cfg(ctx))
+    # validate needs no write access to the state directory (a pre-commit hook's user)
+    return build_providers(load_config(obj.get("config_path"), writable_state=False))
 
 
 @main.command("schema")
@@ -354,7 +387,7 @@ def _since(value: str | None) -> datetime | None:
     try:
         return parse_since(value)
     except ValueError:
-        raise click.BadParameter(f"use {SINCE_HELP}") from None
+        raise click.BadParameter(f"use {SINCE_HELP}", param_hint="--since") from None
 
 
 @main.command("history")
@@ -394,15 +427,24 @@ def history_cmd(
 
 
 @main.command("show")
-@click.argument("deployment_id", type=int)
+@click.argument("deployment_id")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def show_cmd(ctx: click.Context, deployment_id: int, as_json: bool) -> None:
+def show_cmd(ctx: click.Context, deployment_id: str, as_json: bool) -> None:
     """One deployment, its progress timeline and log."""
+    raw = deployment_id.strip()
+    try:
+        dep_id = parse_int(raw, low=1)
+    except OutOfRange:  # no id that large (or small) exists
+        fail(f"no deployment {raw if len(raw) <= 30 else raw[:30] + '...'}")
+    except ValueError:
+        raise click.BadParameter(
+            f"'{deployment_id}' is not a deployment id", param_hint="DEPLOYMENT_ID"
+        ) from None
     store = ops.open_store(cfg(ctx), migrate=False)
-    record = store.get_deployment(deployment_id, with_progress=True, with_log=True)
+    record = store.get_deployment(dep_id, with_progress=True, with_log=True)
     if record is None:
-        fail(f"no deployment {deployment_id}")
+        fail(f"no deployment {dep_id}")
     if as_json:
         print_json(record.to_json())
     else:

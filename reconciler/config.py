@@ -6,23 +6,27 @@ so that the CLI can print it and exit 2.
 
 from __future__ import annotations
 
+import math
 import os
 import re
+import tempfile
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ByteSize,
     ConfigDict,
     Field,
     ValidationError,
+    model_validator,
 )
 
-from desired_state import parse_duration
+from desired_state import format_duration, parse_duration
 
 DEFAULT_CONFIG_PATH = Path("/etc/reconciler/reconciler.toml")
 # git's scp-like syntax, [user@]host:path (a relative path with a colon must start with ./).
@@ -44,19 +48,77 @@ class ConfigError(Exception):
     """A configuration mistake, worded for the operator (exit status 2)."""
 
 
+# Every duration here ends up in a timer or a sleep: nan and inf make no sense there, and a
+# year is longer than any of them needs while far from what the event loop can schedule.
+MAX_SECONDS = 365 * 86400
+MAX_CONFIG_BYTES = 1024 * 1024
+
+
 def _seconds(value: Any) -> float:
     if isinstance(value, bool):
         raise ValueError("expected a duration such as 30s, 5m or 2h")
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        if value < 0:
+    if isinstance(value, int | float):
+        seconds = float(value)
+        if not math.isfinite(seconds):
+            raise ValueError(f"expected a duration such as 30s, 5m or 2h, not {value}")
+        if seconds < 0:
             raise ValueError("a duration cannot be negative")
-        return float(value)
-    if isinstance(value, str):
+    elif isinstance(value, str):
         try:
-            return float(parse_duration(value))
+            seconds = float(parse_duration(value))
         except ValueError as exc:
             raise ValueError(str(exc)) from None
-    raise ValueError("expected a duration such as 30s, 5m or 2h")
+    else:
+        raise ValueError("expected a duration such as 30s, 5m or 2h")
+    if seconds > MAX_SECONDS:
+        raise ValueError(f"a duration must be at most {format_duration(MAX_SECONDS)}")
+    return seconds
+
+
+# git check-ref-format's rules for a branch name (git-check-ref-format(1)).
+_BAD_REF_CHARS = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]")
+
+
+def _check_branch(name: str) -> str:
+    """A name git accepts as a branch (``git check-ref-format --branch``), checked here so
+    that a typo is a configuration error at start, not a failing fetch later."""
+    parts = name.split("/")
+    if (
+        not name
+        or name.startswith("-")
+        or name == "@"
+        or ".." in name
+        or "@{" in name
+        or _BAD_REF_CHARS.search(name)
+        or name.endswith(".")
+        or any(not p or p.startswith(".") or p.endswith(".lock") for p in parts)
+    ):
+        raise ValueError(f"'{name}' is not a valid git branch name")
+    return name
+
+
+def _check_database_url(url: str | None) -> str | None:
+    """Only the databases this package has drivers for (SQLite, PostgreSQL with psycopg 3)."""
+    if url is None:
+        return None
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):
+        raise ValueError(
+            "not a database URL: use sqlite:///path or postgresql+psycopg://user@host/db"
+        ) from None
+    scheme = parsed.drivername
+    if scheme == "postgresql" or scheme.startswith("postgresql+"):
+        if scheme != "postgresql+psycopg":
+            raise ValueError(f"use postgresql+psycopg:// (the installed driver), not {scheme}://")
+    elif scheme not in ("sqlite", "sqlite+pysqlite"):
+        raise ValueError(
+            f"unknown database scheme '{scheme}': use sqlite:/// or postgresql+psycopg://"
+        )
+    return url
 
 
 Seconds = Annotated[float, BeforeValidator(_seconds)]
@@ -68,7 +130,7 @@ class _Section(BaseModel):
 
 class RepositoryConfig(_Section):
     url: str
-    branch: str = "main"
+    branch: Annotated[str, AfterValidator(_check_branch)] = "main"
     path: str = "."
     poll_interval: Seconds = 30.0
     watch: bool = True
@@ -77,7 +139,8 @@ class RepositoryConfig(_Section):
 
 
 class DatabaseConfig(_Section):
-    url: str | None = None  # default: SQLite in the state directory
+    # default: SQLite in the state directory
+    url: Annotated[str | None, AfterValidator(_check_database_url)] = None
 
 
 class DaemonConfig(_Section):
@@ -94,12 +157,26 @@ class DaemonConfig(_Section):
     # How often the live versions are read from the targets (reconciler/drift.py); 0: off.
     drift_interval: Seconds = 300.0
 
+    @model_validator(mode="after")
+    def _longest_wait(self) -> DaemonConfig:
+        # The backoff doubles after each failed attempt: the wait before the last attempt
+        # is retry_backoff * 2**(retries - 2), which must stay a date (and a sane one).
+        longest = self.retry_backoff * 2 ** max(self.retries - 2, 0)
+        if longest > MAX_SECONDS:
+            raise ValueError(
+                f"retries = {self.retries} with retry_backoff = "
+                f"{format_duration(self.retry_backoff)} would wait more than "
+                f"{format_duration(MAX_SECONDS)} before the last attempt: use fewer retries"
+                " or a shorter backoff"
+            )
+        return self
+
 
 class ServerConfig(_Section):
     listen: str = "127.0.0.1:8080"  # "" turns the HTTP server off
     token_file: str | None = None  # bearer token for the endpoints that change anything
     webhook_secret_file: str | None = None  # HMAC key / GitLab token for POST /hooks/git
-    webhook_max_bytes: int = Field(default=1_048_576, ge=1024)
+    webhook_max_bytes: int = Field(default=1_048_576, ge=1024, le=1024**3)
     webhook_replay_window: Seconds = 600.0  # a delivery seen within this window is ignored
     # Connections: each holds a file descriptor (capped lower if the fd limit is low).
     max_connections: int = Field(default=1000, ge=1)
@@ -134,7 +211,7 @@ class NotificationConfig(_Section):
     timeout: Seconds = 10.0
     retry_backoff: Seconds = 5.0  # doubled after each failed delivery, up to max_backoff
     max_backoff: Seconds = 600.0
-    max_attempts: int = Field(default=20, ge=1)
+    max_attempts: int = Field(default=20, ge=1, le=1000)  # 2**attempts stays a float
     suppress_repeats: Seconds = 3600.0  # identical failure notices within this are dropped
 
 
@@ -255,37 +332,83 @@ def config_path(explicit: str | os.PathLike[str] | None, environ: Mapping[str, s
 
 
 def load_config(
-    path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None
+    path: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+    *,
+    writable_state: bool = True,
 ) -> Config:
+    """The configuration at ``path`` (or ``$RECONCILER_CONFIG``, or the default), checked.
+
+    ``writable_state=False`` is for commands that never touch the state directory
+    (``validate DIR`` only reads provider names): its write access is then not probed.
+    """
     environ = os.environ if environ is None else environ
     file = config_path(path, environ)
-    try:
-        text = file.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"configuration file {file} does not exist") from None
-    except OSError as exc:
-        raise ConfigError(f"cannot read configuration file {file}: {exc.strerror}") from None
+    text = _read_text(file)
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{file}: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{file}: arrays or tables nested too deeply") from None
     data = apply_env_overrides(data, environ)
     data.pop("base_dir", None)
     try:
         config = Config.model_validate({**data, "base_dir": file.resolve().parent})
     except ValidationError as exc:
         raise ConfigError(_format_error(str(file), exc)) from None
-    _check(config, file)
+    _check(config, file, writable_state)
     return config
 
 
-def _check(config: Config, file: Path) -> None:
+def _read_text(file: Path) -> str:
+    """The file's text: UTF-8 (as TOML requires), of a sensible size (a pipe, as from
+    ``--config <(...)``, is fine; ``/dev/zero`` is not read forever)."""
+    try:
+        with file.open("rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+    except FileNotFoundError:
+        raise ConfigError(f"configuration file {file} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration file {file}: {exc.strerror}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"configuration file {file} is larger than 1 MiB")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ConfigError(f"{file}:{line}: not UTF-8 text (TOML files are UTF-8)") from None
+
+
+def _check_state_dir(path: Path, file: Path, writable: bool) -> None:
+    """The state directory, or the folder it will be made in, must be a writable folder.
+
+    Probed with a real (unnamed, at once removed) file: permission bits do not tell about
+    read-only mounts, nor about root."""
+    where = path
+    while not where.exists() and where.parent != where:
+        if where.is_symlink():  # a dangling link: mkdir would fail on it
+            break
+        where = where.parent
+    if where.exists() and not where.is_dir():
+        raise ConfigError(f"{file}: daemon.state_dir: {where} is not a directory")
+    if not writable:
+        return
+    try:
+        tempfile.TemporaryFile(dir=where).close()
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ConfigError(f"{file}: daemon.state_dir: cannot write in {where}: {reason}") from None
+
+
+def _check(config: Config, file: Path, writable_state: bool) -> None:
     if config.repository.allowed_signers is not None:
         # Accepting it would apply unsigned commits to an operator who asked for signed ones.
         raise ConfigError(
             f"{file}: repository.allowed_signers: signed-commit checks are not supported yet; "
             "remove the setting (commits are not verified)"
         )
+    _check_state_dir(config.state_dir, file, writable_state)
     if config.daemon.timezone is not None:
         from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 

@@ -555,5 +555,5 @@ def test_alias_expansion_is_bounded(tmp_path):
     text = MINIMAL + "    params:\n" + "".join(f"      {line}\n" for line in levels)
     parsed = parse(tmp_path, text)
     assert parsed.environment is None
-    assert len(parsed.errors) == 1
-    assert parsed.errors[0].message == "aliases expand to more than 100000 values"
+    # (what the aliases did expand to is also more than a service's params may hold)
+    assert "aliases expand to more than 100000 values" in [e.message for e in parsed.errors]

@@ -28,6 +28,7 @@ from reconciler.http.openapi import openapi_document
 from reconciler.http.schemas import SyncRequest
 from reconciler.http.sse import LiveFeeds, deployment_events
 from reconciler.http.webhooks import UNSIGNED, WebhookReceiver
+from reconciler.numbers import MAX_ID, OutOfRange, parse_int
 from reconciler.store import STATUSES, Store, is_transient
 from reconciler.store.records import LogLine, format_time
 from reconciler.times import SINCE_HELP, parse_since
@@ -108,29 +109,30 @@ def _params(request: Request, allowed: Collection[str]) -> dict[str, str]:
     return out
 
 
-def _int(params: dict[str, str], name: str, *, low: int, high: int | None = None) -> int | None:
+def _int(params: dict[str, str], name: str, *, low: int, high: int = MAX_ID) -> int | None:
     raw = params.get(name)
     if raw is None:
         return None
     try:
-        value = int(raw)
+        return parse_int(raw, low=low, high=high)
+    except OutOfRange:
+        if high != MAX_ID:
+            bound = f"between {low} and {high}"
+        elif raw.startswith("-") or not raw.strip("+0"):  # below low (low is 0 or 1 here)
+            bound = f"at least {low}"
+        else:
+            bound = f"at most {high}"
+        raise BadRequest(f"parameter '{name}' must be {bound}") from None
     except ValueError:
-        raise BadRequest(f"parameter '{name}' must be an integer, not '{raw}'") from None
-    if value < low or (high is not None and value > high):
-        bound = f"between {low} and {high}" if high is not None else f"at least {low}"
-        raise BadRequest(f"parameter '{name}' must be {bound}")
-    return value
+        raise BadRequest(f"parameter '{name}' must be an integer, not '{raw[:40]}'") from None
 
 
 def _deployment_id(request: Request) -> int:
     raw = request.path_params["id"]
     try:
-        value = int(raw)
-    except ValueError:
-        value = 0
-    if value < 1 or not raw.isdigit():
-        raise HTTPException(404, f"no deployment {raw}")
-    return value
+        return parse_int(raw, low=1, signed=False)
+    except ValueError:  # no deployment has that id, whatever it is
+        raise HTTPException(404, f"no deployment {raw[:40]}") from None
 
 
 # ---- health -----------------------------------------------------------------------------
@@ -330,9 +332,10 @@ async def deployment_stream(request: Request) -> Response:
     raw = request.headers.get("last-event-id", "").strip()
     last_id = 0
     if raw:
-        if not raw.isdigit():
-            raise BadRequest(f"Last-Event-ID must be an event id, not '{raw}'")
-        last_id = int(raw)
+        try:
+            last_id = parse_int(raw, signed=False)
+        except ValueError:
+            raise BadRequest(f"Last-Event-ID must be an event id, not '{raw[:40]}'") from None
     if await db(c.control.store.get_deployment, dep_id) is None:
         raise HTTPException(404, f"no deployment {dep_id}")
     return StreamingResponse(

@@ -37,6 +37,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Row
 from sqlalchemy.exc import IntegrityError
 
+from desired_state import one_line
 from reconciler.store import rows
 from reconciler.store.db import SQLiteFile, make_engine, upgrade, write_engine
 from reconciler.store.drift import DriftQueries
@@ -87,6 +88,11 @@ _upsert = rows.upsert
 
 #: Rows fetched at a time when scanning one service's deployments backwards.
 _SCAN_PAGE = 64
+
+
+def _one_line(text: str | None) -> str | None:
+    """Messages in records stay one line: they are printed in tables, logs and CSV."""
+    return None if text is None else one_line(text)
 
 
 _D = _table(Deployment)
@@ -357,7 +363,7 @@ class Store(OutboxQueries, DriftQueries):
                     errors=[dict(error) for error in errors],
                     full_load=full_load,
                     note=note,
-                    error_message=error_message,
+                    error_message=_one_line(error_message),
                 )
             ).rowcount
             if changed == 0:
@@ -455,9 +461,9 @@ class Store(OutboxQueries, DriftQueries):
                 deployment_id,
                 status,
                 at=at,
-                error_message=error_message,
+                error_message=_one_line(error_message),
                 validation=validation,
-                message=message,
+                message=_one_line(message),
             )
 
     def _set_status(
@@ -529,7 +535,7 @@ class Store(OutboxQueries, DriftQueries):
                     insert(_E).values(
                         deployment_id=deployment_id,
                         status=status,
-                        message=message,
+                        message=one_line(message),
                         percent=percent,
                         details=dict(details or {}),
                         at=_aware(at, "at"),
