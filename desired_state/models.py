@@ -122,7 +122,7 @@ def _check_version(value: str) -> str:
     return value
 
 
-def _to_seconds(value: Any, maximum: int) -> int:
+def _to_seconds(value: Any, maximum: int, *, zero: bool = False) -> int:
     if not isinstance(value, str | int) or isinstance(value, bool):
         raise _error(
             "duration",
@@ -132,7 +132,7 @@ def _to_seconds(value: Any, maximum: int) -> int:
         seconds = parse_duration(value)
     except ValueError as exc:
         raise _error("duration", str(exc)) from None
-    if seconds <= 0:
+    if seconds < 0 or (seconds == 0 and not zero):
         raise _error("duration", f"bad duration {_quote(value)}: must be longer than 0 seconds")
     if seconds > maximum:
         raise _error(
@@ -413,7 +413,8 @@ class Strategy(BaseModel):
                 problems += _steps_problems(extra["steps"])
             if "interval" in extra:
                 try:
-                    _to_seconds(extra["interval"], MAX_TIMEOUT)
+                    # a pause between steps: none at all is a valid choice
+                    _to_seconds(extra["interval"], MAX_TIMEOUT, zero=True)
                 except PydanticCustomError as exc:
                     problems.append((("interval",), str(exc), False))
             _raise_problems("strategy", problems)
