@@ -137,7 +137,7 @@ class NetlifyProvider(HostedProvider):
         async def cancel() -> None:
             await api.request("POST", f"/deploys/{deploy_id}/cancel", idempotent=True)
 
-        async with self.cancel_on_stop(ctx, lambda: f"deploy {deploy_id}", cancel):
+        async with self.cancel_on_stop(ctx, api, lambda: f"deploy {deploy_id}", cancel):
             await self.follow(ctx, f"deploy {deploy_id}", poll, PERCENTS, READY, FAILURES)
         site = await api.request("GET", f"/sites/{p.site}")
         if (site.get("published_deploy") or {}).get("id") != deploy_id:

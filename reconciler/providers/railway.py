@@ -198,7 +198,7 @@ class RailwayProvider(HostedProvider):
         async def cancel() -> None:
             await self.gql(api, CANCEL, {"id": deployment})
 
-        async with self.cancel_on_stop(ctx, lambda: f"deployment {deployment}", cancel):
+        async with self.cancel_on_stop(ctx, api, lambda: f"deployment {deployment}", cancel):
             await self.follow(ctx, f"deployment {deployment}", poll, PERCENTS, SUCCESS, FAILURES)
 
     async def _new_deployment(self, api: ApiClient, p: RailwayParams, known: set[str]) -> str:

@@ -130,7 +130,7 @@ class VercelProvider(HostedProvider):
         async def cancel() -> None:
             await api.request("PATCH", f"/v12/deployments/{dep_id}/cancel", params=self._q())
 
-        async with self.cancel_on_stop(ctx, lambda: f"deployment {dep_id}", cancel):
+        async with self.cancel_on_stop(ctx, api, lambda: f"deployment {dep_id}", cancel):
             await self.follow(ctx, f"deployment {dep_id}", poll, PERCENTS, READY, FAILURES)
         await self._ensure_production(ctx, api, project_id, dep_id)
 
