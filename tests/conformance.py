@@ -173,7 +173,11 @@ def test_conformance_success(harness: Harness, backend: Backend) -> None:
     assert [(d.version, d.status) for d in first] == [("1.0", "completed")], first[0].error_message
     assert backend.live_version() == "1.0"
     second = harness.deploy("1.1")
-    assert [(d.version, d.previous_version, d.status) for d in second][0] == ("1.1", "1.0", "completed")
+    assert (second[0].version, second[0].previous_version, second[0].status) == (
+        "1.1",
+        "1.0",
+        "completed",
+    )
     assert backend.live_version() == "1.1"
 
 

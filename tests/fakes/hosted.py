@@ -144,9 +144,11 @@ class FakeServer:
             self.requests.append(Request(method, path, query, lower, body, time.monotonic()))
             if self._throttle:
                 status, after = self._throttle.pop(0)
-                return status, {"error": {"code": "rate_limited", "message": "Too Many Requests"}}, {
-                    "Retry-After": f"{after:g}"
-                }
+                return (
+                    status,
+                    {"error": {"code": "rate_limited", "message": "Too Many Requests"}},
+                    {"Retry-After": f"{after:g}"},
+                )
             self.advance()
             try:
                 status, payload = self.handle(method, path, query, lower, body)
@@ -191,7 +193,9 @@ class FakeServer:
             time.sleep(self.step / 2)
 
 
-def _outcome(version: str, states: list[str], ok: str, bad: str, hang: str) -> tuple[list[str], str]:
+def _outcome(
+    version: str, states: list[str], ok: str, bad: str, hang: str
+) -> tuple[list[str], str]:
     if version.endswith("-fail"):
         return states, bad
     if version.endswith("-hang"):
@@ -237,7 +241,7 @@ class FakeVercel(FakeServer):
             },
         }
         if state == "ERROR":
-            out["errorMessage"] = run.data.get("error", "Command \"npm run build\" exited with 1")
+            out["errorMessage"] = run.data.get("error", 'Command "npm run build" exited with 1')
             out["errorCode"] = "BUILD_FAILED"
         return out
 
@@ -245,7 +249,9 @@ class FakeVercel(FakeServer):
         p = {"id": self.project["id"], "name": self.project["name"], "targets": {}}
         if self.production is not None:
             p["targets"] = {"production": self._dep(self.production)}
-        p["lastRollbackTarget"] = None if self.project["auto_assign"] else {"jobStatus": "succeeded"}
+        p["lastRollbackTarget"] = (
+            None if self.project["auto_assign"] else {"jobStatus": "succeeded"}
+        )
         return p
 
     def _run(self, dep_id: str) -> Run:
@@ -279,11 +285,16 @@ class FakeVercel(FakeServer):
 
     def in_flight(self) -> list[str]:
         with self.lock:
-            return [r.id for r in self.runs if r.state(self.step) not in ("READY", "ERROR", "CANCELED")]
+            return [
+                r.id for r in self.runs if r.state(self.step) not in ("READY", "ERROR", "CANCELED")
+            ]
 
     def handle(self, method, path, query, headers, body):  # type: ignore[no-untyped-def]
         if not self.authorized(headers):
-            raise HttpError(401, {"error": {"code": "forbidden", "message": "Not authorized", "invalidToken": True}})
+            raise HttpError(
+                401,
+                {"error": {"code": "forbidden", "message": "Not authorized", "invalidToken": True}},
+            )
         if self.team_id is not None and path != "/v2/user" and query.get("teamId") != self.team_id:
             raise HttpError(404, {"error": {"code": "not_found", "message": "Project not found"}})
         seg = path.strip("/").split("/")
@@ -291,35 +302,61 @@ class FakeVercel(FakeServer):
             return 200, {"user": {"id": "usr_1", "username": "ada", "email": "ada@example.com"}}
         if method == "GET" and seg[:2] == ["v9", "projects"] and len(seg) == 3:
             if seg[2] not in (self.project["id"], self.project["name"]):
-                raise HttpError(404, {"error": {"code": "not_found", "message": "Project not found"}})
+                raise HttpError(
+                    404, {"error": {"code": "not_found", "message": "Project not found"}}
+                )
             return 200, self._project()
         if (method, path) == ("POST", "/v13/deployments"):
             b = json.loads(body)
             git = b.get("gitSource") or {}
             if b.get("target") != "production" or git.get("type") != "github":
-                raise HttpError(400, {"error": {"code": "bad_request", "message": "Invalid request"}})
+                raise HttpError(
+                    400, {"error": {"code": "bad_request", "message": "Invalid request"}}
+                )
             if (git.get("org"), git.get("repo")) != self.repo or not git.get("ref"):
-                raise HttpError(400, {"error": {"code": "incorrect_git_source_info", "message": "Repository not found"}})
+                raise HttpError(
+                    400,
+                    {
+                        "error": {
+                            "code": "incorrect_git_source_info",
+                            "message": "Repository not found",
+                        }
+                    },
+                )
             return 200, self._dep(self.create(git["ref"]))
         if method == "GET" and seg[:2] == ["v13", "deployments"] and len(seg) == 3:
             return 200, self._dep(self._run(seg[2]))
         if method == "GET" and seg[:2] == ["v3", "deployments"] and seg[-1] == "events":
             run = self._run(seg[2])
             state = run.state(self.step)
-            lines = [f"Cloning github.com/{'/'.join(self.repo)} (Branch: {run.version})", "Running \"npm run build\""]
+            lines = [
+                f"Cloning github.com/{'/'.join(self.repo)} (Branch: {run.version})",
+                'Running "npm run build"',
+            ]
             if state == "ERROR":
-                lines.append("Error: Command \"npm run build\" exited with 1")
+                lines.append('Error: Command "npm run build" exited with 1')
             if state == "READY":
                 lines.append("Build Completed")
             return 200, [
-                {"type": "stderr" if line.startswith("Error") else "stdout", "created": 1,
-                 "payload": {"id": f"{run.id}-{i}", "text": line, "date": 1}}
+                {
+                    "type": "stderr" if line.startswith("Error") else "stdout",
+                    "created": 1,
+                    "payload": {"id": f"{run.id}-{i}", "text": line, "date": 1},
+                }
                 for i, line in enumerate(lines)
             ]
         if method == "PATCH" and seg[:2] == ["v12", "deployments"] and seg[-1] == "cancel":
             run = self._run(seg[2])
             if run.state(self.step) in ("READY", "ERROR", "CANCELED"):
-                raise HttpError(400, {"error": {"code": "bad_request", "message": "Cannot cancel a finished deployment"}})
+                raise HttpError(
+                    400,
+                    {
+                        "error": {
+                            "code": "bad_request",
+                            "message": "Cannot cancel a finished deployment",
+                        }
+                    },
+                )
             run.forced = "CANCELED"
             return 200, self._dep(run)
         if (method, path) == ("GET", "/v6/deployments"):
@@ -327,14 +364,23 @@ class FakeVercel(FakeServer):
                 return 200, {"deployments": [], "pagination": {"count": 0}}
             deps = [self._dep(r) for r in reversed(self.runs)]
             return 200, {"deployments": deps, "pagination": {"count": len(deps), "next": None}}
-        if method == "POST" and seg[0] in ("v1", "v10") and seg[1] == "projects" and seg[3] in ("rollback", "promote"):
+        if (
+            method == "POST"
+            and seg[0] in ("v1", "v10")
+            and seg[1] == "projects"
+            and seg[3] in ("rollback", "promote")
+        ):
             run = self._run(seg[4])
             if seg[2] != self.project["id"] or run.state(self.step) != "READY":
-                raise HttpError(422, {"error": {"code": "not_ready", "message": "Deployment is not READY"}})
+                raise HttpError(
+                    422, {"error": {"code": "not_ready", "message": "Deployment is not READY"}}
+                )
             self.production = run
             self.project["auto_assign"] = seg[3] == "promote"
             return 201, None
-        raise HttpError(404, {"error": {"code": "not_found", "message": f"no route {method} {path}"}})
+        raise HttpError(
+            404, {"error": {"code": "not_found", "message": f"no route {method} {path}"}}
+        )
 
 
 # ============================================================================ Netlify
@@ -381,7 +427,9 @@ class FakeNetlify(FakeServer):
         run = Run(f"64d{len(self.runs) + 1:05d}", title, [] if ready else states, final)
         run.data["created_at"] = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())
         if final == "error":
-            run.data["error"] = "Failed during stage 'processing site': deploy directory 'dist' does not exist"
+            run.data["error"] = (
+                "Failed during stage 'processing site': deploy directory 'dist' does not exist"
+            )
         self.runs.append(run)
         return run
 
@@ -411,7 +459,11 @@ class FakeNetlify(FakeServer):
                 raise HttpError(404, {"code": 404, "message": "Not Found"})
             if method == "GET" and len(seg) == 2:
                 pub = self._deploy(self.published) if self.published else None
-                return 200, {**self.site, "published_deploy": pub, "url": "https://acme-web.netlify.app"}
+                return 200, {
+                    **self.site,
+                    "published_deploy": pub,
+                    "url": "https://acme-web.netlify.app",
+                }
             if method == "POST" and seg[2:] == ["deploys"]:
                 if headers.get("content-type") != "application/zip":
                     raise HttpError(422, {"code": 422, "message": "Unprocessable Entity"})
@@ -425,7 +477,9 @@ class FakeNetlify(FakeServer):
             if method == "POST" and len(seg) == 5 and seg[4] == "restore":
                 run = self._run(seg[3])
                 if run.state(self.step) != "ready":
-                    raise HttpError(422, {"code": 422, "message": "Deploy is not ready and cannot be published"})
+                    raise HttpError(
+                        422, {"code": 422, "message": "Deploy is not ready and cannot be published"}
+                    )
                 self.published = run
                 return 200, self._deploy(run)
         if seg[0] == "deploys":
@@ -489,7 +543,11 @@ class FakeRailway(FakeServer):
         tag = image.rpartition(":")[2]
         states, final = _outcome(tag, self.STATES, "SUCCESS", "FAILED", "BUILDING")
         run = Run(f"d{len(self.runs) + 1:03d}-9c1e", tag, [] if ready else states, final)
-        run.data.update(image=image, reason=reason, created_at=time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime()))
+        run.data.update(
+            image=image,
+            reason=reason,
+            created_at=time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime()),
+        )
         self.runs.append(run)
         return run
 
@@ -524,27 +582,41 @@ class FakeRailway(FakeServer):
         def instance(info: Any, serviceId: str, environmentId: str) -> dict[str, Any]:
             if (serviceId, environmentId) != (self.service, self.environment):
                 raise GraphQLError("ServiceInstance not found")
-            return {"id": "si-1", "serviceId": serviceId, "serviceName": "web",
-                    "environmentId": environmentId, "source": {"image": self.source_image}}
+            return {
+                "id": "si-1",
+                "serviceId": serviceId,
+                "serviceName": "web",
+                "environmentId": environmentId,
+                "source": {"image": self.source_image},
+            }
 
-        def deployments(info: Any, input: dict[str, Any], first: int | None = None, **_: Any) -> dict[str, Any]:
-            runs = [r for r in reversed(self.runs)
-                    if input.get("serviceId") in (None, self.service)
-                    and input.get("environmentId") in (None, self.environment)]
+        def deployments(
+            info: Any, input: dict[str, Any], first: int | None = None, **_: Any
+        ) -> dict[str, Any]:
+            runs = [
+                r
+                for r in reversed(self.runs)
+                if input.get("serviceId") in (None, self.service)
+                and input.get("environmentId") in (None, self.environment)
+            ]
             wanted = (input.get("status") or {}).get("in")
             nodes = [self._node(r) for r in runs]
             if wanted:
                 nodes = [n for n in nodes if n["status"] in wanted]
             return {"edges": [{"cursor": n["id"], "node": n} for n in nodes[: first or None]]}
 
-        def update(info: Any, serviceId: str, input: dict[str, Any], environmentId: str | None = None) -> bool:
+        def update(
+            info: Any, serviceId: str, input: dict[str, Any], environmentId: str | None = None
+        ) -> bool:
             instance(info, serviceId, environmentId or "")
             image = (input.get("source") or {}).get("image")
             if image:
                 self.source_image = image  # staged: nothing deploys yet
             return True
 
-        def deploy(info: Any, serviceId: str, environmentId: str, commitSha: str | None = None) -> str:
+        def deploy(
+            info: Any, serviceId: str, environmentId: str, commitSha: str | None = None
+        ) -> str:
             instance(info, serviceId, environmentId)
             if not self.source_image:
                 raise GraphQLError("Service has no source")
@@ -565,12 +637,21 @@ class FakeRailway(FakeServer):
             self.create(run.data["image"], reason="rollback")
             return True
 
-        def logs(info: Any, deploymentId: str, limit: int | None = None, **_: Any) -> list[dict[str, Any]]:
+        def logs(
+            info: Any, deploymentId: str, limit: int | None = None, **_: Any
+        ) -> list[dict[str, Any]]:
             run = self._find(deploymentId)
-            out = [{"message": f"Pulling {run.data['image']}", "severity": "info", "timestamp": "t"}]
+            out = [
+                {"message": f"Pulling {run.data['image']}", "severity": "info", "timestamp": "t"}
+            ]
             if run.state(self.step) == "FAILED":
-                out.append({"message": "Error: container exited with code 1 (health check failed)",
-                            "severity": "error", "timestamp": "t"})
+                out.append(
+                    {
+                        "message": "Error: container exited with code 1 (health check failed)",
+                        "severity": "error",
+                        "timestamp": "t",
+                    }
+                )
             return out[: limit or None]
 
         return {
@@ -588,9 +669,14 @@ class FakeRailway(FakeServer):
         if method != "POST" or path not in ("/", ""):
             raise HttpError(404, {"message": "Not Found"})
         if not self.authorized(headers):
-            return 200, {"data": None, "errors": [{"message": "Not Authorized", "extensions": {"code": "UNAUTHORIZED"}}]}
+            return 200, {
+                "data": None,
+                "errors": [{"message": "Not Authorized", "extensions": {"code": "UNAUTHORIZED"}}],
+            }
         doc = json.loads(body)
-        result = graphql_sync(SCHEMA, doc["query"], root_value=self._root(), variable_values=doc.get("variables"))
+        result = graphql_sync(
+            SCHEMA, doc["query"], root_value=self._root(), variable_values=doc.get("variables")
+        )
         out: dict[str, Any] = {"data": result.data}
         if result.errors:
             out["errors"] = [{"message": e.message} for e in result.errors]
