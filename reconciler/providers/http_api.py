@@ -32,8 +32,6 @@ from desired_state import parse_duration
 from reconciler.config import ProviderConfig
 from reconciler.providers.base import DeployContext, DeploymentFailed, Provider
 
-# Waiting for a retry is bounded by this when no run deadline applies (validate, drift).
-DEFAULT_RETRY_BUDGET = 60.0
 BACKOFF_FIRST, BACKOFF_MAX = 0.5, 10.0
 
 
@@ -102,16 +100,14 @@ class ApiClient:
         headers: Mapping[str, str],
         request_timeout: float,
         *,
-        deadline: float | None = None,
+        deadline: float,
         log: LogLine | None = None,
     ) -> None:
         self.http = httpx.AsyncClient(
             base_url=base_url.rstrip("/") + "/", headers=dict(headers), verify=_tls()
         )
         self.request_timeout = request_timeout
-        self.deadline = (
-            deadline if deadline is not None else time.monotonic() + DEFAULT_RETRY_BUDGET
-        )
+        self.deadline = deadline  # time.monotonic(): no call or retry wait goes past it
         self.log = log
 
     def extend(self, seconds: float) -> None:
@@ -251,7 +247,9 @@ class HostedProvider(Provider):
             self.api_url,
             headers,
             self.request_timeout,
-            deadline=ctx.deadline if ctx is not None else None,
+            # Outside a run (validate, drift) the calls and their retries share one
+            # request_timeout.
+            deadline=ctx.deadline if ctx is not None else time.monotonic() + self.request_timeout,
             log=(lambda line: ctx.log(line, "stderr")) if ctx is not None else None,
         )
         try:
