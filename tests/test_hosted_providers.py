@@ -320,3 +320,38 @@ def test_settings_mistakes_are_one_line_config_errors(tmp_path, kind, extra, mes
     with pytest.raises(ConfigError) as err:
         build_providers(load_config(cfg, environ={}))
     assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+def test_a_503_is_retried_and_a_create_refused_by_503_is_looked_up_before_resending(
+    tmp_path, vercel
+):
+    h = harness(tmp_path, "vercel", vercel, team_id="team_acme")
+    vercel.throttle(1, 0.2, status=503, path="/v13/deployments")
+    vercel.throttle(1, 0.2, status=503, path="/v13/deployments/dpl_0001")
+    history = h.deploy("1.0")
+    assert history[0].status == "completed", history[0].error_message
+    paths = [(r.method, r.path) for r in vercel.requests]
+    create = paths.index(("POST", "/v13/deployments"))
+    # Refused with 503: outcome unknown, so the list is read before the create is resent.
+    assert paths[create + 1] == ("GET", "/v6/deployments")
+    assert paths[create + 2] == ("POST", "/v13/deployments") and len(vercel.runs) == 1
+    text = log_of(h, history[0].id)
+    assert "GET v13/deployments/dpl_0001: HTTP 503: Service Unavailable; retrying in 0.2s" in text
+
+
+def test_retry_after_accepts_seconds_and_http_dates():
+    import email.utils
+    import time as clock
+
+    import httpx
+
+    from reconciler.providers.http_api import retry_after
+
+    def resp(value: str | None) -> httpx.Response:
+        return httpx.Response(429, headers={"Retry-After": value} if value else {})
+
+    assert retry_after(resp("2"), 0) == 2.0
+    date = email.utils.formatdate(clock.time() + 30, usegmt=True)
+    assert 28 <= retry_after(resp(date), 0) <= 30
+    assert retry_after(resp(None), 0) == 0.5 and retry_after(resp(None), 3) == 4.0
+    assert retry_after(resp(None), 10) == 10.0  # capped

@@ -33,6 +33,9 @@ from reconciler.config import ProviderConfig
 from reconciler.providers.base import DeployContext, DeploymentFailed, Provider
 
 BACKOFF_FIRST, BACKOFF_MAX = 0.5, 10.0
+# In a run the client's own limit is a little past the run's deadline, so that reaching the
+# deadline is always the executor's cancellation (recorded `timed_out`), never a client error.
+DEADLINE_MARGIN = 0.5
 
 
 class ApiError(Exception):
@@ -249,7 +252,11 @@ class HostedProvider(Provider):
             self.request_timeout,
             # Outside a run (validate, drift) the calls and their retries share one
             # request_timeout.
-            deadline=ctx.deadline if ctx is not None else time.monotonic() + self.request_timeout,
+            deadline=(
+                ctx.deadline + DEADLINE_MARGIN
+                if ctx is not None
+                else time.monotonic() + self.request_timeout
+            ),
             log=(lambda line: ctx.log(line, "stderr")) if ctx is not None else None,
         )
         try:

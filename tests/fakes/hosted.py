@@ -76,7 +76,7 @@ class FakeServer:
         self.token, self.step = token, step
         self.requests: list[Request] = []
         self.lock = threading.RLock()
-        self._throttle: list[tuple[int, float]] = []
+        self._throttle: list[tuple[int, float, str | None]] = []
         self._lose: list[tuple[str, str]] = []
         self.runs: list[Run] = []
         self._server: ThreadingHTTPServer | None = None
@@ -125,9 +125,13 @@ class FakeServer:
             self._server.server_close()
 
     # ------------------------------------------------------------------ faults
-    def throttle(self, n: int, retry_after: float) -> None:
+    def throttle(
+        self, n: int, retry_after: float, status: int = 429, path: str | None = None
+    ) -> None:
+        """The next n requests (to `path`, else any) are answered `status` (429, 503) with
+        `Retry-After`, without being performed."""
         with self.lock:
-            self._throttle += [(429, retry_after)] * n
+            self._throttle += [(status, retry_after, path)] * n
 
     def lose_answer(self, method: str, path: str) -> None:
         """The next `method path` is performed, but its answer is a 502."""
@@ -142,11 +146,14 @@ class FakeServer:
         lower = {k.lower(): v for k, v in headers.items()}
         with self.lock:
             self.requests.append(Request(method, path, query, lower, body, time.monotonic()))
-            if self._throttle:
-                status, after = self._throttle.pop(0)
+            hit = next((t for t in self._throttle if t[2] in (None, path)), None)
+            if hit is not None:
+                self._throttle.remove(hit)
+                status, after, _ = hit
+                text = "Too Many Requests" if status == 429 else "Service Unavailable"
                 return (
                     status,
-                    {"error": {"code": "rate_limited", "message": "Too Many Requests"}},
+                    {"error": {"code": "throttled", "message": text}},
                     {"Retry-After": f"{after:g}"},
                 )
             self.advance()
