@@ -7,6 +7,7 @@ are in the conformance suite (tests/test_conformance.py)."""
 from __future__ import annotations
 
 import json
+import subprocess
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +20,7 @@ from reconciler.providers import build_providers
 from tests.conformance import Harness
 from tests.fakes.backends import TOKEN, HostedBackend
 from tests.fakes.hosted import FakeNetlify, FakeRailway, FakeServer, FakeVercel, Request
+from tests.support import RECONCILER, cli_env
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -88,18 +90,48 @@ def test_vercel_sends_a_production_deployment_of_the_ref_with_the_team(tmp_path,
     assert states[0] == "QUEUED" and states[-1] == "READY"
 
 
-def test_vercel_rollback_is_instant_and_the_next_deployment_is_promoted(tmp_path, vercel):
+def test_vercel_rollback_after_a_failed_build_leaves_production_alone(tmp_path, vercel):
     h = harness(tmp_path, "vercel", vercel, team_id="team_acme")
     h.deploy("1.0", on_failure="rollback")
     history = h.deploy("1.1-fail", on_failure="rollback")
     assert [d.status for d in history[:2]] == ["completed", "rolled_back"]
-    assert "exited with 1" in history[1].error_message
-    # Restored, not rebuilt: two builds (1.0 and 1.1-fail), one instant rollback to 1.0's.
+    assert 'Command "npm run build" exited with 1' in history[1].error_message
+    # The ERROR build never took the domains: nothing rebuilt, nothing rolled back (which
+    # would switch auto-assignment off for nothing).
+    assert len(vercel.sent("POST", "/v13/deployments")) == 2
+    assert not [r for r in vercel.requests if "/rollback/" in r.path]
+    assert vercel.live_version() == "1.0" and vercel.project["auto_assign"] is True
+    assert "still serving production" in log_of(h, history[0].id)
+
+
+def test_vercel_rollback_is_instant_and_the_next_deployment_is_promoted(tmp_path, vercel):
+    h = harness(tmp_path, "vercel", vercel, team_id="team_acme")
+    h.deploy("1.0")
+    h.deploy("1.1")
+    out = subprocess.run(
+        [
+            *RECONCILER,
+            "--config",
+            str(h.config),
+            "rollback",
+            "--env",
+            "staging",
+            "--service",
+            "api",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=h.tmp,
+        env=cli_env(),
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    # Restored, not rebuilt: one instant rollback to 1.0's deployment.
     assert len(vercel.sent("POST", "/v13/deployments")) == 2
     assert vercel.sent("POST", "/v1/projects/prj_web1/rollback/dpl_0001")
     assert vercel.live_version() == "1.0" and vercel.project["auto_assign"] is False
     # Auto-assignment is off now: 1.2 becomes READY without the domains, so it is promoted.
-    after = h.deploy("1.2", on_failure="rollback")
+    after = h.deploy("1.2")
     assert after[0].status == "completed", after[0].error_message
     assert vercel.sent("POST", "/v10/projects/prj_web1/promote/dpl_0003")
     assert vercel.live_version() == "1.2" and vercel.project["auto_assign"] is True
@@ -171,7 +203,34 @@ def test_netlify_rollback_restores_the_ready_deploy(tmp_path, netlify):
     assert [d.status for d in history[:2]] == ["completed", "rolled_back"]
     assert "does not exist" in history[1].error_message  # Netlify's own error text
     assert len(netlify.sent("POST", "/sites/5a1e-site/deploys")) == 2  # no third upload
+    # The failed deploy was never published: 1.0's is still live, nothing to restore.
+    assert not netlify.sent("POST", "/sites/5a1e-site/deploys/64d00001/restore")
+    assert "still published" in log_of(h, history[0].id)
+    assert netlify.live_version() == "1.0"
+    # Someone published a newer deploy out of band; rolling back restores 1.0's deploy.
+    netlify.set_live("1.0.1-hotfix")
+    out = subprocess.run(
+        [
+            *RECONCILER,
+            "--config",
+            str(h.config),
+            "rollback",
+            "--env",
+            "staging",
+            "--service",
+            "api",
+            "--to",
+            "1.0",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=h.tmp,
+        env=cli_env(),
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
     assert netlify.sent("POST", "/sites/5a1e-site/deploys/64d00001/restore")
+    assert len(netlify.sent("POST", "/sites/5a1e-site/deploys")) == 2
     assert netlify.live_version() == "1.0"
 
 

@@ -95,6 +95,10 @@ class NetlifyProvider(HostedProvider):
                 (d for d in deploys if d.get("title") == req.version and d.get("state") == "ready"),
                 None,
             )
+            site = await api.request("GET", f"/sites/{p.site}")
+            if kept is not None and (site.get("published_deploy") or {}).get("id") == kept["id"]:
+                ctx.log(f"deploy {kept['id']} ({req.version}) is still published", "stdout")
+                return
             if kept is not None:
                 ctx.log(f"restoring ready deploy {kept['id']} ({req.version})", "stdout")
                 await ctx.report_progress(

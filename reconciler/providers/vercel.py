@@ -170,6 +170,12 @@ class VercelProvider(HostedProvider):
         self, ctx: DeployContext, api: ApiClient, project_id: str, dep: dict[str, Any]
     ) -> None:
         dep_id = str(dep["uid"])
+        project = await api.request("GET", f"/v9/projects/{project_id}", params=self._q())
+        if _production_id(project) == dep_id:
+            # The failed build never took the domains: rolling back to what already serves
+            # production would only switch auto-assignment off.
+            ctx.log(f"deployment {dep_id} ({_ref(dep)}) is still serving production", "stdout")
+            return
         ctx.log(f"instant rollback to READY deployment {dep_id} ({_ref(dep)})", "stdout")
         await ctx.report_progress(
             50, f"rolling back to deployment {dep_id}", {"deployment": dep_id}
