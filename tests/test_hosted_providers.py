@@ -414,3 +414,15 @@ def test_retry_after_accepts_seconds_and_http_dates():
     assert 28 <= retry_after(resp(date), 0) <= 30
     assert retry_after(resp(None), 0) == 0.5 and retry_after(resp(None), 3) == 4.0
     assert retry_after(resp(None), 10) == 10.0  # capped
+
+
+@pytest.mark.parametrize("kind", ["vercel", "netlify", "railway"])
+def test_an_unreachable_endpoint_is_refused_at_validation(tmp_path, kind):
+    fake = {"vercel": FakeVercel, "netlify": FakeNetlify, "railway": FakeRailway}[kind](TOKEN)
+    for _ in started(fake):
+        h = harness(tmp_path, kind, fake, api_url="http://127.0.0.1:9/api", request_timeout=1)
+        history = h.deploy("1.0")
+        assert history[0].status == "failed"
+        (check,) = [c for c in history[0].validation["checks"] if not c["ok"]]
+        assert check["name"] == "api" and "cannot connect" in check["message"]
+        assert not fake.requests

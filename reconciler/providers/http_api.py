@@ -41,9 +41,10 @@ DEADLINE_MARGIN = 0.5
 class ApiError(Exception):
     """A platform refused a call, or could not be reached; the text is the platform's own."""
 
-    def __init__(self, message: str, status: int | None = None) -> None:
+    def __init__(self, message: str, status: int | None = None, *, reached: bool = True) -> None:
         super().__init__(message)
         self.status = status
+        self.reached = reached  # False: no answer from the platform (endpoint down, wrong URL)
 
 
 Lookup = Callable[[], Awaitable[Any]]
@@ -135,6 +136,7 @@ class ApiClient:
         headers: Mapping[str, str] | None = None,
         idempotent: bool | None = None,
         lookup: Lookup | None = None,
+        what: str | None = None,
     ) -> Any:
         """The decoded JSON body of a 2xx answer (None when empty); ApiError otherwise.
 
@@ -142,14 +144,14 @@ class ApiClient:
         a non-idempotent call whose outcome is unknown asks `lookup` before resending."""
         if idempotent is None:
             idempotent = method.upper() in ("GET", "HEAD", "PUT", "DELETE", "PATCH")
-        what = f"{method} {path.lstrip('/')}"
+        what = what or f"{method} {path.lstrip('/')}"
         attempt = 0
         while True:
             left = self.deadline - time.monotonic()
             if left <= 0:
                 raise ApiError(f"{what}: no time left before the deadline")
             timeout = min(self.request_timeout, left)
-            unknown = False
+            unknown, status = False, None
             try:
                 resp = await self.http.request(
                     method,
@@ -166,8 +168,12 @@ class ApiClient:
                 failure, delay = f"{what}: {type(exc).__name__}: {exc}", backoff(attempt)
                 unknown = True
             else:
+                status = resp.status_code
                 if resp.is_success:
-                    return resp.json() if resp.content else None
+                    try:
+                        return resp.json() if resp.content else None
+                    except ValueError:
+                        raise ApiError(f"{what}: the answer is not JSON", status) from None
                 failure = f"{what}: {_error_text(resp)}"
                 if resp.status_code != 429 and resp.status_code < 500:
                     raise ApiError(failure, resp.status_code)
@@ -175,13 +181,17 @@ class ApiClient:
                 unknown = resp.status_code >= 500
             if unknown and not idempotent:
                 if lookup is None:
-                    raise ApiError(f"{failure} (outcome unknown; not resent)")
+                    raise ApiError(f"{failure} (outcome unknown; not resent)", status)
                 found = await lookup()
                 if found is not None:
                     self._note(f"{what}: outcome unknown ({failure}); found what it created")
                     return found
             if time.monotonic() + delay >= self.deadline:
-                raise ApiError(f"{failure} (no retry: the deadline comes first)")
+                raise ApiError(
+                    f"{failure} (no retry: the deadline comes first)",
+                    status,
+                    reached=status is not None,
+                )
             self._note(f"{failure}; retrying in {delay:.1f}s")
             await asyncio.sleep(delay)
             attempt += 1

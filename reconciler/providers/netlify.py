@@ -54,7 +54,8 @@ class NetlifyProvider(HostedProvider):
                 await api.request("GET", "/user")
                 checks.append(Check("credentials", True))
             except ApiError as exc:
-                return Validation((*checks, Check("credentials", False, str(exc))))
+                name = "credentials" if exc.reached else "api"
+                return Validation((*checks, Check(name, False, str(exc))))
             try:
                 await api.request("GET", f"/sites/{p.site}")
                 checks.append(Check("site", True))

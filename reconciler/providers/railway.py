@@ -96,12 +96,14 @@ class RailwayProvider(HostedProvider):
         lookup: Lookup | None = None,
     ) -> Any:
         """`data` of a GraphQL answer; its `errors` (sent with HTTP 200) raise ApiError."""
+        operation = document.split("{", 1)[0].split("(", 1)[0].strip()  # "mutation Deploy"
         out = await api.request(
             "POST",
             "",
             json={"query": document, "variables": dict(variables)},
             idempotent=idempotent,
             lookup=lookup,
+            what=operation,
         )
         errors = (out or {}).get("errors") if isinstance(out, dict) else None
         if errors:
@@ -122,7 +124,8 @@ class RailwayProvider(HostedProvider):
             except ApiError as exc:
                 text = str(exc)
                 auth = exc.status in (401, 403) or "authorized" in text.lower()
-                checks.append(Check("credentials" if auth else "service", False, text))
+                name = "api" if not exc.reached else "credentials" if auth else "service"
+                checks.append(Check(name, False, text))
         return Validation(tuple(checks))
 
     async def _deployments(

@@ -57,7 +57,8 @@ class VercelProvider(HostedProvider):
                 await api.request("GET", "/v2/user")
                 checks.append(Check("credentials", True))
             except ApiError as exc:
-                return Validation((*checks, Check("credentials", False, str(exc))))
+                name = "credentials" if exc.reached else "api"
+                return Validation((*checks, Check(name, False, str(exc))))
             try:
                 await api.request("GET", f"/v9/projects/{p.project}", params=self._q())
                 checks.append(Check("project", True))
