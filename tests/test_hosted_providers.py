@@ -426,3 +426,23 @@ def test_an_unreachable_endpoint_is_refused_at_validation(tmp_path, kind):
         (check,) = [c for c in history[0].validation["checks"] if not c["ok"]]
         assert check["name"] == "api" and "cannot connect" in check["message"]
         assert not fake.requests
+
+
+@pytest.mark.parametrize(
+    ("kind", "fake_class", "path", "containing"),
+    [
+        ("netlify", FakeNetlify, "/sites/5a1e-site/deploys", b""),
+        ("railway", FakeRailway, "/", b"serviceInstanceDeployV2"),
+    ],
+)
+def test_a_lost_answer_to_a_create_is_looked_up_not_resent(
+    tmp_path, kind, fake_class, path, containing
+):
+    fake = fake_class(TOKEN)
+    for _ in started(fake):
+        h = harness(tmp_path, kind, fake)
+        fake.lose_answer("POST", path, containing)
+        history = h.deploy("1.0")
+        assert history[0].status == "completed", history[0].error_message
+        assert len(fake.runs) == 1 and fake.live_version() == "1.0"
+        assert "outcome unknown" in log_of(h, history[0].id)

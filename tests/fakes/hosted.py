@@ -77,7 +77,7 @@ class FakeServer:
         self.requests: list[Request] = []
         self.lock = threading.RLock()
         self._throttle: list[tuple[int, float, str | None]] = []
-        self._lose: list[tuple[str, str]] = []
+        self._lose: list[tuple[str, str, bytes]] = []
         self.runs: list[Run] = []
         self._server: ThreadingHTTPServer | None = None
 
@@ -133,10 +133,11 @@ class FakeServer:
         with self.lock:
             self._throttle += [(status, retry_after, path)] * n
 
-    def lose_answer(self, method: str, path: str) -> None:
-        """The next `method path` is performed, but its answer is a 502."""
+    def lose_answer(self, method: str, path: str, containing: bytes = b"") -> None:
+        """The next `method path` (whose body contains `containing`) is performed, but its
+        answer is a 502."""
         with self.lock:
-            self._lose.append((method, path))
+            self._lose.append((method, path, containing))
 
     # ------------------------------------------------------------------ dispatch
     def dispatch(self, method: str, raw: str, headers: dict[str, str], body: bytes) -> Response:
@@ -161,8 +162,9 @@ class FakeServer:
                 status, payload = self.handle(method, path, query, lower, body)
             except HttpError as exc:
                 return exc.status, exc.body, {}
-            if (method, path) in self._lose:
-                self._lose.remove((method, path))
+            lost = next((x for x in self._lose if x[:2] == (method, path) and x[2] in body), None)
+            if lost is not None:
+                self._lose.remove(lost)
                 return 502, {"message": "Bad Gateway"}, {}
             return status, payload, {}
 
