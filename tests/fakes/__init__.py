@@ -1,0 +1,1 @@
+"""Local stand-ins for hosted platforms (no hosted platform is reachable from the tests)."""
