@@ -1,5 +1,7 @@
-"""Helpers shared by the store's query modules (`store.py`, `outbox.py`): table lookup,
-argument checks, row → record mapping, and portable INSERT ... ON CONFLICT."""
+"""Helpers shared by the store's query modules (`syncs.py`, `deployments.py`,
+`service_state.py`, `outbox.py`, ...): table lookup, argument checks, one-line messages,
+row → record mapping, and portable INSERT ... ON CONFLICT. The one place they share code:
+no query module imports another's private helpers."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from typing import Any
 from sqlalchemy import Connection, Row, Table, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
+from desired_state import one_line
 from reconciler.store.models import Base
 from reconciler.store.records import (
     DeploymentRecord,
@@ -36,6 +39,11 @@ def aware(value: datetime, name: str) -> datetime:
 def check(value: str, allowed: Collection[str], what: str) -> None:
     if value not in allowed:
         raise StoreError(f"unknown {what} {value!r}; expected one of {', '.join(allowed)}")
+
+
+def one_line_or_none(text: str | None) -> str | None:
+    """Messages in records stay one line: they are printed in tables, logs and CSV."""
+    return None if text is None else one_line(text)
 
 
 def chunks(items: Sequence[Any], size: int = CHUNK) -> Iterator[Sequence[Any]]:

@@ -1,0 +1,408 @@
+"""The deployment queries: the ledger of deployments and their progress events.
+
+A mixin of `Store`. Every insert and status change refreshes the service's `service_state`
+row in the same transaction (`service_state.refresh_service_state`). A terminal record is
+never changed, except ``failed`` → ``rolled_back`` (`_set_status`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from datetime import UTC, datetime
+from functools import lru_cache
+from typing import Any
+
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Select,
+    and_,
+    bindparam,
+    insert,
+    or_,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.exc import IntegrityError
+
+from desired_state import one_line
+from reconciler.store import rows
+from reconciler.store.models import Deployment, DeploymentEvent, DeploymentLog
+from reconciler.store.records import (
+    ACTIVE_STATUSES,
+    STATUSES,
+    TERMINAL_STATUSES,
+    TRIGGERS,
+    DeploymentRecord,
+    EventRecord,
+    LogLine,
+    NewDeployment,
+    StoreError,
+)
+from reconciler.store.service_state import refresh_service_state
+
+# Shared with the other query modules (rows.py), under the names the queries use.
+_aware = rows.aware
+_check = rows.check
+_chunks = rows.chunks
+_deployment = rows.deployment_record
+_event = rows.event_record
+_one_line = rows.one_line_or_none
+
+_D = rows.table(Deployment)
+_E = rows.table(DeploymentEvent)
+_L = rows.table(DeploymentLog)
+
+_ACTIVE = tuple(sorted(ACTIVE_STATUSES))
+
+_DEFAULT_MESSAGES = {
+    "pending": "deployment queued",
+    "validating": "validating",
+    "in_progress": "deployment started",
+    "completed": "deployment completed",
+    "failed": "deployment failed",
+    "rolled_back": "deployment rolled back",
+    "timed_out": "deployment timed out",
+    "cancelled": "deployment cancelled",
+}
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+_PG_COMPLETED = text(
+    "SELECT w.e, w.s, w.v FROM unnest(CAST(:e AS text[]), CAST(:s AS text[]), CAST(:v AS text[]))"
+    " AS w(e, s, v) WHERE EXISTS (SELECT 1 FROM deployments AS d WHERE d.environment = w.e"
+    " AND d.service = w.s AND d.version = w.v AND d.status = 'completed')"
+)
+
+
+@lru_cache(maxsize=16)
+def _completed_query(size: int) -> Select[str, str, str]:
+    """Which of ``size`` (environment, service, version) triples have a completed deployment.
+
+    One OR term per triple (bound as ``e<i>``, ``s<i>``, ``v<i>``), each an index search on
+    (environment, service, version, status); ``status || ''`` keeps SQLite's planner (no
+    statistics) from scanning the status index instead. Built once per size: building
+    thousands of expressions costs more than running the query.
+    """
+    completed = _D.c.status.concat("") == "completed"
+    terms = [
+        and_(
+            _D.c.environment == bindparam(f"e{index}"),
+            _D.c.service == bindparam(f"s{index}"),
+            _D.c.version == bindparam(f"v{index}"),
+            completed,
+        )
+        for index in range(size)
+    ]
+    return select(_D.c.environment, _D.c.service, _D.c.version).where(or_(*terms)).distinct()
+
+
+class DeploymentQueries:
+    """Deployment and progress event queries (mixed into `Store`)."""
+
+    engine: Engine
+    _writer: Engine
+
+    def create_deployment(self, new: NewDeployment) -> DeploymentRecord:
+        """Record a planned deployment, status ``pending``, with its first progress event."""
+        _check(new.trigger, TRIGGERS, "trigger")
+        created_at = _aware(new.created_at, "created_at") if new.created_at else _now()
+        with self._writer.begin() as conn:
+            try:
+                deployment_id = int(
+                    conn.execute(
+                        insert(_D)
+                        .values(
+                            environment=new.environment,
+                            service=new.service,
+                            version=new.version,
+                            previous_version=new.previous_version,
+                            provider=new.provider,
+                            provider_type=new.provider_type,
+                            strategy=dict(new.strategy),
+                            status="pending",
+                            trigger=new.trigger,
+                            commit=new.commit,
+                            commit_author=new.commit_author,
+                            attempt=new.attempt,
+                            timeout_seconds=new.timeout_seconds,
+                            params=dict(new.params),
+                            created_at=created_at,
+                            sync_id=new.sync_id,
+                            rollback_of=new.rollback_of,
+                        )
+                        .returning(_D.c.id)
+                    ).scalar_one()
+                )
+            except IntegrityError as exc:
+                raise StoreError(
+                    f"cannot record deployment: unknown sync {new.sync_id} "
+                    f"or deployment {new.rollback_of}"
+                ) from exc
+            conn.execute(
+                insert(_E).values(
+                    deployment_id=deployment_id,
+                    status="pending",
+                    message=_DEFAULT_MESSAGES["pending"],
+                    percent=None,
+                    details={},
+                    at=created_at,
+                )
+            )
+            refresh_service_state(conn, new.environment, new.service)
+            return _deployment(conn.execute(select(_D).where(_D.c.id == deployment_id)).one())
+
+    def set_status(
+        self,
+        deployment_id: int,
+        status: str,
+        *,
+        at: datetime,
+        error_message: str | None = None,
+        validation: dict[str, Any] | None = None,
+        message: str | None = None,
+    ) -> DeploymentRecord:
+        """Move a deployment to ``status`` and append the matching progress event.
+
+        ``validating``/``in_progress`` set ``started_at`` the first time; terminal statuses
+        set ``completed_at``. A terminal record is never changed, except ``failed`` →
+        ``rolled_back`` (which keeps its error message and end time).
+        """
+        _check(status, STATUSES, "status")
+        _aware(at, "at")
+        with self._writer.begin() as conn:
+            return self._set_status(
+                conn,
+                deployment_id,
+                status,
+                at=at,
+                error_message=_one_line(error_message),
+                validation=validation,
+                message=_one_line(message),
+            )
+
+    def _set_status(
+        self,
+        conn: Connection,
+        deployment_id: int,
+        status: str,
+        *,
+        at: datetime,
+        error_message: str | None,
+        validation: dict[str, Any] | None,
+        message: str | None,
+    ) -> DeploymentRecord:
+        row = conn.execute(
+            select(_D).where(_D.c.id == deployment_id).with_for_update()
+        ).one_or_none()
+        if row is None:
+            raise StoreError(f"no deployment {deployment_id}")
+        current = _deployment(row)
+        values: dict[str, Any] = {"status": status}
+        if current.status in TERMINAL_STATUSES:
+            if not (current.status == "failed" and status == "rolled_back"):
+                raise StoreError(
+                    f"deployment {deployment_id} is {current.status}: "
+                    f"a finished deployment cannot become {status}"
+                )
+            # failed -> rolled_back: keep error_message and completed_at.
+            if current.error_message is None and error_message is not None:
+                values["error_message"] = error_message
+        else:
+            if status == "pending" and current.status != "pending":
+                raise StoreError(f"deployment {deployment_id} is {current.status}: not pending")
+            if status in ("validating", "in_progress") and current.started_at is None:
+                values["started_at"] = at
+            if status in TERMINAL_STATUSES:
+                values["completed_at"] = at
+            if error_message is not None:
+                values["error_message"] = error_message
+        if validation is not None:
+            values["validation"] = dict(validation)
+        conn.execute(update(_D).where(_D.c.id == deployment_id).values(**values))
+        conn.execute(
+            insert(_E).values(
+                deployment_id=deployment_id,
+                status=status,
+                message=message or error_message or _DEFAULT_MESSAGES[status],
+                percent=100 if status == "completed" else None,
+                details={},
+                at=at,
+            )
+        )
+        refresh_service_state(conn, current.environment, current.service)
+        return _deployment(conn.execute(select(_D).where(_D.c.id == deployment_id)).one())
+
+    def add_event(
+        self,
+        deployment_id: int,
+        *,
+        status: str,
+        message: str,
+        percent: int | None,
+        details: dict[str, Any] | None,
+        at: datetime,
+    ) -> None:
+        """Append a progress event (e.g. a provider's report) without changing the status."""
+        with self._writer.begin() as conn:
+            try:
+                conn.execute(
+                    insert(_E).values(
+                        deployment_id=deployment_id,
+                        status=status,
+                        message=one_line(message),
+                        percent=percent,
+                        details=dict(details or {}),
+                        at=_aware(at, "at"),
+                    )
+                )
+            except IntegrityError as exc:
+                raise StoreError(f"no deployment {deployment_id}") from exc
+
+    def get_deployment(
+        self, deployment_id: int, *, with_progress: bool = False, with_log: bool = False
+    ) -> DeploymentRecord | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(_D).where(_D.c.id == deployment_id)).one_or_none()
+            if row is None:
+                return None
+            progress = None
+            if with_progress:
+                progress = [
+                    _event(event)
+                    for event in conn.execute(
+                        select(_E).where(_E.c.deployment_id == deployment_id).order_by(_E.c.id)
+                    )
+                ]
+            log = None
+            if with_log:
+                log = [
+                    LogLine(stream=entry.stream, line=entry.line, at=entry.at)
+                    for entry in conn.execute(
+                        select(_L.c.stream, _L.c.line, _L.c.at)
+                        .where(_L.c.deployment_id == deployment_id)
+                        .order_by(_L.c.id)
+                    )
+                ]
+            return _deployment(row, progress, log)
+
+    def events_after(
+        self, deployment_id: int, after_event_id: int, *, limit: int | None = None
+    ) -> list[EventRecord]:
+        """Progress events of a deployment with an id above ``after_event_id``, in order
+        (the first ``limit`` of them, if given)."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(_E)
+                .where(_E.c.deployment_id == deployment_id, _E.c.id > after_event_id)
+                .order_by(_E.c.id)
+                .limit(limit)
+            ).all()
+            return [_event(row) for row in rows]
+
+    def history(
+        self,
+        *,
+        environment: str | None = None,
+        service: str | None = None,
+        status: str | None = None,
+        since: datetime | None = None,
+        limit: int = 50,
+        before_id: int | None = None,
+    ) -> list[DeploymentRecord]:
+        """Deployments, newest first (id descending); ``before_id`` pages further back."""
+        query = select(_D)
+        if environment is not None:
+            query = query.where(_D.c.environment == environment)
+        if service is not None:
+            query = query.where(_D.c.service == service)
+        if status is not None:
+            query = query.where(_D.c.status == status)
+        if since is not None:
+            query = query.where(_D.c.created_at >= _aware(since, "since"))
+        if before_id is not None:
+            query = query.where(_D.c.id < before_id)
+        query = query.order_by(_D.c.id.desc()).limit(limit)
+        with self.engine.connect() as conn:
+            return [_deployment(row) for row in conn.execute(query)]
+
+    def completed_versions(
+        self, triples: Collection[tuple[str, str, str]]
+    ) -> set[tuple[str, str, str]]:
+        """Which ``(environment, service, version)`` have at least one completed deployment."""
+        wanted = sorted(set(triples))
+        found: set[tuple[str, str, str]] = set()
+        with self.engine.connect() as conn:
+            if conn.dialect.name == "postgresql" and wanted:
+                # One round trip: the triples as three arrays, each probed with an index
+                # search (the OR form costs ~4x more to plan on PostgreSQL).
+                envs, services, versions = (list(column) for column in zip(*wanted, strict=True))
+                rows = conn.execute(_PG_COMPLETED, {"e": envs, "s": services, "v": versions})
+                return {(row[0], row[1], row[2]) for row in rows}
+            for chunk in _chunks(wanted):
+                params: dict[str, str] = {}
+                for index, (environment, service, version) in enumerate(chunk):
+                    params[f"e{index}"] = environment
+                    params[f"s{index}"] = service
+                    params[f"v{index}"] = version
+                query = _completed_query(len(chunk))
+                found.update((row[0], row[1], row[2]) for row in conn.execute(query, params))
+        return found
+
+    def previous_completed_version(
+        self, environment: str, service: str, *, before_version: str | None = None
+    ) -> str | None:
+        """The latest completed version other than ``before_version`` (rollback target)."""
+        query = select(_D.c.version).where(
+            _D.c.environment == environment,
+            _D.c.service == service,
+            _D.c.status == "completed",
+        )
+        if before_version is not None:
+            query = query.where(_D.c.version != before_version)
+        with self.engine.connect() as conn:
+            version: str | None = conn.execute(query.order_by(_D.c.id.desc()).limit(1)).scalar()
+            return version
+
+    def set_run_process(self, deployment_id: int, pgid: int, token: str) -> None:
+        """Record the process group a deployment's run leads (see `unfinished_processes`)."""
+        with self._writer.begin() as conn:
+            conn.execute(
+                update(_D).where(_D.c.id == deployment_id).values(run_pgid=pgid, run_process=token)
+            )
+
+    def unfinished_processes(self) -> list[tuple[int, int, str]]:
+        """``(deployment id, process group, start token)`` of every unfinished deployment
+        that recorded a process: what a crashed daemon may have left running."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(_D.c.id, _D.c.run_pgid, _D.c.run_process)
+                .where(_D.c.status.in_(_ACTIVE), _D.c.run_pgid.is_not(None))
+                .order_by(_D.c.id)
+            )
+            return [(r.id, r.run_pgid, r.run_process) for r in rows if r.run_process]
+
+    def interrupt_unfinished(self, *, message: str, at: datetime) -> list[int]:
+        """End every unfinished deployment ``failed`` with ``message`` (crash recovery)."""
+        _aware(at, "at")
+        with self._writer.begin() as conn:
+            ids = list(
+                conn.execute(
+                    select(_D.c.id).where(_D.c.status.in_(_ACTIVE)).order_by(_D.c.id)
+                ).scalars()
+            )
+            for deployment_id in ids:
+                self._set_status(
+                    conn,
+                    deployment_id,
+                    "failed",
+                    at=at,
+                    error_message=message,
+                    validation=None,
+                    message=message,
+                )
+            return ids

@@ -1,0 +1,132 @@
+"""The environment queries: the last valid desired state applied per environment, and
+what operators did (`operator_actions`, with suspension in `operator_suspended`).
+
+A mixin of `Store`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Engine, delete, insert, select
+from sqlalchemy.dialects import postgresql, sqlite
+
+from reconciler.store import rows
+from reconciler.store.models import EnvironmentState, OperatorAction, OperatorSuspended
+from reconciler.store.records import OPERATOR_ACTIONS, EnvironmentStateRecord
+
+# Shared with the other query modules (rows.py), under the names the queries use.
+_aware = rows.aware
+_check = rows.check
+_chunks = rows.chunks
+_insert_ignore = rows.insert_ignore
+_upsert = rows.upsert
+
+_ENV = rows.table(EnvironmentState)
+_OA = rows.table(OperatorAction)
+_OS = rows.table(OperatorSuspended)
+
+
+class EnvironmentQueries:
+    """Environment state, operator action and suspension queries (mixed into `Store`)."""
+
+    engine: Engine
+    _writer: Engine
+
+    def save_environment_state(
+        self, name: str, *, spec: dict[str, Any], source_path: str, commit: str, at: datetime
+    ) -> None:
+        """Remember the last valid desired state applied for an environment."""
+        with self._writer.begin() as conn:
+            _upsert(
+                conn,
+                _ENV,
+                {
+                    "name": name,
+                    "spec": dict(spec),
+                    "source_path": source_path,
+                    "commit": commit,
+                    "updated_at": _aware(at, "at"),
+                },
+                ["name"],
+            )
+
+    def save_environment_states(
+        self, states: Iterable[tuple[str, dict[str, Any], str]], *, commit: str, at: datetime
+    ) -> None:
+        """Several `(name, spec, source_path)` at once, in one transaction (a full load)."""
+        when = _aware(at, "at")
+        rows = [
+            {"name": n, "spec": dict(spec), "source_path": p, "commit": commit, "updated_at": when}
+            for n, spec, p in states
+        ]
+        if not rows:
+            return
+        with self._writer.begin() as conn:
+            insert_ = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+            stmt = insert_(_ENV)
+            changes = {c: stmt.excluded[c] for c in ("spec", "source_path", "commit", "updated_at")}
+            # One statement, many rows (executemany): a full load saves 1,000 of them.
+            conn.execute(stmt.on_conflict_do_update(index_elements=["name"], set_=changes), rows)
+
+    def environment_states(self) -> dict[str, EnvironmentStateRecord]:
+        with self.engine.connect() as conn:
+            return {
+                row.name: EnvironmentStateRecord(
+                    name=row.name,
+                    spec=row.spec,
+                    source_path=row.source_path,
+                    commit=row.commit,
+                    updated_at=row.updated_at,
+                )
+                for row in conn.execute(select(_ENV).order_by(_ENV.c.name))
+            }
+
+    def forget_environment_states(self, names: Collection[str]) -> None:
+        """Drop the saved desired state of environments that left the repository, so that
+        falling back on the saved states never brings them back."""
+        if not names:
+            return
+        with self._writer.begin() as conn:
+            for chunk in _chunks(sorted(names)):
+                conn.execute(delete(_ENV).where(_ENV.c.name.in_(chunk)))
+
+    def record_operator_action(
+        self,
+        *,
+        environment: str,
+        service: str | None,
+        action: str,
+        actor: str,
+        note: str | None,
+        at: datetime,
+    ) -> None:
+        """Record what an operator did; ``suspend``/``resume`` also (un)suspend it."""
+        _check(action, OPERATOR_ACTIONS, "operator action")
+        _aware(at, "at")
+        with self._writer.begin() as conn:
+            conn.execute(
+                insert(_OA).values(
+                    at=at,
+                    environment=environment,
+                    service=service,
+                    action=action,
+                    actor=actor,
+                    note=note,
+                )
+            )
+            if action == "suspend":
+                _insert_ignore(
+                    conn,
+                    _OS,
+                    {"environment": environment, "since": at, "actor": actor},
+                    ["environment"],
+                )
+            elif action == "resume":
+                conn.execute(delete(_OS).where(_OS.c.environment == environment))
+
+    def suspended_environments(self) -> set[str]:
+        with self.engine.connect() as conn:
+            return set(conn.execute(select(_OS.c.environment)).scalars())
