@@ -920,7 +920,7 @@ def test_default_names_never_show_the_url_path(tmp_path: Path) -> None:
 def test_retry_after_is_read_from_429_and_503() -> None:
     import httpx
 
-    from reconciler.notify import _retry_after
+    from reconciler.notify import retry_after_seconds as _retry_after
 
     def answer(status: int, value: str | None) -> httpx.Response:
         headers = {"Retry-After": value} if value is not None else {}
