@@ -1,11 +1,11 @@
 """The notification queries: the notifier's cursor over the ledger and the outbox.
 
-A mixin of `Store` (kept apart to keep `store.py` about the ledger). The notifier reads
-the ledger after its cursor (`ledger_after`), decides what to send, and then in ONE
-transaction inserts the outbox rows and moves the cursor (`enqueue_notifications`, a
-compare-and-set on the cursor, so that a notice is derived once). Delivery claims one due
-row at a time (`claim_next_notification`: a lease on ``next_attempt_at``), sends it outside
-any transaction, and records the outcome (`notification_delivered` / `notification_failed`).
+A mixin of `Store`. The notifier reads the ledger after its cursor (`ledger_after`),
+decides what to send, and then in ONE transaction inserts the outbox rows and moves the
+cursor (`enqueue_notifications`, a compare-and-set on the cursor, so that a notice is
+derived once). Delivery claims one due row at a time (`claim_next_notification`: a lease
+on ``next_attempt_at``), sends it outside any transaction, and records the outcome
+(`notification_delivered` / `notification_failed`).
 """
 
 from __future__ import annotations
