@@ -7,7 +7,7 @@ Errors are one sentence on stderr; set RECONCILER_DEBUG=1 to see a traceback.
 
 from __future__ import annotations
 
-import asyncio
+import importlib.util
 import os
 import re
 import signal
@@ -15,16 +15,15 @@ import sys
 from collections.abc import Coroutine
 from datetime import datetime
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
-from sqlalchemy.exc import SQLAlchemyError
 
-from desired_state import DesiredState, json_schema, load_directory, one_line
-from reconciler import operations as ops
-from reconciler.config import Config, ConfigError, config_path, load_config
-from reconciler.executor import DeploymentEvent, Listener
-from reconciler.logs import setup_logging
+# Only light modules here: `reconciler --help` and every command pay for these imports.
+# Each command imports what it needs (SQLAlchemy, Pydantic, git, the engine) in its body;
+# tests/test_cli_output.py::test_help_imports_nothing_heavy checks it.
+from desired_state import one_line
 from reconciler.numbers import OutOfRange, parse_int
 from reconciler.output import (
     DEPLOYMENT_COLUMNS,
@@ -34,12 +33,30 @@ from reconciler.output import (
     print_json,
     show_deployment,
 )
-from reconciler.source import SourceError
-from reconciler.store import STATUSES, SchemaTooNew, StoreError
+from reconciler.store.records import STATUSES
 from reconciler.times import SINCE_HELP, parse_since
 
 if TYPE_CHECKING:
+    from desired_state import DesiredState
+    from reconciler import operations as ops
+    from reconciler.config import Config
+    from reconciler.executor import DeploymentEvent, Listener
     from reconciler.providers import Provider
+else:
+
+    def _lazy(name: str) -> ModuleType:
+        """`name`, loaded at its first attribute access (importlib.util.LazyLoader)."""
+        if name in sys.modules:
+            return sys.modules[name]
+        spec = importlib.util.find_spec(name)
+        assert spec is not None and spec.loader is not None
+        spec.loader = importlib.util.LazyLoader(spec.loader)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+        return module
+
+    ops = _lazy("reconciler.operations")
 
 T = TypeVar("T")
 
@@ -86,40 +103,40 @@ class Group(click.Group):
             return super().invoke(ctx)
         except click.ClickException as exc:
             usage_failure(exc)
-        except ConfigError as exc:
-            fail(str(exc), 2)
-        except ops.OperationError as exc:
-            fail(str(exc), exc.code)
-        except SourceError as exc:
-            fail(str(exc), 1)
-        except (StoreError, SchemaTooNew) as exc:
-            fail(str(exc), 1)
-        except SQLAlchemyError as exc:
-            if os.environ.get("RECONCILER_DEBUG"):
-                raise
-            fail(
-                f"database error: {str(exc.orig if hasattr(exc, 'orig') and exc.orig else exc).splitlines()[0]}",
-                1,
-            )
-        except (
-            BrokenPipeError
-        ):  # `reconciler history | head`: the reader left, not an error to show
+        except BrokenPipeError:  # `reconciler history | head`: the reader left, not an error
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             sys.exit(1)
-        except (
-            click.exceptions.Exit,
-            click.Abort,
-            SystemExit,
-            KeyboardInterrupt,
-        ):
+        except (click.exceptions.Exit, click.Abort):
             raise
         except Exception as exc:
-            if os.environ.get("RECONCILER_DEBUG"):
-                raise
-            fail(
-                f"internal error: {type(exc).__name__}: {exc} (set RECONCILER_DEBUG=1 for details)",
-                1,
-            )
+            expected_failure(exc)
+
+
+#: Expected failures by class (qualified name, so that recognising one imports nothing):
+#: the exit status, or None for the status the exception carries (`code`).
+_EXPECTED: dict[str, int | None] = {
+    "reconciler.config.ConfigError": 2,
+    "reconciler.operations.OperationError": None,
+    "reconciler.source.gitcmd.SourceError": 1,
+    "reconciler.store.records.StoreError": 1,
+    "reconciler.store.db.SchemaTooNew": 1,
+}
+
+
+def expected_failure(exc: Exception) -> NoReturn:
+    """One line and the SPEC's exit status for a failure a command can meet; an internal
+    error otherwise (with RECONCILER_DEBUG=1, the traceback instead)."""
+    names = [f"{c.__module__}.{c.__qualname__}" for c in type(exc).__mro__]
+    for name in names:
+        if name in _EXPECTED:
+            code = _EXPECTED[name]
+            fail(str(exc), getattr(exc, "code", 1) if code is None else code)
+    if os.environ.get("RECONCILER_DEBUG"):
+        raise exc
+    if "sqlalchemy.exc.SQLAlchemyError" in names:
+        orig = getattr(exc, "orig", None)
+        fail(f"database error: {str(orig or exc).splitlines()[0]}", 1)
+    fail(f"internal error: {type(exc).__name__}: {exc} (set RECONCILER_DEBUG=1 for details)", 1)
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
@@ -127,6 +144,8 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
     stopped, SIGTERM then SIGKILL after `kill_grace`, and recorded `cancelled`); each
     further Ctrl-C cancels again, which cuts the grace short (SIGKILL at once). Nothing
     kills the process under its command, which would leave that command running."""
+    import asyncio  # not for `--help`, `history`, `show`: ~20 ms of start-up
+
     received: list[signal.Signals] = []
     try:
         return asyncio.run(_stoppable(coro, received))
@@ -137,6 +156,8 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
 
 
 async def _stoppable(coro: Coroutine[Any, Any, T], received: list[signal.Signals]) -> T:
+    import asyncio
+
     task = asyncio.current_task()
     assert task is not None
     loop = asyncio.get_running_loop()
@@ -155,6 +176,8 @@ async def _stoppable(coro: Coroutine[Any, Any, T], received: list[signal.Signals
 
 
 def cfg(ctx: click.Context) -> Config:
+    from reconciler.config import load_config
+
     obj: dict[str, Any] = ctx.ensure_object(dict)
     if "config" not in obj:
         obj["config"] = load_config(obj.get("config_path"))
@@ -193,6 +216,7 @@ def run_cmd(ctx: click.Context, log_format: str | None) -> None:
     from reconciler.daemon import MigrationFailed, run_daemon
     from reconciler.http import HttpServerError
     from reconciler.lock import AlreadyRunning
+    from reconciler.logs import setup_logging
     from reconciler.store.holder import DatabaseHeld
 
     config = cfg(ctx)
@@ -328,6 +352,7 @@ def validate_cmd(ctx: click.Context, directory: str | None, as_json: bool) -> No
     """Check a desired-state folder (default: the configured repository at its branch head)."""
     state: DesiredState
     if directory is not None:
+        from desired_state import load_directory
         from reconciler.providers import spec_check
 
         providers = _known_providers(ctx)
@@ -362,6 +387,8 @@ def validate_cmd(ctx: click.Context, directory: str | None, as_json: bool) -> No
 
 def _known_providers(ctx: click.Context) -> dict[str, Provider] | None:
     """The configured providers to check files against, when a configuration is at hand."""
+    from reconciler.config import config_path, load_config
+
     obj = ctx.ensure_object(dict)
     path = config_path(obj.get("config_path"), os.environ)
     if obj.get("config_path") is None and not path.exists():
@@ -375,6 +402,8 @@ def _known_providers(ctx: click.Context) -> dict[str, Provider] | None:
 @main.command("schema")
 def schema_cmd() -> None:
     """Print the JSON Schema of the desired-state format."""
+    from desired_state import json_schema
+
     print_json(json_schema())
 
 

@@ -8,10 +8,11 @@ import json
 import sys
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-from reconciler.plan import Decision
-from reconciler.store import DeploymentRecord
+if TYPE_CHECKING:  # every command imports this module: it must stay light
+    from reconciler.plan import Decision
+    from reconciler.store import DeploymentRecord
 
 DEPLOYMENT_COLUMNS = [
     "id",
