@@ -353,14 +353,14 @@ def validate_cmd(ctx: click.Context, directory: str | None, as_json: bool) -> No
     state: DesiredState
     if directory is not None:
         from desired_state import load_directory
-        from reconciler.providers import spec_check
 
         providers = _known_providers(ctx)
-        state = load_directory(
-            Path(directory),
-            None if providers is None else providers.keys(),
-            None if providers is None else spec_check(providers),
-        )
+        if providers is None:  # no configuration: the format alone (a pre-commit hook)
+            state = load_directory(Path(directory))
+        else:
+            from reconciler.providers import spec_check
+
+            state = load_directory(Path(directory), providers.keys(), spec_check(providers))
     else:
         engine, _ = run(ops.decisions(cfg(ctx), fetch=True))
         assert engine.desired is not None
@@ -387,12 +387,13 @@ def validate_cmd(ctx: click.Context, directory: str | None, as_json: bool) -> No
 
 def _known_providers(ctx: click.Context) -> dict[str, Provider] | None:
     """The configured providers to check files against, when a configuration is at hand."""
-    from reconciler.config import config_path, load_config
+    from reconciler.configfile import config_path
 
     obj = ctx.ensure_object(dict)
     path = config_path(obj.get("config_path"), os.environ)
     if obj.get("config_path") is None and not path.exists():
         return None
+    from reconciler.config import load_config
     from reconciler.providers import build_providers
 
     # validate needs no write access to the state directory (a pre-commit hook's user)
@@ -441,7 +442,9 @@ def history_cmd(
     """Deployments, newest first."""
     if as_json and as_csv:
         raise click.UsageError("choose one of --json and --csv")
-    store = ops.open_store(cfg(ctx), migrate=False)
+    from reconciler.store import Store
+
+    store = Store.for_reading(cfg(ctx).database_url)
     records = store.history(
         environment=environment, service=service, status=status, since=_since(since), limit=limit
     )
@@ -470,7 +473,9 @@ def show_cmd(ctx: click.Context, deployment_id: str, as_json: bool) -> None:
         raise click.BadParameter(
             f"'{deployment_id}' is not a deployment id", param_hint="DEPLOYMENT_ID"
         ) from None
-    store = ops.open_store(cfg(ctx), migrate=False)
+    from reconciler.store import Store
+
+    store = Store.for_reading(cfg(ctx).database_url)
     record = store.get_deployment(dep_id, with_progress=True, with_log=True)
     if record is None:
         fail(f"no deployment {dep_id}")

@@ -25,10 +25,6 @@ from reconciler.store import (
     DatabaseLock,
     DeploymentRecord,
     Store,
-    check_schema,
-    current_revision,
-    head_revision,
-    upgrade,
 )
 
 
@@ -52,18 +48,7 @@ def open_store(config: Config, *, migrate: bool = True) -> Store:
     upgrades an existing one behind their back: that is `db upgrade`'s or the daemon's job."""
     if migrate:
         return Store.from_url(config.database_url, migrate=True)
-    store = Store.from_url(config.database_url, migrate=False)
-    current = current_revision(store.engine)
-    if current is None:
-        upgrade(store.engine)
-    elif current != head_revision():
-        check_schema(store.engine)  # a newer release's database says so
-        store.close()
-        raise OperationError(
-            f"the database is at schema revision {current} and this reconciler needs "
-            f"{head_revision()}: run `reconciler db upgrade` (the daemon does it at start)"
-        )
-    return store
+    return Store.for_reading(config.database_url)
 
 
 @asynccontextmanager

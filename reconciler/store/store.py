@@ -33,13 +33,20 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Row
 from sqlalchemy.exc import IntegrityError
 
 from desired_state import one_line
 from reconciler.store import rows
-from reconciler.store.db import SQLiteFile, make_engine, upgrade, write_engine
+from reconciler.store.db import (
+    HEAD_REVISION,
+    SQLiteFile,
+    check_schema,
+    current_revision,
+    make_engine,
+    upgrade,
+    write_engine,
+)
 from reconciler.store.drift import DriftQueries
 from reconciler.store.models import (
     UNFINISHED_SQL,
@@ -298,6 +305,27 @@ class Store(OutboxQueries, DriftQueries):
         engine = make_engine(url)
         if migrate:
             upgrade(engine)
+        return cls(engine)
+
+    @classmethod
+    def for_reading(cls, url: str) -> Store:
+        """The store for a command that only reads (`history`, `show`, `status`): it creates
+        a new database, but never upgrades an existing one behind the operator's back (that
+        is `db upgrade`'s or the daemon's job). A database at this release's head is
+        recognised without importing Alembic (most of a reading command's start-up)."""
+        engine = make_engine(url)
+        current = current_revision(engine)
+        if current is None:
+            upgrade(engine)
+        elif current != HEAD_REVISION:
+            try:
+                check_schema(engine)  # a newer release's database says so
+            finally:
+                engine.dispose()
+            raise StoreError(
+                f"the database is at schema revision {current} and this reconciler needs "
+                f"{HEAD_REVISION}: run `reconciler db upgrade` (the daemon does it at start)"
+            )
         return cls(engine)
 
     def ping(self) -> None:
@@ -861,6 +889,8 @@ class Store(OutboxQueries, DriftQueries):
         if not rows:
             return
         with self._writer.begin() as conn:
+            from sqlalchemy.dialects import postgresql, sqlite  # here: see rows.insert_ignore
+
             insert_ = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
             stmt = insert_(_ENV)
             changes = {c: stmt.excluded[c] for c in ("spec", "source_path", "commit", "updated_at")}
