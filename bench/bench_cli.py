@@ -17,6 +17,7 @@ bare interpreter; `status`, `history`, `show` within 0.35 s. Prints the table
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
@@ -43,19 +44,33 @@ HELP_TARGET = 0.15  # s over the bare interpreter
 READ_TARGET = 0.35
 
 
-def spawn(argv: list[str], cwd: Path) -> float:
-    """Wall time of one process, spawn to exit; it must exit 0."""
+def spawn(argv: list[str], cwd: Path) -> tuple[float, float]:
+    """(wall, CPU) seconds of one process, spawn to exit; it must exit 0."""
     started = time.perf_counter()
-    out = subprocess.run(argv, cwd=cwd, env=cli_env(), capture_output=True, text=True)
+    proc = subprocess.Popen(
+        argv, cwd=cwd, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - started
-    if out.returncode != 0:
-        raise SystemExit(f"{' '.join(argv[2:])} exited {out.returncode}: {out.stderr.strip()}")
-    return wall
+    assert proc.stderr is not None
+    err = proc.stderr.read().decode(errors="replace")
+    proc.stderr.close()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(argv[2:])} exited {proc.returncode}: {err.strip()}")
+    return wall, usage.ru_utime + usage.ru_stime
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=15, help="runs of each command (15)")
+    parser.add_argument(
+        "--judge",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="which median the targets judge: wall time (default), or CPU time (user + "
+        "system), which a busy shared machine inflates far less",
+    )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="bench-cli-") as name:
@@ -78,32 +93,40 @@ def main() -> int:
             "show 1": [*RECONCILER, "--config", config, "show", "1"],
         }
         times: dict[str, list[float]] = {k: [] for k in commands}
+        cpu: dict[str, list[float]] = {k: [] for k in commands}
         for argv in commands.values():  # warm the page cache and the bytecode
             spawn(argv, tmp)
         for i in range(args.rounds):
             say(f"round {i + 1}/{args.rounds}")
             for key, argv in commands.items():
-                times[key].append(spawn(argv, tmp))
+                wall, used = spawn(argv, tmp)
+                times[key].append(wall)
+                cpu[key].append(used)
 
     floor = median(times["python -c pass"])
+    cpu_floor = median(cpu["python -c pass"])
     table = Table(
-        f"CLI start-up, median of {args.rounds} runs each, interleaved ({machine()})"
+        f"CLI start-up, median of {args.rounds} runs each, interleaved; targets judge the "
+        f"{args.judge} time ({machine()})"
     )
-    table.add("python -c pass", ms(floor), "-", None, "-")
+    table.add("python -c pass: wall", ms(floor))
+    table.add("python -c pass: CPU", ms(cpu_floor))
     missed = False
     for key in ("--help", "validate DIR", "status", "history", "show 1"):
-        value = median(times[key])
         allowed = HELP_TARGET if key in ("--help", "validate DIR") else READ_TARGET
-        met = value - floor <= allowed
-        missed |= not met
-        table.add(
-            f"reconciler {key} (over the floor: {ms(value - floor)})",
-            ms(value),
-            ms(floor),
-            ratio(value, floor),
-            f"<= floor + {allowed * 1e3:.0f} ms",
-            met,
-        )
+        for kind, figures, base in (("wall", times, floor), ("CPU", cpu, cpu_floor)):
+            value = median(figures[key])
+            judged = kind.lower() == args.judge
+            met = value - base <= allowed
+            missed |= judged and not met
+            table.add(
+                f"reconciler {key}: {kind} (floor + {ms(value - base)})",
+                ms(value),
+                ms(base),
+                ratio(value, base),
+                f"<= floor + {allowed * 1e3:.0f} ms" if judged else "-",
+                met if judged else None,
+            )
     table.note("baseline: `python -c pass` with the same interpreter, measured in the same rounds.")
     table.note("validate: a folder, no configuration (a pre-commit hook); the rest: SQLite.")
     table.print()

@@ -311,8 +311,9 @@ def sync_cmd(
 @main.command("plan")
 @click.option("--env", "environment", help="Only this environment.")
 @click.option("--json", "as_json", is_flag=True)
+@click.option("--wide", is_flag=True, help="Every column, however wide the lines get.")
 @click.pass_context
-def plan_cmd(ctx: click.Context, environment: str | None, as_json: bool) -> None:
+def plan_cmd(ctx: click.Context, environment: str | None, as_json: bool, wide: bool) -> None:
     """What a sync would do now, doing nothing."""
     engine, decisions = run(ops.decisions(cfg(ctx), fetch=True, environment=environment))
     actions = [d for d in decisions if d.state not in ("synced",)]
@@ -322,14 +323,17 @@ def plan_cmd(ctx: click.Context, environment: str | None, as_json: bool) -> None
     if not actions:
         click.echo(f"everything is in sync at {engine.commit.sha[:9] if engine.commit else '-'}")
         return
-    decisions_table(actions, engine.commit.sha if engine.commit else None)
+    decisions_table(
+        actions, engine.commit.sha if engine.commit else None, with_action=True, wide=wide
+    )
 
 
 @main.command("status")
 @click.option("--env", "environment", help="Only this environment.")
 @click.option("--json", "as_json", is_flag=True)
+@click.option("--wide", is_flag=True, help="Every column, however wide the lines get.")
 @click.pass_context
-def status_cmd(ctx: click.Context, environment: str | None, as_json: bool) -> None:
+def status_cmd(ctx: click.Context, environment: str | None, as_json: bool, wide: bool) -> None:
     """Per service: desired, deployed, state, last commit."""
     engine, decisions = run(ops.decisions(cfg(ctx), fetch=False, environment=environment))
     commit = engine.commit.sha if engine.commit else None
@@ -338,7 +342,8 @@ def status_cmd(ctx: click.Context, environment: str | None, as_json: bool) -> No
         return
     if commit is None:
         click.echo("no sync recorded yet: run `reconciler sync` or start the daemon", err=True)
-    decisions_table(decisions, commit)
+    reasons = engine.store.suspension_reasons()
+    decisions_table(decisions, commit, reasons=reasons, wide=wide)
 
 
 # ---- validating ----------------------------------------------------------------------
@@ -428,6 +433,7 @@ def _since(value: str | None) -> datetime | None:
 @click.option("--limit", type=click.IntRange(1, 100000), default=50, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--csv", "as_csv", is_flag=True)
+@click.option("--wide", is_flag=True, help="Every column, however wide the lines get.")
 @click.pass_context
 def history_cmd(
     ctx: click.Context,
@@ -438,8 +444,9 @@ def history_cmd(
     limit: int,
     as_json: bool,
     as_csv: bool,
+    wide: bool,
 ) -> None:
-    """Deployments, newest first."""
+    """Deployments, newest first (columns that do not fit the terminal are left out)."""
     if as_json and as_csv:
         raise click.UsageError("choose one of --json and --csv")
     from reconciler.store import Store
@@ -453,7 +460,8 @@ def history_cmd(
     elif as_csv:
         print_csv([r.to_json() for r in records], DEPLOYMENT_COLUMNS)
     elif records:
-        deployments_table(records)
+        subjects = store.commit_subjects([r.sync_id for r in records if r.sync_id is not None])
+        deployments_table(records, subjects, wide=wide)
     else:
         click.echo("no deployments match", err=True)
 
@@ -482,7 +490,8 @@ def show_cmd(ctx: click.Context, deployment_id: str, as_json: bool) -> None:
     if as_json:
         print_json(record.to_json())
     else:
-        show_deployment(record)
+        subjects = store.commit_subjects([record.sync_id] if record.sync_id else [])
+        show_deployment(record, subjects.get(record.sync_id) if record.sync_id else None)
 
 
 # ---- operator actions ----------------------------------------------------------------

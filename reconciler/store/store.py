@@ -969,3 +969,33 @@ class Store(OutboxQueries, DriftQueries):
     def suspended_environments(self) -> set[str]:
         with self.engine.connect() as conn:
             return set(conn.execute(select(_OS.c.environment)).scalars())
+
+    def suspension_reasons(self) -> dict[str, str | None]:
+        """Each environment an operator suspended: the reason given (`suspend --reason`,
+        the note of the latest `suspend` action there), None when none was given."""
+        latest = (
+            select(_OA.c.environment, func.max(_OA.c.id).label("id"))
+            .where(_OA.c.action == "suspend")
+            .group_by(_OA.c.environment)
+            .subquery()
+        )
+        query = (
+            select(_OS.c.environment, _OA.c.note)
+            .select_from(_OS)
+            .outerjoin(latest, latest.c.environment == _OS.c.environment)
+            .outerjoin(_OA, _OA.c.id == latest.c.id)
+        )
+        with self.engine.connect() as conn:
+            return {env: note for env, note in conn.execute(query).all()}
+
+    def commit_subjects(self, sync_ids: Collection[int]) -> dict[int, str]:
+        """The subject of the commit each sync read (what `history` and `show` print beside
+        a deployment's commit), by sync id; syncs without one are left out."""
+        out: dict[int, str] = {}
+        with self.engine.connect() as conn:
+            for chunk in _chunks(sorted(set(sync_ids))):
+                query = select(_S.c.id, _S.c.commit_subject).where(
+                    _S.c.id.in_(chunk), _S.c.commit_subject.is_not(None)
+                )
+                out.update({int(i): str(subject) for i, subject in conn.execute(query).all()})
+        return out
