@@ -110,6 +110,10 @@ def table(
     natural = [max([len(c.name)] + [len(r[i]) for r in texts]) for i, c in enumerate(cols)]
     limit = None if wide else (width if width is not None else output_width())
     wrap_width: dict[int, int] = {}
+    kept = [i for i, c in enumerate(cols) if c.keep]
+    if limit is not None and sum(natural[i] for i in kept) + 2 * (len(kept) - 1) > limit:
+        _records(cols, texts, limit)
+        return
     if limit is not None:
 
         def needed() -> int:
@@ -148,6 +152,23 @@ def table(
     lines += lines_of([c.name for c in cols])
     for r in texts:
         lines += lines_of(r)
+    sys.stdout.write("\n".join(lines) + "\n")
+
+
+def _records(cols: Sequence[Column], texts: Sequence[Sequence[str]], width: int) -> None:
+    """The rows as blocks of `NAME  value` lines, for names too long for columns: every
+    value whole on a line of its own (text of a `wrap` column wrapped)."""
+    label = max(len(c.name) for c in cols) + 2
+    lines: list[str] = []
+    for n, row in enumerate(texts):
+        if n:
+            lines.append("")
+        for c, value in zip(cols, row, strict=True):
+            if not value:
+                continue
+            parts = textwrap.wrap(value, max(width - label, MIN_WRAP)) if c.wrap else [value]
+            lines.append(c.name.ljust(label) + parts[0])
+            lines += [" " * label + part for part in parts[1:]]
     sys.stdout.write("\n".join(lines) + "\n")
 
 
