@@ -7,7 +7,7 @@ Errors are one sentence on stderr; set RECONCILER_DEBUG=1 to see a traceback.
 
 from __future__ import annotations
 
-import asyncio
+import importlib.util
 import os
 import re
 import signal
@@ -15,16 +15,15 @@ import sys
 from collections.abc import Coroutine
 from datetime import datetime
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
-from sqlalchemy.exc import SQLAlchemyError
 
-from desired_state import DesiredState, json_schema, load_directory, one_line
-from reconciler import operations as ops
-from reconciler.config import Config, ConfigError, config_path, load_config
-from reconciler.executor import DeploymentEvent, Listener
-from reconciler.logs import setup_logging
+# Only light modules here: `reconciler --help` and every command pay for these imports.
+# Each command imports what it needs (SQLAlchemy, Pydantic, git, the engine) in its body;
+# tests/test_cli_output.py::test_help_imports_nothing_heavy checks it.
+from desired_state import one_line
 from reconciler.numbers import OutOfRange, parse_int
 from reconciler.output import (
     DEPLOYMENT_COLUMNS,
@@ -34,12 +33,30 @@ from reconciler.output import (
     print_json,
     show_deployment,
 )
-from reconciler.source import SourceError
-from reconciler.store import STATUSES, SchemaTooNew, StoreError
+from reconciler.store.records import STATUSES
 from reconciler.times import SINCE_HELP, parse_since
 
 if TYPE_CHECKING:
+    from desired_state import DesiredState
+    from reconciler import operations as ops
+    from reconciler.config import Config
+    from reconciler.executor import DeploymentEvent, Listener
     from reconciler.providers import Provider
+else:
+
+    def _lazy(name: str) -> ModuleType:
+        """`name`, loaded at its first attribute access (importlib.util.LazyLoader)."""
+        if name in sys.modules:
+            return sys.modules[name]
+        spec = importlib.util.find_spec(name)
+        assert spec is not None and spec.loader is not None
+        spec.loader = importlib.util.LazyLoader(spec.loader)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+        return module
+
+    ops = _lazy("reconciler.operations")
 
 T = TypeVar("T")
 
@@ -86,40 +103,40 @@ class Group(click.Group):
             return super().invoke(ctx)
         except click.ClickException as exc:
             usage_failure(exc)
-        except ConfigError as exc:
-            fail(str(exc), 2)
-        except ops.OperationError as exc:
-            fail(str(exc), exc.code)
-        except SourceError as exc:
-            fail(str(exc), 1)
-        except (StoreError, SchemaTooNew) as exc:
-            fail(str(exc), 1)
-        except SQLAlchemyError as exc:
-            if os.environ.get("RECONCILER_DEBUG"):
-                raise
-            fail(
-                f"database error: {str(exc.orig if hasattr(exc, 'orig') and exc.orig else exc).splitlines()[0]}",
-                1,
-            )
-        except (
-            BrokenPipeError
-        ):  # `reconciler history | head`: the reader left, not an error to show
+        except BrokenPipeError:  # `reconciler history | head`: the reader left, not an error
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             sys.exit(1)
-        except (
-            click.exceptions.Exit,
-            click.Abort,
-            SystemExit,
-            KeyboardInterrupt,
-        ):
+        except (click.exceptions.Exit, click.Abort):
             raise
         except Exception as exc:
-            if os.environ.get("RECONCILER_DEBUG"):
-                raise
-            fail(
-                f"internal error: {type(exc).__name__}: {exc} (set RECONCILER_DEBUG=1 for details)",
-                1,
-            )
+            expected_failure(exc)
+
+
+#: Expected failures by class (qualified name, so that recognising one imports nothing):
+#: the exit status, or None for the status the exception carries (`code`).
+_EXPECTED: dict[str, int | None] = {
+    "reconciler.config.ConfigError": 2,
+    "reconciler.operations.OperationError": None,
+    "reconciler.source.gitcmd.SourceError": 1,
+    "reconciler.store.records.StoreError": 1,
+    "reconciler.store.db.SchemaTooNew": 1,
+}
+
+
+def expected_failure(exc: Exception) -> NoReturn:
+    """One line and the SPEC's exit status for a failure a command can meet; an internal
+    error otherwise (with RECONCILER_DEBUG=1, the traceback instead)."""
+    names = [f"{c.__module__}.{c.__qualname__}" for c in type(exc).__mro__]
+    for name in names:
+        if name in _EXPECTED:
+            code = _EXPECTED[name]
+            fail(str(exc), getattr(exc, "code", 1) if code is None else code)
+    if os.environ.get("RECONCILER_DEBUG"):
+        raise exc
+    if "sqlalchemy.exc.SQLAlchemyError" in names:
+        orig = getattr(exc, "orig", None)
+        fail(f"database error: {str(orig or exc).splitlines()[0]}", 1)
+    fail(f"internal error: {type(exc).__name__}: {exc} (set RECONCILER_DEBUG=1 for details)", 1)
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
@@ -127,6 +144,8 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
     stopped, SIGTERM then SIGKILL after `kill_grace`, and recorded `cancelled`); each
     further Ctrl-C cancels again, which cuts the grace short (SIGKILL at once). Nothing
     kills the process under its command, which would leave that command running."""
+    import asyncio  # not for `--help`, `history`, `show`: ~20 ms of start-up
+
     received: list[signal.Signals] = []
     try:
         return asyncio.run(_stoppable(coro, received))
@@ -137,6 +156,8 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
 
 
 async def _stoppable(coro: Coroutine[Any, Any, T], received: list[signal.Signals]) -> T:
+    import asyncio
+
     task = asyncio.current_task()
     assert task is not None
     loop = asyncio.get_running_loop()
@@ -155,6 +176,8 @@ async def _stoppable(coro: Coroutine[Any, Any, T], received: list[signal.Signals
 
 
 def cfg(ctx: click.Context) -> Config:
+    from reconciler.config import load_config
+
     obj: dict[str, Any] = ctx.ensure_object(dict)
     if "config" not in obj:
         obj["config"] = load_config(obj.get("config_path"))
@@ -193,6 +216,7 @@ def run_cmd(ctx: click.Context, log_format: str | None) -> None:
     from reconciler.daemon import MigrationFailed, run_daemon
     from reconciler.http import HttpServerError
     from reconciler.lock import AlreadyRunning
+    from reconciler.logs import setup_logging
     from reconciler.store.holder import DatabaseHeld
 
     config = cfg(ctx)
@@ -287,8 +311,9 @@ def sync_cmd(
 @main.command("plan")
 @click.option("--env", "environment", help="Only this environment.")
 @click.option("--json", "as_json", is_flag=True)
+@click.option("--wide", is_flag=True, help="Every column, however wide the lines get.")
 @click.pass_context
-def plan_cmd(ctx: click.Context, environment: str | None, as_json: bool) -> None:
+def plan_cmd(ctx: click.Context, environment: str | None, as_json: bool, wide: bool) -> None:
     """What a sync would do now, doing nothing."""
     engine, decisions = run(ops.decisions(cfg(ctx), fetch=True, environment=environment))
     actions = [d for d in decisions if d.state not in ("synced",)]
@@ -298,14 +323,17 @@ def plan_cmd(ctx: click.Context, environment: str | None, as_json: bool) -> None
     if not actions:
         click.echo(f"everything is in sync at {engine.commit.sha[:9] if engine.commit else '-'}")
         return
-    decisions_table(actions, engine.commit.sha if engine.commit else None)
+    decisions_table(
+        actions, engine.commit.sha if engine.commit else None, with_action=True, wide=wide
+    )
 
 
 @main.command("status")
 @click.option("--env", "environment", help="Only this environment.")
 @click.option("--json", "as_json", is_flag=True)
+@click.option("--wide", is_flag=True, help="Every column, however wide the lines get.")
 @click.pass_context
-def status_cmd(ctx: click.Context, environment: str | None, as_json: bool) -> None:
+def status_cmd(ctx: click.Context, environment: str | None, as_json: bool, wide: bool) -> None:
     """Per service: desired, deployed, state, last commit."""
     engine, decisions = run(ops.decisions(cfg(ctx), fetch=False, environment=environment))
     commit = engine.commit.sha if engine.commit else None
@@ -314,7 +342,8 @@ def status_cmd(ctx: click.Context, environment: str | None, as_json: bool) -> No
         return
     if commit is None:
         click.echo("no sync recorded yet: run `reconciler sync` or start the daemon", err=True)
-    decisions_table(decisions, commit)
+    reasons = engine.store.suspension_reasons()
+    decisions_table(decisions, commit, reasons=reasons, wide=wide)
 
 
 # ---- validating ----------------------------------------------------------------------
@@ -328,14 +357,15 @@ def validate_cmd(ctx: click.Context, directory: str | None, as_json: bool) -> No
     """Check a desired-state folder (default: the configured repository at its branch head)."""
     state: DesiredState
     if directory is not None:
-        from reconciler.providers import spec_check
+        from desired_state import load_directory
 
         providers = _known_providers(ctx)
-        state = load_directory(
-            Path(directory),
-            None if providers is None else providers.keys(),
-            None if providers is None else spec_check(providers),
-        )
+        if providers is None:  # no configuration: the format alone (a pre-commit hook)
+            state = load_directory(Path(directory))
+        else:
+            from reconciler.providers import spec_check
+
+            state = load_directory(Path(directory), providers.keys(), spec_check(providers))
     else:
         engine, _ = run(ops.decisions(cfg(ctx), fetch=True))
         assert engine.desired is not None
@@ -362,10 +392,13 @@ def validate_cmd(ctx: click.Context, directory: str | None, as_json: bool) -> No
 
 def _known_providers(ctx: click.Context) -> dict[str, Provider] | None:
     """The configured providers to check files against, when a configuration is at hand."""
+    from reconciler.configfile import config_path
+
     obj = ctx.ensure_object(dict)
     path = config_path(obj.get("config_path"), os.environ)
     if obj.get("config_path") is None and not path.exists():
         return None
+    from reconciler.config import load_config
     from reconciler.providers import build_providers
 
     # validate needs no write access to the state directory (a pre-commit hook's user)
@@ -375,6 +408,8 @@ def _known_providers(ctx: click.Context) -> dict[str, Provider] | None:
 @main.command("schema")
 def schema_cmd() -> None:
     """Print the JSON Schema of the desired-state format."""
+    from desired_state import json_schema
+
     print_json(json_schema())
 
 
@@ -398,6 +433,7 @@ def _since(value: str | None) -> datetime | None:
 @click.option("--limit", type=click.IntRange(1, 100000), default=50, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--csv", "as_csv", is_flag=True)
+@click.option("--wide", is_flag=True, help="Every column, however wide the lines get.")
 @click.pass_context
 def history_cmd(
     ctx: click.Context,
@@ -408,11 +444,14 @@ def history_cmd(
     limit: int,
     as_json: bool,
     as_csv: bool,
+    wide: bool,
 ) -> None:
-    """Deployments, newest first."""
+    """Deployments, newest first (columns that do not fit the terminal are left out)."""
     if as_json and as_csv:
         raise click.UsageError("choose one of --json and --csv")
-    store = ops.open_store(cfg(ctx), migrate=False)
+    from reconciler.store import Store
+
+    store = Store.for_reading(cfg(ctx).database_url)
     records = store.history(
         environment=environment, service=service, status=status, since=_since(since), limit=limit
     )
@@ -421,7 +460,8 @@ def history_cmd(
     elif as_csv:
         print_csv([r.to_json() for r in records], DEPLOYMENT_COLUMNS)
     elif records:
-        deployments_table(records)
+        subjects = store.commit_subjects([r.sync_id for r in records if r.sync_id is not None])
+        deployments_table(records, subjects, wide=wide)
     else:
         click.echo("no deployments match", err=True)
 
@@ -441,14 +481,17 @@ def show_cmd(ctx: click.Context, deployment_id: str, as_json: bool) -> None:
         raise click.BadParameter(
             f"'{deployment_id}' is not a deployment id", param_hint="DEPLOYMENT_ID"
         ) from None
-    store = ops.open_store(cfg(ctx), migrate=False)
+    from reconciler.store import Store
+
+    store = Store.for_reading(cfg(ctx).database_url)
     record = store.get_deployment(dep_id, with_progress=True, with_log=True)
     if record is None:
         fail(f"no deployment {dep_id}")
     if as_json:
         print_json(record.to_json())
     else:
-        show_deployment(record)
+        subjects = store.commit_subjects([record.sync_id] if record.sync_id else [])
+        show_deployment(record, subjects.get(record.sync_id) if record.sync_id else None)
 
 
 # ---- operator actions ----------------------------------------------------------------

@@ -27,8 +27,8 @@ from pydantic import (
 )
 
 from desired_state import format_duration, parse_duration
+from reconciler.configfile import config_path
 
-DEFAULT_CONFIG_PATH = Path("/etc/reconciler/reconciler.toml")
 # git's scp-like syntax, [user@]host:path (a relative path with a colon must start with ./).
 _SCP_LIKE = re.compile(r"^(?:[\w.+-]+@)?[\w.-]+:(?!//)")
 ENV_PREFIX = "RECONCILER_"
@@ -321,14 +321,6 @@ def _format_error(source: str, exc: ValidationError) -> str:
     more = len(exc.errors()) - 1
     suffix = f" (and {more} more error{'s' if more > 1 else ''})" if more else ""
     return f"{source}: {loc}: {msg}{suffix}"
-
-
-def config_path(explicit: str | os.PathLike[str] | None, environ: Mapping[str, str]) -> Path:
-    if explicit:
-        return Path(explicit)
-    if environ.get("RECONCILER_CONFIG"):
-        return Path(environ["RECONCILER_CONFIG"])
-    return DEFAULT_CONFIG_PATH
 
 
 def load_config(

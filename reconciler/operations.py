@@ -25,10 +25,6 @@ from reconciler.store import (
     DatabaseLock,
     DeploymentRecord,
     Store,
-    check_schema,
-    current_revision,
-    head_revision,
-    upgrade,
 )
 
 
@@ -52,18 +48,7 @@ def open_store(config: Config, *, migrate: bool = True) -> Store:
     upgrades an existing one behind their back: that is `db upgrade`'s or the daemon's job."""
     if migrate:
         return Store.from_url(config.database_url, migrate=True)
-    store = Store.from_url(config.database_url, migrate=False)
-    current = current_revision(store.engine)
-    if current is None:
-        upgrade(store.engine)
-    elif current != head_revision():
-        check_schema(store.engine)  # a newer release's database says so
-        store.close()
-        raise OperationError(
-            f"the database is at schema revision {current} and this reconciler needs "
-            f"{head_revision()}: run `reconciler db upgrade` (the daemon does it at start)"
-        )
-    return store
+    return Store.for_reading(config.database_url)
 
 
 @asynccontextmanager
@@ -318,6 +303,7 @@ async def rollback_target(
     before, or the latest completed version before the deployed one."""
     store = await asyncio.to_thread(open_store, config, migrate=False)
     try:
+        await asyncio.to_thread(_check_known, store, environment, service)
         if to_version is not None:
             known = await asyncio.to_thread(
                 store.completed_versions, [(environment, service, to_version)]
@@ -341,6 +327,21 @@ async def rollback_target(
             f"{environment}/{service} has no earlier completed version to roll back to"
         )
     return target
+
+
+def _check_known(store: Store, environment: str, service: str) -> None:
+    """An environment or service the applied desired state does not have is named as
+    unknown (not "no earlier version"). Nothing is checked before the first sync."""
+    known = store.environment_states()
+    if not known:
+        return
+    if environment not in known:
+        raise OperationError(
+            f"unknown environment '{environment}' (known: {', '.join(sorted(known))})", code=2
+        )
+    services = known[environment].spec.get("services") or {}
+    if service not in services:
+        raise OperationError(f"environment '{environment}' has no service '{service}'", code=2)
 
 
 async def set_suspended(

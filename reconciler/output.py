@@ -5,13 +5,20 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import shutil
 import sys
+import textwrap
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-from reconciler.plan import Decision
-from reconciler.store import DeploymentRecord
+from desired_state import one_line
+
+if TYPE_CHECKING:  # every command imports this module: it must stay light
+    from reconciler.plan import Decision
+    from reconciler.store import DeploymentRecord
 
 DEPLOYMENT_COLUMNS = [
     "id",
@@ -60,24 +67,108 @@ def _cell(value: Any) -> Any:
     return "" if value is None else value
 
 
-def table(title: str | None, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-    """A rich table on a terminal; plain aligned columns when piped (stable for grep/awk)."""
-    texts = [["" if v is None else str(v) for v in row] for row in rows]
-    if sys.stdout.isatty():
-        from rich.console import Console  # only on a terminal: rich is a heavy import
-        from rich.table import Table
+@dataclass(frozen=True)
+class Column:
+    """A table column. `keep` columns are always printed whole (ids, names, versions,
+    statuses); the others are dropped, lowest `rank` first, until the table fits the
+    width. A `wrap` column takes what width is left and wraps its text onto more lines."""
 
-        t = Table(title=title, show_edge=False, header_style="bold")
-        for c in columns:
-            t.add_column(c)
-        for row in texts:
-            t.add_row(*row)
-        Console().print(t)
+    name: str
+    keep: bool = False
+    rank: int = 0
+    wrap: bool = False
+
+
+#: A wrapped column narrower than this is dropped instead (a word per line helps no one).
+MIN_WRAP = 16
+
+
+def output_width() -> int | None:
+    """The width to fit: $COLUMNS when set, else the terminal's; None (no limit) when
+    stdout is not a terminal, so that piped output keeps every column for grep and awk."""
+    columns = os.environ.get("COLUMNS", "")
+    if columns.isdigit() and int(columns) > 0:
+        return int(columns)
+    if sys.stdout.isatty():
+        return shutil.get_terminal_size().columns
+    return None
+
+
+def table(
+    title: str | None,
+    columns: Sequence[Column | str],
+    rows: Sequence[Sequence[Any]],
+    *,
+    width: int | None = None,
+    wide: bool = False,
+) -> None:
+    """Aligned plain columns, two spaces apart, fitted to `width` (default:
+    `output_width()`) unless `wide`: never a value cut in the middle."""
+    cols = [c if isinstance(c, Column) else Column(c, keep=True) for c in columns]
+    texts = [[one_line("" if v is None else str(v)) for v in row] for row in rows]
+    shown = list(range(len(cols)))
+    natural = [max([len(c.name)] + [len(r[i]) for r in texts]) for i, c in enumerate(cols)]
+    limit = None if wide else (width if width is not None else output_width())
+    wrap_width: dict[int, int] = {}
+    kept = [i for i, c in enumerate(cols) if c.keep]
+    if limit is not None and sum(natural[i] for i in kept) + 2 * (len(kept) - 1) > limit:
+        _records(cols, texts, limit)
         return
-    widths = [max([len(c)] + [len(r[i]) for r in texts]) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip()]
+    if limit is not None:
+
+        def needed() -> int:
+            return sum(
+                min(natural[i], MIN_WRAP) if cols[i].wrap else natural[i] for i in shown
+            ) + 2 * (len(shown) - 1)
+
+        for i in sorted((i for i, c in enumerate(cols) if not c.keep), key=lambda i: cols[i].rank):
+            if needed() <= limit:
+                break
+            shown.remove(i)
+        spare = limit - needed()
+        for i in shown:
+            if cols[i].wrap and natural[i] > MIN_WRAP:
+                wrap_width[i] = min(natural[i], MIN_WRAP + max(spare, 0))
+                spare -= wrap_width[i] - MIN_WRAP
+    widths = {i: wrap_width.get(i, natural[i]) for i in shown}
+
+    def lines_of(cells: Sequence[str]) -> list[str]:
+        parts = {
+            i: textwrap.wrap(cells[i], widths[i], break_on_hyphens=False) or [""]
+            if i in wrap_width
+            else [cells[i]]
+            for i in shown
+        }
+        height = max(len(p) for p in parts.values())
+        out = []
+        for n in range(height):
+            line = "  ".join(
+                (parts[i][n] if n < len(parts[i]) else "").ljust(widths[i]) for i in shown
+            )
+            out.append(line.rstrip())
+        return out
+
+    lines = [f"{title}:"] if title and sys.stdout.isatty() else []
+    lines += lines_of([c.name for c in cols])
     for r in texts:
-        lines.append("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
+        lines += lines_of(r)
+    sys.stdout.write("\n".join(lines) + "\n")
+
+
+def _records(cols: Sequence[Column], texts: Sequence[Sequence[str]], width: int) -> None:
+    """The rows as blocks of `NAME  value` lines, for names too long for columns: every
+    value whole on a line of its own (text of a `wrap` column wrapped)."""
+    label = max(len(c.name) for c in cols) + 2
+    lines: list[str] = []
+    for n, row in enumerate(texts):
+        if n:
+            lines.append("")
+        for c, value in zip(cols, row, strict=True):
+            if not value:
+                continue
+            parts = textwrap.wrap(value, max(width - label, MIN_WRAP)) if c.wrap else [value]
+            lines.append(c.name.ljust(label) + parts[0])
+            lines += [" " * label + part for part in parts[1:]]
     sys.stdout.write("\n".join(lines) + "\n")
 
 
@@ -102,7 +193,15 @@ def duration(seconds: float | None) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
-def deployments_table(records: Sequence[DeploymentRecord]) -> None:
+def deployments_table(
+    records: Sequence[DeploymentRecord],
+    subjects: Mapping[int, str] | None = None,
+    *,
+    wide: bool = False,
+) -> None:
+    """Deployments, one a line; `subjects`: the commit subject by sync id (a column of
+    its own, wrapped). What does not fit the width is dropped, least useful first."""
+    subjects = subjects or {}
     rows = []
     for r in records:
         j = r.to_json()
@@ -118,39 +217,82 @@ def deployments_table(records: Sequence[DeploymentRecord]) -> None:
                 short_sha(j["commit"]),
                 short_time(j["started_at"]),
                 duration(j["duration_seconds"]),
+                subjects.get(r.sync_id, "") if r.sync_id is not None else "",
             ]
         )
-    table(
-        None,
-        [
-            "ID",
-            "ENVIRONMENT",
-            "SERVICE",
-            "VERSION",
-            "PREVIOUS",
-            "STATUS",
-            "TRIGGER",
-            "COMMIT",
-            "STARTED (UTC)",
-            "DURATION",
-        ],
-        rows,
-    )
+    columns = [
+        Column("ID", keep=True),
+        Column("ENVIRONMENT", keep=True),
+        Column("SERVICE", keep=True),
+        Column("VERSION", keep=True),
+        Column("PREVIOUS", rank=4),
+        Column("STATUS", keep=True),
+        Column("TRIGGER", rank=3),
+        Column("COMMIT", rank=2),
+        Column("STARTED (UTC)", rank=5),
+        Column("DURATION", rank=1),
+        Column("SUBJECT", rank=0, wrap=True),
+    ]
+    if not subjects:
+        columns.pop()
+        rows = [row[:-1] for row in rows]
+    table(None, columns, rows, wide=wide)
 
 
-def decisions_table(decisions: Sequence[Decision], commit: str | None) -> None:
+def plain_message(d: Decision, reasons: Mapping[str, str | None] | None = None) -> str:
+    """The message without what the STATE column says already (`out_of_sync`,
+    `waiting: ...`, `deployment running`); an operator's suspension gives its reason."""
+    message = d.message
+    for said in (d.state, d.state.replace("_", " "), "deployment running"):
+        if message == said:
+            message = ""
+        elif message.startswith(said + ": "):
+            message = message[len(said) + 2 :]
+    if reasons and d.state in ("suspended", "drifted") and d.environment in reasons:
+        reason = reasons[d.environment]
+        if reason and "suspended by operator" in message:
+            message = message.replace(
+                "suspended by operator", f"suspended by operator: {reason}", 1
+            )
+    return message
+
+
+def action(d: Decision) -> str:
+    """What a sync would do about this service now (`plan`)."""
+    if not d.deploy:
+        return "none"
+    return "deploy" if d.trigger in (None, "git") else f"deploy ({d.trigger})"
+
+
+def decisions_table(
+    decisions: Sequence[Decision],
+    commit: str | None,
+    *,
+    reasons: Mapping[str, str | None] | None = None,
+    with_action: bool = False,
+    wide: bool = False,
+) -> None:
+    """`status` (and `plan`, `with_action`): one service a line; the message wraps."""
+    columns = [
+        Column("ENVIRONMENT", keep=True),
+        Column("SERVICE", keep=True),
+        Column("DESIRED", keep=True),
+        Column("DEPLOYED", keep=True),
+        Column("STATE", keep=True),
+    ]
+    if with_action:
+        columns.append(Column("ACTION", keep=True))
+    columns.append(Column("MESSAGE", wrap=True))
     rows = [
-        [d.environment, d.service, d.desired or "-", d.deployed or "-", d.state, d.message]
+        [d.environment, d.service, d.desired or "-", d.deployed or "-", d.state]
+        + ([action(d)] if with_action else [])
+        + [plain_message(d, reasons)]
         for d in decisions
     ]
-    table(
-        f"at commit {short_sha(commit)}" if commit else None,
-        ["ENVIRONMENT", "SERVICE", "DESIRED", "DEPLOYED", "STATE", "MESSAGE"],
-        rows,
-    )
+    table(f"at commit {short_sha(commit)}" if commit else None, columns, rows, wide=wide)
 
 
-def show_deployment(record: DeploymentRecord) -> None:
+def show_deployment(record: DeploymentRecord, subject: str | None = None) -> None:
     j = record.to_json()
     out = sys.stdout
     out.write(
@@ -165,6 +307,7 @@ def show_deployment(record: DeploymentRecord) -> None:
         ("Provider", f"{j['provider']} ({j['provider_type']})"),
         ("Strategy", json.dumps(j["strategy"])),
         ("Commit", j["commit"]),
+        ("Subject", subject),
         ("Author", j["commit_author"]),
         ("Timeout", f"{j['timeout_seconds']}s"),
         ("Started", short_time(j["started_at"])),

@@ -1,45 +1,115 @@
-"""The store: SQLAlchemy models, migrations and every query (the only place with SQL)."""
+"""The store: SQLAlchemy models, migrations and every query (the only place with SQL).
 
-from reconciler.store.db import (
-    SchemaTooNew,
-    check_schema,
-    current_revision,
-    head_revision,
-    is_transient,
-    make_engine,
-    needs_upgrade,
-    schema_current,
-    upgrade,
-)
-from reconciler.store.drift import DriftEvent, LiveObservation
-from reconciler.store.holder import DatabaseHeld, DatabaseLock, Holder
-from reconciler.store.records import (
-    ACTIVE_STATUSES,
-    FAILURE_STATUSES,
-    LOG_STREAMS,
-    OPERATOR_ACTIONS,
-    STATUSES,
-    SYNC_RESULTS,
-    SYNC_TRIGGERS,
-    TERMINAL_STATUSES,
-    TRIGGERS,
-    CommitMeta,
-    DeploymentRecord,
-    EnvironmentStateRecord,
-    EventRecord,
-    LogLine,
-    NewDeployment,
-    ServiceState,
-    StoreError,
-    SyncRecord,
-    format_time,
-)
-from reconciler.store.store import Store
+Names load on first use (PEP 562): `from reconciler.store import STATUSES` (a CLI option's
+choices) costs the plain records module, not SQLAlchemy and the models.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from reconciler.store.db import (
+        SchemaTooNew,
+        check_schema,
+        current_revision,
+        head_revision,
+        is_transient,
+        make_engine,
+        needs_upgrade,
+        schema_current,
+        upgrade,
+    )
+    from reconciler.store.drift import DriftEvent, LiveObservation
+    from reconciler.store.holder import DatabaseHeld, DatabaseLock, Holder
+    from reconciler.store.records import (
+        ACTIVE_STATUSES,
+        FAILURE_STATUSES,
+        LOG_STREAMS,
+        NOTIFICATION_STATES,
+        OPERATOR_ACTIONS,
+        STATUSES,
+        SYNC_RESULTS,
+        SYNC_TRIGGERS,
+        TERMINAL_STATUSES,
+        TRIGGERS,
+        CommitMeta,
+        DeploymentRecord,
+        EnvironmentStateRecord,
+        EventRecord,
+        LedgerBatch,
+        LedgerEvent,
+        LogLine,
+        NewDeployment,
+        NewNotification,
+        NotificationCursorRecord,
+        NotificationRecord,
+        ServiceState,
+        StoreError,
+        SyncRecord,
+        format_time,
+    )
+    from reconciler.store.store import Store
+
+_WHERE = {
+    "SchemaTooNew": "reconciler.store.db",
+    "check_schema": "reconciler.store.db",
+    "current_revision": "reconciler.store.db",
+    "head_revision": "reconciler.store.db",
+    "is_transient": "reconciler.store.db",
+    "make_engine": "reconciler.store.db",
+    "needs_upgrade": "reconciler.store.db",
+    "schema_current": "reconciler.store.db",
+    "upgrade": "reconciler.store.db",
+    "DriftEvent": "reconciler.store.drift",
+    "LiveObservation": "reconciler.store.drift",
+    "DatabaseHeld": "reconciler.store.holder",
+    "DatabaseLock": "reconciler.store.holder",
+    "Holder": "reconciler.store.holder",
+    "ACTIVE_STATUSES": "reconciler.store.records",
+    "FAILURE_STATUSES": "reconciler.store.records",
+    "LOG_STREAMS": "reconciler.store.records",
+    "OPERATOR_ACTIONS": "reconciler.store.records",
+    "STATUSES": "reconciler.store.records",
+    "SYNC_RESULTS": "reconciler.store.records",
+    "SYNC_TRIGGERS": "reconciler.store.records",
+    "TERMINAL_STATUSES": "reconciler.store.records",
+    "TRIGGERS": "reconciler.store.records",
+    "CommitMeta": "reconciler.store.records",
+    "DeploymentRecord": "reconciler.store.records",
+    "EnvironmentStateRecord": "reconciler.store.records",
+    "EventRecord": "reconciler.store.records",
+    "LogLine": "reconciler.store.records",
+    "NewDeployment": "reconciler.store.records",
+    "ServiceState": "reconciler.store.records",
+    "StoreError": "reconciler.store.records",
+    "SyncRecord": "reconciler.store.records",
+    "format_time": "reconciler.store.records",
+    "Store": "reconciler.store.store",
+    "NOTIFICATION_STATES": "reconciler.store.records",
+    "LedgerBatch": "reconciler.store.records",
+    "LedgerEvent": "reconciler.store.records",
+    "NewNotification": "reconciler.store.records",
+    "NotificationCursorRecord": "reconciler.store.records",
+    "NotificationRecord": "reconciler.store.records",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # the next lookup is a plain module attribute
+    return value
+
 
 __all__ = [
     "ACTIVE_STATUSES",
     "FAILURE_STATUSES",
     "LOG_STREAMS",
+    "NOTIFICATION_STATES",
     "OPERATOR_ACTIONS",
     "STATUSES",
     "SYNC_RESULTS",
@@ -54,9 +124,14 @@ __all__ = [
     "EnvironmentStateRecord",
     "EventRecord",
     "Holder",
+    "LedgerBatch",
+    "LedgerEvent",
     "LiveObservation",
     "LogLine",
     "NewDeployment",
+    "NewNotification",
+    "NotificationCursorRecord",
+    "NotificationRecord",
     "SchemaTooNew",
     "ServiceState",
     "Store",
@@ -71,23 +146,4 @@ __all__ = [
     "needs_upgrade",
     "schema_current",
     "upgrade",
-]
-
-# Notifications (the outbox): appended.
-from reconciler.store.records import (
-    NOTIFICATION_STATES,
-    LedgerBatch,
-    LedgerEvent,
-    NewNotification,
-    NotificationCursorRecord,
-    NotificationRecord,
-)
-
-__all__ += [
-    "NOTIFICATION_STATES",
-    "LedgerBatch",
-    "LedgerEvent",
-    "NewNotification",
-    "NotificationCursorRecord",
-    "NotificationRecord",
 ]

@@ -16,7 +16,6 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Engine, Table, func, insert, select
-from sqlalchemy.dialects import postgresql, sqlite
 
 from reconciler.store.models import Base, DriftEventRow, LiveVersionRow, NotificationCursor
 from reconciler.store.records import NotificationCursorRecord, StoreError
@@ -89,6 +88,8 @@ class DriftQueries:
             rows.append({name: getattr(obs, name) for name in _COLUMNS})
         keys = ["environment", "service"]
         with self._writer.begin() as conn:
+            from sqlalchemy.dialects import postgresql, sqlite  # here: see rows.insert_ignore
+
             for chunk in chunks(rows, _CHUNK):
                 if conn.dialect.name == "postgresql":
                     pg = postgresql.insert(_L).values(chunk)

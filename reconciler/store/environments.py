@@ -10,8 +10,7 @@ from collections.abc import Collection, Iterable
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Engine, delete, insert, select
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import Engine, delete, func, insert, select
 
 from reconciler.store import rows
 from reconciler.store.models import EnvironmentState, OperatorAction, OperatorSuspended
@@ -65,6 +64,8 @@ class EnvironmentQueries:
         if not rows:
             return
         with self._writer.begin() as conn:
+            from sqlalchemy.dialects import postgresql, sqlite  # here: see rows.insert_ignore
+
             insert_ = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
             stmt = insert_(_ENV)
             changes = {c: stmt.excluded[c] for c in ("spec", "source_path", "commit", "updated_at")}
@@ -130,3 +131,21 @@ class EnvironmentQueries:
     def suspended_environments(self) -> set[str]:
         with self.engine.connect() as conn:
             return set(conn.execute(select(_OS.c.environment)).scalars())
+
+    def suspension_reasons(self) -> dict[str, str | None]:
+        """Each environment an operator suspended: the reason given (`suspend --reason`,
+        the note of the latest `suspend` action there), None when none was given."""
+        latest = (
+            select(_OA.c.environment, func.max(_OA.c.id).label("id"))
+            .where(_OA.c.action == "suspend")
+            .group_by(_OA.c.environment)
+            .subquery()
+        )
+        query = (
+            select(_OS.c.environment, _OA.c.note)
+            .select_from(_OS)
+            .outerjoin(latest, latest.c.environment == _OS.c.environment)
+            .outerjoin(_OA, _OA.c.id == latest.c.id)
+        )
+        with self.engine.connect() as conn:
+            return {env: note for env, note in conn.execute(query).all()}

@@ -10,7 +10,6 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Connection, Row, Table, insert, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 
 from desired_state import one_line
 from reconciler.store.models import Base
@@ -120,11 +119,17 @@ def sync_record(row: Row[Any]) -> SyncRecord:
 
 def insert_ignore(conn: Connection, table: Any, values: dict[str, Any], keys: list[str]) -> None:
     """INSERT ... ON CONFLICT (keys) DO NOTHING."""
+    # Each dialect's module is imported where it is used: a command reading a SQLite
+    # database would otherwise pay ~0.1 s of start-up for the PostgreSQL one.
     if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects import postgresql
+
         conn.execute(
             postgresql.insert(table).values(**values).on_conflict_do_nothing(index_elements=keys)
         )
     elif conn.dialect.name == "sqlite":
+        from sqlalchemy.dialects import sqlite
+
         conn.execute(
             sqlite.insert(table).values(**values).on_conflict_do_nothing(index_elements=keys)
         )
@@ -138,9 +143,13 @@ def upsert(conn: Connection, table: Any, values: dict[str, Any], keys: list[str]
     """INSERT ... ON CONFLICT (keys) DO UPDATE SET every other column."""
     changes = {name: value for name, value in values.items() if name not in keys}
     if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects import postgresql
+
         pg = postgresql.insert(table).values(**values)
         conn.execute(pg.on_conflict_do_update(index_elements=keys, set_=changes))
     elif conn.dialect.name == "sqlite":
+        from sqlalchemy.dialects import sqlite
+
         lite = sqlite.insert(table).values(**values)
         conn.execute(lite.on_conflict_do_update(index_elements=keys, set_=changes))
     else:  # pragma: no cover

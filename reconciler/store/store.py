@@ -14,7 +14,15 @@ from __future__ import annotations
 
 from sqlalchemy import Engine, literal, select
 
-from reconciler.store.db import SQLiteFile, make_engine, upgrade, write_engine
+from reconciler.store.db import (
+    HEAD_REVISION,
+    SQLiteFile,
+    check_schema,
+    current_revision,
+    make_engine,
+    upgrade,
+    write_engine,
+)
 from reconciler.store.deployment_logs import LogQueries
 from reconciler.store.deployments import DeploymentQueries
 from reconciler.store.drift import DriftQueries
@@ -48,6 +56,27 @@ class Store(
         engine = make_engine(url)
         if migrate:
             upgrade(engine)
+        return cls(engine)
+
+    @classmethod
+    def for_reading(cls, url: str) -> Store:
+        """The store for a command that only reads (`history`, `show`, `status`): it creates
+        a new database, but never upgrades an existing one behind the operator's back (that
+        is `db upgrade`'s or the daemon's job). A database at this release's head is
+        recognised without importing Alembic (most of a reading command's start-up)."""
+        engine = make_engine(url)
+        current = current_revision(engine)
+        if current is None:
+            upgrade(engine)
+        elif current != HEAD_REVISION:
+            try:
+                check_schema(engine)  # a newer release's database says so
+            finally:
+                engine.dispose()
+            raise StoreError(
+                f"the database is at schema revision {current} and this reconciler needs "
+                f"{HEAD_REVISION}: run `reconciler db upgrade` (the daemon does it at start)"
+            )
         return cls(engine)
 
     def ping(self) -> None:

@@ -6,6 +6,7 @@ the recorded desired state came from (`last_synced_commit`, `applied_commit`).
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from datetime import datetime
 from typing import Any
 
@@ -115,3 +116,15 @@ class SyncQueries:
         if row is None:
             return None
         return CommitMeta(sha=row[0], author=row[1], time=row[2], subject=row[3])
+
+    def commit_subjects(self, sync_ids: Collection[int]) -> dict[int, str]:
+        """The subject of the commit each sync read (what `history` and `show` print beside
+        a deployment's commit), by sync id; syncs without one are left out."""
+        out: dict[int, str] = {}
+        with self.engine.connect() as conn:
+            for chunk in rows.chunks(sorted(set(sync_ids))):
+                query = select(_S.c.id, _S.c.commit_subject).where(
+                    _S.c.id.in_(chunk), _S.c.commit_subject.is_not(None)
+                )
+                out.update({int(i): str(subject) for i, subject in conn.execute(query).all()})
+        return out
