@@ -21,6 +21,7 @@ import click
 from sqlalchemy.exc import SQLAlchemyError
 
 from desired_state import DesiredState, json_schema, load_directory, one_line
+from reconciler import DISTRIBUTION
 from reconciler import operations as ops
 from reconciler.config import Config, ConfigError, config_path, load_config
 from reconciler.executor import DeploymentEvent, Listener
@@ -170,7 +171,7 @@ def cfg(ctx: click.Context) -> Config:
     default=None,
     help="Daemon configuration (default: $RECONCILER_CONFIG, else /etc/reconciler/reconciler.toml).",
 )
-@click.version_option(package_name="reconciler")
+@click.version_option(package_name=DISTRIBUTION)
 @click.pass_context
 def main(ctx: click.Context, config_path: str | None) -> None:
     """GitOps reconciler: git desired state in, recorded deployments out."""
