@@ -24,6 +24,7 @@ import click
 # Each command imports what it needs (SQLAlchemy, Pydantic, git, the engine) in its body;
 # tests/test_cli_output.py::test_help_imports_nothing_heavy checks it.
 from desired_state import one_line
+from reconciler import DISTRIBUTION
 from reconciler.numbers import OutOfRange, parse_int
 from reconciler.output import (
     DEPLOYMENT_COLUMNS,
@@ -193,7 +194,7 @@ def cfg(ctx: click.Context) -> Config:
     default=None,
     help="Daemon configuration (default: $RECONCILER_CONFIG, else /etc/reconciler/reconciler.toml).",
 )
-@click.version_option(package_name="reconciler")
+@click.version_option(package_name=DISTRIBUTION)
 @click.pass_context
 def main(ctx: click.Context, config_path: str | None) -> None:
     """GitOps reconciler: git desired state in, recorded deployments out."""

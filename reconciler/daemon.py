@@ -66,6 +66,7 @@ class Daemon:
         self._triggers: set[str] = set()  # every reason asked for since the last sync began
         self._stop = asyncio.Event()
         self._sync_started: float | None = None
+        self._syncs_begun = 0  # whether any sync has read the head yet (the watch's catch-up)
         self._last_fetch_error: str | None = None
         self._poll_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -277,6 +278,7 @@ class Daemon:
             triggers, self._triggers = self._triggers, set()
             trigger = strongest(triggers)
             self._sync_started = time.monotonic()
+            self._syncs_begun += 1
             try:
                 outcome = await self.engine.sync(trigger)
             except Exception as exc:  # the database is away, say: try the same sync again soon
@@ -353,7 +355,7 @@ class Daemon:
                 continue
             ready = asyncio.Event()
             # A commit that landed before the watch was in place is caught by one more look.
-            catch_up = asyncio.create_task(self._after(ready, "watch"))
+            catch_up = asyncio.create_task(self._catch_up(ready))
             try:
                 async for _ in watch_refs(
                     git_dir, self.config.repository.branch, stop=self._stop, ready=ready
@@ -366,9 +368,14 @@ class Daemon:
             finally:
                 catch_up.cancel()
 
-    async def _after(self, event: asyncio.Event, trigger: str) -> None:
-        await event.wait()
-        self.request_sync(trigger)
+    async def _catch_up(self, ready: asyncio.Event) -> None:
+        """Once the watch is in place, look at the head again if a sync already read it
+        (a commit may have come in between). Before the first sync nothing needs it: the
+        startup sync, always requested, reads the head after this; so the first sync is
+        logged once, as `startup`."""
+        await ready.wait()
+        if self._syncs_begun:
+            self.request_sync("watch")
 
     # ---- status line -------------------------------------------------------------------
 

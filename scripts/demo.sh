@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs reconciler into .venv, makes a demo desired-state git repository in ./demo and
 # runs the daemon on it in the foreground (Ctrl-C stops it). Safe to run again.
+#   DEMO_PORT=9090 bash scripts/demo.sh    # the HTTP API on another port (default 8080)
+#   DEMO_DIR=/tmp/demo bash scripts/demo.sh  # the demo somewhere else
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
@@ -10,6 +12,12 @@ if [ ! -x .venv/bin/reconciler ]; then
   .venv/bin/pip install --quiet -e .
 fi
 demo="${DEMO_DIR:-$root/demo}"   # DEMO_DIR: put the demo elsewhere (the tests do)
+port="${DEMO_PORT:-8080}"         # DEMO_PORT: when 8080 is taken
+case "$port" in
+  ''|*[!0-9]*) echo "demo.sh: DEMO_PORT must be a port number, not '$port'" >&2; exit 2 ;;
+esac
+# The configuration file keeps the default; an environment override moves the server.
+export RECONCILER_SERVER__LISTEN="\"127.0.0.1:$port\""
 if [ ! -d "$demo/desired-state/.git" ]; then
   mkdir -p "$demo/desired-state"
   cp examples/desired-state/*.yaml "$demo/desired-state/"
@@ -25,6 +33,6 @@ In another terminal, bump a version and watch it deploy within a fraction of a s
   cd $demo/desired-state
   sed -i 's/"1.4.2"/"1.4.3"/' staging.yaml && git commit -qam "api 1.4.3"
   $root/.venv/bin/reconciler --config $demo/reconciler.toml history
-  curl -s localhost:8080/api/v1/status
+  curl -s localhost:$port/api/v1/status
 MSG
 exec .venv/bin/reconciler --config "$demo/reconciler.toml" run

@@ -9,6 +9,8 @@ if [ ! -x .venv/bin/pytest ] || ! .venv/bin/python -c 'import reconciler, desire
   python3 -m venv .venv
   .venv/bin/pip install --quiet --upgrade pip
 fi
+# The distribution was called "reconciler" before it became gitops-reconciler: drop that one.
+if .venv/bin/pip show --quiet reconciler >/dev/null 2>&1; then .venv/bin/pip uninstall --quiet -y reconciler; fi
 .venv/bin/pip install --quiet -e '.[dev]'
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .

@@ -75,6 +75,11 @@ def test_a_commit_is_deployed_by_the_watching_daemon(world: World):
     log = daemon.log()
     assert "event=sync trigger=watch" in log and "event=stopped" in log
     assert "Traceback" not in log
+    # The first sync is logged once, as `startup`: the watch coming up before it needs no
+    # look of its own (a sync reads the head after the watch is in place anyway).
+    syncs = [line for line in log.splitlines() if "event=sync " in line]
+    assert "trigger=startup" in syncs[0] and "full=True" in syncs[0], syncs
+    assert "trigger=watch" in syncs[1] and f"commit={sha[:12]}" in syncs[1], syncs
 
 
 def test_kill_9_mid_deployment_is_recorded_interrupted_and_recovered(world: World):

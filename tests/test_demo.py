@@ -24,7 +24,7 @@ def test_demo_script_deploys_the_examples_and_a_committed_bump(tmp_path: Path):
         **cli_env(),
         "DEMO_DIR": str(demo),
         "DEMO_STEP_SECONDS": "0",
-        "RECONCILER_SERVER__LISTEN": f'"127.0.0.1:{port}"',
+        "DEMO_PORT": str(port),
     }
     log = tmp_path / "demo.log"
     proc = subprocess.Popen(
@@ -67,4 +67,11 @@ def test_demo_script_deploys_the_examples_and_a_committed_bump(tmp_path: Path):
             proc.kill()
     text = log.read_text()
     assert "reconciler demo: watching" in text and "event=stopped" in text
+    assert f"curl -s localhost:{port}/api/v1/status" in text  # the banner names the port
+    assert f"event=http_listening address=127.0.0.1:{port}" in text
     assert "Traceback" not in text
+    # The first sync is logged once, as `startup` (not `watch` for the watch coming up
+    # while the HTTP server starts, then `startup` again for the same commit).
+    syncs = [line for line in text.splitlines() if "event=sync " in line]
+    assert "trigger=startup" in syncs[0] and "full=True" in syncs[0], syncs
+    assert "trigger=watch" in syncs[1] and "full=False" in syncs[1], syncs

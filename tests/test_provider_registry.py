@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+import reconciler
 from reconciler import providers as registry
 from reconciler.config import ConfigError, load_config
 from reconciler.providers import build_providers
@@ -77,8 +78,20 @@ def test_missing_extra_names_the_extra(tmp_path, monkeypatch):
     message = str(err.value)
     assert message.startswith("providers.f.type: provider type 'fancy' needs")
     assert "sdk_that_is_not_installed_xyz" in message
-    assert "pip install 'reconciler[fancy]'" in message
+    # The distribution's name on the index (the import package is `reconciler`).
+    assert "pip install 'gitops-reconciler[fancy]'" in message
     assert "\n" not in message
+
+
+def test_the_extra_hint_names_the_installed_distribution():
+    from importlib.metadata import distribution
+
+    dist = distribution(reconciler.DISTRIBUTION)
+    assert dist.metadata["Name"] == "gitops-reconciler"
+    assert {"docker", "kubernetes", "aws", "all"} <= set(dist.metadata.get_all("Provides-Extra"))
+    assert [ep.value for ep in dist.entry_points if ep.name == "reconciler"] == [
+        "reconciler.cli:main"
+    ]
 
 
 def test_entry_point_type_loads_and_reads_its_token(tmp_path, monkeypatch):

@@ -441,6 +441,10 @@ def test_ref_filter() -> None:
     assert not accept("/elsewhere/HEAD")
 
 
+#: Both watchers, on Linux too: watchfiles is the one macOS and Windows get ("auto").
+BACKENDS = pytest.mark.parametrize("backend", ["inotify", "watchfiles"])
+
+
 class Watch:
     """watch_refs, started and in place on entry; each wait bounded by WAIT."""
 
@@ -480,19 +484,21 @@ class Watch:
                 return yields
 
 
-def test_watch_yields_after_commit_in_work_tree(work: Path) -> None:
+@BACKENDS
+def test_watch_yields_after_commit_in_work_tree(work: Path, backend: str) -> None:
     async def main() -> None:
-        async with Watch(work / ".git") as watch:
+        async with Watch(work / ".git", backend=backend) as watch:
             sha = await asyncio.to_thread(commit, work, "watched", {"envs/a.yaml": "a\n"})
             await watch.until_head("refs/heads/main", sha)
 
     asyncio.run(main())
 
 
-def test_watch_yields_for_nested_branch_name(work: Path) -> None:
+@BACKENDS
+def test_watch_yields_for_nested_branch_name(work: Path, backend: str) -> None:
     async def main() -> None:
         git(work, "checkout", "-q", "-b", "other")
-        async with Watch(work / ".git", "feature/x") as watch:
+        async with Watch(work / ".git", "feature/x", backend=backend) as watch:
             await asyncio.to_thread(git, work, "checkout", "-q", "-b", "feature/x")
             sha = await asyncio.to_thread(commit, work, "on feature", {"envs/f.yaml": "f\n"})
             await watch.until_head("refs/heads/feature/x", sha)
@@ -500,8 +506,9 @@ def test_watch_yields_for_nested_branch_name(work: Path) -> None:
     asyncio.run(main())
 
 
+@BACKENDS
 def test_watch_sees_nested_branch_directories_created_after_start(
-    work: Path, tmp_path: Path
+    work: Path, tmp_path: Path, backend: str
 ) -> None:
     bare = tmp_path / "remote.git"
     git(tmp_path, "clone", "-q", "--bare", str(work), str(bare))
@@ -509,7 +516,7 @@ def test_watch_sees_nested_branch_directories_created_after_start(
     assert not (bare / "refs" / "heads" / "team").exists()
 
     async def main() -> None:
-        async with Watch(bare, branch) as watch:
+        async with Watch(bare, branch, backend=backend) as watch:
             # Two directory levels appear with the ref: watched as they come.
             sha = await asyncio.to_thread(commit, work, "new branch", {"envs/n.yaml": "n\n"})
             await asyncio.to_thread(git, work, "push", "-q", str(bare), f"HEAD:{branch}")
@@ -546,9 +553,10 @@ def test_watch_makes_no_wake_ups_while_idle(work: Path) -> None:
     assert cpu < 0.0025, f"{cpu:.4f} CPU s in 1 s of idle watching"
 
 
-def test_watch_gives_one_yield_per_burst(work: Path) -> None:
+@BACKENDS
+def test_watch_gives_one_yield_per_burst(work: Path, backend: str) -> None:
     async def main() -> None:
-        async with Watch(work / ".git", debounce_ms=100) as watch:
+        async with Watch(work / ".git", debounce_ms=100, backend=backend) as watch:
             # Rewrites packed-refs and deletes the loose ref: two events, one yield.
             await asyncio.to_thread(git, work, "pack-refs", "--all")
             await watch.next()
@@ -558,12 +566,13 @@ def test_watch_gives_one_yield_per_burst(work: Path) -> None:
     asyncio.run(main())
 
 
-def test_watch_raises_when_the_git_dir_is_removed(work: Path, tmp_path: Path) -> None:
+@BACKENDS
+def test_watch_raises_when_the_git_dir_is_removed(work: Path, tmp_path: Path, backend: str) -> None:
     bare = tmp_path / "remote.git"
     git(tmp_path, "clone", "-q", "--bare", str(work), str(bare))
 
     async def main() -> None:
-        async with Watch(bare) as watch:
+        async with Watch(bare, backend=backend) as watch:
             await asyncio.to_thread(shutil.rmtree, bare)
             with pytest.raises(FileNotFoundError):
                 while True:  # removing refs/heads/main may come first: a yield
@@ -572,12 +581,13 @@ def test_watch_raises_when_the_git_dir_is_removed(work: Path, tmp_path: Path) ->
     asyncio.run(main())
 
 
-def test_watch_yields_after_push_into_bare_repo(work: Path, tmp_path: Path) -> None:
+@BACKENDS
+def test_watch_yields_after_push_into_bare_repo(work: Path, tmp_path: Path, backend: str) -> None:
     bare = tmp_path / "remote.git"
     git(tmp_path, "clone", "-q", "--bare", str(work), str(bare))
 
     async def main() -> None:
-        async with Watch(bare) as watch:
+        async with Watch(bare, backend=backend) as watch:
             sha = await asyncio.to_thread(commit, work, "pushed", {"envs/p.yaml": "p\n"})
             await asyncio.to_thread(git, work, "push", "-q", str(bare), "main")
             await watch.until_head("refs/heads/main", sha)
@@ -585,12 +595,13 @@ def test_watch_yields_after_push_into_bare_repo(work: Path, tmp_path: Path) -> N
     asyncio.run(main())
 
 
-def test_watch_yields_with_packed_refs(work: Path, tmp_path: Path) -> None:
+@BACKENDS
+def test_watch_yields_with_packed_refs(work: Path, tmp_path: Path, backend: str) -> None:
     bare = tmp_path / "remote.git"
     git(tmp_path, "clone", "-q", "--bare", str(work), str(bare))
 
     async def main() -> None:
-        async with Watch(bare) as watch:
+        async with Watch(bare, backend=backend) as watch:
             await asyncio.to_thread(git, bare, "pack-refs", "--all")
             assert not (bare / "refs" / "heads" / "main").exists()
             await watch.next()  # packed-refs rewritten, loose ref removed
@@ -607,22 +618,24 @@ def test_watch_yields_with_packed_refs(work: Path, tmp_path: Path) -> None:
     asyncio.run(main())
 
 
-def test_watch_yields_after_commit_in_packed_work_tree(work: Path) -> None:
+@BACKENDS
+def test_watch_yields_after_commit_in_packed_work_tree(work: Path, backend: str) -> None:
     git(work, "pack-refs", "--all")
     assert not (work / ".git" / "refs" / "heads" / "main").exists()
 
     async def main() -> None:
-        async with Watch(work / ".git") as watch:
+        async with Watch(work / ".git", backend=backend) as watch:
             sha = await asyncio.to_thread(commit, work, "after pack", {"envs/a.yaml": "a\n"})
             await watch.until_head("refs/heads/main", sha)
 
     asyncio.run(main())
 
 
-def test_watch_stops_when_stop_is_set(work: Path) -> None:
+@BACKENDS
+def test_watch_stops_when_stop_is_set(work: Path, backend: str) -> None:
     async def main() -> None:
         stop = asyncio.Event()
-        async with Watch(work / ".git", stop=stop) as watch:
+        async with Watch(work / ".git", stop=stop, backend=backend) as watch:
             started = time.monotonic()
             stop.set()
             with pytest.raises(StopAsyncIteration):
@@ -630,18 +643,23 @@ def test_watch_stops_when_stop_is_set(work: Path) -> None:
             assert time.monotonic() - started < 2
         # Already set: ends at once.
         with pytest.raises(StopAsyncIteration):
-            await asyncio.wait_for(anext(watch_refs(work / ".git", "main", stop=stop)), WAIT)
+            await asyncio.wait_for(
+                anext(watch_refs(work / ".git", "main", stop=stop, backend=backend)), WAIT
+            )
 
     asyncio.run(main())
 
 
-def test_cancelling_the_watch_does_not_set_stop(work: Path) -> None:
+@BACKENDS
+def test_cancelling_the_watch_does_not_set_stop(work: Path, backend: str) -> None:
     async def main() -> None:
         stop = asyncio.Event()
         ready = asyncio.Event()
 
         async def consume() -> None:
-            async for _ in watch_refs(work / ".git", "main", stop=stop, ready=ready):
+            async for _ in watch_refs(
+                work / ".git", "main", stop=stop, ready=ready, backend=backend
+            ):
                 pass
 
         task = asyncio.create_task(consume())
@@ -654,9 +672,10 @@ def test_cancelling_the_watch_does_not_set_stop(work: Path) -> None:
     asyncio.run(main())
 
 
-def test_watch_missing_directory(tmp_path: Path) -> None:
+@BACKENDS
+def test_watch_missing_directory(tmp_path: Path, backend: str) -> None:
     async def main() -> None:
-        await anext(watch_refs(tmp_path / "nope", "main"))
+        await anext(watch_refs(tmp_path / "nope", "main", backend=backend))
 
     with pytest.raises(FileNotFoundError):
         asyncio.run(main())

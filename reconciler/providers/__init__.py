@@ -14,6 +14,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 from desired_state import EnvironmentSpec, SpecCheck
+from reconciler import DISTRIBUTION
 from reconciler.config import Config, ConfigError
 from reconciler.providers.base import (
     Check,
@@ -71,7 +72,7 @@ def _builtin(kind: str, target: str, extra: str | None) -> type[Provider]:
                 raise ConfigError(
                     f"provider type '{kind}' is not available in this version"
                 ) from None
-            hint = f"pip install 'reconciler[{extra}]'" if extra else f"install {exc.name}"
+            hint = f"pip install '{DISTRIBUTION}[{extra}]'" if extra else f"install {exc.name}"
             raise ConfigError(
                 f"provider type '{kind}' needs the Python package '{exc.name}', which is not "
                 f"installed: {hint}"

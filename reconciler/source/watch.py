@@ -1,7 +1,9 @@
 """Turning commits into a local repository into "re-read the head" signals.
 
-:func:`watch_refs` watches the branch's ref files with inotify (Linux only), read on the
-event loop; :func:`poll_delay` spreads polls of remote repositories.
+:func:`watch_refs` watches the branch's ref files: with inotify on Linux, read on the event
+loop (no wake-ups while idle); elsewhere (macOS, Windows, the BSDs) with ``watchfiles``,
+whose Rust watcher uses the system's own notifications from a thread.
+:func:`poll_delay` spreads polls of remote repositories.
 """
 
 from __future__ import annotations
@@ -14,8 +16,14 @@ import posixpath
 import random
 import stat
 import sys
+import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Literal
+
+# watchfiles' documented Rust backend (https://watchfiles.helpmanual.io/api/rust_backend/):
+# unlike awatch() it says when the watch is in place (``ready``) and takes a thread event.
+from watchfiles._rust_notify import RustNotify
 
 if sys.platform == "linux":  # watch_refs: inotify, read on the event loop
     from asyncinotify import Inotify, Mask, Watch
@@ -192,6 +200,86 @@ class _RefWatches:
                 self.inotify.rm_watch(entry[0])
 
 
+class _NotifyWatches:
+    """The portable watcher behind :func:`watch_refs`: ``watchfiles``' Rust watcher
+    (FSEvents, kqueue, ReadDirectoryChangesW, inotify) over the whole git directory, in a
+    thread of its own that wakes the loop only for a change that may have moved the branch.
+
+    Used where inotify is absent.  Unlike :class:`_RefWatches` it checks for changes every
+    ``step_ms`` in its thread (what watchfiles does), so it costs a little while idle.
+    """
+
+    def __init__(
+        self, git_dir: Path, branch: str, wake: asyncio.Event, debounce_ms: int, step_ms: int
+    ) -> None:
+        self.git_dir = git_dir
+        self.accept = ref_filter(git_dir, branch)
+        self.wake = wake
+        self.debounce_ms = max(debounce_ms, 1)
+        self.step_ms = max(step_ms, 1)
+        self.changed = False
+        self.error: OSError | None = None
+        self.halt = threading.Event()
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    async def start(self) -> None:
+        """Put the watch in place; raises FileNotFoundError if ``git_dir`` is missing."""
+        if not self.git_dir.is_dir():
+            raise FileNotFoundError(errno.ENOENT, "no such directory", str(self.git_dir))
+        # Recursive: a nested branch's directories may appear later (a handful of
+        # directories besides objects/, whose events the thread drops).
+        notify = await asyncio.to_thread(
+            RustNotify, [str(self.git_dir)], False, False, 300, True, True
+        )
+        self.loop = asyncio.get_running_loop()
+        threading.Thread(target=self._run, args=(notify,), name="watch-refs", daemon=True).start()
+
+    def close(self) -> None:
+        self.halt.set()  # the thread sees it within step_ms and closes the watcher
+
+    def take(self) -> bool:
+        """Whether something changed since the last call; raises if watching broke."""
+        if self.error is not None:
+            raise self.error
+        changed, self.changed = self.changed, False
+        return changed
+
+    def _run(self, notify: RustNotify) -> None:
+        try:
+            while not self.halt.is_set():
+                result = notify.watch(self.debounce_ms, self.step_ms, 0, self.halt)
+                if isinstance(result, str):  # "stop", or "signal"/"timeout": look again
+                    continue
+                error: OSError | None = None
+                if not self.git_dir.is_dir():
+                    error = FileNotFoundError(
+                        errno.ENOENT, "the watched git directory was removed", str(self.git_dir)
+                    )
+                if error is not None or any(self.accept(path) for _, path in result):
+                    self._tell(error)
+        except Exception as exc:  # the watcher itself failed: the caller watches anew
+            self._tell(exc if isinstance(exc, OSError) else OSError(str(exc)))
+        finally:
+            notify.close()
+
+    def _tell(self, error: OSError | None) -> None:
+        loop = self.loop
+        if loop is None or self.halt.is_set():
+            return
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+            loop.call_soon_threadsafe(self._mark, error)
+
+    def _mark(self, error: OSError | None) -> None:
+        if error is not None:
+            self.error = error
+        else:
+            self.changed = True
+        self.wake.set()
+
+
+Backend = Literal["auto", "inotify", "watchfiles"]
+
+
 async def _set_when(event: asyncio.Event, then: asyncio.Event) -> None:
     await event.wait()
     then.set()
@@ -205,6 +293,7 @@ async def watch_refs(
     debounce_ms: int = 20,
     step_ms: int = 10,
     ready: asyncio.Event | None = None,
+    backend: Backend = "auto",
 ) -> AsyncIterator[None]:
     """Yield once per burst of changes that may have moved ``branch`` in ``git_dir``.
 
@@ -214,27 +303,35 @@ async def watch_refs(
     ``debounce_ms`` of quiet (at most 4 × ``debounce_ms`` in all), so that one commit or
     ``git pack-refs`` gives one yield.
 
-    Linux only: inotify watches read on the event loop (``asyncinotify``), so an idle
-    watch costs no CPU and no wake-ups; elsewhere this raises OSError (poll instead).
-    ``step_ms`` is ignored (kept for compatibility: the previous watcher polled every
-    step).
+    ``backend``: ``"inotify"`` (Linux: watches read on the event loop with
+    ``asyncinotify``, so an idle watch costs no CPU and no wake-ups), ``"watchfiles"``
+    (anywhere: the system's notifications in a thread that checks every ``step_ms``), or
+    ``"auto"``: inotify on Linux, watchfiles elsewhere.
 
     Ends promptly once ``stop`` is set (cancelling the iteration never sets ``stop``).
     ``ready``, if given, is set once the watches are in place: a change after that is
     seen, so re-read the head then.  Raises FileNotFoundError if ``git_dir`` does not
     exist, or later if it is removed or renamed (call again to watch it anew).
     """
-    del step_ms  # nothing polls any more
     if stop is not None and stop.is_set():
         return
-    if sys.platform != "linux":
-        raise OSError(f"watching a repository needs Linux inotify (not {sys.platform}): poll it")
+    if backend == "auto":
+        backend = "inotify" if sys.platform == "linux" else "watchfiles"
     git_dir = Path(os.path.realpath(git_dir))
     wake = asyncio.Event()
-    watches = _RefWatches(git_dir, branch, wake)
+    watches: _RefWatches | _NotifyWatches
+    if backend == "inotify":
+        if sys.platform != "linux":
+            raise OSError(f"inotify is Linux only (not {sys.platform}): use watchfiles")
+        watches = _RefWatches(git_dir, branch, wake)
+    else:
+        watches = _NotifyWatches(git_dir, branch, wake, debounce_ms, step_ms)
     forward = None
     try:
-        watches.start()
+        if isinstance(watches, _RefWatches):
+            watches.start()
+        else:
+            await watches.start()
         if stop is not None:
             forward = asyncio.create_task(_set_when(stop, wake))
         if ready is not None:
