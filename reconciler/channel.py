@@ -172,8 +172,15 @@ async def ask(path: Path, request: BaseModel) -> AsyncIterator[Answer]:
     """Send one request, yield the daemon's answers until `done` or `error`."""
     try:
         reader, writer = await asyncio.open_unix_connection(reachable(path), limit=LINE_LIMIT)
-    except OSError as exc:
+    except (FileNotFoundError, ConnectionRefusedError) as exc:
         raise NotListening(f"the daemon does not answer at {path}: {exc.strerror or exc}") from None
+    except PermissionError:
+        raise ChannelError(
+            f"only the daemon's user may use its control socket {path}: run the command as "
+            "that user (sudo -u ...)"
+        ) from None
+    except OSError as exc:
+        raise ChannelError(f"cannot reach the daemon at {path}: {exc.strerror or exc}") from None
     try:
         writer.write(encode(request))
         await writer.drain()

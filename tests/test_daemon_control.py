@@ -263,3 +263,17 @@ def test_http_actions_need_the_token_and_record_its_holder(world: World):
         ("deploy", "staging", "api", "ci-bot", "to 1.3"),
         ("resume", "staging", None, "ci-bot", None),
     ]
+
+
+def test_a_state_directory_too_long_for_a_socket_address_still_works(tmp_path: Path):
+    from reconciler.channel import reachable
+
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    path = deep / "control.sock"
+    assert len(str(path)) > 108
+    with socket.socket(socket.AF_UNIX) as server, socket.socket(socket.AF_UNIX) as client:
+        server.bind(reachable(path))
+        server.listen()
+        client.connect(reachable(path))
+        assert path.exists()
