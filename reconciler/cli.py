@@ -260,12 +260,18 @@ def _progress_printer() -> Listener:
 @click.option(
     "--wait",
     is_flag=True,
-    help="With a running daemon: follow its sync to the end (standalone always waits).",
+    help="With a running daemon: follow the deployments its sync causes (standalone always waits).",
 )
+@click.option("--reason", help="Kept with the operator action (a retry) and logged.")
 @click.option("--json", "as_json", is_flag=True, help="Print the deployments as JSON.")
 @click.pass_context
 def sync_cmd(
-    ctx: click.Context, environment: str | None, service: str | None, wait: bool, as_json: bool
+    ctx: click.Context,
+    environment: str | None,
+    service: str | None,
+    wait: bool,
+    reason: str | None,
+    as_json: bool,
 ) -> None:
     """Reconcile now; exit 1 if any deployment failed."""
     if service and not environment:
@@ -277,6 +283,7 @@ def sync_cmd(
             environment=environment,
             service=service,
             wait=wait,
+            reason=reason,
             listener=None if as_json else _progress_printer(),
         )
     )
@@ -511,16 +518,45 @@ def _print_runs(records: list[Any], as_json: bool) -> None:
         sys.exit(1)
 
 
+_WAIT_HELP = "With a running daemon: follow the deployment to its end (standalone always waits)."
+_REASON_HELP = "Kept with the operator action and logged."
+
+
+def _through_daemon(
+    config: Config, action: ops.AnyAction, pid: int, as_json: bool
+) -> list[Any] | None:
+    """Have the running daemon carry out a deploy or rollback: None when not waiting."""
+    reply = run(
+        ops.ask_daemon(
+            config,
+            action,
+            listener=None if as_json else _progress_printer(),
+            warn=_warn,
+        )
+    )
+    if reply.accepted is not None:
+        click.echo(f"the daemon (pid {pid}) is {reply.accepted.message}", err=True)
+    return reply.deployments if action.wait else None
+
+
 @main.command("deploy")
 @click.option("--env", "environment", required=True)
 @click.option("--version", "version", required=True)
 @click.option(
     "--service", "services", multiple=True, help="Default: every service of the environment."
 )
+@click.option("--reason", help=_REASON_HELP)
+@click.option("--wait", is_flag=True, help=_WAIT_HELP)
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def deploy_cmd(
-    ctx: click.Context, environment: str, version: str, services: tuple[str, ...], as_json: bool
+    ctx: click.Context,
+    environment: str,
+    version: str,
+    services: tuple[str, ...],
+    reason: str | None,
+    wait: bool,
+    as_json: bool,
 ) -> None:
     """Deploy a version now (trigger `manual`)."""
     from desired_state.models import VERSION_RE
@@ -528,6 +564,19 @@ def deploy_cmd(
     if not re.fullmatch(VERSION_RE, version):
         raise click.BadParameter(f"'{version}' is not a valid version", param_hint="--version")
     config = cfg(ctx)
+    pid = ops.running_daemon(config)
+    if pid is not None:
+        action = ops.DeployAction(
+            environment=environment,
+            version=version,
+            services=list(services) or None,
+            reason=reason,
+            wait=wait,
+        )
+        done = _through_daemon(config, action, pid, as_json)
+        if done is not None:
+            _print_runs(done, as_json)
+        return
     records = run(
         ops.deploy(
             config,
@@ -535,6 +584,7 @@ def deploy_cmd(
             version=version,
             services=services or None,
             warn=_warn,
+            reason=reason,
             listener=None if as_json else _progress_printer(),
         )
     )
@@ -545,13 +595,30 @@ def deploy_cmd(
 @click.option("--env", "environment", required=True)
 @click.option("--service", required=True)
 @click.option("--to", "to_version", help="Default: the previous completed version.")
+@click.option("--reason", help=_REASON_HELP)
+@click.option("--wait", is_flag=True, help=_WAIT_HELP)
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def rollback_cmd(
-    ctx: click.Context, environment: str, service: str, to_version: str | None, as_json: bool
+    ctx: click.Context,
+    environment: str,
+    service: str,
+    to_version: str | None,
+    reason: str | None,
+    wait: bool,
+    as_json: bool,
 ) -> None:
     """Deploy the previous (or given) completed version (trigger `rollback`)."""
     config = cfg(ctx)
+    pid = ops.running_daemon(config)
+    if pid is not None:
+        action = ops.RollbackAction(
+            environment=environment, service=service, to=to_version, reason=reason, wait=wait
+        )
+        done = _through_daemon(config, action, pid, as_json)
+        if done is not None:
+            _print_runs(done, as_json)
+        return
     target = run(ops.rollback_target(config, environment, service, to_version))
     records = run(
         ops.deploy(
@@ -561,29 +628,41 @@ def rollback_cmd(
             services=[service],
             trigger="rollback",
             warn=_warn,
+            reason=reason,
             listener=None if as_json else _progress_printer(),
         )
     )
     _print_runs(records, as_json)
 
 
+def _set_suspended(ctx: click.Context, environment: str, suspend: bool, reason: str | None) -> None:
+    config = cfg(ctx)
+    if ops.running_daemon(config) is not None:
+        action = ops.SuspendAction(
+            action="suspend" if suspend else "resume", environment=environment, reason=reason
+        )
+        run(ops.ask_daemon(config, action, warn=_warn))
+    else:
+        run(ops.set_suspended(config, environment, suspend, reason))
+    click.echo(f"{environment} {'suspended' if suspend else 'resumed'}")
+
+
 @main.command("suspend")
 @click.option("--env", "environment", required=True)
-@click.option("--reason", help="Kept with the operator action.")
+@click.option("--reason", help=_REASON_HELP)
 @click.pass_context
 def suspend_cmd(ctx: click.Context, environment: str, reason: str | None) -> None:
     """Stop deploying to an environment (drift is still recorded)."""
-    run(ops.set_suspended(cfg(ctx), environment, True, reason))
-    click.echo(f"{environment} suspended")
+    _set_suspended(ctx, environment, True, reason)
 
 
 @main.command("resume")
 @click.option("--env", "environment", required=True)
+@click.option("--reason", help=_REASON_HELP)
 @click.pass_context
-def resume_cmd(ctx: click.Context, environment: str) -> None:
+def resume_cmd(ctx: click.Context, environment: str, reason: str | None) -> None:
     """Deploy to an environment again."""
-    run(ops.set_suspended(cfg(ctx), environment, False, None))
-    click.echo(f"{environment} resumed")
+    _set_suspended(ctx, environment, False, reason)
 
 
 # ---- database ------------------------------------------------------------------------

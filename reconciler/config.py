@@ -175,6 +175,8 @@ class DaemonConfig(_Section):
 class ServerConfig(_Section):
     listen: str = "127.0.0.1:8080"  # "" turns the HTTP server off
     token_file: str | None = None  # bearer token for the endpoints that change anything
+    # Who holds that token: the actor recorded for the operator actions asked with it.
+    token_holder: str = Field(default="api", min_length=1, max_length=255, pattern=r"^\S+$")
     webhook_secret_file: str | None = None  # HMAC key / GitLab token for POST /hooks/git
     webhook_max_bytes: int = Field(default=1_048_576, ge=1024, le=1024**3)
     webhook_replay_window: Seconds = 600.0  # a delivery seen within this window is ignored

@@ -13,14 +13,19 @@ import asyncio
 import contextlib
 import logging
 import os
+import pwd
 import signal
+import socket
+import struct
 import sys
 import time
 from collections.abc import Coroutine
 from typing import Any
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from pydantic import BaseModel
 
+from reconciler import channel
 from reconciler.config import Config, ConfigError, load_config
 from reconciler.engine import Engine, SyncOutcome, open_source
 from reconciler.events import Event, EventHub
@@ -28,10 +33,11 @@ from reconciler.executor import DeploymentEvent, durable, utcnow
 from reconciler.http import HttpServer, start_http
 from reconciler.lock import StateLock
 from reconciler.notify import Notifier
+from reconciler.operations import AnyAction, handle, perform
 from reconciler.plan import Decision
 from reconciler.providers import build_providers
 from reconciler.source import poll_delay, watch_refs
-from reconciler.store import Store, schema_current
+from reconciler.store import DeploymentRecord, Store, schema_current
 from reconciler.store.holder import DatabaseHeld, DatabaseLock
 from reconciler.systemd import SystemdNotifier
 
@@ -69,8 +75,9 @@ class Daemon:
         self._syncs_begun = 0  # whether any sync has read the head yet (the watch's catch-up)
         self._last_fetch_error: str | None = None
         self._poll_task: asyncio.Task[None] | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
         self._http: HttpServer | None = None
+        self._control: asyncio.Server | None = None
         self._notifier: Notifier | None = None
         self._held: DatabaseLock | None = None
         self._fatal: Exception | None = None  # raised by run() once stopped
@@ -114,11 +121,24 @@ class Daemon:
             environment=environment,
             service=service,
             action="retry",
-            actor="api",
+            actor=self.config.server.token_holder,
             note=None,
             at=utcnow(),
         )
         engine.wake([environment])
+
+    async def act(self, action: AnyAction, actor: str) -> channel.Accepted:
+        """An operator action asked over HTTP: carried out as over the control socket."""
+        return (await perform(self, action, actor)).accepted
+
+    def start(
+        self, work: Coroutine[Any, Any, list[DeploymentRecord]], name: str
+    ) -> asyncio.Task[list[DeploymentRecord]]:
+        """Run an operator's deployments as the daemon's own task (stopped with it)."""
+        task = asyncio.create_task(work, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
 
     def queue_depth(self) -> int:
         return self.engine.queue_depth() if self.engine else 0
@@ -171,6 +191,7 @@ class Daemon:
                 (signal.SIGUSR1, lambda: self.request_sync("manual")),
             ):
                 loop.add_signal_handler(sig, handler)
+            await self._open_control()
             self._spawn(self._sync_loop(), "sync-loop")
             self._spawn(self._watchdog_loop(), "watchdog")
             self._spawn(self._database_check_loop(), "database-check")
@@ -191,6 +212,7 @@ class Daemon:
             self.sd.status("fetching the repository")
             self.request_sync("startup")
             await self._stop.wait()
+            await self._close_control()  # no new operator actions while stopping
             grace = self.config.daemon.shutdown_grace
             self.sd.stopping(extend_seconds=grace + self.config.daemon.kill_grace + 30)
             self.sd.status(f"stopping: {len(engine.deploying)} deploying, grace {grace:g}s")
@@ -218,7 +240,7 @@ class Daemon:
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
 
-    def _task_done(self, task: asyncio.Task[None]) -> None:
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("event=task_failed task=%s error=%r", task.get_name(), str(task.exception()))
@@ -233,7 +255,61 @@ class Daemon:
         if self.config.server.listen:
             self._http = await start_http(self)
 
+    # ---- the control channel (reconciler.channel) --------------------------------------
+
+    async def _open_control(self) -> None:
+        """The unix socket the CLI asks through: mode 0600 in the 0700 state directory
+        (the daemon holds the state lock, so a socket file left there is a dead one's)."""
+        state_dir = self.config.state_dir
+        os.chmod(state_dir, 0o700)
+        path = channel.socket_path(state_dir)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        old = os.umask(0o177)
+        try:
+            self._control = await asyncio.start_unix_server(
+                self._converse, channel.reachable(path), limit=channel.LINE_LIMIT
+            )
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)
+
+    async def _close_control(self) -> None:
+        if self._control is not None:
+            self._control.close()
+            self._control = None
+            with contextlib.suppress(FileNotFoundError):
+                channel.socket_path(self.config.state_dir).unlink()
+
+    async def _converse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One request, its answers. A client that leaves mid-way stops only the following:
+        what the daemon set going goes on."""
+        try:
+            uid = _peer_uid(writer)
+            if uid not in (os.getuid(), 0):
+                await _send(writer, channel.Failed(message="not the daemon's user", code=2))
+                return
+            line = await reader.readline()
+            try:
+                action = channel.parse(line, channel.ACTION)
+            except ValueError as exc:
+                await _send(writer, channel.Failed(message=f"bad request: {exc}", code=2))
+                return
+            events = self.hub.subscribe()
+            try:
+                async for answer in handle(self, action, _user_name(uid), events):
+                    await _send(writer, answer)
+            finally:
+                events.close()
+        except (ConnectionError, asyncio.IncompleteReadError, ValueError):
+            pass  # the client went away (or sent a line longer than LINE_LIMIT)
+        except Exception:
+            log.exception("event=control_error")
+        finally:
+            writer.close()
+
     async def _stop_services(self) -> None:
+        await self._close_control()
         if self._http is not None:
             await self._http.stop()
             self._http = None
@@ -454,6 +530,26 @@ def _check_reloadable(old: Config, new: Config) -> None:
     changed = [key for key, (a, b) in fixed.items() if a != b]
     if changed:
         raise ConfigError(f"{', '.join(changed)} cannot change on reload: restart the service")
+
+
+async def _send(writer: asyncio.StreamWriter, message: BaseModel) -> None:
+    writer.write(channel.encode(message))
+    await writer.drain()
+
+
+def _peer_uid(writer: asyncio.StreamWriter) -> int:
+    """The connecting process's user, as the kernel saw it connect (SO_PEERCRED)."""
+    sock: socket.socket = writer.get_extra_info("socket")
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return int(uid)
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid:{uid}"
 
 
 def _safe_url(url: str) -> str:

@@ -281,6 +281,10 @@ class Engine:
         """Run a job, and roll back after a failure when the environment says so."""
         return await self.runners.deploy(job)
 
+    async def deploy_in_turn(self, jobs: list[Job]) -> list[DeploymentRecord]:
+        """An operator's deployments, in their environments' turn (beside running daemons)."""
+        return await self.runners.deploy_in_turn(jobs)
+
     async def run_job(self, job: Job) -> DeploymentRecord:
         return await self.runners.run_job(job)
 

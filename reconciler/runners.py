@@ -186,6 +186,17 @@ class Runners:
                 )
         return out
 
+    async def deploy_in_turn(self, jobs: list[Job]) -> list[DeploymentRecord]:
+        """An operator's jobs, one after the other, each in its environment's turn (never
+        beside a runner's deployment there) and within `max_parallel`."""
+        out: list[DeploymentRecord] = []
+        for job in jobs:
+            async with self._env_locks.setdefault(job.environment, asyncio.Lock()), self.slots:
+                if self.stopping:
+                    break
+                out.extend(await self.deploy(job))
+        return out
+
     async def run_job(self, job: Job) -> DeploymentRecord:
         rec = await self.executor.create(job)
         self.deploying[job.environment] = rec

@@ -735,9 +735,16 @@ async def test_sync_needs_the_bearer_token(http: Harness):
 async def test_sync_without_a_configured_token_is_refused(tmp_path: Path):
     h = await start(tmp_path, make_config(tmp_path, token=False))
     try:
-        r = await h.client.post("/api/v1/sync", headers={"Authorization": "Bearer anything"})
-        assert r.status_code == 403
-        assert r.json() == {"error": "no token configured: set server.token_file"}
+        for path in (
+            "/api/v1/sync",
+            "/api/v1/deploy",
+            "/api/v1/rollback",
+            "/api/v1/environments/staging/suspend",
+            "/api/v1/environments/staging/resume",
+        ):
+            r = await h.client.post(path, headers={"Authorization": "Bearer anything"})
+            assert r.status_code == 403, path
+            assert r.json() == {"error": "no token configured: set server.token_file"}
         assert h.control.syncs == []
     finally:
         await h.client.aclose()

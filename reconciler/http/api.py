@@ -8,24 +8,26 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import re
 from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import datetime
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 from urllib.parse import urlencode
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
+from reconciler.channel import DeployAction, Refused, RollbackAction, SuspendAction
 from reconciler.config import ConfigError
 from reconciler.http.control import Control
 from reconciler.http.metrics import CONTENT_TYPE_LATEST, Metrics
 from reconciler.http.openapi import openapi_document
-from reconciler.http.schemas import SyncRequest
+from reconciler.http.schemas import DeployRequest, RollbackRequest, SuspendRequest, SyncRequest
 from reconciler.http.sse import LiveFeeds, deployment_events
 from reconciler.http.webhooks import UNSIGNED, WebhookReceiver
 from reconciler.numbers import MAX_ID, OutOfRange, parse_int
@@ -387,9 +389,9 @@ def _bearer_ok(header: str | None, token: str) -> bool:
 BEARER_CHALLENGE = 'Bearer realm="reconciler"'
 
 
-async def sync(request: Request) -> Response:
+async def _authorize(request: Request) -> Response | None:
+    """None when the request carries the configured bearer token, else the refusal."""
     c = ctx(request)
-    _params(request, ())
     server = c.control.config.server
     if not server.token_file:
         return error(403, "no token configured: set server.token_file")
@@ -412,6 +414,14 @@ async def sync(request: Request) -> Response:
             "wrong bearer token",
             {"WWW-Authenticate": BEARER_CHALLENGE + ', error="invalid_token"'},
         )
+    return None
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+async def _body(request: Request, model: type[M]) -> M | Response:
+    """The JSON body as `model` (an empty body is the model's defaults), or the 4xx."""
     try:
         body = await _read_body(request, SYNC_BODY_MAX)
     except ClientDisconnect:
@@ -419,12 +429,23 @@ async def sync(request: Request) -> Response:
     if body is None:
         return error(413, f"body larger than {SYNC_BODY_MAX} bytes")
     try:
-        req = SyncRequest.model_validate_json(body) if body.strip() else SyncRequest()
+        return model.model_validate_json(body) if body.strip() else model()
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         message = str(first["msg"])
         return error(400, f"bad body: {where + ': ' if where else ''}{message}")
+
+
+async def sync(request: Request) -> Response:
+    c = ctx(request)
+    _params(request, ())
+    refused = await _authorize(request)
+    if refused is not None:
+        return refused
+    req = await _body(request, SyncRequest)
+    if isinstance(req, Response):
+        return req
     if req.service is not None:
         if not req.environment:
             return error(400, "bad body: service needs environment")
@@ -444,6 +465,87 @@ async def sync(request: Request) -> Response:
         _client(request),
     )
     return JSONResponse({"status": "accepted"}, status_code=202)
+
+
+async def _act(request: Request, action: DeployAction | RollbackAction | SuspendAction) -> Response:
+    """Have the daemon carry out an operator action, recorded with the token's holder."""
+    c = ctx(request)
+    holder = c.control.config.server.token_holder
+    try:
+        accepted = await c.control.act(action, holder)
+    except Refused as exc:
+        return error(exc.status, str(exc))
+    log.info(
+        "event=http_action action=%s environment=%s actor=%s client=%s",
+        action.action,
+        action.environment,
+        holder,
+        _client(request),
+    )
+    return JSONResponse(
+        {"status": "accepted", "message": accepted.message, "warnings": accepted.warnings},
+        status_code=202,
+    )
+
+
+async def deploy(request: Request) -> Response:
+    _params(request, ())
+    refused = await _authorize(request)
+    if refused is not None:
+        return refused
+    req = await _body(request, DeployRequest)
+    if isinstance(req, Response):
+        return req
+    return await _act(
+        request,
+        DeployAction(
+            environment=req.environment,
+            version=req.version,
+            services=[req.service],
+            reason=req.reason,
+        ),
+    )
+
+
+async def rollback(request: Request) -> Response:
+    _params(request, ())
+    refused = await _authorize(request)
+    if refused is not None:
+        return refused
+    req = await _body(request, RollbackRequest)
+    if isinstance(req, Response):
+        return req
+    return await _act(
+        request,
+        RollbackAction(
+            environment=req.environment, service=req.service, to=req.to, reason=req.reason
+        ),
+    )
+
+
+async def suspend(request: Request) -> Response:
+    return await _suspend_or_resume(request, "suspend")
+
+
+async def resume(request: Request) -> Response:
+    return await _suspend_or_resume(request, "resume")
+
+
+async def _suspend_or_resume(request: Request, which: Literal["suspend", "resume"]) -> Response:
+    _params(request, ())
+    refused = await _authorize(request)
+    if refused is not None:
+        return refused
+    req = await _body(request, SuspendRequest)
+    if isinstance(req, Response):
+        return req
+    env = request.path_params["env"]
+    if not ENV_NAME.fullmatch(env):
+        return error(404, f"no environment {env[:63]}")
+    return await _act(request, SuspendAction(action=which, environment=env, reason=req.reason))
+
+
+ENV_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 
 
 def _client(request: Request) -> str:

@@ -38,6 +38,10 @@ ROUTES = [
     Route("/api/v1/deployments/{id}/events", api.deployment_stream, methods=["GET"]),
     Route("/api/v1/deployments/{id}/log", api.deployment_log, methods=["GET"]),
     Route("/api/v1/sync", api.sync, methods=["POST"]),
+    Route("/api/v1/deploy", api.deploy, methods=["POST"]),
+    Route("/api/v1/rollback", api.rollback, methods=["POST"]),
+    Route("/api/v1/environments/{env}/suspend", api.suspend, methods=["POST"]),
+    Route("/api/v1/environments/{env}/resume", api.resume, methods=["POST"]),
     Route("/hooks/git", api.git_hook, methods=["POST"]),
 ]
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from reconciler.channel import Accepted, DeployAction, RollbackAction, SuspendAction
 from reconciler.config import Config
 from reconciler.events import EventHub
 from reconciler.plan import Decision
@@ -42,6 +43,12 @@ class Control(Protocol):
 
     async def retry(self, environment: str, service: str) -> None:
         """An operator asks to retry a service that gave up; KeyError if unknown."""
+        ...
+
+    async def act(
+        self, action: DeployAction | RollbackAction | SuspendAction, actor: str
+    ) -> Accepted:
+        """Carry out an operator action (as over the control socket); `Refused` if not."""
         ...
 
     def queue_depth(self) -> int:

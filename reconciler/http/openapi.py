@@ -50,6 +50,47 @@ _ID = {
 _BEARER: list[dict[str, list[str]]] = [{"bearer": []}]
 
 
+_ENV = {
+    "name": "env",
+    "in": "path",
+    "required": True,
+    "description": "Environment name.",
+    "schema": {"type": "string"},
+}
+
+
+def _action(
+    summary: str, operation: str, body: str, *, required: bool, path: bool = False
+) -> dict[str, Any]:
+    """An operator action: bearer token, a JSON body, recorded with the token's holder."""
+    return {
+        "post": {
+            "summary": summary,
+            "description": (
+                "Recorded as an operator action naming the token's holder "
+                "(`server.token_holder`) and `reason`. The deployments run on after the answer."
+            ),
+            "operationId": operation,
+            "security": _BEARER,
+            **({"parameters": [_ENV]} if path else {}),
+            "requestBody": {
+                "required": required,
+                "content": {"application/json": {"schema": _ref(body)}},
+            },
+            "responses": {
+                "202": _json(_ref("ActionAccepted"), "Accepted: carried out by the daemon."),
+                "400": _error("Bad body."),
+                "401": _error("Missing or wrong bearer token."),
+                "403": _error("No token configured: the endpoint is off."),
+                "404": _error("Unknown environment or service."),
+                "409": _error("Refused: no version to roll back to, or not synced yet."),
+                "413": _error("Body too large."),
+                "503": _error("Database unavailable."),
+            },
+        }
+    }
+
+
 def _paths() -> dict[str, Any]:
     status_enum = {"type": "string", "enum": list(STATUSES)}
     return {
@@ -270,6 +311,33 @@ def _paths() -> dict[str, Any]:
                 },
             }
         },
+        "/api/v1/deploy": _action(
+            "Deploy a version of one service now (trigger `manual`); git wins at the next "
+            "sync unless the environment is suspended.",
+            "deploy",
+            "DeployRequest",
+            required=True,
+        ),
+        "/api/v1/rollback": _action(
+            "Deploy the previous (or given) completed version of one service (trigger `rollback`).",
+            "rollback",
+            "RollbackRequest",
+            required=True,
+        ),
+        "/api/v1/environments/{env}/suspend": _action(
+            "Stop deploying to an environment (drift is still recorded).",
+            "suspend",
+            "SuspendRequest",
+            required=False,
+            path=True,
+        ),
+        "/api/v1/environments/{env}/resume": _action(
+            "Deploy to an environment again.",
+            "resume",
+            "SuspendRequest",
+            required=False,
+            path=True,
+        ),
         "/hooks/git": {
             "post": {
                 "summary": "Git host webhook: a push to the tracked branch starts a fetch at once.",
@@ -315,7 +383,10 @@ def openapi_document() -> dict[str, Any]:
         "info": {
             "title": "reconciler",
             "version": API_VERSION,
-            "description": "Health, metrics, read API, sync and git webhooks of the reconciler daemon.",
+            "description": (
+                "Health, metrics, read API, operator actions and git webhooks of the "
+                "reconciler daemon."
+            ),
         },
         "paths": _paths(),
         "components": {

@@ -132,6 +132,48 @@ class Accepted(_Out):
     status: Literal["accepted"]
 
 
+_VERSION = r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$"
+
+
+class _In(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str | None = Field(
+        default=None, max_length=1000, description="Kept with the operator action."
+    )
+
+
+class DeployRequest(_In):
+    """Body of POST /api/v1/deploy: deploy a version now (trigger `manual`)."""
+
+    environment: str = Field(min_length=1, max_length=63)
+    service: str = Field(min_length=1, max_length=255)
+    version: str = Field(pattern=_VERSION)
+
+
+class RollbackRequest(_In):
+    """Body of POST /api/v1/rollback: the previous completed version, or `to`."""
+
+    environment: str = Field(min_length=1, max_length=63)
+    service: str = Field(min_length=1, max_length=255)
+    to: str | None = Field(default=None, pattern=_VERSION)
+
+
+class SuspendRequest(_In):
+    """Body of POST /api/v1/environments/{env}/suspend and /resume (optional)."""
+
+
+class ActionAccepted(_Out):
+    """The daemon accepted an operator action; deployments run on (follow them with
+    GET /api/v1/deployments and their /events)."""
+
+    status: Literal["accepted"]
+    message: str
+    warnings: list[str] = Field(
+        description="Such as: the environment is not suspended, so git wins at the next sync."
+    )
+
+
 class WebhookReply(_Out):
     status: Literal["accepted", "ignored", "duplicate"]
     reason: str | None = Field(default=None, description="Why a delivery was ignored.")
@@ -148,6 +190,12 @@ RESPONSE_MODELS: tuple[type[BaseModel], ...] = (
     Health,
     Ready,
     Accepted,
+    ActionAccepted,
     WebhookReply,
 )
-REQUEST_MODELS: tuple[type[BaseModel], ...] = (SyncRequest,)
+REQUEST_MODELS: tuple[type[BaseModel], ...] = (
+    SyncRequest,
+    DeployRequest,
+    RollbackRequest,
+    SuspendRequest,
+)
