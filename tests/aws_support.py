@@ -24,11 +24,8 @@ from typing import Any
 import httpx
 import pytest
 
-from reconciler.config import load_config
-from reconciler.engine import Engine, open_source
-from reconciler.providers import build_providers
-from reconciler.store import Store
-from tests.support import Repo
+from reconciler.engine import Engine
+from tests.support import Repo, run_engine
 
 ACCOUNT = "123456789012"
 REGION = "us-east-1"
@@ -256,19 +253,7 @@ listen = ""
         return self.repo.commit(f"{name}")
 
     def run(self, body: Callable[[Engine], Awaitable[Any]]) -> Any:
-        async def main() -> Any:
-            config = load_config(self.config, environ={})
-            store = Store.from_url(config.database_url, migrate=True)
-            source = open_source(config)
-            engine = Engine(config, store, source, build_providers(config))
-            try:
-                return await body(engine)
-            finally:
-                await engine.stop(1.0)
-                source.close()
-                store.engine.dispose()
-
-        return asyncio.run(main())
+        return run_engine(self.config, body)
 
 
 async def settle(engine: Engine, trigger: str = "watch") -> Any:

@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -206,3 +206,35 @@ def alive(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def run_engine(
+    config_path: Path,
+    body: Callable[[Any], Awaitable[Any]],
+    *,
+    providers: Callable[[dict[str, Any]], dict[str, Any]] = lambda p: p,
+    store_class: type | None = None,
+    **engine_options: Any,
+) -> Any:
+    """Run ``body(engine)`` on a real Engine (real store, real mirror, the configured
+    providers) in a fresh event loop, and stop and close everything afterwards."""
+    import asyncio
+
+    from reconciler.config import load_config
+    from reconciler.engine import Engine, open_source
+    from reconciler.providers import build_providers
+    from reconciler.store import Store
+
+    async def main() -> Any:
+        config = load_config(config_path, environ={})
+        store = (store_class or Store).from_url(config.database_url, migrate=True)
+        source = open_source(config)
+        engine = Engine(config, store, source, providers(build_providers(config)), **engine_options)
+        try:
+            return await body(engine)
+        finally:
+            await engine.stop(1.0)
+            source.close()
+            store.engine.dispose()
+
+    return asyncio.run(main())

@@ -15,12 +15,12 @@ import pytest
 import yaml
 
 from desired_state import EnvironmentSpec
-from reconciler.config import ConfigError, ProviderConfig, load_config
-from reconciler.engine import Engine, open_source
+from reconciler.config import ConfigError, ProviderConfig
+from reconciler.engine import Engine
 from reconciler.executor import Executor, Job
-from reconciler.providers import build_providers
 from reconciler.providers.docker import DockerParams, DockerProvider
 from reconciler.store import Store
+from tests import support
 from tests.dockerd import NETWORK, Dockerd, free_port
 from tests.support import Repo
 
@@ -325,19 +325,7 @@ host = "{host}"
 
 
 def run_engine(config_path: Path, body: Callable[[Engine], Awaitable[Any]]) -> Any:
-    async def main() -> Any:
-        config = load_config(config_path, environ={})
-        store = Store.from_url(config.database_url, migrate=True)
-        source = open_source(config)
-        engine = Engine(config, store, source, build_providers(config))
-        try:
-            return await body(engine)
-        finally:
-            await engine.stop(1.0)
-            source.close()
-            store.engine.dispose()
-
-    return asyncio.run(main())
+    return support.run_engine(config_path, body)
 
 
 async def settle(engine: Engine) -> None:

@@ -8,7 +8,6 @@ that reads by itself every `drift_interval` and shows drift in /api/v1/status an
 
 from __future__ import annotations
 
-import asyncio
 import json
 import socket
 import subprocess
@@ -22,12 +21,12 @@ import httpx
 import pytest
 
 from desired_state import EnvironmentSpec
-from reconciler.config import Config, load_config
-from reconciler.engine import Engine, open_source
+from reconciler.config import Config
+from reconciler.engine import Engine
 from reconciler.notify import Notifier
 from reconciler.plan import LiveVersion, PlanSettings, RecordedState, ServiceRecord, plan
-from reconciler.providers import build_providers
 from reconciler.store import DriftEvent, LiveObservation, Store
+from tests import support
 from tests.support import RECONCILER, Repo, cli_env, wait_for
 from tests.test_notify import Receiver
 
@@ -202,19 +201,7 @@ env = {{ LIVE = "{self.live}", PROBE_TOKEN = "probe-secret-value" }}
 
 
 def run_engine(target: Target, body: Callable[[Engine], Awaitable[Any]]) -> Any:
-    async def main() -> Any:
-        config = load_config(target.config, environ={})
-        store = Store.from_url(config.database_url, migrate=True)
-        source = open_source(config)
-        engine = Engine(config, store, source, build_providers(config))
-        try:
-            return await body(engine)
-        finally:
-            await engine.stop(1.0)
-            source.close()
-            store.engine.dispose()
-
-    return asyncio.run(main())
+    return support.run_engine(target.config, body)
 
 
 async def settle(engine: Engine) -> None:

@@ -9,29 +9,15 @@ from typing import Any
 
 import pytest
 
-from reconciler.config import load_config
-from reconciler.engine import Engine, open_source
-from reconciler.providers import build_providers
-from reconciler.store import Store
+from reconciler.engine import Engine
+from tests import support
 from tests.support import World, alive, env_yaml
 
 pytestmark = pytest.mark.timeout(60)
 
 
 def run_engine(world: World, body: Callable[[Engine], Awaitable[Any]], **listener: Any) -> Any:
-    async def main() -> Any:
-        config = load_config(world.config, environ={})
-        store = Store.from_url(config.database_url, migrate=True)
-        source = open_source(config)
-        engine = Engine(config, store, source, build_providers(config), **listener)
-        try:
-            return await body(engine)
-        finally:
-            await engine.stop(1.0)
-            source.close()
-            store.engine.dispose()
-
-    return asyncio.run(main())
+    return support.run_engine(world.config, body, **listener)
 
 
 @pytest.fixture

@@ -20,8 +20,7 @@ import pytest
 from sqlalchemy.exc import OperationalError
 
 import reconciler.executor as executor_module
-from reconciler.config import load_config
-from reconciler.engine import Engine, open_source
+from reconciler.engine import Engine
 from reconciler.providers import (
     Check,
     CommandProvider,
@@ -29,10 +28,9 @@ from reconciler.providers import (
     DeployRequest,
     Provider,
     Validation,
-    build_providers,
 )
 from reconciler.store import TERMINAL_STATUSES, DeploymentRecord, Store
-from tests.support import World, alive
+from tests.support import World, alive, run_engine
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -56,19 +54,7 @@ def engine_run(
     store_class: type[Store] = Store,
     providers: Callable[[dict[str, Provider]], dict[str, Provider]] = lambda p: p,
 ) -> Any:
-    async def main() -> Any:
-        config = load_config(world.config, environ={})
-        store = store_class.from_url(config.database_url, migrate=True)
-        source = open_source(config)
-        engine = Engine(config, store, source, providers(build_providers(config)))
-        try:
-            return await body(engine)
-        finally:
-            await engine.stop(1.0)
-            source.close()
-            store.engine.dispose()
-
-    return asyncio.run(main())
+    return run_engine(world.config, body, store_class=store_class, providers=providers)
 
 
 async def deploy_once(engine: Engine) -> DeploymentRecord:

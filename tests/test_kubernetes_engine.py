@@ -13,10 +13,8 @@ from typing import Any
 import httpx
 import pytest
 
-from reconciler.config import load_config
-from reconciler.engine import Engine, open_source
-from reconciler.providers import build_providers
-from reconciler.store import Store
+from reconciler.engine import Engine
+from tests import support
 from tests.fake_kube import FakeKube
 from tests.support import RECONCILER, Repo, cli_env, wait_for
 
@@ -83,19 +81,7 @@ namespace = "apps"
 
 
 def run_engine(world: KubeWorld, body: Callable[[Engine], Awaitable[Any]]) -> Any:
-    async def main() -> Any:
-        config = load_config(world.config, environ={})
-        store = Store.from_url(config.database_url, migrate=True)
-        source = open_source(config)
-        engine = Engine(config, store, source, build_providers(config))
-        try:
-            return await body(engine)
-        finally:
-            await engine.stop(1.0)
-            source.close()
-            store.engine.dispose()
-
-    return asyncio.run(main())
+    return support.run_engine(world.config, body)
 
 
 async def settle(engine: Engine, trigger: str = "watch") -> None:
