@@ -13,7 +13,8 @@ import the tests (see tests/test_conformance.py and docs/providers.md):
 
 Conventions a backend follows: a version ending in `-fail` fails on the target with the
 backend's `failure_text` in the error; one ending in `-hang` never finishes (until
-cancelled). Service `api` in environment `staging`.
+cancelled); `set_live` changes the target the way someone at the platform's console would,
+so the type's `current_version` reports it. Service `api` in environment `staging`.
 """
 
 from __future__ import annotations
