@@ -163,7 +163,8 @@ class DockerBackend:
     def __init__(self, dockerd: Dockerd, tmp: Path) -> None:
         tmp.mkdir(parents=True, exist_ok=True)
         self.dockerd = dockerd
-        self.name = f"cf{uuid.uuid4().hex[:10]}-api"
+        self.prefix = f"cf{uuid.uuid4().hex[:10]}"
+        self.name = f"{self.prefix}-api"  # the container of service api
         self.password = tmp / "registry-password"
         self.password.write_text(self.secret + "\n")
         self.since = f"{time.time() - 1:.9f}"
@@ -180,7 +181,7 @@ class DockerBackend:
         }
 
     def params(self) -> dict[str, str]:
-        return {"image": "app", "container": self.name.replace("-api", "-{service}")}
+        return {"image": "app", "container": self.prefix + "-{service}"}
 
     def prepare(self, version: str) -> None:
         source = "app:1.0"
