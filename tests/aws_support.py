@@ -9,6 +9,11 @@ UpdateService starts a new PRIMARY deployment, and each DescribeServices call mo
 IN_PROGRESS deployment one step. The image tag decides how a rollout goes:
 `*-fail` fails (the circuit breaker then rolls the service back), `*-hang` never finishes,
 anything else completes after one step per desired task.
+
+moto also applies a Lambda function's code update at once (`LastUpdateStatus` is always
+Successful). `LambdaUpdates` stands in for Lambda's asynchronous update the same way: the
+image tag of the function's $LATEST code decides what `GetFunctionConfiguration` says,
+`*-fail` Failed (with Lambda's reason code and text), `*-hang` InProgress for ever.
 """
 
 from __future__ import annotations
@@ -214,6 +219,45 @@ class EcsScheduler:
                 self._event(
                     service, f"has started 1 tasks: {d['runningCount']}/{d['desiredCount']}."
                 )
+
+
+# -- Lambda --------------------------------------------------------------------------------
+
+
+class LambdaUpdates:
+    """Lambda's asynchronous code update, which moto applies at once (module docstring)."""
+
+    REASON_CODE = "InvalidImage"
+    REASON = "image manifest not found: the image tag does not exist in the repository"
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from moto.awslambda.models import LambdaFunction
+
+        self.code_updates = 0  # UpdateFunctionCode calls: deployments started
+        original = LambdaFunction.get_configuration
+        original_update = LambdaFunction.update_function_code
+        updates = self
+        reason = {
+            "LastUpdateStatusReasonCode": self.REASON_CODE,
+            "LastUpdateStatusReason": self.REASON,
+        }
+
+        def get_configuration(fn: Any, on_create: bool = False) -> dict[str, Any]:
+            config: dict[str, Any] = original(fn, on_create)
+            image = str(fn.code.get("ImageUri", "")) if fn.version == "$LATEST" else ""
+            if "LastUpdateStatus" in config and image.endswith("-fail"):
+                config.update(LastUpdateStatus="Failed", **reason)
+            elif "LastUpdateStatus" in config and image.endswith("-hang"):
+                config["LastUpdateStatus"] = "InProgress"
+            return config
+
+        def update_function_code(fn: Any, spec: dict[str, Any]) -> dict[str, Any]:
+            updates.code_updates += 1
+            result: dict[str, Any] = original_update(fn, spec)
+            return result
+
+        monkeypatch.setattr(LambdaFunction, "get_configuration", get_configuration)
+        monkeypatch.setattr(LambdaFunction, "update_function_code", update_function_code)
 
 
 # -- the engine ----------------------------------------------------------------------------

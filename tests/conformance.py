@@ -13,7 +13,8 @@ import the tests (see tests/test_conformance.py and docs/providers.md):
 
 Conventions a backend follows: a version ending in `-fail` fails on the target with the
 backend's `failure_text` in the error; one ending in `-hang` never finishes (until
-cancelled). Service `api` in environment `staging`.
+cancelled); `set_live` changes the target the way someone at the platform's console would,
+so the type's `current_version` reports it. Service `api` in environment `staging`.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ __all__ = [
     "test_conformance_credentials_never_recorded",
     "test_conformance_deadline_mid_rollout",
     "test_conformance_drift_reads_the_live_version",
+    "test_conformance_drift_through_the_engine_and_self_heal",
     "test_conformance_failure_keeps_the_previous_version",
     "test_conformance_failure_with_rollback_restores_the_previous_version",
     "test_conformance_success",
@@ -249,6 +251,55 @@ def test_conformance_drift_reads_the_live_version(harness: Harness, backend: Bac
     assert harness.run(read) == "1.0"
     backend.set_live("0.9-hotfix")
     assert harness.run(read) == "0.9-hotfix"
+
+
+def test_conformance_drift_through_the_engine_and_self_heal(
+    harness: Harness, backend: Backend
+) -> None:
+    """An out-of-band change on the target, as the daemon's drift monitor finds it: the
+    service is `drifted` with the live version in its message; once the environment says
+    `self_heal: true`, the deployed version is deployed again with trigger `drift`."""
+    if not backend.reads_live_version:
+        pytest.skip("this type cannot read the live version (no drift detection)")
+    harness.set_version("1.0")
+
+    def states(decisions: list[Any]) -> list[tuple[str, str, str]]:
+        return [(d.service, d.state, d.message) for d in decisions]
+
+    async def body(engine: Engine) -> dict[str, Any]:
+        seen: dict[str, Any] = {}
+        await engine.sync("watch")
+        await engine.idle()
+        seen["calm"] = [(o.service, o.version) for o in await engine.drift.check()]
+        backend.set_live("0.9-hotfix")
+        seen["read"] = [(o.service, o.version, o.drifted) for o in await engine.drift.check()]
+        seen["drifted"] = states(await engine.decisions())
+        seen["status"] = [d.status_json(None) for d in await engine.decisions()]
+        seen["suffered"] = engine.store.history(environment="staging")
+        harness.set_version("1.0", self_heal="true")
+        await engine.sync("watch")
+        await engine.drift.check()  # still drifted: wakes the self-healing environment
+        await engine.idle()
+        seen["healed"] = [(o.service, o.version, o.drifted) for o in await engine.drift.check()]
+        seen["after"] = states(await engine.decisions())
+        seen["history"] = engine.store.history(environment="staging")
+        return seen
+
+    seen = harness.run(body)
+    assert seen["calm"] == [("api", "1.0")]
+    assert seen["read"] == [("api", "0.9-hotfix", True)]
+    message = "live version is 0.9-hotfix, deployed 1.0"
+    assert seen["drifted"] == [("api", "drifted", message)]
+    assert (seen["status"][0]["state"], seen["status"][0]["message"]) == ("drifted", message)
+    assert len(seen["suffered"]) == 1  # drift alone deploys nothing
+    history = seen["history"]
+    assert [(d.version, d.trigger, d.status) for d in history] == [
+        ("1.0", "drift", "completed"),
+        ("1.0", "git", "completed"),
+    ], history[0].error_message
+    assert seen["healed"] == [("api", "1.0", False)]
+    assert seen["after"] == [("api", "synced", "")]
+    assert backend.live_version() == "1.0"
 
 
 def test_conformance_credentials_never_recorded(harness: Harness, backend: Backend) -> None:

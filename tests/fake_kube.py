@@ -16,10 +16,10 @@ the documented API where the provider and kubectl touch it:
 - a rollout controller driven by time (one step per ``tick``): Deployments get
   ReplicaSets with ``deployment.kubernetes.io/revision`` and roll by maxSurge /
   maxUnavailable; StatefulSets replace pods one at a time from the highest ordinal;
-  DaemonSets one node at a time. Pods of an image whose tag ends in ``-fail`` never
-  become available, and a Deployment that stops progressing gets the
+  DaemonSets one node at a time. Pods of an image whose tag ends in ``-fail`` or
+  ``-hang`` never become available, and a Deployment that stops progressing gets the
   ``ProgressDeadlineExceeded`` condition after ``progressDeadlineSeconds`` multiplied by
-  ``deadline_scale``.
+  ``deadline_scale`` (the two differ only in how long a test lets the deadline be).
 """
 
 from __future__ import annotations
@@ -82,7 +82,8 @@ def image_tag(image: str) -> str:
 
 
 def failing(image: str) -> bool:
-    return image_tag(image).endswith("-fail")
+    """Pods of this image never become available (crash-looping, or stuck pulling)."""
+    return image_tag(image).endswith(("-fail", "-hang"))
 
 
 def scaled(value: Any, total: int, round_up: bool) -> int:
