@@ -27,11 +27,8 @@ from typing import Any, Protocol
 
 import pytest
 
-from reconciler.config import load_config
-from reconciler.engine import Engine, open_source
-from reconciler.providers import build_providers
-from reconciler.store import Store
-from tests.support import Repo
+from reconciler.engine import Engine
+from tests.support import Repo, run_engine
 
 __all__ = [
     "Backend",
@@ -135,19 +132,7 @@ listen = ""
         return self.repo.commit(f"api {version}")
 
     def run(self, body: Callable[[Engine], Awaitable[Any]]) -> Any:
-        async def main() -> Any:
-            config = load_config(self.config, environ={})
-            store = Store.from_url(config.database_url, migrate=True)
-            source = open_source(config)
-            engine = Engine(config, store, source, build_providers(config))
-            try:
-                return await body(engine)
-            finally:
-                await engine.stop(1.0)
-                source.close()
-                store.engine.dispose()
-
-        return asyncio.run(main())
+        return run_engine(self.config, body)
 
     def deploy(self, version: str, **extra: Any) -> list[Any]:
         """Commit `version`, sync, wait for the runs to settle; the history, newest first."""
