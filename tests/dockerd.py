@@ -46,6 +46,22 @@ APP_CMD = (
 HEALTHY = 'HEALTHCHECK --interval=300ms --timeout=5s --retries=1 CMD [ "$MODE" != unhealthy ]'
 SLOW = "HEALTHCHECK --interval=1s --timeout=5s --start-period=300s --retries=1 CMD false"
 NETWORK = "reconciler-test"
+# The test network's Linux bridge is named after the test process, so that a bridge left by a
+# run that was killed (a bridge outlives its dockerd) can be found and removed: left there,
+# such bridges use up dockerd's default address pools (~30) and no network can be created.
+BRIDGE_PREFIX = "rctest"
+
+
+def _remove_stale_bridges() -> None:
+    """Delete bridges of earlier test runs whose process is gone."""
+    try:
+        names = os.listdir("/sys/class/net")
+    except OSError:
+        return
+    for name in names:
+        pid = name.removeprefix(BRIDGE_PREFIX)
+        if name.startswith(BRIDGE_PREFIX) and pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            subprocess.run(["ip", "link", "delete", name], capture_output=True, check=False)
 
 
 def free_port() -> int:
@@ -108,7 +124,11 @@ class Dockerd:
         self.commit(base, "app:2.0-unhealthy", HEALTHY, "ENV MODE=unhealthy")
         self.commit(base, "app:2.0-exits", HEALTHY, "ENV MODE=exit")
         self.commit(base, "app:2.0-slow", SLOW)
-        self.api.create_network(NETWORK, driver="bridge")
+        _remove_stale_bridges()
+        bridge = f"{BRIDGE_PREFIX}{os.getpid()}"[:15]  # an interface name has 15 characters
+        self.api.create_network(
+            NETWORK, driver="bridge", options={"com.docker.network.bridge.name": bridge}
+        )
 
     def container(self, name: str) -> dict[str, Any] | None:
         try:
@@ -168,6 +188,8 @@ def running_dockerd() -> Iterator[Dockerd]:
         for c in api.containers(all=True):  # SIGKILL now rather than a stop timeout each
             with contextlib.suppress(DockerException):
                 api.remove_container(c["Id"], force=True)
+        with contextlib.suppress(DockerException):  # its bridge would outlive dockerd
+            api.remove_network(NETWORK)
         api.close()
     finally:
         proc.send_signal(signal.SIGTERM)
