@@ -420,6 +420,16 @@ async def _authorize(request: Request) -> Response | None:
 M = TypeVar("M", bound=BaseModel)
 
 
+async def _authorized_body(request: Request, model: type[M]) -> M | Response:
+    """A changing request: no query parameters, the bearer token, then the body as
+    `model`; or the refusal to answer with."""
+    _params(request, ())
+    refused = await _authorize(request)
+    if refused is not None:
+        return refused
+    return await _body(request, model)
+
+
 async def _body(request: Request, model: type[M]) -> M | Response:
     """The JSON body as `model` (an empty body is the model's defaults), or the 4xx."""
     try:
@@ -439,11 +449,7 @@ async def _body(request: Request, model: type[M]) -> M | Response:
 
 async def sync(request: Request) -> Response:
     c = ctx(request)
-    _params(request, ())
-    refused = await _authorize(request)
-    if refused is not None:
-        return refused
-    req = await _body(request, SyncRequest)
+    req = await _authorized_body(request, SyncRequest)
     if isinstance(req, Response):
         return req
     if req.service is not None:
@@ -489,11 +495,7 @@ async def _act(request: Request, action: DeployAction | RollbackAction | Suspend
 
 
 async def deploy(request: Request) -> Response:
-    _params(request, ())
-    refused = await _authorize(request)
-    if refused is not None:
-        return refused
-    req = await _body(request, DeployRequest)
+    req = await _authorized_body(request, DeployRequest)
     if isinstance(req, Response):
         return req
     return await _act(
@@ -508,11 +510,7 @@ async def deploy(request: Request) -> Response:
 
 
 async def rollback(request: Request) -> Response:
-    _params(request, ())
-    refused = await _authorize(request)
-    if refused is not None:
-        return refused
-    req = await _body(request, RollbackRequest)
+    req = await _authorized_body(request, RollbackRequest)
     if isinstance(req, Response):
         return req
     return await _act(
@@ -532,11 +530,7 @@ async def resume(request: Request) -> Response:
 
 
 async def _suspend_or_resume(request: Request, which: Literal["suspend", "resume"]) -> Response:
-    _params(request, ())
-    refused = await _authorize(request)
-    if refused is not None:
-        return refused
-    req = await _body(request, SuspendRequest)
+    req = await _authorized_body(request, SuspendRequest)
     if isinstance(req, Response):
         return req
     env = request.path_params["env"]
