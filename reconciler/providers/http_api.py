@@ -30,7 +30,7 @@ import httpx
 
 from desired_state import parse_duration
 from reconciler.config import ProviderConfig
-from reconciler.providers.base import DeployContext, DeploymentFailed, Provider
+from reconciler.providers.base import Check, DeployContext, DeploymentFailed, Provider
 
 BACKOFF_FIRST, BACKOFF_MAX = 0.5, 10.0
 # In a run the client's own limit is a little past the run's deadline, so that reaching the
@@ -329,3 +329,24 @@ class HostedProvider(Provider):
 
 def failed(exc: ApiError) -> DeploymentFailed:
     return DeploymentFailed(str(exc))
+
+
+async def account_and_target_checks(
+    api: ApiClient,
+    user_path: str,
+    target: str,
+    target_path: str,
+    params: Mapping[str, Any] | None = None,
+) -> list[Check]:
+    """validate's REST checks: the token is accepted (`GET user_path`; a platform that does
+    not answer is the `api` check), then the target exists. The credentials check failing
+    ends the list: nothing else can be asked."""
+    try:
+        await api.request("GET", user_path)
+    except ApiError as exc:
+        return [Check("credentials" if exc.reached else "api", False, str(exc))]
+    try:
+        await api.request("GET", target_path, params=params)
+    except ApiError as exc:
+        return [Check("credentials", True), Check(target, False, str(exc))]
+    return [Check("credentials", True), Check(target, True)]

@@ -17,7 +17,13 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from reconciler.providers.base import Check, DeployContext, DeployRequest, Validation
-from reconciler.providers.http_api import ApiClient, ApiError, HostedProvider, failed
+from reconciler.providers.http_api import (
+    ApiClient,
+    ApiError,
+    HostedProvider,
+    account_and_target_checks,
+    failed,
+)
 
 READY, FAILURES = frozenset({"ready"}), frozenset({"error", "rejected"})
 PERCENTS = {
@@ -50,17 +56,10 @@ class NetlifyProvider(HostedProvider):
         checks = list((await super().validate(request)).checks)
         p: NetlifyParams = self.params(request.params)
         async with self.client() as api:
-            try:
-                await api.request("GET", "/user")
-                checks.append(Check("credentials", True))
-            except ApiError as exc:
-                name = "credentials" if exc.reached else "api"
-                return Validation((*checks, Check(name, False, str(exc))))
-            try:
-                await api.request("GET", f"/sites/{p.site}")
-                checks.append(Check("site", True))
-            except ApiError as exc:
-                checks.append(Check("site", False, str(exc)))
+            account = await account_and_target_checks(api, "/user", "site", f"/sites/{p.site}")
+        checks += account
+        if not account[0].ok:  # no answer, or the token refused: nothing else to check
+            return Validation(tuple(checks))
         if request.trigger != "rollback":  # a rollback restores a kept deploy when it can
             zip_path = self.artifact(p, request.version)
             ok = zip_path.is_file()

@@ -18,8 +18,14 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from reconciler.config import ProviderConfig
-from reconciler.providers.base import Check, DeployContext, DeployRequest, Validation
-from reconciler.providers.http_api import ApiClient, ApiError, HostedProvider, failed
+from reconciler.providers.base import DeployContext, DeployRequest, Validation
+from reconciler.providers.http_api import (
+    ApiClient,
+    ApiError,
+    HostedProvider,
+    account_and_target_checks,
+    failed,
+)
 
 READY, FAILURES = frozenset({"READY"}), frozenset({"ERROR", "CANCELED"})
 PERCENTS = {"QUEUED": 10, "INITIALIZING": 20, "BUILDING": 50, "UPLOADING": 80, "DEPLOYING": 85}
@@ -53,17 +59,9 @@ class VercelProvider(HostedProvider):
         checks = list((await super().validate(request)).checks)
         p: VercelParams = self.params(request.params)
         async with self.client() as api:
-            try:
-                await api.request("GET", "/v2/user")
-                checks.append(Check("credentials", True))
-            except ApiError as exc:
-                name = "credentials" if exc.reached else "api"
-                return Validation((*checks, Check(name, False, str(exc))))
-            try:
-                await api.request("GET", f"/v9/projects/{p.project}", params=self._q())
-                checks.append(Check("project", True))
-            except ApiError as exc:
-                checks.append(Check("project", False, str(exc)))
+            checks += await account_and_target_checks(
+                api, "/v2/user", "project", f"/v9/projects/{p.project}", self._q()
+            )
         return Validation(tuple(checks))
 
     async def current_version(
