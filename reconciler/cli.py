@@ -32,6 +32,7 @@ from reconciler.output import (
     deployments_table,
     print_csv,
     print_json,
+    say_refusal,
     show_deployment,
 )
 from reconciler.store.records import STATUSES
@@ -323,16 +324,25 @@ def sync_cmd(
 @click.pass_context
 def plan_cmd(ctx: click.Context, environment: str | None, as_json: bool, wide: bool) -> None:
     """What a sync would do now, doing nothing."""
-    engine, decisions = run(ops.decisions(cfg(ctx), fetch=True, environment=environment))
+    engine, decisions = run(
+        ops.decisions(cfg(ctx), fetch=True, environment=environment, judge=True)
+    )
+    refusal = engine.snapshot.refusal  # a sync would refuse the head: planned from the applied
     actions = [d for d in decisions if d.state not in ("synced",)]
-    if as_json:
-        print_json([d.to_json() for d in actions])
+    if as_json:  # a refusal shows on every service (what a sync would keep, and why)
+        print_json([d.to_json() for d in (decisions if refusal else actions)])
         return
     if not actions:
+        if refusal:
+            say_refusal(refusal, wide=wide)
         click.echo(f"everything is in sync at {engine.commit.sha[:9] if engine.commit else '-'}")
         return
     decisions_table(
-        actions, engine.commit.sha if engine.commit else None, with_action=True, wide=wide
+        actions,
+        engine.commit.sha if engine.commit else None,
+        with_action=True,
+        wide=wide,
+        refusal=refusal,
     )
 
 
@@ -351,7 +361,8 @@ def status_cmd(ctx: click.Context, environment: str | None, as_json: bool, wide:
     if commit is None:
         click.echo("no sync recorded yet: run `reconciler sync` or start the daemon", err=True)
     reasons = engine.store.suspension_reasons()
-    decisions_table(decisions, commit, reasons=reasons, wide=wide)
+    refusal = engine.snapshot.refusal
+    decisions_table(decisions, commit, reasons=reasons, wide=wide, refusal=refusal)
 
 
 # ---- validating ----------------------------------------------------------------------

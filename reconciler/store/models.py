@@ -94,6 +94,8 @@ class Sync(Base):
     environments_changed: Mapped[list[str]] = mapped_column(JSON)
     errors: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
     error_message: Mapped[str | None] = mapped_column(Text)
+    # Who signed the head (allowed_signers): key fingerprint, and principal when trusted.
+    signer: Mapped[str | None] = mapped_column(Text)
 
     __table_args__ = (Index("ix_syncs_result_id", "result", "id"),)
 
