@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from tests.signing import (
     ssh_key,
     trust,
 )
-from tests.support import World, env_yaml
+from tests.support import World, env_yaml, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -239,3 +240,69 @@ def test_good_allowed_signers_lines_are_accepted(tmp_path: Path) -> None:
     config = load_config(world.config, environ={})
     assert config.allowed_signers is not None
     assert (config.allowed_signers.kind, config.allowed_signers.keys) == ("ssh", 3)
+
+
+def test_the_daemon_refuses_an_untrusted_head_once_and_trusts_a_reloaded_list(
+    tmp_path: Path,
+) -> None:
+    """Through a real daemon: the refusal is recorded once however often the head is
+    looked at, shows in the API's status, is notified; a reload (SIGHUP) reads the file
+    again and the head, now trusted, is applied."""
+    from tests.test_http_daemon import Served
+    from tests.test_notify import Receiver
+
+    world = World(tmp_path)
+    keys = tmp_path / "keys"
+    ada, eve = ssh_key(keys, "ada@example.com"), ssh_key(keys, "eve@example.com")
+    allowed_signers(tmp_path / "allowed_signers", ada)
+    trust(world, "allowed_signers")
+    receiver = Receiver()
+    receiver.up()
+    world.config.write_text(
+        world.config.read_text()
+        + f'\n[[notifications]]\ntype = "webhook"\nurl = "{receiver.url()}"\n'
+        + 'events = ["sync_error"]\n'
+    )
+    set_env_signed(world.repo, ada, "staging", {"api": "1.0"})
+    served = Served(world)
+
+    def status() -> dict:
+        r = served.client.get("/api/v1/status")
+        assert r.status_code == 200, r.text
+        rows = r.json()
+        assert len(rows) <= 1, rows
+        return rows[0] if rows else {}  # {}: before the first sync
+
+    def refusals_logged() -> int:
+        return served.stderr.read_text().count("event=sync_refused")
+
+    try:
+        wait_for(lambda: status().get("deployed") == "1.0", what="the trusted head deployed")
+        untrusted = set_env_signed(world.repo, eve, "staging", {"api": "2.0"})
+        wait_for(refusals_logged, what="the refusal")
+        for looks in (2, 3):  # the same head looked at again (as by polls): not recorded again
+            served.proc.send_signal(signal.SIGUSR1)
+            wait_for(lambda n=looks: refusals_logged() >= n, what=f"look {looks}")
+        refused = [s for s in _syncs(world) if s.result == "refused"]
+        assert [(s.commit_sha, s.signer) for s in refused] == [(untrusted, eve.fingerprint)]
+        reason = f"it is signed by {eve.fingerprint} which is not in allowed_signers"
+        row = status()
+        assert (row["desired"], row["deployed"], row["state"]) == ("1.0", "1.0", "synced")
+        assert reason in row["message"] and untrusted[:12] in row["message"]
+        notice = receiver.get(timeout=30)
+        assert notice.event == "sync_error"
+        assert notice.json["sync"]["result"] == "refused"
+        assert notice.json["sync"]["signer"] == eve.fingerprint
+        assert reason in notice.json["message"]
+        assert world.started() == [("staging", "api", "1.0")]
+
+        allowed_signers(tmp_path / "allowed_signers", ada, eve)
+        served.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: status().get("deployed") == "2.0", what="the head trusted after a reload")
+        assert status()["message"] is None
+        assert applied_ref(world) == untrusted
+        assert receiver.drain() == []  # nothing more went wrong
+    finally:
+        served.close()
+        receiver.down()
+    assert "Traceback" not in served.stderr.read_text()
