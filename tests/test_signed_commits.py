@@ -306,3 +306,28 @@ def test_the_daemon_refuses_an_untrusted_head_once_and_trusts_a_reloaded_list(
         served.close()
         receiver.down()
     assert "Traceback" not in served.stderr.read_text()
+
+
+@pytest.mark.parametrize(
+    ("status", "trusted", "reason"),
+    [
+        ("G", True, None),
+        ("N", False, "it is not signed"),
+        ("U", False, "it is signed by K which is not in allowed_signers"),
+        ("E", False, "it is signed by K which is not in allowed_signers"),
+        ("B", False, "its signature by K is bad"),
+        ("X", False, "its signature by K has expired"),
+        ("Y", False, "it is signed by K whose key has expired"),
+        ("R", False, "it is signed by K whose key is revoked"),
+        ("?", False, "its signature cannot be checked"),
+    ],
+)
+def test_every_verdict_of_git_is_worded(status: str, trusted: bool, reason: str | None) -> None:
+    """git's %G? letters that real keys in a test cannot all produce (a bad or expired
+    signature, a revoked key): only G is trusted, each other one says why."""
+    from reconciler.source.signatures import describe
+
+    verdict = describe(status, "K", "ada@example.com")
+    assert (verdict.trusted, verdict.reason) == (trusted, reason)
+    expected = "K (ada@example.com)" if trusted else None if status == "N" else "K"
+    assert verdict.signer == expected
