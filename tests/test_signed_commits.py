@@ -298,6 +298,11 @@ def test_the_daemon_refuses_an_untrusted_head_once_and_trusts_a_reloaded_list(
         assert reason in notice.json["message"]
         assert world.started() == [("staging", "api", "1.0")]
 
+        # A reload with a malformed file is refused: the keys read at start stay.
+        (tmp_path / "allowed_signers").write_text("eve@example.com ssh-ed25519 !!\n")
+        served.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "event=reload_refused" in served.stderr.read_text(), what="reload refused")
+        assert "allowed_signers:1: the ssh-ed25519 key is not valid" in served.stderr.read_text()
         allowed_signers(tmp_path / "allowed_signers", ada, eve)
         served.proc.send_signal(signal.SIGHUP)
         wait_for(lambda: status().get("deployed") == "2.0", what="the head trusted after a reload")
