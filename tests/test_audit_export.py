@@ -1,0 +1,153 @@
+"""`reconciler audit export`: the deployments of a real repository and engine, as JSON
+lines and CSV, filtered, and in flat memory over a large ledger."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.ledger_fill import fill_ledger
+from tests.support import RECONCILER, World, cli_env
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def export(world: World, *args: str) -> str:
+    return world.cli("audit", "export", *args, check=True).stdout
+
+
+def jsonl(text: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in text.splitlines()]
+
+
+@pytest.fixture(scope="module")
+def ledger(tmp_path_factory: pytest.TempPathFactory) -> World:
+    """Two environments: git deployments (one failed), an operator's deploy with a reason."""
+    world = World(tmp_path_factory.mktemp("export"))
+    repo = world.repo
+    repo.set_env("staging", {"api": "1.0"}, "staging: api 1.0")
+    repo.set_env("production", {"api": "1.0"}, "production: api 1.0")
+    world.cli("sync", check=True)
+    repo.set_env("production", {"api": "1.1-fail"}, "production: try api 1.1")
+    assert world.cli("sync").returncode == 1
+    world.cli(
+        "deploy", "--env", "production", "--service", "api", "--version", "1.0.1",
+        "--reason", "hotfix for INC-7", check=True,
+    )  # fmt: skip
+    return world
+
+
+def test_jsonl_carries_commit_subject_timeline_outcome_and_the_operator(ledger: World):
+    rows = jsonl(export(ledger))
+    history = json.loads(ledger.cli("history", "--json", check=True).stdout)
+    assert [r["id"] for r in rows] == sorted(h["id"] for h in history)  # oldest first
+    by_version = {(r["environment"], r["version"]): r for r in rows}
+
+    first = by_version[("production", "1.0")]
+    assert first["status"] == "completed" and first["trigger"] == "git"
+    assert first["commit_subject"] == "production: api 1.0"
+    assert first["commit_author"] == "Ada <ada@example.com>"
+    assert first["previous_version"] is None
+    assert first["operator_action"] is None
+    assert first["sync_id"] is not None and first["sync_seen_at"].endswith("Z")
+    assert first["progress"][0]["status"] == "pending"
+    assert first["progress"][-1]["status"] == "completed"
+    assert "preparing" in [e["message"] for e in first["progress"]]
+    assert first["validation"]["ok"] is True
+
+    failed = by_version[("production", "1.1-fail")]
+    assert failed["status"] == "failed" and "health check failed" in failed["error_message"]
+    assert failed["commit_subject"] == "production: try api 1.1"
+    assert failed["previous_version"] == "1.0"
+    assert failed["progress"][-1]["status"] == "failed"
+
+    manual = by_version[("production", "1.0.1")]
+    assert manual["trigger"] == "manual" and manual["status"] == "completed"
+    action = manual["operator_action"]
+    assert action["action"] == "deploy"
+    assert action["note"] == "to 1.0.1: hotfix for INC-7"
+    assert action["actor"] and action["at"] <= manual["created_at"]
+    assert list(rows[0]) == [
+        "id", "environment", "service", "version", "previous_version", "status",
+        "error_message", "trigger", "attempt", "commit", "commit_author", "commit_subject",
+        "sync_id", "sync_seen_at", "operator_action", "rollback_of", "provider",
+        "provider_type", "strategy", "params", "timeout_seconds", "validation", "created_at",
+        "started_at", "completed_at", "duration_seconds", "progress",
+    ]  # fmt: skip
+
+
+def test_csv_is_one_row_per_deployment_with_json_cells(ledger: World):
+    rows = list(csv.DictReader(io.StringIO(export(ledger, "--format", "csv"))))
+    assert len(rows) == len(jsonl(export(ledger)))
+    manual = next(r for r in rows if r["trigger"] == "manual")
+    assert json.loads(manual["operator_action"])["note"] == "to 1.0.1: hotfix for INC-7"
+    timeline = json.loads(manual["progress"])
+    assert timeline[0]["status"] == "pending" and timeline[-1]["status"] == "completed"
+    git_row = next(r for r in rows if r["version"] == "1.1-fail")
+    assert git_row["operator_action"] == "" and git_row["commit_subject"].startswith("production")
+    assert json.loads(git_row["strategy"]) == {"type": "rolling"}
+
+
+def test_filters_and_output_file(ledger: World):
+    everything = jsonl(export(ledger))
+    staging = jsonl(export(ledger, "--env", "staging"))
+    assert staging == [r for r in everything if r["environment"] == "staging"] and staging
+    assert export(ledger, "--since", "2999-01-01") == ""
+    assert jsonl(export(ledger, "--since", "1h")) == everything
+    last = everything[-1]["created_at"]  # seconds: the rows of that second are kept too
+    since_last = jsonl(export(ledger, "--since", last))
+    assert since_last == [r for r in everything if r["created_at"] >= last]
+    assert since_last[-1]["trigger"] == "manual" and everything[0] not in since_last
+
+    target = ledger.tmp / "out" / "audit.csv"
+    target.parent.mkdir()
+    assert export(ledger, "--format", "csv", "--output", str(target)) == ""
+    assert target.read_text() == export(ledger, "--format", "csv")
+
+    bad = ledger.cli("audit", "export", "--since", "yesterday")
+    assert bad.returncode == 2 and "--since" in bad.stderr and len(bad.stderr.splitlines()) == 1
+    unwritable = ledger.cli("audit", "export", "--output", str(ledger.tmp / "no" / "x.jsonl"))
+    assert unwritable.returncode in (1, 2) and unwritable.stderr.startswith("reconciler: ")
+
+
+def _export_peak_rss_kib(config: Path, *args: str) -> int:
+    """The peak RSS of an export process, read from its rusage by a parent of its own."""
+    probe = (
+        "import resource, subprocess, sys\n"
+        "with open('/dev/null', 'w') as out:\n"
+        "    subprocess.run(sys.argv[1:], stdout=out, check=True)\n"
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+    )
+    command = [*RECONCILER, "--config", str(config), "audit", "export", *args]
+    out = subprocess.run(
+        [sys.executable, "-c", probe, *command],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        cwd=config.parent,
+        check=True,
+    )
+    return int(out.stdout.strip())
+
+
+def test_export_memory_does_not_grow_with_the_rows(tmp_path: Path):
+    from reconciler.store import Store
+
+    world = World(tmp_path)
+    store = Store.from_url(f"sqlite:///{tmp_path / 'state' / 'reconciler.db'}")
+    # 20,000 deployments in "small", 180,000 more in "big": the export of all 200,000 must
+    # peak no higher than the export of 20,000 (plus noise), in both formats.
+    fill_ledger(store.engine, 20_000, environments=("small",))
+    fill_ledger(store.engine, 180_000, environments=("big",))
+    store.engine.dispose()
+    for fmt in ("jsonl", "csv"):
+        small = _export_peak_rss_kib(world.config, "--format", fmt, "--env", "small")
+        full = _export_peak_rss_kib(world.config, "--format", fmt)
+        assert full - small < 8 * 1024, (fmt, small, full)
