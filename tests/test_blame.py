@@ -115,3 +115,45 @@ def test_blame_names_what_is_unknown(tmp_path: Path) -> None:
     out = world.cli("blame", "--env", "nope", "--service", "api")
     assert out.returncode == 2
     assert out.stderr.strip() == "reconciler: unknown environment 'nope' (known: staging)"
+
+
+def test_http_blame_answers_as_the_command(tmp_path: Path) -> None:
+    import asyncio
+
+    import httpx
+
+    from reconciler.config import load_config
+    from reconciler.events import EventHub
+    from reconciler.http.app import create_app
+    from reconciler.http.schemas import Blame
+    from reconciler.store import Store
+    from tests.test_http import FakeControl
+
+    world = World(tmp_path)
+    world.repo.set_env("staging", {"api": "1.0"}, "api: 1.0")
+    sync(world)
+    expected = blame(world)
+    config = load_config(world.config, environ={})
+    store = Store.from_url(config.database_url)
+
+    async def ask() -> list[httpx.Response]:
+        app = create_app(FakeControl(config, store, EventHub()))
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return [
+                await client.get("/api/v1/blame", params={"env": "staging", "service": "api"}),
+                await client.get("/api/v1/blame", params={"env": "staging", "service": "x"}),
+                await client.get("/api/v1/blame", params={"env": "staging"}),
+                await client.get("/api/v1/blame", params={"env": "a", "service": "b", "c": ""}),
+            ]
+
+    try:
+        ok, unknown, missing, extra = asyncio.run(ask())
+    finally:
+        store.close()
+    assert ok.status_code == 200 and ok.json() == expected
+    Blame.model_validate(ok.json())
+    assert unknown.status_code == 404
+    assert unknown.json() == {"error": "environment 'staging' has no service 'x'"}
+    assert missing.status_code == 400 and "service" in missing.json()["error"]
+    assert extra.status_code == 400
