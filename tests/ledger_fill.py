@@ -5,8 +5,11 @@ driver-level ``executemany`` into a migrated SQLite database (for the export's m
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, text
@@ -96,3 +99,31 @@ def fill_ledger(
             conn.exec_driver_sql(sql_d, batch_d)
             conn.exec_driver_sql(sql_e, batch_e)
             done += count
+
+
+_PROBE = """\
+import resource, subprocess, sys, time
+with open('/dev/null', 'w') as out:
+    started = time.perf_counter()
+    subprocess.run(sys.argv[1:], stdout=out, check=True)
+    wall = time.perf_counter() - started
+usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+print(usage.ru_maxrss, usage.ru_utime + usage.ru_stime, wall)
+"""
+
+
+def measured_run(
+    command: Sequence[str], *, cwd: Path, env: dict[str, str]
+) -> tuple[int, float, float]:
+    """Run ``command`` (stdout to /dev/null) under a parent of its own, which reads its
+    rusage: (peak RSS in KiB, CPU seconds, wall seconds)."""
+    out = subprocess.run(
+        [sys.executable, "-c", _PROBE, *command],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        check=True,
+    )
+    rss, cpu, wall = out.stdout.split()
+    return int(rss), float(cpu), float(wall)

@@ -6,14 +6,12 @@ from __future__ import annotations
 import csv
 import io
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.ledger_fill import fill_ledger
+from tests.ledger_fill import fill_ledger, measured_run
 from tests.support import RECONCILER, World, cli_env
 
 pytestmark = pytest.mark.timeout(300)
@@ -118,23 +116,8 @@ def test_filters_and_output_file(ledger: World):
 
 
 def _export_peak_rss_kib(config: Path, *args: str) -> int:
-    """The peak RSS of an export process, read from its rusage by a parent of its own."""
-    probe = (
-        "import resource, subprocess, sys\n"
-        "with open('/dev/null', 'w') as out:\n"
-        "    subprocess.run(sys.argv[1:], stdout=out, check=True)\n"
-        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
-    )
     command = [*RECONCILER, "--config", str(config), "audit", "export", *args]
-    out = subprocess.run(
-        [sys.executable, "-c", probe, *command],
-        capture_output=True,
-        text=True,
-        env=cli_env(),
-        cwd=config.parent,
-        check=True,
-    )
-    return int(out.stdout.strip())
+    return measured_run(command, cwd=config.parent, env=cli_env())[0]
 
 
 def test_export_memory_does_not_grow_with_the_rows(tmp_path: Path):
