@@ -134,3 +134,50 @@ def test_export_memory_does_not_grow_with_the_rows(tmp_path: Path):
     small = _export_peak_rss_kib(world.config, "--env", "small")
     full = _export_peak_rss_kib(world.config)
     assert full - small < 8 * 1024, (small, full)
+
+
+def test_store_pages_link_operator_actions_on_both_databases(store: Any):
+    """Through the real store (SQLite and PostgreSQL), pages of 2: each operator action is
+    tied to the one deployment it caused, and to none other."""
+    from datetime import UTC, datetime, timedelta
+
+    from reconciler.store import NewDeployment
+
+    t0 = datetime(2026, 11, 1, tzinfo=UTC)
+
+    def deploy(version: str, trigger: str, minute: int, **kw: Any) -> int:
+        new = NewDeployment(
+            environment="production", service="api", version=version, previous_version=None,
+            provider="local", provider_type="command", strategy={"type": "rolling"},
+            trigger=trigger, commit=None, commit_author=None, attempt=1, timeout_seconds=60,
+            params={}, created_at=t0 + timedelta(minutes=minute), **kw,
+        )  # fmt: skip
+        rec = store.create_deployment(new)
+        store.set_status(rec.id, "failed", at=t0 + timedelta(minutes=minute, seconds=30))
+        return int(rec.id)
+
+    def act(action: str, minute: int, note: str | None = None) -> None:
+        store.record_operator_action(
+            environment="production", service="api", action=action, actor="bob", note=note,
+            at=t0 + timedelta(minutes=minute),
+        )  # fmt: skip
+
+    git1 = deploy("1.0", "git", 0)
+    act("deploy", 1, "to 2.0: hotfix")
+    manual = deploy("2.0", "manual", 2)
+    auto = deploy("1.0", "rollback", 3, rollback_of=manual)
+    manual_again = deploy("2.1", "manual", 4)  # no action of its own: not bob's deploy
+    act("retry", 5)
+    retried = deploy("1.0", "git", 6)
+    git2 = deploy("1.0", "retry", 7)
+    rows = list(store.export_deployments(page=2))
+    assert [r.deployment.id for r in rows] == [git1, manual, auto, manual_again, retried, git2]
+    caused = {r.deployment.id: r.operator_action for r in rows}
+    assert caused[manual] is not None and caused[manual].note == "to 2.0: hotfix"
+    assert caused[retried] is not None and caused[retried].action == "retry"
+    assert [i for i, a in caused.items() if a is not None] == [manual, retried]
+    assert [e.status for e in rows[0].deployment.progress or []] == ["pending", "failed"]
+    assert store.count_deployments(since=t0 + timedelta(minutes=4)) == 3
+    later = list(store.export_deployments(since=t0 + timedelta(minutes=4), page=1))
+    assert [r.deployment.id for r in later] == [manual_again, retried, git2]
+    assert later[1].operator_action is not None  # the action is older than --since
