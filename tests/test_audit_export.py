@@ -181,3 +181,40 @@ def test_store_pages_link_operator_actions_on_both_databases(store: Any):
     later = list(store.export_deployments(since=t0 + timedelta(minutes=4), page=1))
     assert [r.deployment.id for r in later] == [manual_again, retried, git2]
     assert later[1].operator_action is not None  # the action is older than --since
+
+
+def test_progress_on_a_terminal_only(ledger: World):
+    import os
+    import subprocess
+
+    total = len(jsonl(export(ledger)))
+    leader, follower = os.openpty()
+    try:
+        out = subprocess.run(
+            [*RECONCILER, "--config", str(ledger.config), "audit", "export"],
+            stdout=subprocess.PIPE,
+            stderr=follower,
+            cwd=ledger.tmp,
+            env=cli_env(),
+            timeout=60,
+            check=True,
+        )
+        os.close(follower)
+        follower = -1
+        shown = b""
+        while True:
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:  # EIO: the terminal's other end is closed and drained
+                break
+            if not chunk:
+                break
+            shown += chunk
+    finally:
+        os.close(leader)
+        if follower >= 0:
+            os.close(follower)
+    assert len(out.stdout.splitlines()) == total
+    assert f"{total:,} of ~{total:,} deployments written" in shown.decode()
+    # Not a terminal: nothing on stderr.
+    assert ledger.cli("audit", "export", check=True).stderr == ""
