@@ -33,6 +33,7 @@ from reconciler.http.schemas import DeployRequest, RollbackRequest, SuspendReque
 from reconciler.http.sse import LiveFeeds, deployment_events
 from reconciler.http.webhooks import UNSIGNED, WebhookReceiver
 from reconciler.numbers import MAX_ID, OutOfRange, parse_int
+from reconciler.source.gitcmd import SourceError
 from reconciler.store import STATUSES, Store, is_transient
 from reconciler.store.records import LogLine, format_time
 from reconciler.sync import open_source
@@ -225,6 +226,8 @@ async def blame(request: Request) -> Response:
         body = await db(_blame, ctx(request).control, params["env"], params["service"])
     except BlameError as exc:
         raise HTTPException(404 if exc.code == 2 else 409, str(exc)) from None
+    except SourceError as exc:  # the mirror cannot be read (not fetched yet, broken)
+        raise HTTPException(503, str(exc)) from None
     return JSONResponse(body)
 
 
