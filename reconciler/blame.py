@@ -11,6 +11,7 @@ reconciler saw it, and the deployments of the version since then which one appli
 
 from __future__ import annotations
 
+import posixpath
 from dataclasses import dataclass
 from typing import Any
 
@@ -120,7 +121,7 @@ def blame(store: Store, source: GitSource, environment: str, service: str) -> Bl
     if service not in services:
         raise BlameError(f"environment '{environment}' has no service '{service}'", code=2)
     version = str(services[service]["version"])
-    path = state.source_path
+    path = posixpath.normpath(state.source_path)  # as shown: `path` may start with ./
     sha = setting_commit(source, applied, path, environment, service, version)
     if sha is None:
         raise BlameError(
