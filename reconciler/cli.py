@@ -122,6 +122,7 @@ _EXPECTED: dict[str, int | None] = {
     "reconciler.source.gitcmd.SourceError": 1,
     "reconciler.store.records.StoreError": 1,
     "reconciler.store.db.SchemaTooNew": 1,
+    "reconciler.blame.BlameError": None,
 }
 
 
@@ -511,6 +512,76 @@ def show_cmd(ctx: click.Context, deployment_id: str, as_json: bool) -> None:
     else:
         subjects = store.commit_subjects([record.sync_id] if record.sync_id else [])
         show_deployment(record, subjects.get(record.sync_id) if record.sync_id else None)
+
+
+@main.command("blame")
+@click.option("--env", "environment", required=True)
+@click.option("--service", required=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def blame_cmd(ctx: click.Context, environment: str, service: str, as_json: bool) -> None:
+    """The commit that set a service's desired version, and the deployment that applied it."""
+    from reconciler.blame import blame
+    from reconciler.output import show_blame
+    from reconciler.store import Store
+    from reconciler.sync import open_source
+
+    config = cfg(ctx)
+    store = Store.for_reading(config.database_url)
+    with open_source(config) as source:
+        found = blame(store, source, environment, service)
+    if as_json:
+        print_json(found.to_json())
+    else:
+        show_blame(found.to_json())
+
+
+# ---- audit ---------------------------------------------------------------------------
+
+
+@main.group("audit", cls=Group)
+def audit_group() -> None:
+    """The audit trail: export it."""
+
+
+@audit_group.command("export")
+@click.option(
+    "--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl", show_default=True
+)
+@click.option(
+    "--since", help="Deployments planned since a time (2026-11-26T10:00:00Z) or an age (7d)."
+)
+@click.option("--env", "environment", help="Only this environment.")
+@click.option(
+    "--output",
+    type=click.Path(dir_okay=False, writable=True),
+    help="Write to this file (default: standard output).",
+)
+@click.pass_context
+def audit_export_cmd(
+    ctx: click.Context, fmt: str, since: str | None, environment: str | None, output: str | None
+) -> None:
+    """Every deployment, oldest first, with its commit, timeline and outcome (streamed)."""
+    from reconciler.audit_export import export
+    from reconciler.store import Store
+
+    after = _since(since)
+    store = Store.for_reading(cfg(ctx).database_url)
+    progress = None
+    if sys.stderr.isatty():
+        total = store.count_deployments(environment=environment, since=after)
+
+        def progress(rows: int, done: bool) -> None:
+            click.echo(f"\r{rows:,} of ~{total:,} deployments written", err=True, nl=done)
+
+    if output is None:
+        export(store, sys.stdout, fmt=fmt, environment=environment, since=after, progress=progress)
+        return
+    try:
+        with open(output, "w", encoding="utf-8", newline="") as out:
+            export(store, out, fmt=fmt, environment=environment, since=after, progress=progress)
+    except OSError as exc:
+        fail(f"cannot write {output}: {exc.strerror or exc}")
 
 
 # ---- operator actions ----------------------------------------------------------------

@@ -356,3 +356,32 @@ def show_deployment(record: DeploymentRecord, subject: str | None = None) -> Non
     out.write(
         "\nLog:\n" + ("".join(f"  {line}\n" for line in log.splitlines()) if log else "  (empty)\n")
     )
+
+
+def show_blame(j: Mapping[str, Any]) -> None:
+    """`blame`'s answer for people (`Blame.to_json`, read back)."""
+    seen = j["first_seen"]
+    dep = j["deployment"]
+    if j["applied"]:
+        outcome = f"deployment {dep['id']} completed {short_time(dep['completed_at'])}"
+        outcome += f" ({j['reason']})" if j["reason"] else ""
+    else:
+        outcome = f"not applied: {j['reason']}"
+    fields = [
+        ("Commit", j["commit"]),
+        ("Author", j["author"]),
+        ("Subject", j["subject"]),
+        ("Committed", short_time(j["committed_at"])),
+        ("File", j["file"]),
+        (
+            "First seen",
+            f"sync {seen['sync_id']} at {short_time(seen['seen_at'])}" if seen else None,
+        ),
+        ("Applied", outcome),
+        ("Deployed", j["deployed_version"] or "(none)"),
+    ]
+    out = sys.stdout
+    out.write(f"{j['environment']}/{j['service']} {j['version']}\n")
+    for name, value in fields:
+        if value is not None:
+            out.write(f"  {name + ':':<12}{one_line(str(value))}\n")

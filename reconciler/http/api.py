@@ -22,6 +22,8 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
+from reconciler.blame import BlameError
+from reconciler.blame import blame as find_blame
 from reconciler.channel import DeployAction, Refused, RollbackAction, SuspendAction
 from reconciler.config import ConfigError
 from reconciler.http.control import Control
@@ -31,8 +33,10 @@ from reconciler.http.schemas import DeployRequest, RollbackRequest, SuspendReque
 from reconciler.http.sse import LiveFeeds, deployment_events
 from reconciler.http.webhooks import UNSIGNED, WebhookReceiver
 from reconciler.numbers import MAX_ID, OutOfRange, parse_int
+from reconciler.source.gitcmd import SourceError
 from reconciler.store import STATUSES, Store, is_transient
 from reconciler.store.records import LogLine, format_time
+from reconciler.sync import open_source
 from reconciler.times import SINCE_HELP, parse_since
 
 log = logging.getLogger("reconciler.http")
@@ -205,6 +209,26 @@ async def status(request: Request) -> Response:
     params = _params(request, {"env"})
     commit, decisions = await ctx(request).control.status(params.get("env") or None)
     return JSONResponse([d.status_json(commit) for d in decisions])
+
+
+def _blame(control: Control, environment: str, service: str) -> dict[str, Any]:
+    with open_source(control.config) as source:
+        return find_blame(control.store, source, environment, service).to_json()
+
+
+async def blame(request: Request) -> Response:
+    """`GET /api/v1/blame?env=&service=`: as `reconciler blame --json`."""
+    params = _params(request, {"env", "service"})
+    missing = [name for name in ("env", "service") if not params.get(name)]
+    if missing:
+        raise BadRequest(f"parameter '{missing[0]}' is required")
+    try:
+        body = await db(_blame, ctx(request).control, params["env"], params["service"])
+    except BlameError as exc:
+        raise HTTPException(404 if exc.code == 2 else 409, str(exc)) from None
+    except SourceError as exc:  # the mirror cannot be read (not fetched yet, broken)
+        raise HTTPException(503, str(exc)) from None
+    return JSONResponse(body)
 
 
 def _since(raw: str | None) -> datetime | None:

@@ -34,6 +34,7 @@ ROUTES = [
     Route("/openapi.json", api.openapi, methods=["GET"]),
     Route("/api/v1/status", api.status, methods=["GET"]),
     Route("/api/v1/deployments", api.deployments, methods=["GET"]),
+    Route("/api/v1/blame", api.blame, methods=["GET"]),
     Route("/api/v1/deployments/{id}", api.deployment, methods=["GET"]),
     Route("/api/v1/deployments/{id}/events", api.deployment_stream, methods=["GET"]),
     Route("/api/v1/deployments/{id}/log", api.deployment_log, methods=["GET"]),

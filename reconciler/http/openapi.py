@@ -196,6 +196,25 @@ def _paths() -> dict[str, Any]:
                 },
             }
         },
+        "/api/v1/blame": {
+            "get": {
+                "summary": "The commit that set a service's desired version, and the deployment that applied it (as `blame --json`).",
+                "operationId": "blame",
+                "parameters": [
+                    {**_query("env", "The environment.", {"type": "string"}), "required": True},
+                    {**_query("service", "The service.", {"type": "string"}), "required": True},
+                ],
+                "responses": {
+                    "200": _json(_ref("Blame"), "Who set the version, and what became of it."),
+                    "400": _error("Bad or missing parameter."),
+                    "404": _error("Unknown environment or service."),
+                    "409": _error(
+                        "Nothing to answer from yet (no sync), or the file's history was rewritten."
+                    ),
+                    "503": _error("Database unavailable."),
+                },
+            }
+        },
         "/api/v1/deployments/{id}": {
             "get": {
                 "summary": "One deployment, with its progress timeline and the tail of its log.",

@@ -179,7 +179,47 @@ class WebhookReply(_Out):
     reason: str | None = Field(default=None, description="Why a delivery was ignored.")
 
 
+class BlameSync(_Out):
+    sync_id: int
+    seen_at: AwareDatetime = Field(description="When that sync started.")
+
+
+class BlameDeployment(_Out):
+    id: int
+    status: Status
+    trigger: Trigger
+    created_at: AwareDatetime
+    completed_at: AwareDatetime | None
+    error_message: str | None
+
+
+class Blame(_Out):
+    """Who set a service's desired version, and what became of it (as `blame --json`)."""
+
+    environment: str
+    service: str
+    version: str = Field(description="The desired version (of the last valid state applied).")
+    commit: str = Field(description="The oldest commit since which the file says `version`.")
+    author: str | None = Field(description="`Name <email>` of that commit.")
+    subject: str | None
+    committed_at: AwareDatetime | None = Field(description="Its author date.")
+    file: str = Field(description="The environment's file, relative to the repository.")
+    first_seen: BlameSync | None = Field(
+        description="The first sync that applied that commit or a later one."
+    )
+    applied: bool = Field(description="`deployment` completed.")
+    deployment: BlameDeployment | None = Field(
+        description=(
+            "The first completed deployment of `version` since `first_seen` (or the one that "
+            "deployed it before, see `reason`); otherwise the latest one, not completed."
+        )
+    )
+    deployed_version: str | None
+    reason: str | None = Field(description="Why it is not applied, or how it was.")
+
+
 RESPONSE_MODELS: tuple[type[BaseModel], ...] = (
+    Blame,
     ProgressEvent,
     Deployment,
     DeploymentDetail,

@@ -320,6 +320,29 @@ class GitSource:
     def read_file(self, sha: str, relpath: str) -> bytes | None:
         """The content of ``relpath`` (relative to ``path``) at ``sha``; None if absent."""
         full = posixpath.join(self.path, relpath.strip("/")) if self.path else relpath.strip("/")
+        return self.read_repo_file(sha, full)
+
+    def file_commits(self, sha: str, repo_path: str) -> list[str]:
+        """The commits from ``sha`` back that changed ``repo_path`` (relative to the
+        repository's root), newest first (`git log`, history simplified as by default)."""
+        try:
+            out = self._run(["log", "--format=%H", sha, "--", f":(literal){repo_path}"])
+        except GitFailed as exc:
+            raise self._error(f"cannot read the history of {repo_path}", exc) from None
+        return out.decode().split()
+
+    def descendants(self, sha: str, head: str) -> list[str]:
+        """The commits that descend from ``sha`` and lead to ``head`` (``head`` included,
+        ``sha`` not): `git rev-list --ancestry-path`."""
+        try:
+            out = self._run(["rev-list", "--ancestry-path", f"{sha}..{head}", "--"])
+        except GitFailed as exc:
+            raise self._error(f"cannot list the commits after {sha[:12]}", exc) from None
+        return out.decode().split()
+
+    def read_repo_file(self, sha: str, full: str) -> bytes | None:
+        """The content of ``full`` (relative to the repository's root) at ``sha``; None
+        if absent."""
         with self._repo_lock:
             commit = self._commit(sha)
             try:

@@ -6,7 +6,8 @@ gives each call its own connection; callers use ``asyncio.to_thread``).
 
 The queries live in one mixin per table or job, all mixed in here: `syncs.py`,
 `deployments.py` (with `service_state.py`, the derived per-service row it keeps up to
-date), `deployment_logs.py`, `environments.py`, `outbox.py`, `drift.py`. They share
+date), `deployment_logs.py`, `environments.py`, `outbox.py`, `drift.py`, `export.py` (the audit
+export), `blame.py`. They share
 helpers only through `rows.py`.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 from sqlalchemy import Engine, literal, select
 
+from reconciler.store.blame import BlameQueries
 from reconciler.store.db import (
     HEAD_REVISION,
     SQLiteFile,
@@ -27,6 +29,7 @@ from reconciler.store.deployment_logs import LogQueries
 from reconciler.store.deployments import DeploymentQueries
 from reconciler.store.drift import DriftQueries
 from reconciler.store.environments import EnvironmentQueries
+from reconciler.store.export import ExportQueries
 from reconciler.store.outbox import OutboxQueries
 from reconciler.store.records import StoreError
 from reconciler.store.service_state import ServiceStateQueries
@@ -41,6 +44,8 @@ class Store(
     EnvironmentQueries,
     OutboxQueries,
     DriftQueries,
+    ExportQueries,
+    BlameQueries,
 ):
     """All reads and writes of the reconciler's records."""
 
