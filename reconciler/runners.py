@@ -198,7 +198,7 @@ class Runners:
         return out
 
     async def run_job(self, job: Job) -> DeploymentRecord:
-        rec = await self.executor.create(job)
+        rec = await self.executor.create(job, starting=True)  # run at once, below
         self.deploying[job.environment] = rec
         log.info(
             "event=deployment_started id=%d environment=%s service=%s version=%s trigger=%s attempt=%d",
