@@ -80,12 +80,24 @@ def _log_retry(state: RetryCallState) -> None:
     )
 
 
+def _log_first_retry(exc: BaseException) -> None:
+    log.warning("event=store_retry attempt=%d error=%r", 1, str(exc).splitlines()[0])
+
+
 async def durable(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
     """Run a store call off the loop, retrying with backoff while the database is away."""
     return await _retrying(stop_after_delay(STORE_RETRY_SECONDS), fn, *args, **kwargs)
 
 
 async def _retrying(stop: Any, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+    # The first attempt goes straight to the worker thread: setting up the retry loop
+    # costs more than the write it guards, and nearly every write succeeds at once.
+    try:
+        return await asyncio.to_thread(fn, *args, **kwargs)
+    except Exception as exc:
+        if not is_transient(exc):
+            raise
+        _log_first_retry(exc)
     async for attempt in AsyncRetrying(
         retry=retry_if_exception(is_transient),
         wait=wait_exponential(multiplier=STORE_RETRY_WAIT, max=STORE_RETRY_WAIT_MAX),

@@ -124,14 +124,17 @@ class Runners:
         if services is not None and env in first.effective:
             tried = set(first.effective[env].services) - set(services)
         # A look without a slot first, so that an environment with nothing due never
-        # queues for one; the decision that counts is taken again once the slot is ours.
-        while not self.stopping and await self._next(env, tried) is not None:
+        # queues for one; the decision that counts is taken again once the slot is ours,
+        # unless the slot was free: then nothing ran in between and it is the same one.
+        while not self.stopping and (step := await self._next(env, tried)) is not None:
+            waits = self.slots.locked()
             async with self.slots:
                 if self.stopping:
                     break
-                step = await self._next(env, tried)
-                if step is None:
-                    break
+                if waits:
+                    step = await self._next(env, tried)
+                    if step is None:
+                        break
                 snap, spec, decision = step
                 if once:
                     tried.add(decision.service)

@@ -64,9 +64,10 @@ def make_engine(url: str) -> Engine:
         database = parsed.database
         if database and database != ":memory:" and not database.startswith("file:"):
             Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        # No pre-ping: a SQLite connection is a file handle that never goes away, and
+        # the ping would be one more statement per transaction.
         engine = create_engine(
             parsed,
-            pool_pre_ping=True,
             connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False},
         )
         event.listen(engine, "connect", _sqlite_on_connect)

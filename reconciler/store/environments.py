@@ -26,6 +26,7 @@ _upsert = rows.upsert
 _ENV = rows.table(EnvironmentState)
 _OA = rows.table(OperatorAction)
 _OS = rows.table(OperatorSuspended)
+_SUSPENDED = select(_OS.c.environment)  # built once: read before every deployment
 
 
 class EnvironmentQueries:
@@ -130,7 +131,7 @@ class EnvironmentQueries:
 
     def suspended_environments(self) -> set[str]:
         with self.engine.connect() as conn:
-            return set(conn.execute(select(_OS.c.environment)).scalars())
+            return set(conn.execute(_SUSPENDED).scalars())
 
     def suspension_reasons(self) -> dict[str, str | None]:
         """Each environment an operator suspended: the reason given (`suspend --reason`,

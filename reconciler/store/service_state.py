@@ -188,6 +188,10 @@ _STATUS = (
     .values(last_status=bindparam("status"))
 )
 
+# The planner's read before every deployment, built once.
+_STATES = select(*_SERVICE_STATE_COLUMNS)
+_STATES_IN = _STATES.where(_SS.c.environment.in_(bindparam("envs", expanding=True)))
+
 #: Far above any id: the first page of a fold reads from the newest deployment.
 _NO_BOUND = 2**62
 
@@ -277,14 +281,13 @@ class ServiceStateQueries:
     def service_states(
         self, environments: Collection[str] | None = None
     ) -> dict[tuple[str, str], ServiceState]:
-        query = select(*_SERVICE_STATE_COLUMNS)
         rows: list[Any] = []
         with self.engine.connect() as conn:
             if environments is None:
-                rows = list(conn.execute(query).all())
+                rows = list(conn.execute(_STATES).all())
             else:
                 for chunk in _chunks(sorted(set(environments))):
-                    rows.extend(conn.execute(query.where(_SS.c.environment.in_(chunk))).all())
+                    rows.extend(conn.execute(_STATES_IN, {"envs": chunk}).all())
         # Positional construction: this runs for every service of every status query.
         make = ServiceState._make
         return {(row[0], row[1]): make(row) for row in rows}
