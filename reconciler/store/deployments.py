@@ -52,6 +52,7 @@ from reconciler.store.service_state import (
 _aware = rows.aware
 _check = rows.check
 _chunks = rows.chunks
+_reader = rows.reader
 _deployment = rows.deployment_record
 _event = rows.event_record
 _one_line = rows.one_line_or_none
@@ -433,7 +434,7 @@ class DeploymentQueries:
         """Which ``(environment, service, version)`` have at least one completed deployment."""
         wanted = sorted(set(triples))
         found: set[tuple[str, str, str]] = set()
-        with self.engine.connect() as conn:
+        with _reader(self.engine) as conn:
             if conn.dialect.name == "postgresql" and wanted:
                 # One round trip: the triples as three arrays, each probed with an index
                 # search (the OR form costs ~4x more to plan on PostgreSQL).

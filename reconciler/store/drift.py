@@ -19,7 +19,7 @@ from sqlalchemy import Engine, Table, bindparam, func, insert, select
 
 from reconciler.store.models import Base, DriftEventRow, LiveVersionRow, NotificationCursor
 from reconciler.store.records import NotificationCursorRecord, StoreError
-from reconciler.store.rows import chunks, insert_ignore
+from reconciler.store.rows import chunks, insert_ignore, reader
 
 _L: Table = Base.metadata.tables[LiveVersionRow.__tablename__]
 _DE: Table = Base.metadata.tables[DriftEventRow.__tablename__]
@@ -121,7 +121,7 @@ class DriftQueries:
         self, environments: Collection[str] | None = None
     ) -> dict[tuple[str, str], LiveObservation]:
         rows: list[Any] = []
-        with self.engine.connect() as conn:
+        with reader(self.engine) as conn:
             if environments is None:
                 rows = list(conn.execute(_LIVE))
             else:

@@ -20,6 +20,7 @@ from reconciler.store.records import OPERATOR_ACTIONS, EnvironmentStateRecord
 _aware = rows.aware
 _check = rows.check
 _chunks = rows.chunks
+_reader = rows.reader
 _insert_ignore = rows.insert_ignore
 _upsert = rows.upsert
 
@@ -130,7 +131,7 @@ class EnvironmentQueries:
                 conn.execute(delete(_OS).where(_OS.c.environment == environment))
 
     def suspended_environments(self) -> set[str]:
-        with self.engine.connect() as conn:
+        with _reader(self.engine) as conn:
             return set(conn.execute(_SUSPENDED).scalars())
 
     def suspension_reasons(self) -> dict[str, str | None]:

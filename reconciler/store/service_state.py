@@ -26,6 +26,7 @@ from reconciler.store.records import (
 
 # Shared with the other query modules (rows.py), under the names the queries use.
 _chunks = rows.chunks
+_reader = rows.reader
 _insert_ignore = rows.insert_ignore
 
 #: Rows fetched at a time when scanning one service's deployments backwards.
@@ -282,7 +283,7 @@ class ServiceStateQueries:
         self, environments: Collection[str] | None = None
     ) -> dict[tuple[str, str], ServiceState]:
         rows: list[Any] = []
-        with self.engine.connect() as conn:
+        with _reader(self.engine) as conn:
             if environments is None:
                 rows = list(conn.execute(_STATES).all())
             else:
