@@ -123,18 +123,20 @@ class Runners:
         first = self.snapshot()
         if services is not None and env in first.effective:
             tried = set(first.effective[env].services) - set(services)
-        # A look without a slot first, so that an environment with nothing due never
-        # queues for one; the decision that counts is taken again once the slot is ours,
-        # unless the slot was free: then nothing ran in between and it is the same one.
-        while not self.stopping and (step := await self._next(env, tried)) is not None:
-            waits = self.slots.locked()
+        # A look without a slot first, so that an environment woken with nothing due
+        # never queues for one. The decision that counts is taken once the slot is ours;
+        # after a deployment the runner queues for the next slot straight away and
+        # decides there (one planner read per deployment, not two), giving the slot back
+        # at once when nothing more is due.
+        if await self._next(env, tried) is None:
+            return done
+        while not self.stopping:
             async with self.slots:
                 if self.stopping:
                     break
-                if waits:
-                    step = await self._next(env, tried)
-                    if step is None:
-                        break
+                step = await self._next(env, tried)
+                if step is None:
+                    break
                 snap, spec, decision = step
                 if once:
                     tried.add(decision.service)
