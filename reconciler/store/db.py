@@ -51,10 +51,19 @@ def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
 
 
 def _sqlite_on_begin(connection: Connection) -> None:
-    if connection.get_execution_options().get(SQLITE_WRITE_OPTION):
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
-    else:
-        connection.exec_driver_sql("BEGIN")
+    # Straight to the driver: every transaction begins here, and a statement through
+    # SQLAlchemy's execution path costs several times the BEGIN itself. Errors are
+    # wrapped as SQLAlchemy's would be (`is_transient` reads SQLITE_BUSY from them).
+    import sqlite3
+
+    from sqlalchemy.exc import DBAPIError
+
+    write = connection.get_execution_options().get(SQLITE_WRITE_OPTION)
+    statement = "BEGIN IMMEDIATE" if write else "BEGIN"
+    try:
+        connection.connection.driver_connection.execute(statement)  # type: ignore[union-attr]
+    except sqlite3.Error as exc:
+        raise DBAPIError.instance(statement, (), exc, sqlite3.Error) from exc
 
 
 def make_engine(url: str) -> Engine:
