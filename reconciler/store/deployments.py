@@ -142,6 +142,44 @@ def _advance_statement(columns: tuple[str, ...], starts: bool) -> Any:
     )
 
 
+def _checked_update(
+    conn: Connection,
+    ident: int,
+    status: str,
+    at: datetime,
+    error: str | None,
+    validation: dict[str, Any] | None,
+) -> Any:
+    """The status changes the fast path leaves: read the row, refuse what SPEC §5
+    forbids, allow ``failed`` → ``rolled_back``; the updated row."""
+    row = conn.execute(select(_D).where(_D.c.id == ident).with_for_update()).one_or_none()
+    if row is None:
+        raise StoreError(f"no deployment {ident}")
+    current = _deployment(row)
+    values: dict[str, Any] = {"status": status}
+    if current.status in TERMINAL_STATUSES:
+        if not (current.status == "failed" and status == "rolled_back"):
+            raise StoreError(
+                f"deployment {ident} is {current.status}: "
+                f"a finished deployment cannot become {status}"
+            )
+        # failed -> rolled_back: keep error_message and completed_at.
+        if current.error_message is None and error is not None:
+            values["error_message"] = error
+    else:
+        if status == "pending" and current.status != "pending":
+            raise StoreError(f"deployment {ident} is {current.status}: not pending")
+        if status in ("validating", "in_progress") and current.started_at is None:
+            values["started_at"] = at
+        if status in TERMINAL_STATUSES:
+            values["completed_at"] = at
+        if error is not None:
+            values["error_message"] = error
+    if validation is not None:
+        values["validation"] = dict(validation)
+    return conn.execute(update(_D).where(_D.c.id == ident).values(**values).returning(*_D.c)).one()
+
+
 class DeploymentQueries:
     """Deployment and progress event queries (mixed into `Store`)."""
 
@@ -237,12 +275,12 @@ class DeploymentQueries:
         validation: dict[str, Any] | None,
         message: str | None,
     ) -> DeploymentRecord:
-        """Every status change, inside the caller's transaction: the deployment row, its
-        progress event, the service's `service_state` row.
+        """Every status change, terminal ones included, inside the caller's transaction:
+        the deployment row, its progress event, the service's `service_state` row.
 
         An unfinished deployment moves with one conditional UPDATE ... RETURNING (no read
         first); what that does not match (a finished record, ``pending`` again, an unknown
-        id) takes `_checked_change`, which reads the row and says why.
+        id) takes `_checked_update`, which reads the row and says why.
         """
         changes: dict[str, Any] = {}
         if status in TERMINAL_STATUSES:
@@ -258,21 +296,15 @@ class DeploymentQueries:
             row = conn.execute(
                 statement, {"did": deployment_id, "new_status": status, "at": at, **changes}
             ).one_or_none()
+        checked = row is None
         if row is None:
-            return self._checked_change(
-                conn,
-                deployment_id,
-                status,
-                at=at,
-                error_message=error_message,
-                validation=validation,
-                message=message,
-            )
+            row = _checked_update(conn, deployment_id, status, at, error_message, validation)
         rec = _deployment(row)
         event = _event_values(status, message or error_message, at)
         conn.execute(_INSERT_EVENT, {"did": deployment_id, **event})
-        if status in TERMINAL_STATUSES:
-            # The end of a run: the service's row advances once, here.
+        if checked:  # off the common path: the service's row is re-derived
+            refresh_service_state(conn, rec.environment, rec.service)
+        elif status in TERMINAL_STATUSES:  # the end of a run: the row advances once, here
             note_ended(
                 conn,
                 rec.environment,
@@ -286,54 +318,6 @@ class DeploymentQueries:
         else:
             note_status(conn, rec.environment, rec.service, rec.id, status)
         return rec
-
-    def _checked_change(
-        self,
-        conn: Connection,
-        deployment_id: int,
-        status: str,
-        *,
-        at: datetime,
-        error_message: str | None,
-        validation: dict[str, Any] | None,
-        message: str | None,
-    ) -> DeploymentRecord:
-        """The status changes the fast path leaves: read the row, refuse what SPEC §5
-        forbids, allow ``failed`` → ``rolled_back``; the service's row is re-derived."""
-        row = conn.execute(
-            select(_D).where(_D.c.id == deployment_id).with_for_update()
-        ).one_or_none()
-        if row is None:
-            raise StoreError(f"no deployment {deployment_id}")
-        current = _deployment(row)
-        values: dict[str, Any] = {"status": status}
-        if current.status in TERMINAL_STATUSES:
-            if not (current.status == "failed" and status == "rolled_back"):
-                raise StoreError(
-                    f"deployment {deployment_id} is {current.status}: "
-                    f"a finished deployment cannot become {status}"
-                )
-            # failed -> rolled_back: keep error_message and completed_at.
-            if current.error_message is None and error_message is not None:
-                values["error_message"] = error_message
-        else:
-            if status == "pending" and current.status != "pending":
-                raise StoreError(f"deployment {deployment_id} is {current.status}: not pending")
-            if status in ("validating", "in_progress") and current.started_at is None:
-                values["started_at"] = at
-            if status in TERMINAL_STATUSES:
-                values["completed_at"] = at
-            if error_message is not None:
-                values["error_message"] = error_message
-        if validation is not None:
-            values["validation"] = dict(validation)
-        row = conn.execute(
-            update(_D).where(_D.c.id == deployment_id).values(**values).returning(*_D.c)
-        ).one()
-        event = _event_values(status, message or error_message, at)
-        conn.execute(_INSERT_EVENT, {"did": deployment_id, **event})
-        refresh_service_state(conn, current.environment, current.service)
-        return _deployment(row)
 
     def add_event(
         self,
