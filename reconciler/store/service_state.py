@@ -167,6 +167,8 @@ _FOLD_PAGE = (
 # both databases search ix_deployments_running instead of the whole history.
 _RUNNING = select(func.max(_D.c.id)).where(*_DEPLOYMENTS_OF, text(UNFINISHED_SQL))
 _UPDATE_ROW = update(_SS).where(*_KEY)
+# The terminal step: the next running deployment looked up inside the UPDATE itself.
+_ENDED = _UPDATE_ROW.values(running_deployment_id=_RUNNING.scalar_subquery())
 # A new deployment is the service's newest: it becomes `last_*` and, being unfinished,
 # the running one. Guarded so that a deployment that is not the newest (PostgreSQL: a
 # concurrent transaction committed a newer one first) changes nothing here.
@@ -269,8 +271,7 @@ def note_ended(
         refresh_service_state(conn, environment, service)
         return
     values = ServiceFold.ended_newest(row, version, status, trigger, completed_at)
-    values["running_deployment_id"] = conn.execute(_RUNNING, key).scalar()
-    conn.execute(_UPDATE_ROW, {**key, **values})
+    conn.execute(_ENDED, {**key, **values})
 
 
 class ServiceStateQueries:
