@@ -1,7 +1,7 @@
 """A status write on a service with a long history: the running-deployment look-up.
 
-Every `set_status` recomputes its service's `service_state` row, which includes the newest
-unfinished deployment of the service. The partial index `ix_deployments_running` (migration
+Every terminal `set_status` advances its service's `service_state` row, which includes the
+newest unfinished deployment of the service (another one than the one ending, if any). The partial index `ix_deployments_running` (migration
 0004) holds only unfinished deployments; the baseline is the same database with that index
 dropped, where the look-up walks the service's whole history under SQLite's write lock.
 

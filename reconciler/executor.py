@@ -80,12 +80,24 @@ def _log_retry(state: RetryCallState) -> None:
     )
 
 
+def _log_first_retry(exc: BaseException) -> None:
+    log.warning("event=store_retry attempt=%d error=%r", 1, str(exc).splitlines()[0])
+
+
 async def durable(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
     """Run a store call off the loop, retrying with backoff while the database is away."""
     return await _retrying(stop_after_delay(STORE_RETRY_SECONDS), fn, *args, **kwargs)
 
 
 async def _retrying(stop: Any, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+    # The first attempt goes straight to the worker thread: setting up the retry loop
+    # costs more than the write it guards, and nearly every write succeeds at once.
+    try:
+        return await asyncio.to_thread(fn, *args, **kwargs)
+    except Exception as exc:
+        if not is_transient(exc):
+            raise
+        _log_first_retry(exc)
     async for attempt in AsyncRetrying(
         retry=retry_if_exception(is_transient),
         wait=wait_exponential(multiplier=STORE_RETRY_WAIT, max=STORE_RETRY_WAIT_MAX),
@@ -415,7 +427,9 @@ class Executor:
         self.listener = listener
         self.clock = clock
 
-    async def create(self, job: Job) -> DeploymentRecord:
+    async def create(self, job: Job, *, starting: bool = False) -> DeploymentRecord:
+        """Record the job's deployment, ``pending``; ``starting``: it runs at once (`run`
+        follows), so it is recorded ``validating`` in the same write (both events kept)."""
         provider = self.providers[job.spec.provider]
         service = job.spec.services.get(job.service)
         new = NewDeployment(
@@ -435,9 +449,13 @@ class Executor:
             sync_id=job.sync_id,
             rollback_of=job.rollback_of,
         )
-        rec = await durable(self.store.create_deployment, new)
+        validating_at = self.clock() if starting else None
+        rec = await durable(self.store.create_deployment, new, validating_at=validating_at)
         if self.listener is not None:
-            _Run(self, rec, Redactor())._emit("pending", "pending", None, None, rec.created_at)
+            run = _Run(self, rec, Redactor())
+            run._emit("pending", "pending", None, None, rec.created_at)
+            if validating_at is not None:
+                run._emit("validating", "validating", None, None, validating_at)
         return rec
 
     async def mark_rolled_back(self, rec: DeploymentRecord, message: str) -> DeploymentRecord:
@@ -451,7 +469,7 @@ class Executor:
         Cancellation (a graceful stop that ran out of time) ends the record `cancelled` and
         re-raises, so the caller's task ends as cancelled too.
         """
-        rec = record or await self.create(job)
+        rec = record or await self.create(job, starting=True)
         provider = self.providers[job.spec.provider]
         deadline = time.monotonic() + job.spec.timeout
         request = DeployRequest(
@@ -497,7 +515,8 @@ class Executor:
         limit = asyncio.timeout_at(_loop_time(deadline))
         try:
             async with limit:
-                await run.status("validating", message="validating")
+                if run.rec.status == "pending":  # else `create` recorded it already
+                    await run.status("validating", message="validating")
                 validation = await self._validate(provider, request)
                 if not validation.ok:
                     return _Outcome(

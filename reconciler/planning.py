@@ -93,7 +93,8 @@ class Planner:
     def recorded(
         self, snapshot: Snapshot, environments: Iterable[str] | None = None
     ) -> RecordedState:
-        return recorded_state(self.store, snapshot.effective, environments)
+        with self.store.reading():  # its few reads on one connection, one view
+            return recorded_state(self.store, snapshot.effective, environments)
 
     def plan(
         self,

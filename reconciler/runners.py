@@ -123,9 +123,14 @@ class Runners:
         first = self.snapshot()
         if services is not None and env in first.effective:
             tried = set(first.effective[env].services) - set(services)
-        # A look without a slot first, so that an environment with nothing due never
-        # queues for one; the decision that counts is taken again once the slot is ours.
-        while not self.stopping and await self._next(env, tried) is not None:
+        # A look without a slot first, so that an environment woken with nothing due
+        # never queues for one. The decision that counts is taken once the slot is ours;
+        # after a deployment the runner queues for the next slot straight away and
+        # decides there (one planner read per deployment, not two), giving the slot back
+        # at once when nothing more is due.
+        if await self._next(env, tried) is None:
+            return done
+        while not self.stopping:
             async with self.slots:
                 if self.stopping:
                     break
@@ -198,7 +203,7 @@ class Runners:
         return out
 
     async def run_job(self, job: Job) -> DeploymentRecord:
-        rec = await self.executor.create(job)
+        rec = await self.executor.create(job, starting=True)  # run at once, below
         self.deploying[job.environment] = rec
         log.info(
             "event=deployment_started id=%d environment=%s service=%s version=%s trigger=%s attempt=%d",

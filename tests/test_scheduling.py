@@ -225,8 +225,9 @@ def _new(service: str, version: str) -> NewDeployment:
 
 
 def test_the_running_deployment_look_up_uses_the_partial_index(store: Store) -> None:
-    """Every status write finds the service's running deployment; with a long history that
-    must be an index search over unfinished deployments, not a scan of the history."""
+    """Every terminal status write finds the service's running deployment (another one
+    than the one ending, if any); with a long history that must be an index search over
+    unfinished deployments, not a scan of the history."""
     at = datetime.now(UTC)
     for i in range(30):
         rec = store.create_deployment(_new("api", f"{i}.0"))
@@ -240,7 +241,7 @@ def test_the_running_deployment_look_up_uses_the_partial_index(store: Store) -> 
 
     event.listen(store.engine, "before_cursor_execute", capture)
     try:
-        store.set_status(rec.id, "in_progress", at=at)
+        store.set_status(rec.id, "completed", at=at)
     finally:
         event.remove(store.engine, "before_cursor_execute", capture)
     assert len(seen) == 1

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import os
 import signal
+from functools import cache
 from pathlib import Path
 
 PROC = Path("/proc")
@@ -23,6 +24,7 @@ GONE_POLL_SECONDS = 0.02
 KILLED_GONE_SECONDS = 5.0
 
 
+@cache  # fixed until the next boot; read for every run's process group
 def _boot_id() -> str | None:
     try:
         return (PROC / "sys/kernel/random/boot_id").read_text().strip()

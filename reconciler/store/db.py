@@ -51,10 +51,19 @@ def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
 
 
 def _sqlite_on_begin(connection: Connection) -> None:
-    if connection.get_execution_options().get(SQLITE_WRITE_OPTION):
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
-    else:
-        connection.exec_driver_sql("BEGIN")
+    # Straight to the driver: every transaction begins here, and a statement through
+    # SQLAlchemy's execution path costs several times the BEGIN itself. Errors are
+    # wrapped as SQLAlchemy's would be (`is_transient` reads SQLITE_BUSY from them).
+    import sqlite3
+
+    from sqlalchemy.exc import DBAPIError
+
+    write = connection.get_execution_options().get(SQLITE_WRITE_OPTION)
+    statement = "BEGIN IMMEDIATE" if write else "BEGIN"
+    try:
+        connection.connection.driver_connection.execute(statement)  # type: ignore[union-attr]
+    except sqlite3.Error as exc:
+        raise DBAPIError.instance(statement, (), exc, sqlite3.Error) from exc
 
 
 def make_engine(url: str) -> Engine:
@@ -64,9 +73,10 @@ def make_engine(url: str) -> Engine:
         database = parsed.database
         if database and database != ":memory:" and not database.startswith("file:"):
             Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        # No pre-ping: a SQLite connection is a file handle that never goes away, and
+        # the ping would be one more statement per transaction.
         engine = create_engine(
             parsed,
-            pool_pre_ping=True,
             connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False},
         )
         event.listen(engine, "connect", _sqlite_on_connect)

@@ -18,6 +18,7 @@ from sqlalchemy import (
     Select,
     and_,
     bindparam,
+    func,
     insert,
     or_,
     select,
@@ -40,12 +41,18 @@ from reconciler.store.records import (
     NewDeployment,
     StoreError,
 )
-from reconciler.store.service_state import refresh_service_state
+from reconciler.store.service_state import (
+    note_created,
+    note_ended,
+    note_status,
+    refresh_service_state,
+)
 
 # Shared with the other query modules (rows.py), under the names the queries use.
 _aware = rows.aware
 _check = rows.check
 _chunks = rows.chunks
+_reader = rows.reader
 _deployment = rows.deployment_record
 _event = rows.event_record
 _one_line = rows.one_line_or_none
@@ -101,60 +108,132 @@ def _completed_query(size: int) -> Select[str, str, str]:
     return select(_D.c.environment, _D.c.service, _D.c.version).where(or_(*terms)).distinct()
 
 
+# Statements of the write path, built once (see service_state.py). The deployment's row
+# comes back from the write itself (RETURNING): no second read.
+_INSERT_DEPLOYMENT = insert(_D).returning(*_D.c)
+_INSERT_EVENT = insert(_E).values(deployment_id=bindparam("did"))
+
+
+def _event_values(status: str, message: str | None, at: datetime) -> dict[str, Any]:
+    """A status change's progress event (``did``, the deployment id, bound separately)."""
+    return {
+        "status": status,
+        "message": message or _DEFAULT_MESSAGES[status],
+        "percent": 100 if status == "completed" else None,
+        "details": {},
+        "at": at,
+    }
+
+
+@lru_cache(maxsize=32)
+def _advance_statement(columns: tuple[str, ...], starts: bool) -> Any:
+    """UPDATE of an unfinished deployment to ``:new_status`` (setting ``columns`` from
+    the parameters of the same names; ``started_at`` the first time when ``starts``),
+    returning the row; matches nothing when the deployment is finished or unknown."""
+    values: dict[str, Any] = {"status": bindparam("new_status")}
+    values.update({name: bindparam(name) for name in columns})
+    if starts:
+        values["started_at"] = func.coalesce(_D.c.started_at, bindparam("at"))
+    return (
+        update(_D)
+        .where(_D.c.id == bindparam("did"), _D.c.status.in_(_ACTIVE))
+        .values(values)
+        .returning(*_D.c)
+    )
+
+
+def _checked_update(
+    conn: Connection,
+    ident: int,
+    status: str,
+    at: datetime,
+    error: str | None,
+    validation: dict[str, Any] | None,
+) -> Any:
+    """The status changes the fast path leaves: read the row, refuse what SPEC §5
+    forbids, allow ``failed`` → ``rolled_back``; the updated row."""
+    row = conn.execute(select(_D).where(_D.c.id == ident).with_for_update()).one_or_none()
+    if row is None:
+        raise StoreError(f"no deployment {ident}")
+    current = _deployment(row)
+    values: dict[str, Any] = {"status": status}
+    if current.status in TERMINAL_STATUSES:
+        if not (current.status == "failed" and status == "rolled_back"):
+            raise StoreError(
+                f"deployment {ident} is {current.status}: "
+                f"a finished deployment cannot become {status}"
+            )
+        # failed -> rolled_back: keep error_message and completed_at.
+        if current.error_message is None and error is not None:
+            values["error_message"] = error
+    else:
+        if status == "pending" and current.status != "pending":
+            raise StoreError(f"deployment {ident} is {current.status}: not pending")
+        if status in ("validating", "in_progress") and current.started_at is None:
+            values["started_at"] = at
+        if status in TERMINAL_STATUSES:
+            values["completed_at"] = at
+        if error is not None:
+            values["error_message"] = error
+    if validation is not None:
+        values["validation"] = dict(validation)
+    return conn.execute(update(_D).where(_D.c.id == ident).values(**values).returning(*_D.c)).one()
+
+
 class DeploymentQueries:
     """Deployment and progress event queries (mixed into `Store`)."""
 
     engine: Engine
     _writer: Engine
 
-    def create_deployment(self, new: NewDeployment) -> DeploymentRecord:
-        """Record a planned deployment, status ``pending``, with its first progress event."""
+    def create_deployment(
+        self, new: NewDeployment, *, validating_at: datetime | None = None
+    ) -> DeploymentRecord:
+        """Record a planned deployment, status ``pending``, with its first progress event.
+
+        ``validating_at``: the deployment starts at once (the executor's own runs), so it is
+        recorded ``pending`` and moved to ``validating`` in the same transaction: both
+        progress events, in order, for one commit.
+        """
         _check(new.trigger, TRIGGERS, "trigger")
         created_at = _aware(new.created_at, "created_at") if new.created_at else _now()
+        status = "pending" if validating_at is None else "validating"
+        events = [_event_values("pending", None, created_at)]
+        if validating_at is not None:
+            events.append(_event_values("validating", None, _aware(validating_at, "at")))
         with self._writer.begin() as conn:
             try:
-                deployment_id = int(
-                    conn.execute(
-                        insert(_D)
-                        .values(
-                            environment=new.environment,
-                            service=new.service,
-                            version=new.version,
-                            previous_version=new.previous_version,
-                            provider=new.provider,
-                            provider_type=new.provider_type,
-                            strategy=dict(new.strategy),
-                            status="pending",
-                            trigger=new.trigger,
-                            commit=new.commit,
-                            commit_author=new.commit_author,
-                            attempt=new.attempt,
-                            timeout_seconds=new.timeout_seconds,
-                            params=dict(new.params),
-                            created_at=created_at,
-                            sync_id=new.sync_id,
-                            rollback_of=new.rollback_of,
-                        )
-                        .returning(_D.c.id)
-                    ).scalar_one()
-                )
+                row = conn.execute(
+                    _INSERT_DEPLOYMENT,
+                    {
+                        "environment": new.environment,
+                        "service": new.service,
+                        "version": new.version,
+                        "previous_version": new.previous_version,
+                        "provider": new.provider,
+                        "provider_type": new.provider_type,
+                        "strategy": dict(new.strategy),
+                        "status": status,
+                        "trigger": new.trigger,
+                        "commit": new.commit,
+                        "commit_author": new.commit_author,
+                        "attempt": new.attempt,
+                        "timeout_seconds": new.timeout_seconds,
+                        "params": dict(new.params),
+                        "created_at": created_at,
+                        "started_at": validating_at,
+                        "sync_id": new.sync_id,
+                        "rollback_of": new.rollback_of,
+                    },
+                ).one()
             except IntegrityError as exc:
                 raise StoreError(
                     f"cannot record deployment: unknown sync {new.sync_id} "
                     f"or deployment {new.rollback_of}"
                 ) from exc
-            conn.execute(
-                insert(_E).values(
-                    deployment_id=deployment_id,
-                    status="pending",
-                    message=_DEFAULT_MESSAGES["pending"],
-                    percent=None,
-                    details={},
-                    at=created_at,
-                )
-            )
-            refresh_service_state(conn, new.environment, new.service)
-            return _deployment(conn.execute(select(_D).where(_D.c.id == deployment_id)).one())
+            conn.execute(_INSERT_EVENT, [{"did": row.id, **event} for event in events])
+            note_created(conn, new.environment, new.service, row.id, status, new.version)
+            return _deployment(row)
 
     def set_status(
         self,
@@ -196,46 +275,49 @@ class DeploymentQueries:
         validation: dict[str, Any] | None,
         message: str | None,
     ) -> DeploymentRecord:
-        row = conn.execute(
-            select(_D).where(_D.c.id == deployment_id).with_for_update()
-        ).one_or_none()
-        if row is None:
-            raise StoreError(f"no deployment {deployment_id}")
-        current = _deployment(row)
-        values: dict[str, Any] = {"status": status}
-        if current.status in TERMINAL_STATUSES:
-            if not (current.status == "failed" and status == "rolled_back"):
-                raise StoreError(
-                    f"deployment {deployment_id} is {current.status}: "
-                    f"a finished deployment cannot become {status}"
-                )
-            # failed -> rolled_back: keep error_message and completed_at.
-            if current.error_message is None and error_message is not None:
-                values["error_message"] = error_message
-        else:
-            if status == "pending" and current.status != "pending":
-                raise StoreError(f"deployment {deployment_id} is {current.status}: not pending")
-            if status in ("validating", "in_progress") and current.started_at is None:
-                values["started_at"] = at
-            if status in TERMINAL_STATUSES:
-                values["completed_at"] = at
-            if error_message is not None:
-                values["error_message"] = error_message
+        """Every status change, terminal ones included, inside the caller's transaction:
+        the deployment row, its progress event, the service's `service_state` row.
+
+        An unfinished deployment moves with one conditional UPDATE ... RETURNING (no read
+        first); what that does not match (a finished record, ``pending`` again, an unknown
+        id) takes `_checked_update`, which reads the row and says why.
+        """
+        changes: dict[str, Any] = {}
+        if status in TERMINAL_STATUSES:
+            changes["completed_at"] = at
+        if error_message is not None:
+            changes["error_message"] = error_message
         if validation is not None:
-            values["validation"] = dict(validation)
-        conn.execute(update(_D).where(_D.c.id == deployment_id).values(**values))
-        conn.execute(
-            insert(_E).values(
-                deployment_id=deployment_id,
+            changes["validation"] = dict(validation)
+        row = None
+        if status != "pending":
+            starts = status in ("validating", "in_progress")
+            statement = _advance_statement(tuple(sorted(changes)), starts)
+            row = conn.execute(
+                statement, {"did": deployment_id, "new_status": status, "at": at, **changes}
+            ).one_or_none()
+        checked = row is None
+        if row is None:
+            row = _checked_update(conn, deployment_id, status, at, error_message, validation)
+        rec = _deployment(row)
+        event = _event_values(status, message or error_message, at)
+        conn.execute(_INSERT_EVENT, {"did": deployment_id, **event})
+        if checked:  # off the common path: the service's row is re-derived
+            refresh_service_state(conn, rec.environment, rec.service)
+        elif status in TERMINAL_STATUSES:  # the end of a run: the row advances once, here
+            note_ended(
+                conn,
+                rec.environment,
+                rec.service,
+                rec.id,
+                version=rec.version,
                 status=status,
-                message=message or error_message or _DEFAULT_MESSAGES[status],
-                percent=100 if status == "completed" else None,
-                details={},
-                at=at,
+                trigger=rec.trigger,
+                completed_at=rec.completed_at,
             )
-        )
-        refresh_service_state(conn, current.environment, current.service)
-        return _deployment(conn.execute(select(_D).where(_D.c.id == deployment_id)).one())
+        else:
+            note_status(conn, rec.environment, rec.service, rec.id, status)
+        return rec
 
     def add_event(
         self,
@@ -336,7 +418,7 @@ class DeploymentQueries:
         """Which ``(environment, service, version)`` have at least one completed deployment."""
         wanted = sorted(set(triples))
         found: set[tuple[str, str, str]] = set()
-        with self.engine.connect() as conn:
+        with _reader(self.engine) as conn:
             if conn.dialect.name == "postgresql" and wanted:
                 # One round trip: the triples as three arrays, each probed with an index
                 # search (the OR form costs ~4x more to plan on PostgreSQL).

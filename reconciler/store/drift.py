@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Engine, Table, func, insert, select
+from sqlalchemy import Engine, Table, bindparam, func, insert, select
 
 from reconciler.store.models import Base, DriftEventRow, LiveVersionRow, NotificationCursor
 from reconciler.store.records import NotificationCursorRecord, StoreError
-from reconciler.store.rows import chunks, insert_ignore
+from reconciler.store.rows import chunks, insert_ignore, reader
 
 _L: Table = Base.metadata.tables[LiveVersionRow.__tablename__]
 _DE: Table = Base.metadata.tables[DriftEventRow.__tablename__]
@@ -71,6 +71,11 @@ _COLUMNS = (
 )
 
 
+# Built once: the planner reads an environment's live versions before every deployment.
+_LIVE = select(*(_L.c[name] for name in _COLUMNS))
+_LIVE_IN = _LIVE.where(_L.c.environment.in_(bindparam("envs", expanding=True)))
+
+
 class DriftQueries:
     engine: Engine
     _writer: Engine
@@ -115,16 +120,15 @@ class DriftQueries:
     def live_versions(
         self, environments: Collection[str] | None = None
     ) -> dict[tuple[str, str], LiveObservation]:
-        query = select(*(_L.c[name] for name in _COLUMNS))
         rows: list[Any] = []
-        with self.engine.connect() as conn:
+        with reader(self.engine) as conn:
             if environments is None:
-                rows = list(conn.execute(query))
+                rows = list(conn.execute(_LIVE))
             else:
                 envs = sorted(set(environments))
                 for i in range(0, len(envs), _CHUNK):
                     chunk = envs[i : i + _CHUNK]
-                    rows.extend(conn.execute(query.where(_L.c.environment.in_(chunk))))
+                    rows.extend(conn.execute(_LIVE_IN, {"envs": chunk}))
         return {(row[0], row[1]): LiveObservation(*row) for row in rows}
 
     def drift_events_after(self, after_id: int, limit: int = 500) -> list[DriftEvent]:

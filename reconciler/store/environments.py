@@ -20,12 +20,14 @@ from reconciler.store.records import OPERATOR_ACTIONS, EnvironmentStateRecord
 _aware = rows.aware
 _check = rows.check
 _chunks = rows.chunks
+_reader = rows.reader
 _insert_ignore = rows.insert_ignore
 _upsert = rows.upsert
 
 _ENV = rows.table(EnvironmentState)
 _OA = rows.table(OperatorAction)
 _OS = rows.table(OperatorSuspended)
+_SUSPENDED = select(_OS.c.environment)  # built once: read before every deployment
 
 
 class EnvironmentQueries:
@@ -129,8 +131,8 @@ class EnvironmentQueries:
                 conn.execute(delete(_OS).where(_OS.c.environment == environment))
 
     def suspended_environments(self) -> set[str]:
-        with self.engine.connect() as conn:
-            return set(conn.execute(select(_OS.c.environment)).scalars())
+        with _reader(self.engine) as conn:
+            return set(conn.execute(_SUSPENDED).scalars())
 
     def suspension_reasons(self) -> dict[str, str | None]:
         """Each environment an operator suspended: the reason given (`suspend --reason`,

@@ -5,11 +5,13 @@ no query module imports another's private helpers."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Collection, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Row, Table, insert, select, update
+from sqlalchemy import Connection, Engine, Row, Table, insert, select, update
 
 from desired_state import one_line
 from reconciler.store.models import Base
@@ -157,3 +159,34 @@ def upsert(conn: Connection, table: Any, values: dict[str, Any], keys: list[str]
         where = [table.c[key] == values[key] for key in keys]
         if conn.execute(update(table).where(*where).values(**changes)).rowcount == 0:
             conn.execute(insert(table).values(**values))
+
+
+# ---------------------------------------------------------------------------- reads
+
+_PINNED = threading.local()  # this thread's (engine, connection) while `pinned_reads` runs
+
+
+@contextmanager
+def pinned_reads(engine: Engine) -> Iterator[None]:
+    """The reads of this thread that use `reader` share one connection and one
+    transaction until the block ends: a consistent view, and one checkout (on PostgreSQL
+    one ping, BEGIN and ROLLBACK) instead of one per read."""
+    if getattr(_PINNED, "engine", None) is engine:
+        yield  # already pinned by an outer block
+        return
+    with engine.connect() as conn:
+        _PINNED.engine, _PINNED.conn = engine, conn
+        try:
+            yield
+        finally:
+            _PINNED.engine = _PINNED.conn = None
+
+
+@contextmanager
+def reader(engine: Engine) -> Iterator[Connection]:
+    """A connection to read with: the pinned one (`pinned_reads`), else a fresh one."""
+    if getattr(_PINNED, "engine", None) is engine:
+        yield _PINNED.conn
+        return
+    with engine.connect() as conn:
+        yield conn

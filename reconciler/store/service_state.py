@@ -13,7 +13,7 @@ from datetime import datetime
 from itertools import groupby
 from typing import Any
 
-from sqlalchemy import Connection, Engine, delete, func, insert, select, text, update
+from sqlalchemy import Connection, Engine, bindparam, delete, func, insert, select, text, update
 
 from reconciler.store import rows
 from reconciler.store.models import UNFINISHED_SQL, Deployment, ServiceStateRow
@@ -26,6 +26,7 @@ from reconciler.store.records import (
 
 # Shared with the other query modules (rows.py), under the names the queries use.
 _chunks = rows.chunks
+_reader = rows.reader
 _insert_ignore = rows.insert_ignore
 
 #: Rows fetched at a time when scanning one service's deployments backwards.
@@ -110,6 +111,32 @@ class ServiceFold:
         else:  # completed
             self.streak_done = True
 
+    @staticmethod
+    def ended_newest(
+        row: Any, version: str, status: str, trigger: str, completed_at: datetime | None
+    ) -> dict[str, Any]:
+        """The row's new values (all but ``running_deployment_id``) when the service's
+        newest deployment, unfinished so far, ends with ``status``.
+
+        The same rules as `feed`, applied to the one deployment the row has not folded
+        yet: while unfinished it was skipped, so the row's streak and deployed version are
+        the fold of the deployments before it, and it is newer than any reset marker.
+        """
+        values: dict[str, Any] = {"last_status": status, "last_ended_at": completed_at}
+        if status == "completed":
+            values["deployed_version"] = version
+            values["deployed_deployment_id"] = row.last_deployment_id
+        if trigger == "rollback" or status == "cancelled":
+            return values
+        if status in FAILURE_STATUSES:
+            same = row.streak_count > 0 and row.streak_version == version
+            values["streak_version"] = version
+            values["streak_count"] = row.streak_count + 1 if same else 1
+            values["streak_last_at"] = completed_at
+        else:  # completed
+            values.update(streak_version=None, streak_count=0, streak_last_at=None)
+        return values
+
     def values(self) -> dict[str, Any]:
         return {
             "deployed_version": self.deployed_version,
@@ -125,9 +152,60 @@ class ServiceFold:
         }
 
 
+# Statements of the write path, built once: a deployment writes the row several times,
+# and building a statement (and its cache key) costs more than running it.
+_KEY = (_SS.c.environment == bindparam("env"), _SS.c.service == bindparam("svc"))
+_DEPLOYMENTS_OF = (_D.c.environment == bindparam("env"), _D.c.service == bindparam("svc"))
+_LOCK_ROW = select(_SS).where(*_KEY).with_for_update()
+_FOLD_PAGE = (
+    select(*_FOLD_COLUMNS)
+    .where(*_DEPLOYMENTS_OF, _D.c.id < bindparam("before"))
+    .order_by(_D.c.id.desc())
+    .limit(_SCAN_PAGE)
+)
+# The condition is inlined as the partial index states it (not bound parameters), so
+# both databases search ix_deployments_running instead of the whole history.
+_RUNNING = select(func.max(_D.c.id)).where(*_DEPLOYMENTS_OF, text(UNFINISHED_SQL))
+_UPDATE_ROW = update(_SS).where(*_KEY)
+# The terminal step: the next running deployment looked up inside the UPDATE itself.
+_ENDED = _UPDATE_ROW.values(running_deployment_id=_RUNNING.scalar_subquery())
+# A new deployment is the service's newest: it becomes `last_*` and, being unfinished,
+# the running one. Guarded so that a deployment that is not the newest (PostgreSQL: a
+# concurrent transaction committed a newer one first) changes nothing here.
+_CREATED = (
+    update(_SS)
+    .where(*_KEY, _SS.c.last_deployment_id < bindparam("id"))
+    .values(
+        last_deployment_id=bindparam("id"),
+        last_status=bindparam("status"),
+        last_version=bindparam("version"),
+        last_ended_at=None,
+        running_deployment_id=bindparam("id"),
+    )
+)
+# An unfinished status change of the newest deployment: only `last_status` moves (the
+# fold skips unfinished deployments, and the newest unfinished one stays the running one).
+_STATUS = (
+    update(_SS)
+    .where(*_KEY, _SS.c.last_deployment_id == bindparam("id"))
+    .values(last_status=bindparam("status"))
+)
+
+# The planner's read before every deployment, built once.
+_STATES = select(*_SERVICE_STATE_COLUMNS)
+_STATES_IN = _STATES.where(_SS.c.environment.in_(bindparam("envs", expanding=True)))
+
+#: Far above any id: the first page of a fold reads from the newest deployment.
+_NO_BOUND = 2**62
+
+
 def refresh_service_state(conn: Connection, environment: str, service: str) -> None:
-    """Recompute one service's row from its deployments, inside the caller's transaction."""
-    key = (_SS.c.environment == environment, _SS.c.service == service)
+    """Recompute one service's row from its deployments, inside the caller's transaction.
+
+    The slow path (a page of history per call): for the cases the incremental updates
+    below do not cover, and for `reset_streak`.
+    """
+    key = {"env": environment, "svc": service}
     # Make sure the row exists, then lock it: concurrent refreshes of one service
     # serialise here (PostgreSQL; SQLite writers are serialised by BEGIN IMMEDIATE).
     _insert_ignore(
@@ -136,16 +214,12 @@ def refresh_service_state(conn: Connection, environment: str, service: str) -> N
         {"environment": environment, "service": service, "streak_count": 0},
         ["environment", "service"],
     )
-    reset_id = conn.execute(select(_SS.c.streak_reset_id).where(*key).with_for_update()).scalar()
+    reset_id = conn.execute(_LOCK_ROW, key).one().streak_reset_id
 
     fold = ServiceFold(reset_id=reset_id, track_running=False)
-    where = (_D.c.environment == environment, _D.c.service == service)
-    before: int | None = None
+    before = _NO_BOUND
     while not fold.done:
-        query = select(*_FOLD_COLUMNS).where(*where).order_by(_D.c.id.desc()).limit(_SCAN_PAGE)
-        if before is not None:
-            query = query.where(_D.c.id < before)
-        rows = conn.execute(query).all()
+        rows = conn.execute(_FOLD_PAGE, {**key, "before": before}).all()
         for row in rows:
             fold.feed(row)
             if fold.done:
@@ -153,12 +227,51 @@ def refresh_service_state(conn: Connection, environment: str, service: str) -> N
         if len(rows) < _SCAN_PAGE:
             break
         before = rows[-1][0]
-    # The condition is inlined as the partial index states it (not bound parameters), so
-    # both databases search ix_deployments_running instead of the whole history.
-    fold.running_deployment_id = conn.execute(
-        select(func.max(_D.c.id)).where(*where, text(UNFINISHED_SQL))
-    ).scalar()
-    conn.execute(update(_SS).where(*key).values(**fold.values()))
+    fold.running_deployment_id = conn.execute(_RUNNING, key).scalar()
+    conn.execute(_UPDATE_ROW, {**key, **fold.values()})
+
+
+def note_created(
+    conn: Connection, environment: str, service: str, ident: int, status: str, version: str
+) -> None:
+    """A deployment was inserted: one guarded UPDATE when it is the service's newest and
+    the row exists (every deployment but a service's first), else the full refresh."""
+    params = {"env": environment, "svc": service, "id": ident, "status": status, "version": version}
+    if conn.execute(_CREATED, params).rowcount != 1:
+        refresh_service_state(conn, environment, service)
+
+
+def note_status(conn: Connection, environment: str, service: str, ident: int, status: str) -> None:
+    """An unfinished deployment moved to another unfinished status. Nothing else in the
+    row depends on it: `last_status` when it is the newest, else nothing."""
+    conn.execute(_STATUS, {"env": environment, "svc": service, "id": ident, "status": status})
+
+
+def note_ended(
+    conn: Connection,
+    environment: str,
+    service: str,
+    ident: int,
+    *,
+    version: str,
+    status: str,
+    trigger: str,
+    completed_at: datetime | None,
+) -> None:
+    """An unfinished deployment reached a terminal status (its row already written).
+
+    When it is the service's newest deployment (the usual case: one runner per
+    environment), the row advances by `ServiceFold.ended_newest` from what it says now;
+    otherwise (an older deployment ending, e.g. crash recovery of several) the full
+    refresh.
+    """
+    key = {"env": environment, "svc": service}
+    row = conn.execute(_LOCK_ROW, key).one_or_none()
+    if row is None or row.last_deployment_id != ident or row.running_deployment_id != ident:
+        refresh_service_state(conn, environment, service)
+        return
+    values = ServiceFold.ended_newest(row, version, status, trigger, completed_at)
+    conn.execute(_ENDED, {**key, **values})
 
 
 class ServiceStateQueries:
@@ -170,14 +283,13 @@ class ServiceStateQueries:
     def service_states(
         self, environments: Collection[str] | None = None
     ) -> dict[tuple[str, str], ServiceState]:
-        query = select(*_SERVICE_STATE_COLUMNS)
         rows: list[Any] = []
-        with self.engine.connect() as conn:
+        with _reader(self.engine) as conn:
             if environments is None:
-                rows = list(conn.execute(query).all())
+                rows = list(conn.execute(_STATES).all())
             else:
                 for chunk in _chunks(sorted(set(environments))):
-                    rows.extend(conn.execute(query.where(_SS.c.environment.in_(chunk))).all())
+                    rows.extend(conn.execute(_STATES_IN, {"envs": chunk}).all())
         # Positional construction: this runs for every service of every status query.
         make = ServiceState._make
         return {(row[0], row[1]): make(row) for row in rows}

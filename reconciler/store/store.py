@@ -13,6 +13,8 @@ helpers only through `rows.py`.
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
+
 from sqlalchemy import Engine, literal, select
 
 from reconciler.store.blame import BlameQueries
@@ -32,6 +34,7 @@ from reconciler.store.environments import EnvironmentQueries
 from reconciler.store.export import ExportQueries
 from reconciler.store.outbox import OutboxQueries
 from reconciler.store.records import StoreError
+from reconciler.store.rows import pinned_reads
 from reconciler.store.service_state import ServiceStateQueries
 from reconciler.store.syncs import SyncQueries
 
@@ -55,6 +58,12 @@ class Store(
         self.engine = engine
         self._writer = write_engine(engine)
         self._file = SQLiteFile.of(engine)
+
+    def reading(self) -> AbstractContextManager[None]:
+        """The reads made by this thread inside the block (those the planner makes before
+        every deployment: service states, completed versions, live versions, suspensions)
+        share one connection and transaction: one consistent view, one checkout."""
+        return pinned_reads(self.engine)
 
     @classmethod
     def from_url(cls, url: str, *, migrate: bool = True) -> Store:

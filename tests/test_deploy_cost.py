@@ -1,0 +1,241 @@
+"""What one deployment costs the store, kept honest without timing it (issue 12).
+
+The number of transactions per deployment is the one docs/architecture.md states, and the
+incremental `service_state` row (advanced at each write, re-derived only off the common
+path) equals `rebuild_service_state()` after any sequence of operations, on SQLite and
+PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import event
+
+from reconciler.engine import Engine
+from reconciler.providers import CommandProvider, DeployContext, Provider
+from reconciler.store import TERMINAL_STATUSES, NewDeployment, Store, StoreError
+from tests.support import World, run_engine
+
+pytestmark = pytest.mark.timeout(120)
+
+T0 = datetime(2026, 11, 1, tzinfo=UTC)
+
+
+class _NoProcess(CommandProvider):
+    """Deploys at once and reports no process group (a hosted platform, say)."""
+
+    async def deploy(self, ctx: DeployContext) -> None:
+        return None
+
+
+class Commits:
+    """Counts the transactions committed on a store's engine (readers commit nothing)."""
+
+    def __init__(self, store: Store) -> None:
+        self.count = 0
+        event.listen(store.engine, "commit", self._seen)
+
+    def _seen(self, _conn: Any) -> None:
+        self.count += 1
+
+
+def _no_process(providers: dict[str, Provider]) -> dict[str, Provider]:
+    local = providers["local"]
+    assert isinstance(local, CommandProvider)
+    return {"local": _NoProcess("local", local.config, local.base_dir)}
+
+
+def test_a_deployment_is_three_transactions(tmp_path: Path) -> None:
+    """create + validating, in_progress, the terminal status: three commits per deployment,
+    and every status still recorded as its own progress event, in order."""
+    world = World(tmp_path)
+    world.repo.set_env("staging", {"api": "1.0", "web": "1.0", "db": "1.0"})
+
+    async def body(engine: Engine) -> tuple[int, list[list[str]]]:
+        engine.runners_enabled = False
+        await engine.sync("startup")
+        commits = Commits(engine.store)
+        engine.runners_enabled = True
+        engine.wake(["staging"])
+        await engine.idle()
+        records = [
+            engine.store.get_deployment(rec.id, with_progress=True)
+            for rec in engine.store.history()
+        ]
+        statuses = [[p.status for p in rec.progress or []] for rec in records if rec]
+        return commits.count, statuses
+
+    count, statuses = run_engine(world.config, body, providers=_no_process)
+    assert statuses == [["pending", "validating", "in_progress", "completed"]] * 3
+    assert count == 3 * 3
+
+
+def test_a_run_with_a_process_adds_its_process_group_record(tmp_path: Path) -> None:
+    """The command provider records the run's process group (crash recovery): one more."""
+    world = World(tmp_path)
+    gated = tmp_path / "gated.sh"
+    gated.write_text('#!/bin/sh\nread -r _ < "$DEPLOY_GATE"\n')  # silent; alive until the gate
+    gated.chmod(0o755)
+    world.config.write_text(
+        world.config.read_text().replace(str(tmp_path / "deploy.sh"), str(gated))
+    )
+    world.repo.set_env("staging", {"api": "1.0"})
+
+    async def body(engine: Engine) -> tuple[int, list[str]]:
+        engine.runners_enabled = False
+        await engine.sync("startup")
+        commits = Commits(engine.store)
+        engine.runners_enabled = True
+        engine.wake(["staging"])
+        await asyncio.to_thread(world.open_gate)  # returns once the script reads it
+        await engine.idle()
+        [rec] = engine.store.history()
+        full = engine.store.get_deployment(rec.id, with_progress=True)
+        assert full is not None
+        return commits.count, [p.status for p in full.progress or []]
+
+    count, statuses = run_engine(world.config, body)
+    assert statuses == ["pending", "validating", "in_progress", "completed"]
+    assert count == 4
+
+
+# ---- the incremental service_state equals the rebuilt one ------------------------------------
+
+VERSIONS = ("1.0", "1.1", "2.0")
+SERVICES = (("prod", "api"), ("prod", "web"), ("staging", "api"))
+TRIGGERS = ("git", "git", "git", "manual", "retry", "rollback", "drift")
+ENDINGS = ("completed", "completed", "failed", "failed", "timed_out", "cancelled")
+
+
+class Ops:
+    """Random operations on a store, as the engine, operators and recovery make them."""
+
+    def __init__(self, store: Store, rng: random.Random) -> None:
+        self.store, self.rng = store, rng
+        self.clock = T0
+        self.active: list[int] = []
+        self.failed: list[int] = []
+        self.finished: list[int] = []
+
+    def now(self) -> datetime:
+        self.clock += timedelta(seconds=self.rng.randint(1, 90))
+        return self.clock
+
+    def create(self) -> None:
+        environment, service = self.rng.choice(SERVICES)
+        trigger = self.rng.choice(TRIGGERS)
+        rollback_of = (
+            self.rng.choice(self.failed) if trigger == "rollback" and self.failed else None
+        )
+        rec = self.store.create_deployment(
+            NewDeployment(
+                environment=environment,
+                service=service,
+                version=self.rng.choice(VERSIONS),
+                previous_version=None,
+                provider="local",
+                provider_type="command",
+                strategy={"type": "rolling"},
+                trigger=trigger,
+                commit=None,
+                commit_author=None,
+                attempt=self.rng.randint(1, 3),
+                timeout_seconds=60,
+                params={},
+                created_at=self.now(),
+                sync_id=None,
+                rollback_of=rollback_of,
+            ),
+            validating_at=self.now() if self.rng.random() < 0.7 else None,
+        )
+        self.active.append(rec.id)
+
+    def advance(self) -> None:
+        if self.active:
+            ident = self.rng.choice(self.active)
+            status = self.rng.choice(("validating", "in_progress"))
+            self.store.set_status(ident, status, at=self.now(), message=f"now {status}")
+
+    def end(self) -> None:
+        if self.active:
+            # Mostly the newest (one runner per environment), sometimes an older one.
+            ident = self.active[-1] if self.rng.random() < 0.7 else self.rng.choice(self.active)
+            status = self.rng.choice(ENDINGS)
+            error = None if status == "completed" else f"{status} by the test"
+            self.store.set_status(ident, status, at=self.now(), error_message=error)
+            self.active.remove(ident)
+            (self.failed if status == "failed" else self.finished).append(ident)
+
+    def roll_back(self) -> None:
+        if self.failed:
+            ident = self.rng.choice(self.failed)
+            self.store.set_status(ident, "rolled_back", at=self.now(), message="rolled back")
+            self.failed.remove(ident)
+            self.finished.append(ident)
+
+    def progress(self) -> None:
+        if self.active:
+            ident = self.rng.choice(self.active)
+            self.store.add_event(
+                ident, status="in_progress", message="step", percent=50, details={}, at=self.now()
+            )
+
+    def refused(self) -> None:
+        """A finished record never changes: the write is refused and changes nothing."""
+        if self.finished:
+            ident = self.rng.choice(self.finished)
+            before = self.store.get_deployment(ident)
+            with pytest.raises(StoreError):
+                self.store.set_status(
+                    ident, self.rng.choice(("in_progress", "completed")), at=self.now()
+                )
+            assert self.store.get_deployment(ident) == before
+
+    def reset(self) -> None:
+        self.store.reset_streak(*self.rng.choice(SERVICES))
+
+    def interrupt(self) -> None:
+        ids = self.store.interrupt_unfinished(message="interrupted: test", at=self.now())
+        assert sorted(ids) == sorted(self.active)
+        self.failed.extend(ids)
+        self.active.clear()
+
+    def step(self) -> None:
+        ops = (
+            (self.create, 30),
+            (self.advance, 15),
+            (self.end, 30),
+            (self.roll_back, 5),
+            (self.progress, 8),
+            (self.refused, 4),
+            (self.reset, 4),
+            (self.interrupt, 2),
+        )
+        [op] = self.rng.choices([o for o, _ in ops], weights=[w for _, w in ops])
+        op()
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_incremental_service_state_equals_the_rebuilt_one(store: Store, seed: int) -> None:
+    ops = Ops(store, random.Random(seed))
+    for round_ in range(12):
+        for _ in range(25):
+            ops.step()
+        incremental = store.service_states()
+        store.rebuild_service_state()
+        assert store.service_states() == incremental, f"seed {seed}, after round {round_}"
+    # Every status change and progress event recorded, in order, for every deployment.
+    for rec in store.history(limit=10_000):
+        full = store.get_deployment(rec.id, with_progress=True)
+        assert full is not None and full.progress
+        times = [p.at for p in full.progress]
+        assert times == sorted(times)
+        assert full.progress[0].status == "pending"
+        if rec.status in TERMINAL_STATUSES:
+            assert rec.status in [p.status for p in full.progress]
