@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -91,8 +92,19 @@ def test_a_run_with_a_process_adds_its_process_group_record(tmp_path: Path) -> N
         engine.runners_enabled = False
         await engine.sync("startup")
         commits = Commits(engine.store)
+        # The gate opens only once the process group is recorded: a script let go earlier
+        # could exit before the executor reads its start time, and then nothing is recorded.
+        recorded = threading.Event()
+        record = engine.store.set_run_process
+
+        def set_run_process(deployment_id: int, pgid: int, token: str) -> None:
+            record(deployment_id, pgid, token)
+            recorded.set()
+
+        engine.store.set_run_process = set_run_process  # type: ignore[method-assign]
         engine.runners_enabled = True
         engine.wake(["staging"])
+        assert await asyncio.to_thread(recorded.wait, 30)
         await asyncio.to_thread(world.open_gate)  # returns once the script reads it
         await engine.idle()
         [rec] = engine.store.history()
