@@ -259,6 +259,7 @@ async def test_the_overview_streams_its_head_before_the_fleet_is_read(http: Harn
         # The fleet is being read: the page's start is already here, its end is not.
         assert "<nav" in head and 'href="/static/dashboard.css"' in head
         assert "No sync recorded yet." in head and "</html>" not in head
+        assert "<!-- head end -->" not in head
         slow.answer.set()
         rest = "".join([chunk async for chunk in chunks])
     page = assert_accessible_page(head + rest)

@@ -20,6 +20,7 @@ from importlib import resources
 from typing import Any, Generic, TypeVar
 
 import jinja2
+from markupsafe import Markup
 from starlette.exceptions import HTTPException
 
 log = logging.getLogger("reconciler.http")
@@ -190,6 +191,11 @@ class _Stream:
             return
 
 
+#: Where a streamed template's head ends (``{{ head_end }}``, before its first `Later`):
+#: what comes before it is rendered on the loop and sent at once, without a thread hop.
+HEAD_END = Markup("<!-- head end -->")  # Markup: autoescape leaves it as it is
+
+
 async def stream(name: str, **context: Any) -> AsyncIterator[bytes]:
     """The page's bytes as the template produces them (`Later` values in ``context`` are
     waited for in place)."""
@@ -198,8 +204,15 @@ async def stream(name: str, **context: Any) -> AsyncIterator[bytes]:
     for value in context.values():
         if isinstance(value, Later):
             value._stream = page
-    template = templates().get_template(name)
-    done = loop.run_in_executor(_render_pool(), page.produce, template.generate(**context))
+    pieces = templates().get_template(name).generate(head_end=HEAD_END, **context)
+    head = []
+    for piece in pieces:  # a few static lines: cheap enough for the loop
+        if piece == HEAD_END:
+            break
+        head.append(piece)
+    yield "".join(head).encode()
+    # The rest in a render thread: a generator may go on in another thread.
+    done = loop.run_in_executor(_render_pool(), page.produce, pieces)
     try:
         while (chunk := await page.queue.get()) is not None:
             yield chunk.encode()

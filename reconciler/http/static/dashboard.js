@@ -63,6 +63,7 @@
             log.append(span, "\n");
           }
           logNext = page.offset + page.lines.length;
+          document.getElementById("log-total").textContent = String(logNext);
           next = page.next_offset;
         }
       } while (again);
