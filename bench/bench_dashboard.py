@@ -13,10 +13,11 @@ one kept-alive HTTP connection each:
 
 "First byte" is the first byte of the *body* (an HTML page's head, header and navigation
 already); "whole" is the last byte. Medians over the rounds, and the daemon's CPU time per
-request (utime + stime from /proc). Exits 1 when a target it prints is missed.
+request (utime + stime from /proc). Exits 1 when a target it prints is missed; on a
+machine loaded by others, ``--judge floor`` judges first bytes less the ``/healthz`` floor.
 
     .venv/bin/python bench/bench_dashboard.py              # 20,000 services, 9 rounds
-    .venv/bin/python bench/bench_dashboard.py --rounds 21
+    .venv/bin/python bench/bench_dashboard.py --rounds 21 --judge floor
 """
 
 from __future__ import annotations
@@ -132,6 +133,13 @@ def main() -> None:
     parser.add_argument("--services", type=int, default=20)
     parser.add_argument("--history-rounds", type=int, default=3, help="deployments per service")
     parser.add_argument("--rounds", type=int, default=9, help="measured requests per page")
+    parser.add_argument(
+        "--judge",
+        choices=("wall", "floor"),
+        default="wall",
+        help="first-byte targets judge the time as measured (default), or less the "
+        "/healthz floor (a request doing nothing) on a loaded machine",
+    )
     args = parser.parse_args()
     total = args.environments * args.services
 
@@ -214,24 +222,32 @@ def main() -> None:
 
     status, overview = timings["/api/v1/status"], timings["/"]
     api_history, history = timings["/api/v1/deployments"], timings["/history"]
-    first = median(overview.first)
-    add("GET / first byte", overview.first, status.first, "status API", "< 50 ms",
-        first < TARGET_FIRST_BYTE)  # fmt: skip
+    floor = median(timings["/healthz"].whole)
+    # First bytes: judged as measured (--judge wall), or less the floor that a request
+    # doing nothing costs under the same load (--judge floor).
+    for label, timing, base, base_label in (
+        ("GET / first byte", overview, status, "status API"),
+        ("GET /history first byte", history, api_history, "deployments API"),
+    ):
+        first = median(timing.first)
+        judged = args.judge == "wall"
+        ok = first < TARGET_FIRST_BYTE
+        met.append(ok or not judged)
+        table.add(label, ms(first), f"{ms(median(base.first))} {base_label}",
+                  ratio(first, median(base.first)), "< 50 ms" if judged else "-",
+                  ok if judged else None)  # fmt: skip
+        judged = args.judge == "floor"
+        ok = first - floor < TARGET_FIRST_BYTE
+        met.append(ok or not judged)
+        table.add(f"{label} over the floor", ms(first - floor), f"{ms(floor)} /healthz",
+                  ratio(first, floor), "< 50 ms" if judged else "-",
+                  ok if judged else None)  # fmt: skip
     whole_ratio = ratio(median(overview.whole), median(status.whole))
     add("GET / whole page", overview.whole, status.whole, "status API",
         f"<= {TARGET_WHOLE_RATIO:g}x", whole_ratio <= TARGET_WHOLE_RATIO)  # fmt: skip
-    add("GET /history first byte", history.first, api_history.first, "deployments API",
-        "< 50 ms", median(history.first) < TARGET_FIRST_BYTE)  # fmt: skip
     history_ratio = ratio(median(history.whole), median(api_history.whole))
     add("GET /history whole page", history.whole, api_history.whole, "deployments API",
         f"<= {TARGET_WHOLE_RATIO:g}x", history_ratio <= TARGET_WHOLE_RATIO)  # fmt: skip
-    healthz = timings["/healthz"]
-    table.add(
-        "GET / first byte vs the floor",
-        ms(median(overview.first)),
-        f"{ms(median(healthz.whole))} /healthz",
-        ratio(median(overview.first), median(healthz.whole)),
-    )
     table.add(
         "daemon CPU per GET / (median)",
         ms(median(overview.cpu)),
@@ -248,7 +264,10 @@ def main() -> None:
         "first byte: the first byte of the body; the overview streams its head before it "
         "reads the fleet (Control.status = Engine.decisions, the same call as the API)."
     )
-    table.note("each round fetches the four paths in turn on one kept-alive connection; medians.")
+    table.note(
+        "each round fetches the five paths in turn on one kept-alive connection; medians. "
+        "/healthz (a request doing nothing) is the floor the machine's load sets."
+    )
     if not nothing_ran:
         table.note("WARNING: deployments ran during the measurement (the fleet was not synced)")
     table.print()

@@ -8,12 +8,13 @@ The overview is streamed (`pages.stream`): its first bytes leave before the flee
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from functools import partial
+from functools import partial, wraps
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -40,7 +41,13 @@ STATES = (
     "synced",
 )
 _CALM = frozenset({"synced", "suspended"})
+_URL_SAFE = re.compile(r"[A-Za-z0-9._-]*")  # what valid names are made of
 _STATIC_TYPES = {".css": "text/css; charset=utf-8", ".js": "text/javascript; charset=utf-8"}
+
+
+def _quoted(name: str) -> str:
+    """A name as a URL's query value (valid names need no quoting: the check is cheaper)."""
+    return name if _URL_SAFE.fullmatch(name) else quote(name, safe="")
 
 
 # ---- the chain-verified badge (wired by the ledger) -------------------------------------
@@ -63,17 +70,18 @@ async def ledger_status(control: Control) -> LedgerStatus | None:
 # ---- overview ----------------------------------------------------------------------------
 
 
-def html_errors(handler: Callable[[Request], Awaitable[Response]]) -> Callable[..., Any]:
+def html_errors(
+    handler: Callable[[Request], Awaitable[Response]],
+) -> Callable[[Request], Awaitable[Response]]:
     """A page's refusals (bad parameter, unknown id, database away) as HTML pages."""
 
+    @wraps(handler)
     async def page(request: Request) -> Response:
         try:
             return await handler(request)
         except HTTPException as exc:
             return await _error(exc.status_code, str(exc.detail))
 
-    page.__name__ = page.__qualname__ = handler.__name__
-    page.__doc__ = handler.__doc__
     return page
 
 
@@ -92,6 +100,23 @@ class EnvironmentView:
 
     def summary(self) -> list[tuple[str, int]]:
         return [(state, self.counts[state]) for state in STATES if self.counts[state]]
+
+    def rows(self) -> list[tuple[str, str, str, str, str, int | None, str]]:
+        """(service, desired, deployed, state, why, last deployment id, its history's URL)
+        for each service: the overview's hot loop, kept to plain tuples."""
+        history = f"/history?env={_quoted(self.name)}&service="
+        return [
+            (
+                d.service,
+                d.desired or "-",
+                d.deployed or "-",
+                d.state,
+                d.message,
+                d.last_deployment_id,
+                history + _quoted(d.service),
+            )
+            for d in self.services
+        ]
 
 
 @dataclass
