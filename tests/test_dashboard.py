@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.http import dashboard
+from reconciler.http import dashboard, pages
 from reconciler.plan import Decision
 from reconciler.store import CommitMeta, Store, make_engine
-from tests.test_http import BAD_HISTORY_PARAMS, T0, Harness, make_config, start
+from tests.test_http import BAD_HISTORY_PARAMS, T0, FakeControl, Harness, make_config, start
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
 
@@ -254,8 +254,9 @@ async def test_the_overview_streams_its_head_before_the_fleet_is_read(http: Harn
         assert response.status_code == 200
         chunks = response.aiter_text()
         head = ""
-        while not slow.asked.is_set() or "Last sync" not in head:
+        while "Last sync" not in head:  # sent before the page asks for the fleet
             head += await anext(chunks)
+        await slow.asked.wait()
         # The fleet is being read: the page's start is already here, its end is not.
         assert "<nav" in head and 'href="/static/dashboard.css"' in head
         assert "No sync recorded yet." in head and "</html>" not in head
@@ -451,3 +452,67 @@ def test_the_overview_groups_decisions_in_status_order():
     assert fleet.environments[0].calm and not fleet.environments[1].calm
     assert fleet.environments[1].suspended and fleet.environments[1].reason == "maintenance"
     assert fleet.summary() == [("failed", 1), ("synced", 2)] and fleet.services == 3
+
+
+async def test_readers_that_leave_mid_page_free_the_render_threads(http: Harness):
+    """More readers than render threads leave while the fleet is read, and the read never
+    ends: each render gives up waiting (within `CLOSED_CHECK_SECONDS`), and the next page
+    is served."""
+    stuck = SlowStatus([])  # never answers
+    http.control.status = stuck  # type: ignore[method-assign]
+    for _ in range(pages.RENDER_THREADS + 1):
+        async with http.client.stream("GET", "/") as response:
+            first = await anext(response.aiter_text())
+            assert "<nav" in first
+    http.control.status = FakeControl.status.__get__(http.control)  # type: ignore[method-assign]
+    http.control.decisions = [Decision("staging", "api", "1.0", "1.0", "synced", "")]
+    r = await http.client.get("/")
+    assert r.status_code == 200 and r.text.rstrip().endswith("</html>")
+    assert "1 environment, 1 service" in outline(r.text).words
+
+
+# ---- accessibility: contrast -------------------------------------------------------------
+
+
+def _luminance(hex_colour: str) -> float:
+    value = hex_colour.lstrip("#")
+    if len(value) == 3:
+        value = "".join(c * 2 for c in value)
+    channels = [int(value[i : i + 2], 16) / 255 for i in (0, 2, 4)]
+    linear = [c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in channels]
+    return 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2]
+
+
+def contrast(a: str, b: str) -> float:
+    """WCAG 2 contrast ratio of two colours."""
+    la, lb = sorted((_luminance(a), _luminance(b)), reverse=True)
+    return (la + 0.05) / (lb + 0.05)
+
+
+def test_every_text_colour_has_a_contrast_of_at_least_4_5():
+    css = pages.static_file("dashboard.css")
+    assert css is not None
+    text = css.decode()
+    colours = dict(re.findall(r"--([a-z]+):\s*(#[0-9a-fA-F]{3,6})", text))
+
+    def rule(selector: str, prop: str) -> str:
+        """The colour a rule gives ``prop`` (a hex value or one of the variables)."""
+        block = re.search(r"(?m)^" + re.escape(selector) + r"\s*\{([^}]*)\}", text)
+        assert block, selector
+        value = re.search(r"(?:^|[;\s])" + prop + r":\s*([^;]+);", block.group(1))
+        assert value, (selector, prop)
+        colour = value.group(1).strip()
+        return colours[colour[6:-1]] if colour.startswith("var(--") else colour
+
+    page_texts = ["fg", "muted", "link", "ok", "bad", "warn", "busy", "idle"]
+    for name in page_texts:
+        for background in ("bg", "soft"):  # the page, and table headers
+            ratio = contrast(colours[name], colours[background])
+            assert ratio >= 4.5, (name, background, round(ratio, 2))
+    header = rule("header.top", "background")
+    assert contrast("#ffffff", header) >= 4.5
+    log_bg = rule("pre.log", "background")
+    for selector in ("pre.log", "pre.log .line-stderr", "pre.log .line-system"):
+        assert contrast(rule(selector, "color"), log_bg) >= 4.5, selector
+    button = rule("button", "background")
+    assert contrast(rule("button", "color"), button) >= 4.5

@@ -10,8 +10,9 @@ is still being read.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -30,6 +31,8 @@ T = TypeVar("T")
 CHUNK_CHARS = 64 * 1024
 #: Chunks a streamed page may have rendered ahead of a slow reader.
 QUEUE_CHUNKS = 4
+#: How often a render thread waiting for the loop looks whether its reader is gone.
+CLOSED_CHECK_SECONDS = 1.0
 #: Threads that render pages: their own, so a render waiting for a read (on the read
 #: threads) can never hold up that read.
 RENDER_THREADS = 2
@@ -119,8 +122,7 @@ class Later(Generic[T]):
         stream = self._stream
         assert stream is not None, "a Later is only called while its page streams"
         stream.flush()
-        future = asyncio.run_coroutine_threadsafe(_outcome(partial(self._make, *args)), stream.loop)
-        return future.result()
+        return stream.wait(_outcome(partial(self._make, *args)))
 
 
 async def _outcome(make: Callable[[], Awaitable[T]]) -> Outcome[T]:
@@ -166,7 +168,20 @@ class _Stream:
     def _put(self, item: str | None) -> None:
         if self.closed:
             raise _Closed
-        asyncio.run_coroutine_threadsafe(self.queue.put(item), self.loop).result()
+        self.wait(self.queue.put(item))
+
+    def wait(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        """In the render thread: run ``coroutine`` on the loop and wait for it, but give
+        up once the reader is gone (or the loop stopped, the server with it), so that no
+        render thread waits forever and holds up the process's exit."""
+        future = asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+        while True:
+            try:
+                return future.result(timeout=CLOSED_CHECK_SECONDS)
+            except concurrent.futures.TimeoutError:
+                if self.closed or self.loop.is_closed():
+                    future.cancel()
+                    raise _Closed from None
 
     def produce(self, pieces: Iterator[str]) -> None:
         """In the render thread: the template's output, in chunks, then the end."""
