@@ -85,6 +85,11 @@ def html_errors(
     return page
 
 
+def _summary(counts: Counter[str]) -> list[tuple[str, int]]:
+    """(state, how many) for each state present, in `STATES` order."""
+    return [(state, counts[state]) for state in STATES if counts[state]]
+
+
 @dataclass
 class EnvironmentView:
     name: str
@@ -99,7 +104,7 @@ class EnvironmentView:
         return all(state in _CALM for state in self.counts)
 
     def summary(self) -> list[tuple[str, int]]:
-        return [(state, self.counts[state]) for state in STATES if self.counts[state]]
+        return _summary(self.counts)
 
     def rows(self) -> list[tuple[str, str, str, str, str, int | None, str]]:
         """(service, desired, deployed, state, why, last deployment id, its history's URL)
@@ -126,7 +131,7 @@ class Fleet:
     counts: Counter[str]
 
     def summary(self) -> list[tuple[str, int]]:
-        return [(state, self.counts[state]) for state in STATES if self.counts[state]]
+        return _summary(self.counts)
 
     @property
     def services(self) -> int:
@@ -197,7 +202,6 @@ async def overview(request: Request) -> Response:
         title=f"{environment} · reconciler" if environment else "reconciler",
         page="overview",
         environment=environment,
-        states=STATES,
         ledger=pages.Later(lambda: ledger_status(control)),
         syncs=pages.Later(lambda: _sync_view(control)),
         fleet=pages.Later(partial(_fleet, control, environment)),
