@@ -1007,6 +1007,16 @@ def test_parse_listen_refuses(listen):
         parse_listen(listen)
 
 
+async def test_connections_send_without_waiting_for_acks(http: Harness):
+    """TCP_NODELAY on every accepted connection: a kept-alive client's next response is
+    not held back until the client's delayed ACK (~40 ms each)."""
+    assert (await http.client.get("/healthz")).status_code == 200
+    await wait_until(lambda: http.server.guard.kept_alive, what="the kept-alive connection")
+    (connection,) = http.server.guard.kept_alive
+    sock = connection.transport.get_extra_info("socket")
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+
+
 async def test_a_port_in_use_is_one_clear_error(http: Harness):
     host, port = http.server.address or ("", 0)
     other = HttpServer(http.app, f"{host}:{port}")
