@@ -8,37 +8,24 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator
 from datetime import timedelta
 from html.parser import HTMLParser
-from pathlib import Path
 
 import pytest
 
 from reconciler.http import dashboard, pages
 from reconciler.plan import Decision
 from reconciler.store import CommitMeta, Store, make_engine
-from tests.test_http import BAD_HISTORY_PARAMS, T0, FakeControl, Harness, make_config, start
+from tests import test_http
+from tests.test_http import BAD_HISTORY_PARAMS, T0, FakeControl, Harness
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
 
+# test_http's fixtures: a real server over the fake control and a real store.
+anyio_backend = test_http.anyio_backend
+http = test_http.http
+
 HOSTILE = "<script>alert(1)</script>"
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
-async def http(tmp_path: Path) -> AsyncIterator[Harness]:
-    h = await start(tmp_path, make_config(tmp_path))
-    try:
-        yield h
-    finally:
-        await h.client.aclose()
-        await h.server.stop()
-        h.store.close()
 
 
 class Outline(HTMLParser):
