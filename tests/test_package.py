@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tomllib
 import venv
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -57,3 +58,16 @@ def test_the_built_wheel_installs_alone_and_runs(tmp_path: Path):
     config.write_text('[repository]\nurl = "repo"\n\n[daemon]\nstate_dir = "state"\n')
     upgraded = run(reconciler, "--config", config, "db", "upgrade", cwd=tmp_path)
     assert "applied" in upgraded.stdout
+    # The dashboard's templates, stylesheet and script ship too, and load from the wheel.
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for name in ("templates/layout.html", "templates/overview.html", "static/dashboard.css"):
+        assert f"reconciler/http/{name}" in names, name
+    run(
+        env / "bin" / "python",
+        "-c",
+        "from reconciler.http import pages\n"
+        "for name in ('overview.html', 'history.html', 'deployment.html', 'error.html'):\n"
+        "    pages.templates().get_template(name)\n"
+        "assert pages.static_file('dashboard.js')",
+        cwd=tmp_path,
+    )

@@ -20,7 +20,7 @@ from urllib.parse import urlencode
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from reconciler.blame import BlameError
 from reconciler.blame import blame as find_blame
@@ -34,7 +34,7 @@ from reconciler.http.sse import LiveFeeds, deployment_events
 from reconciler.http.webhooks import UNSIGNED, WebhookReceiver
 from reconciler.numbers import MAX_ID, OutOfRange, parse_int
 from reconciler.source.gitcmd import SourceError
-from reconciler.store import STATUSES, Store, is_transient
+from reconciler.store import STATUSES, DeploymentRecord, Store, is_transient
 from reconciler.store.records import LogLine, format_time
 from reconciler.sync import open_source
 from reconciler.times import SINCE_HELP, parse_since
@@ -186,22 +186,6 @@ async def openapi(request: Request) -> Response:
     return JSONResponse(openapi_document())
 
 
-INDEX = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>reconciler</title></head>
-<body><h1>reconciler</h1>
-<ul>
-<li><a href="/api/v1/status">status</a></li>
-<li><a href="/api/v1/deployments">deployments</a></li>
-<li><a href="/metrics">metrics</a></li>
-<li><a href="/openapi.json">API (OpenAPI)</a></li>
-</ul></body></html>
-"""
-
-
-async def index(request: Request) -> Response:
-    return HTMLResponse(INDEX)
-
-
 # ---- read API ---------------------------------------------------------------------------
 
 
@@ -241,27 +225,55 @@ def _since(raw: str | None) -> datetime | None:
         raise BadRequest(f"parameter 'since' must be {SINCE_HELP}") from None
 
 
-async def deployments(request: Request) -> Response:
-    params = _params(request, {"env", "service", "status", "since", "limit", "before"})
+HISTORY_PARAMS = frozenset({"env", "service", "status", "since", "limit", "before"})
+
+
+@dataclass(frozen=True)
+class HistoryQuery:
+    """The filters of `GET /api/v1/deployments` (and of the dashboard's history page)."""
+
+    environment: str | None
+    service: str | None
+    status: str | None
+    since: datetime | None
+    limit: int
+    before_id: int | None
+
+    def read(self, store: Store) -> list[DeploymentRecord]:
+        return store.history(
+            environment=self.environment,
+            service=self.service,
+            status=self.status,
+            since=self.since,
+            limit=self.limit,
+            before_id=self.before_id,
+        )
+
+
+def history_query(params: dict[str, str]) -> HistoryQuery:
+    """`HistoryQuery` from query parameters (`_params(request, HISTORY_PARAMS)`); 400 if bad."""
     status_filter = params.get("status")
     if status_filter is not None and status_filter not in STATUSES:
         raise BadRequest(f"parameter 'status' must be one of {', '.join(STATUSES)}")
-    limit = _int(params, "limit", low=1, high=MAX_LIMIT) or DEFAULT_LIMIT
-    before = _int(params, "before", low=1)
-    records = await db(
-        ctx(request).control.store.history,
+    return HistoryQuery(
         environment=params.get("env") or None,
         service=params.get("service") or None,
         status=status_filter,
         since=_since(params.get("since")),
-        limit=limit,
-        before_id=before,
+        limit=_int(params, "limit", low=1, high=MAX_LIMIT) or DEFAULT_LIMIT,
+        before_id=_int(params, "before", low=1),
     )
+
+
+async def deployments(request: Request) -> Response:
+    params = _params(request, HISTORY_PARAMS)
+    query = history_query(params)
+    records = await db(query.read, ctx(request).control.store)
     headers = {}
-    if len(records) == limit:
-        query = {k: v for k, v in params.items() if k != "before"}
-        query["before"] = str(records[-1].id)
-        headers["Link"] = f'<{request.url.path}?{urlencode(query)}>; rel="next"'
+    if len(records) == query.limit:
+        following = {k: v for k, v in params.items() if k != "before"}
+        following["before"] = str(records[-1].id)
+        headers["Link"] = f'<{request.url.path}?{urlencode(following)}>; rel="next"'
     return JSONResponse([r.to_json() for r in records], headers=headers)
 
 
@@ -296,12 +308,22 @@ def _within(
     return kept[::-1] if from_end else kept
 
 
-def _deployment_detail(store: Store, dep_id: int) -> dict[str, Any] | None:
+def deployment_and_tail(
+    store: Store, dep_id: int
+) -> tuple[DeploymentRecord, int, list[LogLine]] | None:
+    """(the deployment with its progress, its log's line count, the log's tail) or None."""
     record = store.get_deployment(dep_id, with_progress=True)
     if record is None:
         return None
     total, tail = store.log_tail(dep_id, LOG_TAIL_LINES, max_chars=LOG_LINE_CHARS)
-    tail = _within(tail, LOG_TAIL_BYTES, from_end=True)
+    return record, total, _within(tail, LOG_TAIL_BYTES, from_end=True)
+
+
+def _deployment_detail(store: Store, dep_id: int) -> dict[str, Any] | None:
+    found = deployment_and_tail(store, dep_id)
+    if found is None:
+        return None
+    record, total, tail = found
     body = replace(record, log=tail).to_json()
     body.update(
         log_lines=total,

@@ -15,7 +15,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from reconciler.http import api
+from reconciler.http import api, dashboard
 from reconciler.http.control import Control
 from reconciler.http.metrics import Metrics
 from reconciler.http.server import HttpServer
@@ -27,7 +27,10 @@ log = logging.getLogger("reconciler.http")
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 ROUTES = [
-    Route("/", api.index, methods=["GET"]),
+    Route("/", dashboard.overview, methods=["GET"]),
+    Route("/history", dashboard.history, methods=["GET"]),
+    Route("/deployments/{id}", dashboard.deployment, methods=["GET"]),
+    Route("/static/{name}", dashboard.static, methods=["GET"]),
     Route("/healthz", api.healthz, methods=["GET"]),
     Route("/readyz", api.readyz, methods=["GET"]),
     Route("/metrics", api.metrics, methods=["GET"]),

@@ -91,18 +91,71 @@ def _action(
     }
 
 
+def _page(
+    summary: str,
+    operation: str,
+    parameters: list[dict[str, Any]],
+    *,
+    bad_request: bool = False,
+    not_found: bool = False,
+) -> dict[str, Any]:
+    """A dashboard page (HTML; its errors are HTML pages too)."""
+    html = {"text/html": {"schema": {"type": "string"}}}
+    responses: dict[str, Any] = {"200": {"description": "HTML page.", "content": html}}
+    if bad_request:
+        responses["400"] = {"description": "Bad parameter (HTML).", "content": html}
+    if not_found:
+        responses["404"] = {"description": "No such deployment (HTML).", "content": html}
+    return {
+        "get": {
+            "summary": summary,
+            "operationId": operation,
+            "parameters": parameters,
+            "responses": responses,
+        }
+    }
+
+
 def _paths() -> dict[str, Any]:
     status_enum = {"type": "string", "enum": list(STATUSES)}
     return {
-        "/": {
+        "/": _page(
+            "Dashboard overview: environments and services (as `/api/v1/status`), the last "
+            "sync with its file errors and refusals, suspended environments. Streamed.",
+            "dashboard",
+            [_query("env", "Only this environment.", {"type": "string"})],
+        ),
+        "/history": _page(
+            "Dashboard history: deployments newest first, filtered as `/api/v1/deployments`.",
+            "dashboardHistory",
+            [
+                _query("env", "Environment.", {"type": "string"}),
+                _query("service", "Service.", {"type": "string"}),
+                _query("status", "Status (empty: any).", {"type": "string"}),
+                _query("since", "A time or an age (2h, 7d).", {"type": "string"}),
+                _query("limit", "Rows per page.", {"type": "integer"}),
+                _query("before", "Rows with a smaller id (next page).", {"type": "integer"}),
+            ],
+            bad_request=True,
+        ),
+        "/deployments/{id}": _page(
+            "Dashboard page of one deployment: record, progress, log tail (followed live "
+            "while it runs), or a page of the log from `offset`.",
+            "dashboardDeployment",
+            [_ID, _query("offset", "Show the log's lines from here.", {"type": "integer"})],
+            bad_request=True,
+            not_found=True,
+        ),
+        "/static/{name}": {
             "get": {
-                "summary": "Dashboard placeholder (HTML).",
-                "operationId": "index",
+                "summary": "The dashboard's stylesheet and script.",
+                "operationId": "dashboardStatic",
+                "parameters": [
+                    {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+                ],
                 "responses": {
-                    "200": {
-                        "description": "HTML page.",
-                        "content": {"text/html": {"schema": {"type": "string"}}},
-                    }
+                    "200": {"description": "CSS or JavaScript."},
+                    "404": _error("No such file."),
                 },
             }
         },
