@@ -233,24 +233,26 @@ def naive_completed(store: Store, triples: list[tuple[str, str, str]]) -> set[tu
 # ---------------------------------------------------------------------------- the run
 
 
-def one_deployment(store: Store, environment: str) -> None:
-    record = store.create_deployment(
-        NewDeployment(
-            environment=environment,
-            service="svc03",
-            version="9.9.9",
-            previous_version=None,
-            provider="local",
-            provider_type="command",
-            strategy={"type": "rolling"},
-            trigger="git",
-            commit="f" * 40,
-            commit_author=None,
-            attempt=1,
-            timeout_seconds=60,
-            params={},
-        )
+def new_deployment(environment: str, service: str, version: str) -> NewDeployment:
+    return NewDeployment(
+        environment=environment,
+        service=service,
+        version=version,
+        previous_version=None,
+        provider="local",
+        provider_type="command",
+        strategy={"type": "rolling"},
+        trigger="git",
+        commit="f" * 40,
+        commit_author=None,
+        attempt=1,
+        timeout_seconds=60,
+        params={},
     )
+
+
+def one_deployment(store: Store, environment: str) -> None:
+    record = store.create_deployment(new_deployment(environment, "svc03", "9.9.9"))
     now = datetime.now(UTC)
     store.set_status(record.id, "in_progress", at=now)
     store.set_status(record.id, "failed", at=now, error_message="bench")
@@ -405,23 +407,7 @@ def run_suite(
 def recent_deployments(store: Store, environment: str, count: int) -> None:
     """``count`` deployments made now (``--since 7d`` finds only these), one running."""
     for index in range(count):
-        record = store.create_deployment(
-            NewDeployment(
-                environment=environment,
-                service="svc00",
-                version=f"7.0.{index}",
-                previous_version=None,
-                provider="local",
-                provider_type="command",
-                strategy={"type": "rolling"},
-                trigger="git",
-                commit="e" * 40,
-                commit_author=None,
-                attempt=1,
-                timeout_seconds=60,
-                params={},
-            )
-        )
+        record = store.create_deployment(new_deployment(environment, "svc00", f"7.0.{index}"))
         if index < count - 1:
             store.set_status(record.id, "timed_out", at=datetime.now(UTC))
 

@@ -22,8 +22,9 @@ from typing import Any
 import pytest
 from sqlalchemy import event
 
-from reconciler.store import NewDeployment, Store
+from reconciler.store import Store
 from reconciler.store import deployments as deployment_queries
+from tests.test_store import new
 
 T0 = datetime(2026, 11, 1, tzinfo=UTC)
 FILTERS = ("environment", "service", "status", "since")
@@ -46,20 +47,10 @@ def fill(store: Store) -> None:
     rng = random.Random(5)
     for index in range(120):
         record = store.create_deployment(
-            NewDeployment(
-                environment=f"env{rng.randrange(3)}",
-                service=f"svc{rng.randrange(4)}",
-                version=f"1.{index}.0",
-                previous_version=None,
-                provider="local",
-                provider_type="command",
-                strategy={},
-                trigger="git",
-                commit=None,
-                commit_author=None,
-                attempt=1,
-                timeout_seconds=60,
-                params={},
+            new(
+                f"env{rng.randrange(3)}",
+                f"svc{rng.randrange(4)}",
+                f"1.{index}.0",
                 created_at=T0 + timedelta(hours=index * 2 + rng.randrange(-30, 30)),
             )
         )
