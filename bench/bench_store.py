@@ -330,7 +330,7 @@ def run_suite(
 
         sparse_filters(table, tag, store, picks[0], args)
 
-        mine, states = timed(store.service_states, max(3, args.queries // 10))
+        mine, cpu, states = timed_cpu(store.service_states, max(5, args.queries // 5))
         base, naive = timed(lambda: naive_status(store), max(2, args.baseline_queries // 2))
         naive_all = median(base)
         assert len(states) == len(naive) == envs * services, (len(states), len(naive))
@@ -340,7 +340,14 @@ def run_suite(
             if states[(r.environment, r.service)].deployed_version != r.deployed_version
         )
         assert bad == 0, f"{bad} services disagree with the naive status"
-        row(f"status: service_states() all {len(states):,}", mine, base, " GROUP BY")
+        cpu_row(
+            table,
+            f"{tag}status: service_states() all {len(states):,}",
+            (mine, cpu),
+            base,
+            " GROUP BY",
+            in_process=store.engine.dialect.name == "sqlite",
+        )
         fleet_summary(table, tag, store, picks, args)
         mine, _ = timed(cycle(lambda e: store.service_states([e])), args.queries)
         base, _ = timed(cycle(lambda e: naive_status(store, e)), args.baseline_queries)
@@ -464,6 +471,42 @@ def sparse_filters(
         )
 
 
+def timed_cpu(fn: Callable[[], Any], repeat: int) -> tuple[list[float], list[float], Any]:
+    """Like `timed`, with each call's CPU time of this process beside its wall time."""
+    result = fn()
+    walls, cpus = [], []
+    for _ in range(repeat):
+        wall, cpu = time.perf_counter(), time.process_time()
+        result = fn()
+        cpus.append(time.process_time() - cpu)
+        walls.append(time.perf_counter() - wall)
+    return walls, cpus, result
+
+
+def cpu_row(
+    table: Table,
+    metric: str,
+    times: tuple[list[float], list[float]],
+    base: list[float],
+    base_label: str,
+    *,
+    in_process: bool,
+) -> None:
+    """A row judged on CPU time when all the work is in this process (SQLite), so that
+    the other work on a shared machine does not decide it; on wall time otherwise."""
+    walls, cpus = times
+    wall, cpu = median(walls), median(cpus)
+    judged = cpu if in_process else wall
+    table.add(
+        metric,
+        f"{ms(wall, 2)} (cpu {ms(cpu, 2)}, p95 {ms(percentile(walls, 95), 2)})",
+        f"{ms(median(base), 1)}{base_label}",
+        ratio(wall, median(base)),
+        "< 50 ms" + (" cpu" if in_process else ""),
+        judged < TARGET,
+    )
+
+
 def fleet_summary(
     table: Table, tag: str, store: Store, picks: list[str], args: argparse.Namespace
 ) -> None:
@@ -472,24 +515,26 @@ def fleet_summary(
     summary = FleetSummary(store)
     summary.service_states()  # the daemon's first read: the whole fleet
     base, _ = timed(store.service_states, max(3, args.queries // 10))
-    mine, states = timed(summary.service_states, args.queries)
-    assert states == store.service_states()
+    mine = timed_cpu(summary.service_states, args.queries)
+    assert mine[2] == store.service_states()
     it = iter(picks * 3)
 
     def one_changed() -> Any:
         summary.mark(next(it))
         return summary.service_states()
 
-    changed, _ = timed(one_changed, args.queries)
-    for label, times in (("nothing changed", mine), ("1 environment changed", changed)):
-        a = median(times)
-        table.add(
+    changed = timed_cpu(one_changed, args.queries)
+    for label, (walls, cpus, states) in (
+        ("nothing changed", mine),
+        ("1 environment changed", changed),
+    ):
+        cpu_row(
+            table,
             f"{tag}status: daemon summary all {len(states):,}, {label}",
-            f"{ms(a, 2)} (p95 {ms(percentile(times, 95), 2)})",
-            f"{ms(median(base), 1)} service_states()",
-            ratio(a, median(base)),
-            "< 50 ms",
-            a < TARGET,
+            (walls, cpus),
+            base,
+            " service_states()",
+            in_process=store.engine.dialect.name == "sqlite",
         )
 
 

@@ -31,6 +31,7 @@ class FleetSummary:
         self._marks = threading.Lock()
         self._reading = threading.Lock()
         self._states: StateMap = {}
+        self._keys: dict[str, list[tuple[str, str]]] = {}  # the keys of each environment
         self._everything = True  # read the whole fleet at the next read
         self._stale: set[str] = set()
         #: Store reads so far (whole fleet, stale environments): for tests and metrics.
@@ -60,12 +61,18 @@ class FleetSummary:
             try:
                 if everything:
                     self._states = self.store.service_states()
+                    self._keys = {}
+                    for key in self._states:
+                        self._keys.setdefault(key[0], []).append(key)
                     self.reads["full"] += 1
                 elif stale:
                     fresh = self.store.service_states(stale)
-                    states = self._states
-                    for key in [key for key in states if key[0] in stale]:
-                        del states[key]
+                    states, keys = self._states, self._keys
+                    for environment in stale:
+                        for key in keys.pop(environment, ()):
+                            del states[key]
+                    for key in fresh:
+                        keys.setdefault(key[0], []).append(key)
                     states.update(fresh)
                     self.reads["stale"] += 1
             except BaseException:  # the database failed: nothing is known fresh any more
@@ -73,5 +80,7 @@ class FleetSummary:
                 raise
             if environments is None:
                 return dict(self._states)
-            wanted = set(environments)
-            return {key: state for key, state in self._states.items() if key[0] in wanted}
+            states = self._states
+            return {
+                key: states[key] for env in set(environments) for key in self._keys.get(env, ())
+            }
