@@ -41,9 +41,12 @@ _FOLD_COLUMNS = (_D.c.id, _D.c.version, _D.c.status, _D.c.trigger, _D.c.complete
 
 #: service_state's columns in the order of `ServiceState`'s fields, as the driver reads them.
 _STATE_SQL = "SELECT " + ", ".join(ServiceState._fields) + " FROM service_state"
-_ENDED = ServiceState._fields.index("last_ended_at")
-_STREAK_AT = ServiceState._fields.index("streak_last_at")
-assert len(ServiceState._fields) - 1 == _STREAK_AT  # service_states rebuilds rows so
+_STATE_FIELDS = (
+    "environment", "service", "deployed_version", "deployed_deployment_id",
+    "last_deployment_id", "last_status", "last_version", "last_ended_at",
+    "running_deployment_id", "streak_version", "streak_count", "streak_last_at",
+)  # fmt: skip
+assert ServiceState._fields == _STATE_FIELDS, "service_states unpacks rows in this order"
 
 
 def _state_rows(conn: Connection, environments: Collection[str] | None) -> list[Sequence[Any]]:
@@ -65,15 +68,6 @@ def _state_rows(conn: Connection, environments: Collection[str] | None) -> list[
         return found
     finally:
         cursor.close()
-
-
-def _utc_from_text(value: str | None) -> datetime | None:
-    """A time as SQLite stores it (naive UTC text, see models.UTCDateTime), made aware."""
-    return None if value is None else datetime.fromisoformat(value).replace(tzinfo=UTC)
-
-
-def _utc_from_aware(value: datetime | None) -> datetime | None:
-    return None if value is None else value.astimezone(UTC)
 
 
 @dataclass
@@ -211,15 +205,24 @@ class ServiceStateQueries:
         them cost as much as making them).
         """
         sqlite = self.engine.dialect.name == "sqlite"
-        utc = _utc_from_text if sqlite else _utc_from_aware
-        new = tuple.__new__
+        new, make = tuple.__new__, ServiceState
         states: dict[tuple[str, str], ServiceState] = {}
-        with rows.gc_paused(), self.engine.connect() as conn:
-            for row in _state_rows(conn, environments):
-                ended, streak_at = row[_ENDED], row[_STREAK_AT]
-                if ended is not None or streak_at is not None:
-                    row = (*row[:_ENDED], utc(ended), *row[_ENDED + 1 : _STREAK_AT], utc(streak_at))
-                states[row[0], row[1]] = new(ServiceState, row)
+        with rows.gc_paused():
+            with self.engine.connect() as conn:
+                fetched = _state_rows(conn, environments)
+            # Unpacked by name (the order is checked at import, _STATE_FIELDS); `x and
+            # f(x)` keeps None: a time is None or a non-empty text/datetime.
+            if sqlite:  # naive UTC text (models.UTCDateTime): made aware in one parse
+                iso = datetime.fromisoformat
+                for e, s, dv, dd, li, ls, lv, ended, ri, sv, sc, sa in fetched:
+                    ended = ended and iso(ended + "+00:00")
+                    sa = sa and iso(sa + "+00:00")
+                    states[e, s] = new(make, (e, s, dv, dd, li, ls, lv, ended, ri, sv, sc, sa))
+            else:
+                for e, s, dv, dd, li, ls, lv, ended, ri, sv, sc, sa in fetched:
+                    ended = ended and ended.astimezone(UTC)
+                    sa = sa and sa.astimezone(UTC)
+                    states[e, s] = new(make, (e, s, dv, dd, li, ls, lv, ended, ri, sv, sc, sa))
         return states
 
     def reset_streak(self, environment: str, service: str) -> None:
