@@ -139,4 +139,4 @@ def test_a_service_with_a_status_in_one_environment_reads_that_service_only(
     if store.engine.dialect.name == "sqlite":
         assert "ix_deployments_environment_service_id" in plan, plan
     else:
-        assert "ix_deployments_service_status_id" not in plan, plan
+        assert "ix_deployments_status_service_id" not in plan, plan

@@ -344,7 +344,7 @@ class DeploymentQueries:
             query = query.where(_D.c.service == service)
         if status is not None:
             # One service's history is short: read it through (environment, service, id)
-            # rather than let SQLite's planner (no statistics) pick (service, status, id).
+            # rather than let SQLite's planner (no statistics) pick (status, service, id).
             both = environment is not None and service is not None
             query = query.where((_D.c.status.concat("") if both else _D.c.status) == status)
         if before_id is not None:

@@ -8,7 +8,10 @@ then reads the newest matches first and stops after ``n``. (environment, id),
 alone, and environment or service with a status, read the table or a long index range and
 fetched every row to test the column the index lacked (163–215 ms at 1,000,000 rows for
 an unknown service). ``--env E --service S --status X`` reads one service's history through
-(environment, service, id). The ``since`` filter uses ix_deployments_created_at when few
+(environment, service, id). Status comes first in the two new ones: with
+(environment, status, id) SQLite's planner (no statistics) took it instead of the partial
+ix_deployments_running for the running look-up of every status write (0006). The
+``since`` filter uses ix_deployments_created_at when few
 rows are that recent (see `DeploymentQueries.history`).
 
 Revision ID: 0009
@@ -31,8 +34,8 @@ depends_on: str | Sequence[str] | None = None
 
 INDEXES = {
     "ix_deployments_service_id": ["service", "id"],
-    "ix_deployments_environment_status_id": ["environment", "status", "id"],
-    "ix_deployments_service_status_id": ["service", "status", "id"],
+    "ix_deployments_status_environment_id": ["status", "environment", "id"],
+    "ix_deployments_status_service_id": ["status", "service", "id"],
 }
 
 
