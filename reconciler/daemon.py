@@ -30,6 +30,7 @@ from reconciler.config import Config, ConfigError, load_config
 from reconciler.engine import Engine, SyncOutcome, open_source, open_verifier
 from reconciler.events import Event, EventHub
 from reconciler.executor import DeploymentEvent, durable, utcnow
+from reconciler.fleet import FleetSummary
 from reconciler.http import HttpServer, start_http
 from reconciler.lock import StateLock
 from reconciler.notify import Notifier
@@ -81,6 +82,7 @@ class Daemon:
         self._notifier: Notifier | None = None
         self._held: DatabaseLock | None = None
         self._fatal: Exception | None = None  # raised by run() once stopped
+        self.fleet: FleetSummary | None = None  # every service's state, kept in memory
 
     # ---- what the HTTP API and signals call (reconciler.http.control.Control) -----------
 
@@ -101,6 +103,11 @@ class Daemon:
         commit = self.engine.commit.sha if self.engine.commit else None
         return commit, await self.engine.decisions(envs)
 
+    def service_state_changed(self, environment: str) -> None:
+        """A reset streak publishes no deployment event: the fleet summary is told here."""
+        if self.fleet is not None:
+            self.fleet.mark(environment)
+
     def request_sync(self, trigger: str) -> None:
         # Requests coalesce into one sync, but none is forgotten: the set of reasons is
         # kept, the sync records the strongest, and an operator's (or a reload's) wakes
@@ -116,6 +123,7 @@ class Daemon:
         if spec is None or service not in spec.services:
             raise KeyError(f"{environment}/{service}")
         await durable(engine.store.reset_streak, environment, service)
+        self.service_state_changed(environment)
         await durable(
             engine.store.record_operator_action,
             environment=environment,
@@ -180,6 +188,11 @@ class Daemon:
             await engine.check_signers()  # a key file that cannot be used: exit 2
             self.hub.on_event(self._on_event)
             await engine.recover()
+            # Status reads the fleet from memory: every deployment event marks its
+            # environment, whose rows the next read takes from the store.
+            self.fleet = FleetSummary(store)
+            self.hub.on_event(self.fleet.on_event)
+            engine.planner.states_reader = self.fleet.service_states
             scheduler = AsyncIOScheduler(event_loop=asyncio.get_running_loop())
             engine.scheduler = scheduler
             scheduler.start()

@@ -497,6 +497,10 @@ class Host(Protocol):
 
     def request_sync(self, trigger: str) -> None: ...
 
+    def service_state_changed(self, environment: str) -> None:
+        """The store's service state changed without a deployment event (a retry)."""
+        ...
+
     def start(
         self, work: Coroutine[Any, Any, list[DeploymentRecord]], name: str
     ) -> asyncio.Task[list[DeploymentRecord]]: ...
@@ -535,6 +539,7 @@ async def perform(host: Host, action: AnyAction, who: str) -> Started:
                 raise OperationError(f"environment '{env}' has no service '{svc}'", code=2)
         if env is not None and svc is not None:
             await durable(_retry_request, store, env, svc, who, action.reason)
+            host.service_state_changed(env)
         else:
             log_action("sync", who, env, None, action.reason)
         host.request_sync("manual")

@@ -8,7 +8,7 @@ keeps serving deployments, HTTP and the watchdog meanwhile.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import replace
 from datetime import UTC, datetime, tzinfo
 from zoneinfo import ZoneInfo
@@ -24,7 +24,7 @@ from reconciler.plan import (
     dependency_triples,
     plan,
 )
-from reconciler.store import Store
+from reconciler.store import ServiceState, Store
 from reconciler.sync import Snapshot
 
 
@@ -39,14 +39,23 @@ def plan_settings(config: Config) -> PlanSettings:
     return PlanSettings(retries=d.retries, retry_backoff=d.retry_backoff, timezone=tz)
 
 
+#: Reads the service-state rows: `Store.service_states`, or the daemon's in-memory
+#: `FleetSummary.service_states` (same answer).
+StatesReader = Callable[[Collection[str] | None], dict[tuple[str, str], ServiceState]]
+
+
 def recorded_state(
-    store: Store, effective: Mapping[str, EnvironmentSpec], environments: Iterable[str] | None
+    store: Store,
+    effective: Mapping[str, EnvironmentSpec],
+    environments: Iterable[str] | None,
+    states_reader: StatesReader | None = None,
 ) -> RecordedState:
     """What the ledger says about these environments (and those they depend on)."""
     envs = None if environments is None else set(environments)
     specs = effective if envs is None else {e: s for e, s in effective.items() if e in envs}
     deps = {d for s in specs.values() for d in s.depends_on}
-    states = store.service_states(None if envs is None else envs | deps)
+    read = states_reader or store.service_states
+    states = read(None if envs is None else envs | deps)
     services = {
         key: ServiceRecord(
             deployed_version=st.deployed_version,
@@ -87,6 +96,8 @@ class Planner:
 
     def __init__(self, store: Store, settings: PlanSettings, clock: Callable[[], datetime]) -> None:
         self.store = store
+        #: Where the service-state rows come from (the daemon points it at its summary).
+        self.states_reader: StatesReader = store.service_states
         self.settings = settings  # replaced on reload
         self.clock = clock
 
@@ -94,7 +105,7 @@ class Planner:
         self, snapshot: Snapshot, environments: Iterable[str] | None = None
     ) -> RecordedState:
         with self.store.reading():  # its few reads on one connection, one view
-            return recorded_state(self.store, snapshot.effective, environments)
+            return recorded_state(self.store, snapshot.effective, environments, self.states_reader)
 
     def plan(
         self,

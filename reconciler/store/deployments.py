@@ -13,6 +13,7 @@ from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import (
+    ColumnElement,
     Connection,
     Engine,
     Select,
@@ -178,6 +179,18 @@ def _checked_update(
     if validation is not None:
         values["validation"] = dict(validation)
     return conn.execute(update(_D).where(_D.c.id == ident).values(**values).returning(*_D.c)).one()
+
+
+#: ``history(since=...)`` starts from the recent rows when fewer than this many are recent.
+_SPARSE_SINCE = 2000
+
+
+def _few_since(conn: Connection, recent: ColumnElement[bool]) -> bool:
+    """Whether fewer than `_SPARSE_SINCE` deployments match ``recent``: an index-only
+    count over ix_deployments_created_at that stops at `_SPARSE_SINCE`."""
+    probe = select(_D.c.id).where(recent).limit(_SPARSE_SINCE).subquery()
+    count = conn.execute(select(func.count()).select_from(probe)).scalar_one()
+    return int(count) < _SPARSE_SINCE
 
 
 class DeploymentQueries:
@@ -396,20 +409,35 @@ class DeploymentQueries:
         limit: int = 50,
         before_id: int | None = None,
     ) -> list[DeploymentRecord]:
-        """Deployments, newest first (id descending); ``before_id`` pages further back."""
+        """Deployments, newest first (id descending); ``before_id`` pages further back.
+
+        Each combination of the equality filters has an index of those columns then
+        ``id`` (migration 0009), read newest first until ``limit`` rows match. ``since``
+        is the one range: when fewer than `_SPARSE_SINCE` deployments are that recent,
+        the query starts from them (ix_deployments_created_at) and sorts the few; when
+        more are, they are the newest ids in practice, so reading newest first meets
+        ``limit`` matches at once. Both forms give the same rows; only the plan differs.
+        """
         query = select(_D)
         if environment is not None:
             query = query.where(_D.c.environment == environment)
         if service is not None:
             query = query.where(_D.c.service == service)
         if status is not None:
-            query = query.where(_D.c.status == status)
-        if since is not None:
-            query = query.where(_D.c.created_at >= _aware(since, "since"))
+            # One service's history is short: read it through (environment, service, id)
+            # rather than let SQLite's planner (no statistics) pick (status, service, id).
+            both = environment is not None and service is not None
+            query = query.where((_D.c.status.concat("") if both else _D.c.status) == status)
         if before_id is not None:
             query = query.where(_D.c.id < before_id)
         query = query.order_by(_D.c.id.desc()).limit(limit)
         with self.engine.connect() as conn:
+            if since is not None:
+                recent = _D.c.created_at >= _aware(since, "since")
+                if _few_since(conn, recent):
+                    query = query.where(_D.c.id.in_(select(_D.c.id).where(recent)))
+                else:
+                    query = query.where(recent)
             return [_deployment(row) for row in conn.execute(query)]
 
     def completed_versions(

@@ -134,6 +134,11 @@ class Deployment(Base):
         Index("ix_deployments_environment_id", "environment", "id"),
         Index("ix_deployments_environment_service_id", "environment", "service", "id"),
         Index("ix_deployments_status_id", "status", "id"),
+        # The history filters: each combination of equality filters has an index with
+        # those columns then id (migration 0009; `history_index` in deployments.py).
+        Index("ix_deployments_service_id", "service", "id"),
+        Index("ix_deployments_status_environment_id", "status", "environment", "id"),
+        Index("ix_deployments_status_service_id", "status", "service", "id"),
         # completed_versions (depends_on) and previous-version lookups.
         Index(
             "ix_deployments_environment_service_version_status",

@@ -5,6 +5,7 @@ no query module imports another's private helpers."""
 
 from __future__ import annotations
 
+import gc
 import threading
 from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
@@ -45,6 +46,19 @@ def check(value: str, allowed: Collection[str], what: str) -> None:
 def one_line_or_none(text: str | None) -> str | None:
     """Messages in records stay one line: they are printed in tables, logs and CSV."""
     return None if text is None else one_line(text)
+
+
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """No garbage collection while a read makes tens of thousands of small objects (the
+    collector would walk them all, several times); restored after, whatever it was."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 def chunks(items: Sequence[Any], size: int = CHUNK) -> Iterator[Sequence[Any]]:
