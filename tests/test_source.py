@@ -494,6 +494,24 @@ def test_watch_yields_after_commit_in_work_tree(work: Path, backend: str) -> Non
     asyncio.run(main())
 
 
+@pytest.mark.parametrize("branch", ["main", "team/feature"])
+def test_inotify_watch_yields_for_a_commit_without_waiting_for_quiet(
+    work: Path, branch: str
+) -> None:
+    """The branch ref renamed into place is final: the yield does not wait for the burst's
+    quiet time (here a minute, far beyond WAIT), which a pack-refs still gets."""
+    if branch != "main":
+        git(work, "checkout", "-q", "-b", branch)
+
+    async def main() -> None:
+        async with Watch(work / ".git", branch, debounce_ms=60_000, backend="inotify") as watch:
+            for i in range(3):
+                sha = await asyncio.to_thread(commit, work, f"c{i}", {"envs/a.yaml": f"{i}\n"})
+                assert await watch.until_head(f"refs/heads/{branch}", sha) == 1
+
+    asyncio.run(main())
+
+
 @BACKENDS
 def test_watch_yields_for_nested_branch_name(work: Path, backend: str) -> None:
     async def main() -> None:
