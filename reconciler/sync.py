@@ -208,7 +208,7 @@ class SyncPipeline:
 
     def _read(self, head: str, changes: Changes) -> _Prepared:
         """Parse what changed and work out the desired state it makes (nothing recorded)."""
-        meta = _meta(self.source.commit_info(head))
+        meta = _meta(changes.commit or self.source.commit_info(head))
         parsed = {} if changes.full else dict(self.snapshot.parsed)
         for path in changes.deleted:
             parsed.pop(path, None)
