@@ -242,6 +242,30 @@ def test_commit_info(tmp_path: Path) -> None:
     src.close()
 
 
+def test_a_remote_poll_that_finds_the_same_head_only_asks_ls_remote(
+    work: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = source(work, tmp_path)
+    monkeypatch.setattr(src, "is_local", lambda: False)  # fetched as a remote one is
+    first = src.fetch()
+    ran: list[str] = []
+    real_popen = subprocess.Popen
+
+    def popen(cmd: list[str], *args: object, **kwargs: object) -> subprocess.Popen[bytes]:
+        if cmd[0] == "git" and cmd[1].startswith("--git-dir="):
+            ran.append(next(a for a in cmd[1:] if not a.startswith("-")))
+        return real_popen(cmd, *args, **kwargs)  # type: ignore[call-overload,no-any-return]
+
+    monkeypatch.setattr(subprocess, "Popen", popen)
+    assert src.fetch() == first
+    assert ran == ["ls-remote"]
+    ran.clear()
+    new = commit(work, "next", {"envs/prod.yaml": "environment: prod\n"})
+    assert src.fetch() == new
+    assert ran == ["ls-remote", "fetch"]
+    src.close()
+
+
 def test_loads_read_the_commit_as_gitpython_does(tmp_path: Path) -> None:
     """The commit read along with the files (one cat-file batch) says what commit_info
     (GitPython) says; a message in another encoding is decoded by its `encoding` header
