@@ -211,6 +211,7 @@ async def main():
     store = Store.from_url(config.database_url, migrate=False)
     before = status()
     engine = Engine(config, store, open_source(config), build_providers(config))
+    engine.wake = lambda environments: None  # deploy nothing
     outcome = await engine.sync("watch")
     assert outcome.result == "ok", outcome.errors[:3]
     await engine.decisions()
