@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import platform
+import resource
 import socket
 import statistics
 import subprocess
@@ -60,6 +61,13 @@ def timed(fn: Callable[[], Any], repeat: int, warmup: int = 1) -> tuple[list[flo
         result = fn()
         times.append(time.perf_counter() - started)
     return times, result
+
+
+def cpu_now() -> float:
+    """CPU seconds of this process (all threads) and of its waited-for children (git)."""
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def ms(seconds: float | None, digits: int = 1) -> str:

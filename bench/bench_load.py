@@ -29,6 +29,7 @@ machine the wall time grows with the load average, the CPU time much less.
     .venv/bin/python bench/bench_load.py            # 200 files x 20 services (~20 s)
     .venv/bin/python bench/bench_load.py --full     # 1,000 files x 20 services (~1-2 min)
     .venv/bin/python bench/bench_load.py --environments 10000 --services 5
+    .venv/bin/python bench/bench_load.py --full --judge cpu   # on a machine others load
 
 Exits 1 when a printed target is missed.
 """
@@ -56,6 +57,7 @@ from _common import (
     ROOT,
     Table,
     commit_all,
+    cpu_now,
     exit_status,
     fleet_file,
     machine,
@@ -82,13 +84,6 @@ TARGET_FULL = 1.0  # s, full load + plan at 1,000 x 20
 TARGET_INC_P50 = 0.025
 TARGET_INC_P95 = 0.050
 TARGET_RSS = 90 * 2**20  # after the full load + plan at 1,000 x 20
-
-
-def cpu_now() -> float:
-    """CPU seconds of this process (all threads) and of its waited-for children (git)."""
-    me = resource.getrusage(resource.RUSAGE_SELF)
-    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 STAGES = (
@@ -282,20 +277,24 @@ async def run(args: argparse.Namespace) -> Table:
                 engine.source.close()
                 engine.store.engine.dispose()
         assert engine is not None
-        gc.disable()  # what-if: the same full load with the cyclic GC off
-        try:
-            _, nogc_total, _, e2 = await full_load(tmp, "state-full-nogc")
-        finally:
-            gc.enable()
-        e2.source.close()
-        e2.store.engine.dispose()
-        say(f"  full load with gc disabled: + plan {nogc_total * 1e3:.0f} ms")
+        if envs <= 2000:  # a what-if, left out of the big runs
+            gc.disable()  # what-if: the same full load with the cyclic GC off
+            try:
+                _, nogc_total, _, e2 = await full_load(tmp, "state-full-nogc")
+            finally:
+                gc.enable()
+            e2.source.close()
+            e2.store.engine.dispose()
+            say(f"  full load with gc disabled: + plan {nogc_total * 1e3:.0f} ms")
         rss_after_full = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
         # -- baseline for the parse step: yaml.safe_load of the same bytes
         contents = list(files.items())
         # (once each: the pure-Python loader is slow, and this is only the yardstick)
-        base_times, _ = timed(lambda: [yaml.safe_load(d) for _, d in contents], 1, 0)
+        # Beyond 2,000 files, on the first 2,000 only, scaled (it would take minutes).
+        sample = contents[:2000]
+        base_times, _ = timed(lambda: [yaml.safe_load(d) for _, d in sample], 1, 0)
+        base_times = [t * len(contents) / len(sample) for t in base_times]
         csafe_times, _ = timed(
             lambda: [yaml.load(d, Loader=yaml.CSafeLoader) for _, d in contents], 1, 0
         )
@@ -359,20 +358,23 @@ async def run(args: argparse.Namespace) -> Table:
     base = median(base_times)
     at_scale = envs == 1000 and services == 20  # where the targets are set
     scale_note = "" if at_scale else " @1,000x20"
+    full_cpu = median(FULL_CPU[: len(fulls)])
+    by_cpu = args.judge == "cpu"
     table.add(
         "full load + plan (fresh Engine.sync + decisions)",
         sec(full_total, 3),
         f"{sec(base, 3)} safe_load",
         ratio(full_total, base),
-        f"< {TARGET_FULL:g} s{scale_note}",
-        full_total < TARGET_FULL if at_scale else None,
+        f"< {TARGET_FULL:g} s{scale_note}" if not by_cpu else "-",
+        full_total < TARGET_FULL if at_scale and not by_cpu else None,
     )
-    full_cpu = median(FULL_CPU[: len(fulls)])
     table.add(
         "  CPU time of it (process + git children)",
         sec(full_cpu, 3),
         f"{sec(full_total, 3)} wall",
         ratio(full_cpu, full_total),
+        f"< {TARGET_FULL:g} s{scale_note}" if by_cpu else "-",
+        full_cpu < TARGET_FULL if at_scale and by_cpu else None,
     )
     table.add(
         "  same, cyclic GC disabled (what-if)",
@@ -404,23 +406,40 @@ async def run(args: argparse.Namespace) -> Table:
     inc = median(incs)
     nv = median(naive)
     p95 = percentile(incs, 95)
+    judged = at_scale and not by_cpu
     table.add(
         "incremental sync, 1 file changed (Engine.sync)",
         ms(inc),
         f"{ms(nv)} full reload",
         ratio(inc, nv),
-        f"< {TARGET_INC_P50 * 1e3:.0f} ms{scale_note}",
-        inc < TARGET_INC_P50 if at_scale else None,
+        f"< {TARGET_INC_P50 * 1e3:.0f} ms{scale_note}" if not by_cpu else "-",
+        inc < TARGET_INC_P50 if judged else None,
     )
     table.add(
         "  incremental sync p95",
         ms(p95),
         ms(percentile(naive, 95)),
         ratio(p95, percentile(naive, 95)),
-        f"< {TARGET_INC_P95 * 1e3:.0f} ms{scale_note}",
-        p95 < TARGET_INC_P95 if at_scale else None,
+        f"< {TARGET_INC_P95 * 1e3:.0f} ms{scale_note}" if not by_cpu else "-",
+        p95 < TARGET_INC_P95 if judged else None,
     )
-    table.add("  incremental sync CPU (process + git children)", ms(median(inc_cpu)), ms(inc))
+    cpu50, cpu95 = median(inc_cpu), percentile(inc_cpu, 95)
+    table.add(
+        "  incremental sync CPU p50 (process + git children)",
+        ms(cpu50),
+        f"{ms(inc)} wall",
+        ratio(cpu50, inc),
+        f"< {TARGET_INC_P50 * 1e3:.0f} ms{scale_note}" if by_cpu else "-",
+        cpu50 < TARGET_INC_P50 if at_scale and by_cpu else None,
+    )
+    table.add(
+        "  incremental sync CPU p95",
+        ms(cpu95),
+        f"{ms(p95)} wall",
+        ratio(cpu95, p95),
+        f"< {TARGET_INC_P95 * 1e3:.0f} ms{scale_note}" if by_cpu else "-",
+        cpu95 < TARGET_INC_P95 if at_scale and by_cpu else None,
+    )
     ispent, nspent = stage_cells(inc_spent), stage_cells(naive_spent)
     for stage in STAGES[:8]:
         table.add(
@@ -458,7 +477,12 @@ async def run(args: argparse.Namespace) -> Table:
         f"SQLite), {args.incremental} incremental syncs, {len(naive)} naive reloads."
     )
     table.note(
-        "safe_load = yaml.safe_load (pure-Python SafeLoader); CSafeLoader = libyaml, "
+        f"speed targets judge the {args.judge} time; the incremental sync waits for the "
+        "previous commit's keep (GitSource.keep) before it starts."
+    )
+    table.note(
+        "safe_load = yaml.safe_load (pure-Python SafeLoader; beyond 2,000 files timed on "
+        "2,000 and scaled); CSafeLoader = libyaml, "
         "plain types, no positions, no validation."
     )
     table.note(
@@ -476,6 +500,13 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3, help="full loads (fresh engines)")
     parser.add_argument("--incremental", type=int, default=20, help="incremental syncs")
     parser.add_argument("--naive", type=int, default=3, help="naive full reloads")
+    parser.add_argument(
+        "--judge",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="which time the speed targets judge: wall (default), or CPU time (this process "
+        "+ its git children), steadier on a machine that others load",
+    )
     args = parser.parse_args()
     args.environments = args.environments or (1000 if args.full else 200)
     say(f"bench_load: {args.environments} files x {args.services} services; {machine()}")

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import resource
 import subprocess
 import sys
 import tempfile
@@ -32,6 +31,7 @@ from pathlib import Path
 from _common import (
     Table,
     commit_all,
+    cpu_now,
     exit_status,
     fleet_file,
     machine,
@@ -53,12 +53,6 @@ ENVIRONMENTS, SERVICES = 20, 5
 TARGET_LOCAL_RATIO = 1.0
 # A fetch that brings nothing: at most twice the CPU of the bare ls-remote.
 TARGET_REMOTE_RATIO = 2.0
-
-
-def cpu_now() -> float:
-    me = resource.getrusage(resource.RUSAGE_SELF)
-    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def per_call(n: int, fn: object) -> tuple[float, float]:
