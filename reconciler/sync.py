@@ -91,6 +91,12 @@ class _Prepared:
         return "errors" if self.desired.errors else "ok"
 
 
+def _differ(a: EnvironmentSpec | None, b: EnvironmentSpec | None) -> bool:
+    """The same object first: a file that did not change keeps its spec, and comparing
+    10,000 specs field by field took a fifth of an incremental sync at that size."""
+    return a is not b and a != b
+
+
 def release_free_memory() -> None:
     """Hand the heap a full load freed back to the system (glibc's ``malloc_trim``).
 
@@ -252,7 +258,7 @@ class SyncPipeline:
         changed = sorted(
             env
             for env in set(effective) | set(before_effective) | set(invalid) | set(before_invalid)
-            if effective.get(env) != before_effective.get(env)
+            if _differ(effective.get(env), before_effective.get(env))
             or invalid.get(env) != before_invalid.get(env)
         )
         return _Prepared(
@@ -382,7 +388,7 @@ class SyncPipeline:
         changed = (
             (env, spec.model_dump(mode="json"), desired.sources[env])
             for env, spec in desired.environments.items()
-            if before.get(env) != spec
+            if _differ(before.get(env), spec)
         )
         self.store.save_environment_states(changed, commit=commit, at=self.clock())
 
