@@ -457,14 +457,12 @@ def _describe_list(value: Any) -> str:
 _SHARED_MAX = 2048
 
 
+# Equal services are one object (Service._shared): a fleet runs the same version with the
+# same params in many environments, and a daemon keeps every environment's desired state in
+# memory (a model with its params is ~700 bytes; 20,000 of them were 14 MB). Services are
+# frozen, so sharing is invisible, and validating a service seen before is skipped.
 class Service(BaseModel):
-    """One deployable unit of an environment.
-
-    Equal services are one object: a fleet runs the same version with the same params in
-    many environments, and a daemon keeps every environment's desired state in memory
-    (a model with its params is ~700 bytes; 20,000 of them were 14 MB). Services are
-    frozen, so sharing is invisible, and validating a service seen before is skipped.
-    """
+    """One deployable unit of an environment."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
