@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import platform
+import resource
+import socket
 import statistics
 import subprocess
 import sys
@@ -59,6 +61,13 @@ def timed(fn: Callable[[], Any], repeat: int, warmup: int = 1) -> tuple[list[flo
         result = fn()
         times.append(time.perf_counter() - started)
     return times, result
+
+
+def cpu_now() -> float:
+    """CPU seconds of this process (all threads) and of its waited-for children (git)."""
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def ms(seconds: float | None, digits: int = 1) -> str:
@@ -355,6 +364,31 @@ def children(pid: int) -> list[int]:
             continue
         kids += [int(x) for x in text.split()]
     return kids
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 free right now (the OS picks it), for a daemon to listen on."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class DaemonDied(RuntimeError):
+    """The daemon a benchmark started exited; the message ends with its log's last lines."""
+
+
+def check_alive(proc: subprocess.Popen[Any], log: Path, lines: int = 15) -> None:
+    """Raise DaemonDied (with the tail of ``log``) if ``proc`` has exited."""
+    if proc.poll() is None:
+        return
+    tail = log.read_text(errors="replace").splitlines()[-lines:] if log.exists() else []
+    text = "\n".join(f"    {line}" for line in tail) or "    (empty log)"
+    raise DaemonDied(f"the daemon exited with status {proc.returncode}; its log ends:\n{text}")
+
+
+def exit_status(*tables: Table) -> int:
+    """1 when any printed target was missed, else 0 (what every benchmark exits with)."""
+    return 1 if any(r.met is False for t in tables for r in t.rows) else 0
 
 
 def stop_process(proc: subprocess.Popen[Any], timeout: float = 15.0) -> int | None:

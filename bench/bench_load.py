@@ -19,8 +19,19 @@ The breakdown comes from timing wrappers around the engine's own steps (source.f
 source.load, source.commit_info, _parse, assemble, _effective, store.begin_sync +
 _save_states + store.finish_sync, recorded + plan); "other" is the rest (thread hops).
 
+Memory: a child process with the daemon's imports (``reconciler.daemon``; migrations done
+beforehand, as the daemon does them in a child of its own) loads and plans the same
+repository once and reports its RSS; baseline: the same child with a 5 x 3 fleet.
+
+CPU time (this process + its git children) is printed beside each wall time: on a shared
+machine the wall time grows with the load average, the CPU time much less.
+
     .venv/bin/python bench/bench_load.py            # 200 files x 20 services (~20 s)
     .venv/bin/python bench/bench_load.py --full     # 1,000 files x 20 services (~1-2 min)
+    .venv/bin/python bench/bench_load.py --environments 10000 --services 5
+    .venv/bin/python bench/bench_load.py --full --judge cpu   # on a machine others load
+
+Exits 1 when a printed target is missed.
 """
 
 from __future__ import annotations
@@ -28,7 +39,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import json
+import os
 import resource
+import subprocess
+import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -38,8 +53,12 @@ from typing import Any
 
 import yaml
 from _common import (
+    PYTHON,
+    ROOT,
     Table,
     commit_all,
+    cpu_now,
+    exit_status,
     fleet_file,
     machine,
     make_repo,
@@ -60,6 +79,12 @@ from reconciler.config import load_config
 from reconciler.engine import Engine, open_source
 from reconciler.providers import build_providers
 from reconciler.store import Store
+
+TARGET_FULL = 1.0  # s, full load + plan at 1,000 x 20
+TARGET_INC_P50 = 0.025
+TARGET_INC_P95 = 0.050
+TARGET_RSS = 90 * 2**20  # after the full load + plan at 1,000 x 20
+
 
 STAGES = (
     "fetch",
@@ -120,6 +145,7 @@ def instrument(engine: Engine) -> Engine:
 
 
 def build_repo(tmp: Path, environments: int, services: int) -> tuple[Path, dict[str, bytes]]:
+    tmp.mkdir(exist_ok=True)
     repo = make_repo(tmp / "desired")
     files: dict[str, bytes] = {}
     for i in range(environments):
@@ -140,17 +166,76 @@ def fresh_engine(tmp: Path, name: str) -> Engine:
     return instrument(Engine(config, store, open_source(config), build_providers(config)))
 
 
+FULL_CPU: list[float] = []
+
+
 async def full_load(tmp: Path, name: str) -> tuple[float, float, dict[str, float], Engine]:
     engine = fresh_engine(tmp, name)
     WATCH.reset()
+    cpu = cpu_now()
     started = time.perf_counter()
     outcome = await engine.sync("watch")
     synced = time.perf_counter()
     decisions = await engine.decisions()
     done = time.perf_counter()
+    FULL_CPU.append(cpu_now() - cpu)
     assert outcome.result == "ok", (outcome.result, outcome.errors[:3])
     assert decisions, "no decisions"
     return synced - started, done - started, WATCH.reset(), engine
+
+
+# Run in a child: the daemon's imports, one full load + plan, then its memory.
+RSS_CHILD = """
+import asyncio, gc, json, sys
+import reconciler.daemon  # noqa: F401 - what a daemon process has imported
+from reconciler.config import load_config
+from reconciler.engine import Engine, open_source
+from reconciler.providers import build_providers
+from reconciler.store import Store
+
+def status():
+    out = {}
+    for line in open("/proc/self/status"):
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            out[key] = int(value.split()[0]) * 1024
+    return out
+
+async def main():
+    config = load_config(sys.argv[1])
+    store = Store.from_url(config.database_url, migrate=False)
+    before = status()
+    engine = Engine(config, store, open_source(config), build_providers(config))
+    engine.wake = lambda environments: None  # deploy nothing
+    outcome = await engine.sync("watch")
+    assert outcome.result == "ok", outcome.errors[:3]
+    await engine.decisions()
+    await engine.pipeline.kept()
+    gc.collect()
+    print(json.dumps({"before": before, "after": status()}))
+
+asyncio.run(main())
+"""
+
+
+def child_rss(tmp: Path, repo: Path, name: str) -> dict[str, dict[str, int]]:
+    """RSS of a daemon-like process before and after one full load + plan of ``repo``."""
+    base = tmp / name
+    base.mkdir()
+    config_path = write_config(base, ["/bin/true"], repo=str(repo))
+    Store.from_url(load_config(config_path).database_url, migrate=True).engine.dispose()
+    out = subprocess.run(
+        [PYTHON, "-c", RSS_CHILD, str(config_path)],
+        cwd=base,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"the memory child failed: {out.stderr.strip()[-2000:]}")
+    result: dict[str, dict[str, int]] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
 
 
 def edit(repo: Path, i: int, services: int, version: str) -> str:
@@ -192,20 +277,24 @@ async def run(args: argparse.Namespace) -> Table:
                 engine.source.close()
                 engine.store.engine.dispose()
         assert engine is not None
-        gc.disable()  # what-if: the same full load with the cyclic GC off
-        try:
-            _, nogc_total, _, e2 = await full_load(tmp, "state-full-nogc")
-        finally:
-            gc.enable()
-        e2.source.close()
-        e2.store.engine.dispose()
-        say(f"  full load with gc disabled: + plan {nogc_total * 1e3:.0f} ms")
+        if envs <= 2000:  # a what-if, left out of the big runs
+            gc.disable()  # what-if: the same full load with the cyclic GC off
+            try:
+                _, nogc_total, _, e2 = await full_load(tmp, "state-full-nogc")
+            finally:
+                gc.enable()
+            e2.source.close()
+            e2.store.engine.dispose()
+            say(f"  full load with gc disabled: + plan {nogc_total * 1e3:.0f} ms")
         rss_after_full = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
         # -- baseline for the parse step: yaml.safe_load of the same bytes
         contents = list(files.items())
         # (once each: the pure-Python loader is slow, and this is only the yardstick)
-        base_times, _ = timed(lambda: [yaml.safe_load(d) for _, d in contents], 1, 0)
+        # Beyond 2,000 files, on the first 2,000 only, scaled (it would take minutes).
+        sample = contents[:2000]
+        base_times, _ = timed(lambda: [yaml.safe_load(d) for _, d in sample], 1, 0)
+        base_times = [t * len(contents) / len(sample) for t in base_times]
         csafe_times, _ = timed(
             lambda: [yaml.load(d, Loader=yaml.CSafeLoader) for _, d in contents], 1, 0
         )
@@ -224,16 +313,20 @@ async def run(args: argparse.Namespace) -> Table:
 
         # -- incremental sync (1 file changed) vs naive full reload, on the warm engine
         incs: list[float] = []
+        inc_cpu: list[float] = []
         inc_plan: list[float] = []
         inc_spent: list[dict[str, float]] = []
         naive: list[float] = []
         naive_spent: list[dict[str, float]] = []
         for k in range(args.incremental):
             env = edit(repo, (k * 7) % envs, services, f"2.0.{k}")
+            await engine.pipeline.kept()  # the previous commit's keep: not this sync's
             WATCH.reset()
+            cpu = cpu_now()
             started = time.perf_counter()
             outcome = await engine.sync("watch")
             synced = time.perf_counter()
+            inc_cpu.append(cpu_now() - cpu)
             await engine.decisions([env])
             planned = time.perf_counter()
             assert outcome.environments_changed == [env], outcome.environments_changed
@@ -250,6 +343,12 @@ async def run(args: argparse.Namespace) -> Table:
         engine.source.close()
         engine.store.engine.dispose()
 
+        # -- memory of a daemon-like process: this fleet vs a 5 x 3 one
+        say("  memory: a child process loads the fleet ...")
+        rss_fleet = child_rss(tmp, repo, "state-rss")
+        small, _ = build_repo(tmp / "small", 5, 3)
+        rss_small = child_rss(tmp, small, "state-rss-small")
+
     table = Table(
         f"desired-state load, {envs:,} files x {services} services "
         f"({sum(map(len, files.values())) / 1e6:.1f} MB of YAML; {machine()})"
@@ -257,20 +356,33 @@ async def run(args: argparse.Namespace) -> Table:
     full_sync = median([f[0] for f in fulls])
     full_total = median([f[1] for f in fulls])
     base = median(base_times)
+    at_scale = envs == 1000 and services == 20  # where the targets are set
+    scale_note = "" if at_scale else " @1,000x20"
+    full_cpu = median(FULL_CPU[: len(fulls)])
+    by_cpu = args.judge == "cpu"
     table.add(
         "full load + plan (fresh Engine.sync + decisions)",
         sec(full_total, 3),
         f"{sec(base, 3)} safe_load",
         ratio(full_total, base),
-        "< 1.5 s" + (" @1,000" if envs != 1000 else ""),
-        full_total < 1.5 if envs >= 1000 else None,
+        f"< {TARGET_FULL:g} s{scale_note}" if not by_cpu else "-",
+        full_total < TARGET_FULL if at_scale and not by_cpu else None,
     )
     table.add(
-        "  same, cyclic GC disabled (what-if)",
-        sec(nogc_total, 3),
-        f"{sec(full_total, 3)} gc on",
-        ratio(nogc_total, full_total),
+        "  CPU time of it (process + git children)",
+        sec(full_cpu, 3),
+        f"{sec(full_total, 3)} wall",
+        ratio(full_cpu, full_total),
+        f"< {TARGET_FULL:g} s{scale_note}" if by_cpu else "-",
+        full_cpu < TARGET_FULL if at_scale and by_cpu else None,
     )
+    if nogc_total == nogc_total:  # not NaN: measured (up to 2,000 files)
+        table.add(
+            "  same, cyclic GC disabled (what-if)",
+            sec(nogc_total, 3),
+            f"{sec(full_total, 3)} gc on",
+            ratio(nogc_total, full_total),
+        )
     table.add("  of which Engine.sync (full load, recorded)", sec(full_sync, 3))
     spent = stage_cells([f[2] for f in fulls])
     for stage in STAGES:
@@ -294,15 +406,41 @@ async def run(args: argparse.Namespace) -> Table:
     )
     inc = median(incs)
     nv = median(naive)
+    p95 = percentile(incs, 95)
+    judged = at_scale and not by_cpu
     table.add(
         "incremental sync, 1 file changed (Engine.sync)",
         ms(inc),
         f"{ms(nv)} full reload",
         ratio(inc, nv),
-        "< 50 ms",
-        inc < 0.050,
+        f"< {TARGET_INC_P50 * 1e3:.0f} ms{scale_note}" if not by_cpu else "-",
+        inc < TARGET_INC_P50 if judged else None,
     )
-    table.add("  incremental sync p95", ms(percentile(incs, 95)), ms(percentile(naive, 95)))
+    table.add(
+        "  incremental sync p95",
+        ms(p95),
+        ms(percentile(naive, 95)),
+        ratio(p95, percentile(naive, 95)),
+        f"< {TARGET_INC_P95 * 1e3:.0f} ms{scale_note}" if not by_cpu else "-",
+        p95 < TARGET_INC_P95 if judged else None,
+    )
+    cpu50, cpu95 = median(inc_cpu), percentile(inc_cpu, 95)
+    table.add(
+        "  incremental sync CPU p50 (process + git children)",
+        ms(cpu50),
+        f"{ms(inc)} wall",
+        ratio(cpu50, inc),
+        f"< {TARGET_INC_P50 * 1e3:.0f} ms{scale_note}" if by_cpu else "-",
+        cpu50 < TARGET_INC_P50 if at_scale and by_cpu else None,
+    )
+    table.add(
+        "  incremental sync CPU p95",
+        ms(cpu95),
+        f"{ms(p95)} wall",
+        ratio(cpu95, p95),
+        f"< {TARGET_INC_P95 * 1e3:.0f} ms{scale_note}" if by_cpu else "-",
+        cpu95 < TARGET_INC_P95 if at_scale and by_cpu else None,
+    )
     ispent, nspent = stage_cells(inc_spent), stage_cells(naive_spent)
     for stage in STAGES[:8]:
         table.add(
@@ -315,13 +453,37 @@ async def run(args: argparse.Namespace) -> Table:
     other_n = nv - sum(nspent[s] for s in STAGES[:8])
     table.add("    other (threads, event loop)", ms(other_i, 2), ms(other_n, 2))
     table.add("  incremental sync + plan of the changed env", ms(median(inc_plan)))
+    rss_after = rss_fleet["after"]["VmRSS"]
+    table.add(
+        f"RSS of a daemon-like process after load + plan of {envs:,} x {services}",
+        f"{rss_after / 2**20:,.1f} MB",
+        f"{rss_small['after']['VmRSS'] / 2**20:,.1f} MB at 5 x 3",
+        ratio(rss_after, rss_small["after"]["VmRSS"]),
+        f"< {TARGET_RSS / 2**20:.0f} MB{scale_note}",
+        rss_after < TARGET_RSS if at_scale else None,
+    )
+    table.add(
+        "  of which the fleet (after - before the load)",
+        f"{(rss_after - rss_fleet['before']['VmRSS']) / 2**20:,.1f} MB",
+        f"{(rss_small['after']['VmRSS'] - rss_small['before']['VmRSS']) / 2**20:,.1f} MB",
+    )
+    table.add(
+        "  peak RSS of that process (VmHWM)",
+        f"{rss_fleet['after']['VmHWM'] / 2**20:,.1f} MB",
+        f"{rss_small['after']['VmHWM'] / 2**20:,.1f} MB",
+    )
     table.add("peak RSS of this process after the full loads", f"{rss_after_full / 2**20:,.0f} MB")
     table.note(
         f"medians of {args.repeat} full loads (each a fresh engine: empty mirror, new "
         f"SQLite), {args.incremental} incremental syncs, {len(naive)} naive reloads."
     )
     table.note(
-        "safe_load = yaml.safe_load (pure-Python SafeLoader); CSafeLoader = libyaml, "
+        f"speed targets judge the {args.judge} time; the incremental sync waits for the "
+        "previous commit's keep (GitSource.keep) before it starts."
+    )
+    table.note(
+        "safe_load = yaml.safe_load (pure-Python SafeLoader; beyond 2,000 files timed on "
+        "2,000 and scaled); CSafeLoader = libyaml, "
         "plain types, no positions, no validation."
     )
     table.note(
@@ -331,7 +493,7 @@ async def run(args: argparse.Namespace) -> Table:
     return table
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--full", action="store_true", help="1,000 environment files")
     parser.add_argument("--environments", type=int, help="files (default 200, --full 1000)")
@@ -339,12 +501,20 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="full loads (fresh engines)")
     parser.add_argument("--incremental", type=int, default=20, help="incremental syncs")
     parser.add_argument("--naive", type=int, default=3, help="naive full reloads")
+    parser.add_argument(
+        "--judge",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="which time the speed targets judge: wall (default), or CPU time (this process "
+        "+ its git children), steadier on a machine that others load",
+    )
     args = parser.parse_args()
     args.environments = args.environments or (1000 if args.full else 200)
     say(f"bench_load: {args.environments} files x {args.services} services; {machine()}")
     table = asyncio.run(run(args))
     table.print()
+    return exit_status(table)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -242,7 +242,8 @@ def _cycles(graph: dict[str, list[str]]) -> list[list[str]]:
     result: list[list[str]] = []
     counter = 0
     for start in graph:
-        if start in index:
+        # A node without edges is a component of its own: never a cycle's start.
+        if start in index or not graph[start]:
             continue
         work: list[tuple[str, int]] = [(start, 0)]
         while work:
@@ -309,7 +310,8 @@ def assemble(
     A failing file (or a failed cross-file check) removes only its own environment.
     """
     files = sorted(parsed, key=lambda p: p.path)
-    errors_by_file: dict[str, list[FileError]] = {p.path: list(p.errors) for p in files}
+    # Only the files with errors: an incremental sync assembles 10,000 files for one change.
+    errors_by_file: dict[str, list[FileError]] = {p.path: list(p.errors) for p in files if p.errors}
     first_file: dict[str, str] = {}
     declared: set[str] = set()
     ambiguous: set[str] = set()
@@ -317,7 +319,7 @@ def assemble(
 
     def fail(p: ParsedFile, key: str, path: str, message: str) -> None:
         line, col = p.position_of(key)
-        errors_by_file[p.path].append(FileError(p.path, line, col, path, message))
+        errors_by_file.setdefault(p.path, []).append(FileError(p.path, line, col, path, message))
 
     for p in files:
         name = p.env_name if p.environment is None else p.environment.environment
@@ -378,7 +380,8 @@ def assemble(
     broken: dict[str, list[FileError]] = {}
     all_errors: list[FileError] = []
     for p in files:
-        errs = sorted(errors_by_file[p.path], key=FileError.sort_key)
+        found = errors_by_file.get(p.path)
+        errs = sorted(found, key=FileError.sort_key) if found else []
         name = p.env_name if p.environment is None else p.environment.environment
         if errs:
             broken[p.path] = errs

@@ -11,6 +11,7 @@ mapped back to ``line:col`` with :func:`locate`.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -35,6 +36,8 @@ _NULL_TAG = "tag:yaml.org,2002:null"
 _NULLS = frozenset(("", "~", "null", "Null", "NULL"))
 _MERGE = "<<"
 _IN_PROGRESS = object()
+_intern = sys.intern
+_INTERN_MAX = 64  # versions, names, small params: the values that repeat across files
 # Values that aliases may add to a document, all uses together: far beyond any real file.
 _ALIAS_BUDGET = 100_000
 
@@ -223,7 +226,9 @@ class _Converter:
             if key_node.__class__ is not ScalarNode:
                 self.error(key_node, path, f"a key must be text, not {_kind(key_node)}")
                 continue
-            key: str = key_node.value
+            # Interned: a fleet's files repeat the same keys (and values) thousands of times,
+            # and the desired state is kept in memory for as long as it is in force.
+            key: str = _intern(key_node.value)
             if key in result:
                 first = _first_key_line(node, key)
                 self.error(key_node, (*path, key), f"duplicate key '{key}' (first at line {first})")
@@ -236,6 +241,8 @@ class _Converter:
                 value = value_node.value
                 if value in _NULLS or value_node.tag is not _IMPLICIT:
                     value = _scalar(value_node)
+                elif len(value) <= _INTERN_MAX:
+                    value = _intern(value)
                 result[key] = value
             else:
                 result[key] = self.convert(value_node, (*path, key))

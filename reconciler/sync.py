@@ -109,6 +109,27 @@ class _Prepared:
         return "errors" if self.desired.errors else "ok"
 
 
+def _differ(a: EnvironmentSpec | None, b: EnvironmentSpec | None) -> bool:
+    """The same object first: a file that did not change keeps its spec, and comparing
+    10,000 specs field by field took a fifth of an incremental sync at that size."""
+    return a is not b and a != b
+
+
+def release_free_memory() -> None:
+    """Hand the heap a full load freed back to the system (glibc's ``malloc_trim``).
+
+    A full load's temporaries (every file's bytes, YAML nodes, dumped specs) are freed,
+    but glibc keeps the pages: at 1,000 x 20 this returns 2-4 MB of the daemon's RSS, for
+    about a millisecond, once per full load. Elsewhere (musl, macOS) it does nothing."""
+    import ctypes  # here: only a full load needs it (the CLI's start-up does not)
+
+    try:
+        trim = ctypes.CDLL(None).malloc_trim  # the process's own libc
+    except (OSError, AttributeError):
+        return
+    trim(0)
+
+
 def _meta(info: CommitInfo) -> CommitMeta:
     return CommitMeta(sha=info.sha, author=info.author, time=info.authored_at, subject=info.subject)
 
@@ -184,24 +205,26 @@ class SyncPipeline:
 
     async def _sync(self, trigger: str) -> tuple[SyncOutcome, list[str]]:
         seen = self.clock()
-        try:
-            head = await asyncio.to_thread(self.source.fetch)
-        except SourceError as exc:
-            return await self._fetch_failed(trigger, seen, str(exc)), []
         current = self.snapshot
         old = current.commit.sha if current.commit else None
-        if head == old and trigger in ("poll", "watch", "webhook") and current.refusal is None:
+        # Fetching, reading, parsing and recording in one trip off the loop: each trip costs
+        # two thread wake-ups, milliseconds on a busy machine, on every commit's way.
+        passed = await asyncio.to_thread(self._pass, trigger, seen, old, current.refusal)
+        if isinstance(passed, SourceError):
+            return await self._fetch_failed(trigger, seen, str(passed)), []
+        head, step, sync_id = passed
+        if step is None:
             self._last_error = None
             return SyncOutcome(current.sync_id, head, "unchanged"), []
-        # Reading and parsing in one trip off the loop; nothing is applied yet.
-        step = await asyncio.to_thread(self._prepare, old, head)
         if step.refusal is not None:
             return await self._refuse(trigger, seen, head, step.refusal)
+        assert sync_id is not None
         self._last_error = None
-        sync_id = await asyncio.to_thread(self._record, trigger, seen, step)
         self.snapshot = Snapshot(
             step.meta, sync_id, step.parsed, step.desired, step.effective, step.invalid
         )
+        if step.full:
+            release_free_memory()
         log.info(
             "event=sync trigger=%s commit=%s result=%s changed=%s errors=%d full=%s%s",
             trigger,
@@ -232,6 +255,23 @@ class SyncPipeline:
         message = f"refused {head[:12]}: {verdict.reason} (repository.allowed_signers)"
         return Refusal(message, applied, verdict.signer), verdict.signer
 
+    def _pass(
+        self, trigger: str, seen: datetime, old: str | None, refused: str | None
+    ) -> tuple[str, _Prepared | None, int | None] | SourceError:
+        """Blocking: fetch; unless the head is unchanged (and not refused), read it, and
+        unless it is refused, record the sync. A failed fetch is returned (recorded on the
+        loop, once)."""
+        try:
+            head = self.source.fetch()
+        except SourceError as exc:
+            return exc
+        if head == old and trigger in ("poll", "watch", "webhook") and refused is None:
+            return head, None, None
+        step = self._prepare(old, head)
+        if step.refusal is not None:
+            return head, step, None
+        return head, step, self._record(trigger, seen, step)
+
     def _prepare(self, old: str | None, head: str) -> _Prepared:
         """Load what changed since `old`, parse it, and work out the new desired state."""
         # After a restart: compare with the last commit the ledger says was applied.
@@ -258,7 +298,7 @@ class SyncPipeline:
 
     def _read(self, head: str, changes: Changes) -> _Prepared:
         """Parse what changed and work out the desired state it makes (nothing recorded)."""
-        meta = _meta(self.source.commit_info(head))
+        meta = _meta(changes.commit or self.source.commit_info(head))
         parsed = {} if changes.full else dict(self.snapshot.parsed)
         for path in changes.deleted:
             parsed.pop(path, None)
@@ -269,7 +309,7 @@ class SyncPipeline:
         changed = sorted(
             env
             for env in set(effective) | set(before_effective) | set(invalid) | set(before_invalid)
-            if effective.get(env) != before_effective.get(env)
+            if _differ(effective.get(env), before_effective.get(env))
             or invalid.get(env) != before_invalid.get(env)
         )
         return _Prepared(
@@ -282,7 +322,7 @@ class SyncPipeline:
             trigger=trigger, seen_at=seen, commit=step.meta, signer=step.signer
         )
         self._save_states(step.desired, step.meta.sha)
-        saved = set(self.store.environment_states()) if step.full else set(self.snapshot.effective)
+        saved = self.store.environment_state_names() if step.full else set(self.snapshot.effective)
         self.store.forget_environment_states(saved - set(step.effective))
         self.store.finish_sync(
             sync_id,
@@ -407,13 +447,14 @@ class SyncPipeline:
         return effective, invalid
 
     def _save_states(self, desired: DesiredState, commit: str) -> None:
-        changed = [
+        # Dumped as the store consumes them (a batch at a time), not the whole fleet at once.
+        before = self.snapshot.effective
+        changed = (
             (env, spec.model_dump(mode="json"), desired.sources[env])
             for env, spec in desired.environments.items()
-            if self.snapshot.effective.get(env) != spec
-        ]
-        if changed:
-            self.store.save_environment_states(changed, commit=commit, at=self.clock())
+            if _differ(before.get(env), spec)
+        )
+        self.store.save_environment_states(changed, commit=commit, at=self.clock())
 
     async def load_at_last_sync(self) -> None:
         """The desired state of the last synced commit, from the local clone (for `status`),

@@ -290,3 +290,52 @@ def test_large_repository_loads_every_environment(tmp_path):
     assert len(state.environments) == 200
     assert state.errors == []
     assert list(state.environments["env-7"].services)[:3] == ["svc-0", "svc-1", "svc-2"]
+
+
+# --- what a loaded fleet keeps in memory ----------------------------------------------------
+
+
+def fleet_text(i, version="1.0", replicas="3"):
+    return (
+        f"environment: env{i}\nprovider: local\nservices:\n"
+        f'  api:\n    version: "{version}"\n    params: {{replicas: "{replicas}", tier: web}}\n'
+        f'  worker:\n    version: "{version}"\n'
+    )
+
+
+def test_a_loaded_desired_state_keeps_no_yaml_nodes():
+    import gc
+
+    from yaml.nodes import Node
+
+    state = load_files([(f"env{i}.yaml", fleet_text(i)) for i in range(20)])
+    assert len(state.environments) == 20
+    gc.collect()
+    kept = [o for o in gc.get_objects() if isinstance(o, Node)]
+    assert kept == [], f"{len(kept)} YAML nodes alive after the load"
+
+
+def test_equal_services_are_one_object_and_text_is_interned():
+    files = [(f"env{i}.yaml", fleet_text(i)) for i in range(4)]
+    files.append(("env9.yaml", fleet_text(9, replicas="5")))
+    envs = load_files(files).environments
+    first, other = envs["env0"].services, envs["env3"].services
+    assert first["api"] is other["api"] and first["worker"] is other["worker"]
+    assert envs["env9"].services["api"] is not first["api"]  # other params: its own
+    assert envs["env9"].services["api"].params == {"replicas": "5", "tier": "web"}
+    assert envs["env9"].services["worker"] is first["worker"]
+    # Keys and short values of different files are the same string objects.
+    (k0,) = [k for k in envs["env0"].services if k == "api"]
+    (k9,) = [k for k in envs["env9"].services if k == "api"]
+    assert k0 is k9
+    assert envs["env0"].services["api"].version is envs["env9"].services["api"].version
+
+
+def test_an_invalid_service_is_not_shared_and_keeps_its_position():
+    bad = 'environment: bad\nprovider: local\nservices:\n  api:\n    version: "1.0"\n    nope: 1\n'
+    for _ in range(2):  # the second read reports the same error at the same place
+        state = load_files([("bad.yaml", bad), ("env0.yaml", fleet_text(0))])
+        assert [str(e) for e in state.errors] == [
+            "bad.yaml:6:5: services.api.nope: unknown key 'nope'"
+        ]
+        assert "env0" in state.environments

@@ -242,6 +242,97 @@ def test_commit_info(tmp_path: Path) -> None:
     src.close()
 
 
+def test_a_remote_poll_that_finds_the_same_head_only_asks_ls_remote(
+    work: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = source(work, tmp_path)
+    monkeypatch.setattr(src, "is_local", lambda: False)  # fetched as a remote one is
+    first = src.fetch()
+    ran: list[str] = []
+    real_popen = subprocess.Popen
+
+    def popen(cmd: list[str], *args: object, **kwargs: object) -> subprocess.Popen[bytes]:
+        if cmd[0] == "git" and cmd[1].startswith("--git-dir="):
+            ran.append(next(a for a in cmd[1:] if not a.startswith("-")))
+        return real_popen(cmd, *args, **kwargs)  # type: ignore[call-overload,no-any-return]
+
+    monkeypatch.setattr(subprocess, "Popen", popen)
+    assert src.fetch() == first
+    assert ran == ["ls-remote"]
+    ran.clear()
+    new = commit(work, "next", {"envs/prod.yaml": "environment: prod\n"})
+    assert src.fetch() == new
+    assert ran == ["ls-remote", "fetch"]
+    src.close()
+
+
+def test_loads_read_the_commit_as_gitpython_does(tmp_path: Path) -> None:
+    """The commit read along with the files (one cat-file batch) says what commit_info
+    (GitPython) says; a message in another encoding is decoded by its `encoding` header
+    (GitPython shows U+FFFD there)."""
+    repo = init_repo(tmp_path / "r")
+    git(repo, "config", "i18n.commitEncoding", "ISO-8859-1")
+    shas = [commit(repo, "first", {"envs/a.yaml": "a\n"})]
+    name = {"GIT_AUTHOR_NAME": "Zoë Ångström", "GIT_AUTHOR_EMAIL": "zoe@example.com"}
+    write(repo, {"envs/a.yaml": "a2\n"})
+    git(repo, "add", "-A")
+    message = "Déployer api 1.4.2\n\nLonger body.\n"
+    subprocess.run(
+        ["git", "commit", "-q", "-F", "-"],
+        cwd=repo,
+        env={**GIT_ENV, **name, "GIT_AUTHOR_DATE": "2026-01-02T03:04:05-07:00"},
+        input=message.encode("latin-1"),
+        check=True,
+    )
+    shas.append(git(repo, "rev-parse", "HEAD"))
+    src = source(repo, tmp_path)
+    assert src.fetch() == shas[-1]
+    full = src.load(None, shas[0])
+    incremental = src.load(shas[0], shas[1])
+    assert not incremental.full and incremental.files == {"a.yaml": b"a2\n"}
+    assert full.commit == src.commit_info(shas[0])
+    assert incremental.commit is not None
+    gitpython = src.commit_info(shas[1])
+    assert incremental.commit.author == gitpython.author == "Zoë Ångström <zoe@example.com>"
+    assert incremental.commit.authored_at == gitpython.authored_at
+    assert incremental.commit.authored_at == datetime(2026, 1, 2, 10, 4, 5, tzinfo=UTC)
+    assert incremental.commit.subject == "Déployer api 1.4.2"
+    src.close()
+
+
+def test_incremental_load_runs_two_git_processes(
+    work: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """diff-tree and one cat-file batch (blobs + the commit): no merge-base when the old
+    commit is a parent of the new one, which is what a commit or a one-commit push makes.
+    A rewrite (old no longer an ancestor) still asks merge-base, and loads everything."""
+    src = source(work, tmp_path)
+    old = src.fetch()
+    src.load(None, old)
+    new = commit(work, "next", {"envs/prod.yaml": "environment: prod\n"})
+    assert src.fetch() == new
+    ran: list[str] = []
+    real_popen = subprocess.Popen
+
+    def popen(cmd: list[str], *args: object, **kwargs: object) -> subprocess.Popen[bytes]:
+        if cmd[0] == "git" and cmd[1].startswith("--git-dir="):  # the source's, not ours
+            ran.append(next(a for a in cmd[1:] if not a.startswith("-")))
+        return real_popen(cmd, *args, **kwargs)  # type: ignore[call-overload,no-any-return]
+
+    monkeypatch.setattr(subprocess, "Popen", popen)
+    changes = src.load(old, new)
+    assert ran == ["diff-tree", "cat-file"]
+    assert not changes.full and set(changes.files) == {"prod.yaml"}
+    assert changes.commit is not None and changes.commit.subject == "next"
+    git(work, "commit", "-q", "--amend", "-m", "rewritten")
+    rewritten = src.fetch()
+    ran.clear()
+    changes = src.load(new, rewritten)
+    assert changes.full and changes.reason is not None
+    assert ran[:3] == ["diff-tree", "cat-file", "merge-base"]
+    src.close()
+
+
 def test_full_load_reads_only_env_files_under_path(work: Path, tmp_path: Path) -> None:
     os.symlink("staging.yaml", work / "envs" / "link.yaml")
     sha = commit(work, "symlink")
@@ -490,6 +581,24 @@ def test_watch_yields_after_commit_in_work_tree(work: Path, backend: str) -> Non
         async with Watch(work / ".git", backend=backend) as watch:
             sha = await asyncio.to_thread(commit, work, "watched", {"envs/a.yaml": "a\n"})
             await watch.until_head("refs/heads/main", sha)
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("branch", ["main", "team/feature"])
+def test_inotify_watch_yields_for_a_commit_without_waiting_for_quiet(
+    work: Path, branch: str
+) -> None:
+    """The branch ref renamed into place is final: the yield does not wait for the burst's
+    quiet time (here a minute, far beyond WAIT), which a pack-refs still gets."""
+    if branch != "main":
+        git(work, "checkout", "-q", "-b", branch)
+
+    async def main() -> None:
+        async with Watch(work / ".git", branch, debounce_ms=60_000, backend="inotify") as watch:
+            for i in range(3):
+                sha = await asyncio.to_thread(commit, work, f"c{i}", {"envs/a.yaml": f"{i}\n"})
+                assert await watch.until_head(f"refs/heads/{branch}", sha) == 1
 
     asyncio.run(main())
 

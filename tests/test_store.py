@@ -574,3 +574,19 @@ def test_environment_states_saved_in_one_batch_insert_and_update(store: Store) -
     )
     assert (states["b"].commit, states["b"].updated_at) == ("c1", T0)
     store.save_environment_states([], commit="c3", at=T0)  # nothing to save: no error
+
+
+def test_environment_states_are_saved_from_a_generator_in_batches(store: Store) -> None:
+    """A fleet's specs are dumped as the store takes them (2.5 batches here), in one call;
+    the names read back alone."""
+    from reconciler.store.environments import SAVE_BATCH
+
+    total = SAVE_BATCH * 5 // 2
+
+    def states():
+        for i in range(total):
+            yield (f"e{i}", {"environment": f"e{i}"}, f"e{i}.yaml")
+
+    store.save_environment_states(states(), commit="c1", at=T0)
+    assert store.environment_state_names() == {f"e{i}" for i in range(total)}
+    assert store.environment_states()["e7"].spec == {"environment": "e7"}

@@ -1,15 +1,17 @@
 """Reading environment files out of a repository by commit id, without a checkout.
 
 A :class:`TreeReader` lists the files of a commit (or only those that changed between two
-commits) with ``ls-tree`` / ``diff-tree`` and reads all their blobs with one
-``git cat-file --batch``.
+commits) with ``ls-tree`` / ``diff-tree`` and reads all their blobs, and the commit itself
+(its author, subject and parents), with one ``git cat-file --batch``: an incremental load is
+two git processes, a full one two or three (each costs a few ms of CPU, on every commit).
 """
 
 from __future__ import annotations
 
 import posixpath
+import re
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 
 from reconciler.source.gitcmd import GitFailed, GitRunner, SourceError
 
@@ -38,6 +40,45 @@ class Changes:
     reason: str | None = None  # why a full load was forced by a rewrite; None otherwise
     files: dict[str, bytes] = field(default_factory=dict)  # relpath (posix, under `path`)
     deleted: frozenset[str] = frozenset()
+    # The new commit, read along with the files (not part of what changed: not compared).
+    commit: CommitInfo | None = field(default=None, compare=False)
+
+
+# "Name <email> 1700000000 +0100" (git's ident line); the name/email split as GitPython's.
+_IDENT = re.compile(rb"(.*) (\d+) ([+-]\d{4})")
+_NAME_EMAIL = re.compile(r"(.*) <(.*?)>")
+
+
+def parse_commit(sha: str, data: bytes) -> tuple[CommitInfo, list[str]]:
+    """A commit object's author, date and subject, and its parents (raw ``cat-file`` bytes)."""
+    header, _, message = data.partition(b"\n\n")
+    parents: list[str] = []
+    author = b""
+    encoding = "utf-8"
+    for line in header.split(b"\n"):
+        if line.startswith(b"parent "):
+            parents.append(line[7:].decode("ascii"))
+        elif line.startswith(b"author "):
+            author = line[7:]
+        elif line.startswith(b"encoding "):
+            encoding = line[9:].decode("ascii", "replace")
+    try:
+        text = message.decode(encoding, "replace")
+    except LookupError:  # an encoding Python does not know
+        text = message.decode("utf-8", "replace")
+    ident = _IDENT.fullmatch(author)
+    # The ident in UTF-8 whatever the message's encoding (what git writes, GitPython reads).
+    who = (ident.group(1) if ident else author).decode("utf-8", "replace")
+    stamp = int(ident.group(2)) if ident else 0
+    name_email = _NAME_EMAIL.fullmatch(who)
+    name, email = name_email.groups() if name_email else (who, "")
+    info = CommitInfo(
+        sha=sha,
+        author=f"{name} <{email}>",
+        authored_at=datetime.fromtimestamp(stamp, tz=UTC),
+        subject=text.split("\n", 1)[0],
+    )
+    return info, parents
 
 
 def is_env_file(relpath: str) -> bool:
@@ -58,11 +99,14 @@ def normalise_path(path: str) -> str:
     return cleaned
 
 
-def parse_cat_file_batch(out: bytes, count: int) -> list[bytes | None]:
-    """Split ``git cat-file --batch`` output for ``count`` requests, in order."""
+def parse_cat_file_batch(
+    out: bytes, count: int, kinds: tuple[bytes, ...] | None = None
+) -> list[bytes | None]:
+    """Split ``git cat-file --batch`` output for ``count`` requests, in order; an object
+    not of its expected kind (``kinds``, else blobs) is None."""
     result: list[bytes | None] = []
     pos = 0
-    for _ in range(count):
+    for i in range(count):
         eol = out.index(b"\n", pos)
         header = out[pos:eol].split(b" ")
         pos = eol + 1
@@ -70,7 +114,8 @@ def parse_cat_file_batch(out: bytes, count: int) -> list[bytes | None]:
             result.append(None)
             continue
         size = int(header[2])
-        result.append(out[pos : pos + size] if header[1] == b"blob" else None)
+        kind = kinds[i] if kinds is not None else b"blob"
+        result.append(out[pos : pos + size] if header[1] == kind else None)
         pos += size + 1
     return result
 
@@ -98,10 +143,11 @@ class TreeReader:
             return Changes(full=False)
         if old is None:
             return self._full_load(new, reason=None)
-        if not self.is_ancestor(old, new):
-            reason = f"history rewritten: {old[:7]} is not an ancestor of {new[:7]}"
-            return self._full_load(new, reason=reason)
         return self._incremental_load(old, new)
+
+    def _rewritten(self, old: str, new: str) -> Changes:
+        reason = f"history rewritten: {old[:7]} is not an ancestor of {new[:7]}"
+        return self._full_load(new, reason=reason)
 
     def _rel(self, repo_path: str) -> str | None:
         """The path relative to the configured folder, or None if it lies outside it."""
@@ -111,15 +157,16 @@ class TreeReader:
         return repo_path[len(prefix) :] if repo_path.startswith(prefix) else None
 
     def _full_load(self, new: str, reason: str | None) -> Changes:
-        self._verify_commit(new)
         tree = f"{new}:{self.path}" if self.path else f"{new}^{{tree}}"
         try:
             out = self.git.run(["ls-tree", "-r", "-z", "--full-tree", tree])
         except GitFailed as exc:
             if exc.timed_out:
                 raise self.git.error(f"cannot list {new[:12]}", exc) from None
+            self._verify_commit(new)  # raises for an unknown commit
             # The commit exists, so the folder does not (or is a file): no environments.
-            return Changes(full=True, reason=reason)
+            files, commit, _parents = self._read_objects(new, {})
+            return Changes(full=True, reason=reason, commit=commit)
         wanted: dict[str, str] = {}
         for entry in out.split(b"\0"):
             if not entry:
@@ -129,15 +176,20 @@ class TreeReader:
             relpath = name.decode("utf-8", "surrogateescape")
             if kind == "blob" and mode in REGULAR_MODES and is_env_file(relpath):
                 wanted[relpath] = sha
-        return Changes(full=True, reason=reason, files=self._read_blobs(wanted))
+        files, commit, _parents = self._read_objects(new, wanted)
+        return Changes(full=True, reason=reason, files=files, commit=commit)
 
     def _incremental_load(self, old: str, new: str) -> Changes:
+        """diff-tree, then the changed blobs and the commit in one batch. The usual case,
+        ``old`` the new commit's parent, needs no ``merge-base`` to know it is no rewrite."""
         args = ["diff-tree", "-r", "-z", "--no-renames", "--no-commit-id", old, new]
         if self.path:
             args += ["--", f":(literal){self.path}"]
         try:
             out = self.git.run(args)
         except GitFailed as exc:
+            if not exc.timed_out and not self.is_ancestor(old, new):
+                return self._rewritten(old, new)  # e.g. `old` is gone (gc after a force push)
             raise self.git.error(f"cannot diff {old[:12]}..{new[:12]}", exc) from None
         fields = out.split(b"\0")
         wanted: dict[str, str] = {}
@@ -154,7 +206,10 @@ class TreeReader:
                 wanted[relpath] = new_sha
             elif old_mode in REGULAR_MODES:  # deleted, or now a symlink / submodule
                 deleted.add(relpath)
-        return Changes(full=False, files=self._read_blobs(wanted), deleted=frozenset(deleted))
+        files, commit, parents = self._read_objects(new, wanted)
+        if old not in parents and not self.is_ancestor(old, new):
+            return self._rewritten(old, new)
+        return Changes(full=False, files=files, deleted=frozenset(deleted), commit=commit)
 
     def _verify_commit(self, sha: str) -> None:
         try:
@@ -164,22 +219,28 @@ class TreeReader:
                 raise self.git.error(f"cannot read {sha[:12]}", exc) from None
             raise SourceError(f"unknown commit {sha[:12]}") from None
 
-    def _read_blobs(self, wanted: dict[str, str]) -> dict[str, bytes]:
-        """Read the blobs ``relpath -> sha`` with one ``git cat-file --batch``."""
-        if not wanted:
-            return {}
+    def _read_objects(
+        self, commit: str, wanted: dict[str, str]
+    ) -> tuple[dict[str, bytes], CommitInfo, list[str]]:
+        """The commit ``commit`` (its info and parents) and the blobs ``relpath -> sha``,
+        with one ``git cat-file --batch``."""
         shas = sorted(set(wanted.values()))
         try:
             out = self.git.run(
-                ["cat-file", "--batch"], input="".join(s + "\n" for s in shas).encode()
+                ["cat-file", "--batch"],
+                input="".join(s + "\n" for s in [commit, *shas]).encode(),
             )
         except GitFailed as exc:
             raise self.git.error("cannot read files", exc) from None
-        blobs = dict(zip(shas, parse_cat_file_batch(out, len(shas)), strict=True))
+        read = parse_cat_file_batch(out, len(shas) + 1, kinds=(b"commit",) + (b"blob",) * len(shas))
+        if read[0] is None:
+            raise SourceError(f"unknown commit {commit[:12]}")
+        info, parents = parse_commit(commit, read[0])
+        blobs = dict(zip(shas, read[1:], strict=True))
         result: dict[str, bytes] = {}
         for relpath, sha in sorted(wanted.items()):
             data = blobs[sha]
             if data is None:
                 raise SourceError(f"cannot read {relpath}: object {sha[:12]} is missing")
             result[relpath] = data
-        return result
+        return result, info, parents

@@ -92,6 +92,11 @@ class _RefWatches:
         self.dirs = {*self.chain, self.reftable}
         self.wake = wake
         self.changed = False
+        # The branch's loose ref renamed into place (git's lock + rename): a complete new
+        # value, which no later event of the same burst changes; no need to wait for quiet.
+        self.settled = False
+        self.ref_name = branch.split("/")[-1]
+        self.ref_dir = git_dir.joinpath("refs", "heads", *branch.split("/")[:-1])
         self.error: OSError | None = None
         self.inotify = Inotify(cache_size=64)
         self.root: Watch | None = None
@@ -120,6 +125,11 @@ class _RefWatches:
             raise self.error
         changed, self.changed = self.changed, False
         return changed
+
+    def take_settled(self) -> bool:
+        """Whether the last change was the branch ref renamed into place (see settled)."""
+        settled, self.settled = self.settled, False
+        return settled
 
     # -- inside the event loop's reader callback --
 
@@ -160,6 +170,11 @@ class _RefWatches:
         path = watch.path / name
         if self.accept(str(path)):
             self.changed = True
+            # Only the rename of the ref itself is final; packed-refs, a deletion or a
+            # write in place may be followed by more of the same burst.
+            self.settled = (
+                Mask.MOVED_TO in mask and watch.path == self.ref_dir and str(name) == self.ref_name
+            )
         if Mask.ISDIR in mask and path in self.dirs:
             self.rearm()
 
@@ -244,6 +259,10 @@ class _NotifyWatches:
         changed, self.changed = self.changed, False
         return changed
 
+    def take_settled(self) -> bool:
+        """Never: watchfiles gives no event kinds to tell a finished ref update by."""
+        return False
+
     def _run(self, notify: RustNotify) -> None:
         try:
             while not self.halt.is_set():
@@ -301,7 +320,9 @@ async def watch_refs(
     ``HEAD`` (and ``reftable/``); lock files, objects and logs are ignored.  A yield means
     "re-read the head", never anything more.  After the first relevant event it waits for
     ``debounce_ms`` of quiet (at most 4 × ``debounce_ms`` in all), so that one commit or
-    ``git pack-refs`` gives one yield.
+    ``git pack-refs`` gives one yield; except that with inotify, the branch's loose ref
+    renamed into place (how git writes a commit or a push) yields at once: that value is
+    final, and waiting would add ``debounce_ms`` to every commit's way to its deployment.
 
     ``backend``: ``"inotify"`` (Linux: watches read on the event loop with
     ``asyncinotify``, so an idle watch costs no CPU and no wake-ups), ``"watchfiles"``
@@ -344,6 +365,9 @@ async def watch_refs(
             if stop is not None and stop.is_set():
                 return
             if not watches.take():
+                continue
+            if watches.take_settled():
+                yield None
                 continue
             give_up = loop.time() + 4 * quiet
             while (left := min(quiet, give_up - loop.time())) > 0:
