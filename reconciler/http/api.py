@@ -12,7 +12,7 @@ import re
 from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import UTC, datetime
 from functools import partial
 from typing import Any, Literal, TypeVar
 from urllib.parse import urlencode
@@ -456,13 +456,24 @@ async def sync(request: Request) -> Response:
         if not req.environment:
             return error(400, "bad body: service needs environment")
         try:
-            await c.control.retry(req.environment, req.service)
+            await c.control.retry(req.environment, req.service, origin=_origin(request))
         except KeyError:
             return error(404, f"no service {req.service} in environment {req.environment}")
     elif req.environment is not None and c.control.is_ready():
         _, decisions = await c.control.status(req.environment)
         if not decisions:
             return error(404, f"no environment {req.environment}")
+    if req.service is None and c.control.is_ready():  # a forced sync: in the audit ledger
+        await asyncio.to_thread(
+            c.control.store.record_operator_action,
+            environment=req.environment or "*",
+            service=None,
+            action="sync",
+            actor=c.control.config.server.token_holder,
+            note=None,
+            at=datetime.now(UTC),
+            origin=_origin(request),
+        )
     c.control.request_sync("manual")
     log.info(
         "event=http_sync environment=%s service=%s client=%s",
@@ -478,7 +489,7 @@ async def _act(request: Request, action: DeployAction | RollbackAction | Suspend
     c = ctx(request)
     holder = c.control.config.server.token_holder
     try:
-        accepted = await c.control.act(action, holder)
+        accepted = await c.control.act(action, holder, origin=_origin(request))
     except Refused as exc:
         return error(exc.status, str(exc))
     log.info(
@@ -544,6 +555,11 @@ ENV_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 
 def _client(request: Request) -> str:
     return request.client.host if request.client else "-"
+
+
+def _origin(request: Request) -> str:
+    """Where an operator action came from, as the audit ledger records it."""
+    return f"http {_client(request)}"
 
 
 async def git_hook(request: Request) -> Response:

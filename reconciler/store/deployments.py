@@ -27,7 +27,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 
 from desired_state import one_line
-from reconciler.store import rows
+from reconciler.store import chain, rows
 from reconciler.store.models import Deployment, DeploymentEvent, DeploymentLog
 from reconciler.store.records import (
     ACTIVE_STATUSES,
@@ -235,6 +235,8 @@ class DeploymentQueries:
             )
         )
         refresh_service_state(conn, current.environment, current.service)
+        if status in TERMINAL_STATUSES:
+            chain.record_deployment(conn, deployment_id)  # the audit ledger, same transaction
         return _deployment(conn.execute(select(_D).where(_D.c.id == deployment_id)).one())
 
     def add_event(

@@ -224,6 +224,9 @@ class OperatorAction(Base):
     action: Mapped[str] = mapped_column(String(16))
     actor: Mapped[str] = mapped_column(String(255))
     note: Mapped[str | None] = mapped_column(Text)
+    #: From where it was asked: the control socket's peer process, the HTTP client address
+    #: (migration 0007; None on rows recorded before).
+    origin: Mapped[str | None] = mapped_column(String(255))
 
     __table_args__ = (Index("ix_operator_actions_environment_id", "environment", "id"),)
 
@@ -340,3 +343,21 @@ class DaemonHolder(Base):
     pid: Mapped[int] = mapped_column(Integer)
     state_dir: Mapped[str] = mapped_column(Text)
     since: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class AuditEntry(Base):
+    """One link of the tamper-evident ledger (`chain.py`): a fact as canonical JSON, the
+    previous entry's hash and its own SHA-256 over both. Appended, never changed."""
+
+    __tablename__ = "audit_ledger"
+
+    seq: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=False)
+    kind: Mapped[str] = mapped_column(String(16))
+    ref: Mapped[int | None] = mapped_column(BigId)
+    at: Mapped[datetime] = mapped_column(UTCDateTime())
+    payload: Mapped[str] = mapped_column(Text)
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64))
+
+    # verify's cross-check reads each kind's entries in source-row order.
+    __table_args__ = (Index("ix_audit_ledger_kind_ref_seq", "kind", "ref", "seq"),)

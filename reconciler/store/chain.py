@@ -1,0 +1,261 @@
+"""The audit ledger's hash chain: canonical entries, appending, the head, the backfill.
+
+Each fact (a finished sync, a deployment once terminal and again at ``failed`` →
+``rolled_back``, an operator action, a retention checkpoint) becomes one `audit_ledger`
+row, appended by the query that records the fact, in its transaction. The entry's
+``payload`` is the source row as canonical JSON (sorted keys, no spaces, times in
+microseconds UTC); a deployment's also carries the count and SHA-256 of its progress
+events and of its log, so that editing either shows. ``hash`` is SHA-256 over the entry's
+own canonical JSON, which holds the previous entry's hash: changing, inserting or
+removing one entry breaks every link after it (`verify.py` walks them).
+
+Appends are serialised so the chain never forks: SQLite's writers already hold the write
+lock from BEGIN (``BEGIN IMMEDIATE``), PostgreSQL's take a transaction-level advisory lock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Connection, func, insert, select, text
+
+from reconciler.store.models import (
+    AuditEntry,
+    Base,
+    Deployment,
+    DeploymentEvent,
+    DeploymentLog,
+    OperatorAction,
+    Sync,
+)
+from reconciler.store.records import TERMINAL_STATUSES
+
+FORMAT = 1
+GENESIS_PREV = "0" * 64
+EMPTY_DIGEST = hashlib.sha256(b"").hexdigest()
+#: Key of the PostgreSQL advisory lock serialising appends ("ledger").
+PG_LEDGER_LOCK = 0x6C6564676572
+
+KINDS = ("genesis", "sync", "deployment", "operator_action", "checkpoint")
+
+_T = Base.metadata.tables
+A = _T[AuditEntry.__tablename__]
+S = _T[Sync.__tablename__]
+D = _T[Deployment.__tablename__]
+E = _T[DeploymentEvent.__tablename__]
+L = _T[DeploymentLog.__tablename__]
+OA = _T[OperatorAction.__tablename__]
+
+#: The columns of each source row an entry covers (a deployment's run process is
+#: bookkeeping of crash recovery, not part of its record).
+SYNC_COLUMNS = tuple(c.name for c in S.columns)
+DEPLOYMENT_COLUMNS = tuple(c.name for c in D.columns if c.name not in ("run_pgid", "run_process"))
+OPERATOR_ACTION_COLUMNS = tuple(c.name for c in OA.columns)
+EVENT_COLUMNS = ("id", "status", "message", "percent", "details", "at")
+LOG_COLUMNS = ("id", "stream", "line", "at")
+
+
+@dataclass(frozen=True, slots=True)
+class Head:
+    """The newest entry: what the daemon publishes so that a cut tail shows."""
+
+    seq: int
+    hash: str
+    at: datetime
+
+    def to_json(self) -> dict[str, Any]:
+        return {"seq": self.seq, "hash": self.hash, "at": iso(self.at)}
+
+
+def canonical(value: Any) -> str:
+    return json.dumps(
+        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    )
+
+
+def iso(value: datetime | None) -> str | None:
+    if value is None:
+        return None
+    return value.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+def _plain(value: Any) -> Any:
+    return iso(value) if isinstance(value, datetime) else value
+
+
+def row_json(row: Mapping[Any, Any], columns: Iterable[str]) -> dict[str, Any]:
+    return {name: _plain(row[name]) for name in columns}
+
+
+def entry_hash(seq: int, kind: str, ref: int | None, at: str, payload: str, prev: str) -> str:
+    """SHA-256 of the entry's canonical JSON (keys sorted; the payload is canonical already,
+    so it is spliced in as it is stored: verifying never parses it)."""
+    message = (
+        f'{{"at":"{at}","kind":"{kind}","payload":{payload},"prev":"{prev}",'
+        f'"ref":{"null" if ref is None else int(ref)},"seq":{int(seq)}}}'
+    )
+    return hashlib.sha256(message.encode()).hexdigest()
+
+
+class Digest:
+    """Count and SHA-256 of a deployment's progress events or log lines, in id order."""
+
+    __slots__ = ("_sha", "count")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._sha = hashlib.sha256()
+
+    def add(self, row: Mapping[Any, Any], columns: Iterable[str]) -> None:
+        self.count += 1
+        self._sha.update(canonical([_plain(row[c]) for c in columns]).encode())
+        self._sha.update(b"\n")
+
+    def pair(self) -> list[Any]:
+        return [self.count, self._sha.hexdigest()]
+
+
+def deployment_payload(
+    row: Mapping[Any, Any], events: list[Any] | None, log: list[Any] | None
+) -> str:
+    """A deployment's entry payload: its record, and [count, digest] of events and log."""
+    body = row_json(row, DEPLOYMENT_COLUMNS)
+    body["events"] = events if events is not None else [0, EMPTY_DIGEST]
+    body["log"] = log if log is not None else [0, EMPTY_DIGEST]
+    return canonical(body)
+
+
+def sync_payload(row: Mapping[Any, Any]) -> str:
+    return canonical(row_json(row, SYNC_COLUMNS))
+
+
+def operator_action_payload(row: Mapping[Any, Any]) -> str:
+    return canonical(row_json(row, OPERATOR_ACTION_COLUMNS))
+
+
+def lock(conn: Connection) -> None:
+    """Serialise appends until the transaction ends (SQLite writers hold the lock already)."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": PG_LEDGER_LOCK})
+
+
+def head(conn: Connection) -> Head | None:
+    row = conn.execute(select(A.c.seq, A.c.hash, A.c.at).order_by(A.c.seq.desc()).limit(1)).first()
+    return None if row is None else Head(int(row[0]), str(row[1]), row[2])
+
+
+class Appender:
+    """Entries chained in memory and inserted in batches: one append, a backfill, a bench."""
+
+    def __init__(self, conn: Connection, after: Head | None, batch: int = 2000) -> None:
+        self.conn = conn
+        self.seq = after.seq if after else 0
+        self.prev = after.hash if after else GENESIS_PREV
+        self.batch = batch
+        self._rows: list[dict[str, Any]] = []
+
+    def add(self, kind: str, ref: int | None, payload: str, at: datetime) -> Head:
+        prev = self.prev
+        self.seq += 1
+        self.prev = entry_hash(self.seq, kind, ref, iso(at) or "", payload, prev)
+        self._rows.append(
+            {
+                "seq": self.seq,
+                "kind": kind,
+                "ref": ref,
+                "at": at,
+                "payload": payload,
+                "prev_hash": prev,
+                "hash": self.prev,
+            }
+        )
+        if len(self._rows) >= self.batch:
+            self.flush()
+        return Head(self.seq, self.prev, at)
+
+    def flush(self) -> None:
+        if self._rows:
+            self.conn.execute(insert(A), self._rows)
+            self._rows = []
+
+
+def append(conn: Connection, kind: str, ref: int | None, payload: str) -> Head:
+    """Append one entry after the head, in the caller's transaction."""
+    lock(conn)
+    after = head(conn)
+    now = datetime.now(UTC)
+    chain = Appender(conn, after)
+    if after is None:  # an offline-migrated database: the chain starts here
+        chain.add("genesis", None, canonical({"format": FORMAT, "backfilled": None}), now)
+    entry = chain.add(kind, ref, payload, now)
+    chain.flush()
+    return entry
+
+
+def digest_of(conn: Connection, table: Any, columns: tuple[str, ...], deployment_id: int) -> Digest:
+    digest = Digest()
+    query = (
+        select(*[table.c[c] for c in columns])
+        .where(table.c.deployment_id == deployment_id)
+        .order_by(table.c.id)
+    )
+    for row in conn.execute(query):
+        digest.add(row._mapping, columns)
+    return digest
+
+
+def deployment_entry(conn: Connection, deployment_id: int) -> str:
+    row = conn.execute(select(D).where(D.c.id == deployment_id)).one()
+    events = digest_of(conn, E, EVENT_COLUMNS, deployment_id).pair()
+    log = digest_of(conn, L, LOG_COLUMNS, deployment_id).pair()
+    return deployment_payload(row._mapping, events, log)
+
+
+def record_sync(conn: Connection, sync_id: int) -> Head:
+    row = conn.execute(select(S).where(S.c.id == sync_id)).one()
+    return append(conn, "sync", sync_id, sync_payload(row._mapping))
+
+
+def record_deployment(conn: Connection, deployment_id: int) -> Head:
+    """A deployment that reached a terminal status (or went ``failed`` → ``rolled_back``)."""
+    return append(conn, "deployment", deployment_id, deployment_entry(conn, deployment_id))
+
+
+def record_operator_action(conn: Connection, action_id: int) -> Head:
+    row = conn.execute(select(OA).where(OA.c.id == action_id)).one()
+    return append(conn, "operator_action", action_id, operator_action_payload(row._mapping))
+
+
+def backfill(conn: Connection) -> int:
+    """Chain the rows of a database that had no ledger: a genesis entry with the counts,
+    then every finished sync, terminal deployment and operator action. Returns the
+    entries written (0 when the ledger has begun already)."""
+    lock(conn)
+    if head(conn) is not None:
+        return 0
+    terminal = sorted(TERMINAL_STATUSES)
+    finished_syncs = S.c.result.is_not(None)
+    counts = {
+        "syncs": conn.execute(select(func.count()).where(finished_syncs)).scalar_one(),
+        "deployments": conn.execute(
+            select(func.count()).where(D.c.status.in_(terminal))
+        ).scalar_one(),
+        "operator_actions": conn.execute(select(func.count()).select_from(OA)).scalar_one(),
+    }
+    now = datetime.now(UTC)
+    chain = Appender(conn, None)
+    chain.add("genesis", None, canonical({"format": FORMAT, "backfilled": counts}), now)
+    for row in conn.execute(select(S).where(finished_syncs).order_by(S.c.id)).all():
+        chain.add("sync", row.id, sync_payload(row._mapping), now)
+    ids = conn.execute(select(D.c.id).where(D.c.status.in_(terminal)).order_by(D.c.id))
+    for deployment_id in ids.scalars().all():
+        chain.add("deployment", deployment_id, deployment_entry(conn, deployment_id), now)
+    for row in conn.execute(select(OA).order_by(OA.c.id)).all():
+        chain.add("operator_action", row.id, operator_action_payload(row._mapping), now)
+    chain.flush()
+    return chain.seq
