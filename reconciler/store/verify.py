@@ -191,7 +191,7 @@ def _merge(
     entry = next(entries, _END)
     for row_id, expected in rows:
         while entry[0] < row_id:
-            found.add(entry[1], kind, entry[0], f"its {kind} row is gone — deleted")
+            _gone(found, kind, entry)
             entry = next(entries, _END)
         if entry[0] == row_id:
             if expected != entry[2]:
@@ -200,8 +200,13 @@ def _merge(
         elif expected is not None:
             found.add(None, kind, row_id, "has no ledger entry — inserted outside the reconciler")
     while entry is not _END:
-        found.add(entry[1], kind, entry[0], f"its {kind} row is gone — deleted")
+        _gone(found, kind, entry)
         entry = next(entries, _END)
+
+
+def _gone(found: _Findings, kind: str, entry: tuple[int, int, str]) -> None:
+    problem = f"no {kind} row {entry[0]} — the row was deleted, or the entry inserted"
+    found.add(entry[1], kind, entry[0], problem)
 
 
 def _cross_syncs(conn: Connection, found: _Findings) -> None:
