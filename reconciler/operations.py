@@ -191,16 +191,29 @@ def _retry_request(
 ) -> None:
     """The operator asks to try again a version that gave up (SPEC §4 rule 4)."""
     store.reset_streak(environment, service)
+    _record(store, "retry", environment, service, who, reason, origin)
+
+
+def _record(
+    store: Store,
+    action: str,
+    environment: str,
+    service: str | None,
+    who: str,
+    reason: str | None,
+    origin: str | None,
+) -> None:
+    """Record an operator action (and its audit ledger entry), then log it."""
     store.record_operator_action(
         environment=environment,
         service=service,
-        action="retry",
+        action=action,
         actor=who,
         note=reason,
         at=utcnow(),
         origin=origin,
     )
-    log_action("retry", who, environment, service, reason)
+    log_action(action, who, environment, service, reason)
 
 
 def _forced_sync(
@@ -208,16 +221,7 @@ def _forced_sync(
 ) -> None:
     """An operator forces a sync (of one environment, or "*": all): recorded for the audit
     ledger, like every operator action."""
-    store.record_operator_action(
-        environment=environment or "*",
-        service=None,
-        action="sync",
-        actor=who,
-        note=reason,
-        at=utcnow(),
-        origin=origin,
-    )
-    log_action("sync", who, environment, None, reason)
+    _record(store, "sync", environment or "*", None, who, reason, origin)
 
 
 def log_action(
@@ -505,17 +509,7 @@ def _suspend(
         raise OperationError(
             f"unknown environment '{environment}' (known: {', '.join(sorted(known))})", code=2
         )
-    action = "suspend" if suspended else "resume"
-    store.record_operator_action(
-        environment=environment,
-        service=None,
-        action=action,
-        actor=who,
-        note=reason,
-        at=utcnow(),
-        origin=origin,
-    )
-    log_action(action, who, environment, None, reason)
+    _record(store, "suspend" if suspended else "resume", environment, None, who, reason, origin)
 
 
 async def set_suspended(
