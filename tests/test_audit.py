@@ -421,3 +421,60 @@ def test_daemon_chains_operator_actions_with_the_os_user_and_publishes_the_head(
     assert missing.returncode == 1 and missing.stderr.startswith(
         "reconciler: cannot read the chain head"
     )
+
+
+@pytest.mark.timeout(120)
+def test_daemon_prunes_old_run_detail_with_a_checkpoint(tmp_path: Path):
+    world = World(tmp_path)
+    world.config.write_text(world.config.read_text() + '\n[audit]\nkeep = "30d"\n')
+    world.repo.set_env("staging", {"api": "1.0"})
+    from reconciler.config import load_config
+
+    store = Store.from_url(load_config(world.config, environ={}).database_url)
+    try:
+        old = populate(store, at=T0)  # runs that ended long before the 30 days
+    finally:
+        store.close()
+    daemon = DaemonProcess(world)
+    try:
+        wait_for(lambda: "event=audit_pruned deployments=2" in daemon.log(), what="pruning")
+        assert daemon.stop() == 0
+    finally:
+        if daemon.proc.poll() is None:
+            daemon.proc.kill()
+    store = store_for(world)
+    try:
+        kept = store.get_deployment(old["ok"], with_progress=True, with_log=True)
+        assert kept is not None and kept.status == "completed"
+        assert kept.progress == [] and kept.log == []
+        assert verify(store).counts["checkpoint"] == 1
+    finally:
+        store.close()
+    ok = world.cli("audit", "verify")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+
+
+def test_audit_configuration_is_checked(tmp_path: Path):
+    from reconciler.config import ConfigError, load_config
+
+    def load(section: str) -> object:
+        path = tmp_path / "reconciler.toml"
+        path.write_text(f'[repository]\nurl = "desired"\n\n[audit]\n{section}\n')
+        return load_config(path, environ={})
+
+    config = load('keep = "400d"\nhead = "heads/head.json"')
+    assert config.audit.keep == 400 * 86400  # type: ignore[attr-defined]
+    assert config.audit_head == str(tmp_path / "heads" / "head.json")  # type: ignore[attr-defined]
+    assert load('head = "https://audit.example.com/h"').audit_head == (  # type: ignore[attr-defined]
+        "https://audit.example.com/h"
+    )
+    for bad, message in (
+        ('keep = "0s"', "audit.keep: keep must be longer than 0s"),
+        ('keep = "soon"', "audit.keep: "),
+        ("keep = 5", 'audit.keep: expected a duration such as "400d"'),
+        ('head = "ftp://x/y"', "audit.head: 'ftp://x/y': publish the head to a file path"),
+        ('kept = "1d"', "audit.kept: unknown key"),
+    ):
+        with pytest.raises(ConfigError) as err:
+            load(bad)
+        assert message in str(err.value), str(err.value)
