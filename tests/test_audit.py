@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select, text
+from sqlalchemy import Insert, insert, select, text
 
 from reconciler import chain_head
 from reconciler.store import NewDeployment, Store, verify
@@ -197,6 +197,19 @@ def test_deleted_ledger_entry_is_named(store: Store):
     assert f"sync {ids['sync']}: has no ledger entry — inserted outside the reconciler" in found
 
 
+def forged_entry(seq: int, payload: str, prev: str, digest: str) -> Insert:
+    """An entry written as the store writes them (typed columns), by someone else."""
+    return insert(A).values(
+        seq=seq,
+        kind="operator_action",
+        ref=999,
+        at=T0,
+        payload=payload,
+        prev_hash=prev,
+        hash=digest,
+    )
+
+
 def test_inserted_ledger_entry_is_named(store: Store):
     populate(store)
     # A well-formed entry appended at the tail, for an operator action that never was.
@@ -205,13 +218,7 @@ def test_inserted_ledger_entry_is_named(store: Store):
         assert last is not None
         payload = '{"action":"deploy","actor":"ada","id":999}'
         digest = entry_hash(last.seq + 1, "operator_action", 999, iso(T0) or "", payload, last.hash)
-        conn.execute(
-            text(
-                "INSERT INTO audit_ledger (seq, kind, ref, at, payload, prev_hash, hash)"
-                " VALUES (:s, 'operator_action', 999, :at, :p, :prev, :h)"
-            ),
-            {"s": last.seq + 1, "at": T0, "p": payload, "prev": last.hash, "h": digest},
-        )
+        conn.execute(forged_entry(last.seq + 1, payload, last.hash, digest))
     assert lines(store) == [
         "entry 7 (operator_action 999): no operator_action row 999"
         " — the row was deleted, or the entry inserted"
@@ -223,13 +230,7 @@ def test_inserted_ledger_entry_is_named(store: Store):
     with store._writer.begin() as conn:
         prev = conn.execute(text("SELECT hash FROM audit_ledger WHERE seq = 3")).scalar_one()
         digest = entry_hash(4, "operator_action", 999, iso(T0) or "", payload, prev)
-        conn.execute(
-            text(
-                "INSERT INTO audit_ledger (seq, kind, ref, at, payload, prev_hash, hash)"
-                " VALUES (4, 'operator_action', 999, :at, :p, :prev, :h)"
-            ),
-            {"at": T0, "p": payload, "prev": prev, "h": digest},
-        )
+        conn.execute(forged_entry(4, payload, prev, digest))
     found = lines(store)
     assert found[0].startswith("entry 5 (deployment") and "does not follow entry 4" in found[0]
     assert any(

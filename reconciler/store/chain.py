@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, func, insert, select, text
+from sqlalchemy import Column, Connection, String, func, insert, select, text, type_coerce
+from sqlalchemy.sql.elements import ColumnElement
 
 from reconciler.store.models import (
     AuditEntry,
@@ -32,6 +33,7 @@ from reconciler.store.models import (
     DeploymentLog,
     OperatorAction,
     Sync,
+    UTCDateTime,
 )
 from reconciler.store.records import TERMINAL_STATUSES
 
@@ -141,6 +143,22 @@ def operator_action_payload(row: Mapping[Any, Any]) -> str:
     return canonical(row_json(row, OPERATOR_ACTION_COLUMNS))
 
 
+def columns(conn: Connection, table: Any, names: tuple[str, ...]) -> list[ColumnElement[Any]]:
+    """``names`` of ``table`` as payloads are made from them. On SQLite, times come as text
+    made by SQLite from the stored text (``2026-11-29 10:00:00.000000`` →
+    ``2026-11-29T10:00:00.000000+00:00``, what `iso` makes of the time the store wrote):
+    parsing a million datetimes only to format them again is a good part of a verify."""
+    out: list[ColumnElement[Any]] = []
+    for name in names:
+        column: Column[Any] = table.c[name]
+        if conn.dialect.name == "sqlite" and isinstance(column.type, UTCDateTime):
+            raw = type_coerce(column, String)
+            out.append(type_coerce(func.replace(raw, " ", "T") + "+00:00", String).label(name))
+        else:
+            out.append(column)
+    return out
+
+
 def lock(conn: Connection) -> None:
     """Serialise appends until the transaction ends (SQLite writers hold the lock already)."""
     if conn.dialect.name == "postgresql":
@@ -200,27 +218,29 @@ def append(conn: Connection, kind: str, ref: int | None, payload: str) -> Head:
     return entry
 
 
-def digest_of(conn: Connection, table: Any, columns: tuple[str, ...], deployment_id: int) -> Digest:
+def digest_of(conn: Connection, table: Any, names: tuple[str, ...], deployment_id: int) -> Digest:
     digest = Digest()
     query = (
-        select(*[table.c[c] for c in columns])
+        select(*columns(conn, table, names))
         .where(table.c.deployment_id == deployment_id)
         .order_by(table.c.id)
     )
     for row in conn.execute(query):
-        digest.add(row._mapping, columns)
+        digest.add(row._mapping, names)
     return digest
 
 
 def deployment_entry(conn: Connection, deployment_id: int) -> str:
-    row = conn.execute(select(D).where(D.c.id == deployment_id)).one()
+    row = conn.execute(
+        select(*columns(conn, D, DEPLOYMENT_COLUMNS)).where(D.c.id == deployment_id)
+    ).one()
     events = digest_of(conn, E, EVENT_COLUMNS, deployment_id).pair()
     log = digest_of(conn, L, LOG_COLUMNS, deployment_id).pair()
     return deployment_payload(row._mapping, events, log)
 
 
 def record_sync(conn: Connection, sync_id: int) -> Head:
-    row = conn.execute(select(S).where(S.c.id == sync_id)).one()
+    row = conn.execute(select(*columns(conn, S, SYNC_COLUMNS)).where(S.c.id == sync_id)).one()
     return append(conn, "sync", sync_id, sync_payload(row._mapping))
 
 
@@ -230,7 +250,8 @@ def record_deployment(conn: Connection, deployment_id: int) -> Head:
 
 
 def record_operator_action(conn: Connection, action_id: int) -> Head:
-    row = conn.execute(select(OA).where(OA.c.id == action_id)).one()
+    query = select(*columns(conn, OA, OPERATOR_ACTION_COLUMNS)).where(OA.c.id == action_id)
+    row = conn.execute(query).one()
     return append(conn, "operator_action", action_id, operator_action_payload(row._mapping))
 
 
@@ -253,12 +274,14 @@ def backfill(conn: Connection) -> int:
     now = datetime.now(UTC)
     chain = Appender(conn, None)
     chain.add("genesis", None, canonical({"format": FORMAT, "backfilled": counts}), now)
-    for row in conn.execute(select(S).where(finished_syncs).order_by(S.c.id)).all():
+    syncs = select(*columns(conn, S, SYNC_COLUMNS)).where(finished_syncs).order_by(S.c.id)
+    for row in conn.execute(syncs).all():
         chain.add("sync", row.id, sync_payload(row._mapping), now)
     ids = conn.execute(select(D.c.id).where(D.c.status.in_(terminal)).order_by(D.c.id))
     for deployment_id in ids.scalars().all():
         chain.add("deployment", deployment_id, deployment_entry(conn, deployment_id), now)
-    for row in conn.execute(select(OA).order_by(OA.c.id)).all():
+    actions = select(*columns(conn, OA, OPERATOR_ACTION_COLUMNS)).order_by(OA.c.id)
+    for row in conn.execute(actions).all():
         chain.add("operator_action", row.id, operator_action_payload(row._mapping), now)
     chain.flush()
     return chain.seq

@@ -124,7 +124,8 @@ def _walk(
 ) -> dict[int, list[Any]]:
     """Pass 1. Returns the pruned deployments' [events, log] pairs from the checkpoints."""
     a = chain.A
-    query = select(a.c.seq, a.c.kind, a.c.ref, a.c.at, a.c.payload, a.c.prev_hash, a.c.hash)
+    names = ("seq", "kind", "ref", "at", "payload", "prev_hash", "hash")
+    query = select(*chain.columns(conn, a, names))
     expected, prev = 1, chain.GENESIS_PREV
     counts: dict[str, int] = {}
     pruned: dict[int, list[Any]] = {}
@@ -142,7 +143,8 @@ def _walk(
                 f"does not follow entry {seq - 1} (previous hash differs) — inserted,"
                 " or the entry before it altered",
             )
-        if entry_hash(seq, kind, ref, iso(at) or "", payload, prev_hash) != stored:
+        when = at if isinstance(at, str) else iso(at) or ""
+        if entry_hash(seq, kind, ref, when, payload, prev_hash) != stored:
             found.add(seq, kind, ref, "hash mismatch — altered")
         if seq == 1 and kind != "genesis":
             found.add(seq, kind, ref, "the chain does not start with its genesis entry")
@@ -213,7 +215,9 @@ def _cross_syncs(conn: Connection, found: _Findings) -> None:
     s = chain.S
 
     def rows() -> Iterator[tuple[int, str | None]]:
-        for row in conn.execute(select(s).order_by(s.c.id)):
+        for row in conn.execute(
+            select(*chain.columns(conn, s, chain.SYNC_COLUMNS)).order_by(s.c.id)
+        ):
             m = row._mapping
             yield m["id"], (chain.sync_payload(m) if m["result"] is not None else None)
 
@@ -222,7 +226,7 @@ def _cross_syncs(conn: Connection, found: _Findings) -> None:
 
 def _cross_actions(conn: Connection, found: _Findings) -> None:
     oa = chain.OA
-    query = select(oa).order_by(oa.c.id)
+    query = select(*chain.columns(conn, oa, chain.OPERATOR_ACTION_COLUMNS)).order_by(oa.c.id)
     rows = ((r.id, chain.operator_action_payload(r._mapping)) for r in conn.execute(query))
     _merge(found, "operator_action", rows, _entries(conn, "operator_action"))
 
@@ -232,7 +236,7 @@ class _Details:
     one deployment's rows at a time."""
 
     def __init__(self, conn: Connection, table: Any, columns: tuple[str, ...]) -> None:
-        query = select(table.c.deployment_id, *[table.c[c] for c in columns]).order_by(
+        query = select(table.c.deployment_id, *chain.columns(conn, table, columns)).order_by(
             table.c.deployment_id, table.c.id
         )
         self.columns = columns
@@ -261,7 +265,7 @@ def _cross_deployments(
     terminal = TERMINAL_STATUSES
 
     def rows() -> Iterator[tuple[int, str | None]]:
-        query = select(*[d.c[c] for c in chain.DEPLOYMENT_COLUMNS]).order_by(d.c.id)
+        query = select(*chain.columns(conn, d, chain.DEPLOYMENT_COLUMNS)).order_by(d.c.id)
         for done, row in enumerate(conn.execute(query), 1):
             m = row._mapping
             deployment_id = m["id"]
