@@ -479,3 +479,45 @@ def test_audit_configuration_is_checked(tmp_path: Path):
         with pytest.raises(ConfigError) as err:
             load(bad)
         assert message in str(err.value), str(err.value)
+
+
+def test_head_published_to_a_url_is_read_back(store: Store):
+    import asyncio
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    kept: list[bytes] = []
+
+    class Keeper(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            kept.append(self.rfile.read(int(self.headers["Content-Length"])))
+            self.send_response(204 if self.path == "/head" else 500)
+            self.end_headers()
+
+        def do_GET(self) -> None:
+            body = kept[-1] if kept else b""
+            self.send_response(200 if kept else 404)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Keeper)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/head"
+        with pytest.raises(chain_head.HeadError, match="answered 404"):
+            chain_head.read(url)
+        populate(store)
+        last = store.head()
+        assert last is not None
+        asyncio.run(chain_head.publish(url, last.to_json()))
+        assert chain_head.read(url) == last.to_json()
+        assert verify(store, published=chain_head.read(url)).ok
+        with pytest.raises(chain_head.HeadError, match="answered 500"):
+            asyncio.run(chain_head.publish(url + "/elsewhere", last.to_json()))
+    finally:
+        server.shutdown()
+        server.server_close()
