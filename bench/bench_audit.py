@@ -15,6 +15,7 @@ PostgreSQL runs too when ``RECONCILER_TEST_POSTGRES_URL`` is set, in a schema
 
     .venv/bin/python bench/bench_audit.py                 # 1,000,000 entries
     .venv/bin/python bench/bench_audit.py --entries 100000
+    .venv/bin/python bench/bench_audit.py --no-sqlite --postgres postgresql+psycopg://…
 """
 
 from __future__ import annotations
@@ -181,12 +182,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--entries", type=int, default=1_000_000)
     parser.add_argument("--postgres", default=os.environ.get("RECONCILER_TEST_POSTGRES_URL"))
+    parser.add_argument("--no-sqlite", action="store_true", help="PostgreSQL only.")
     args = parser.parse_args()
     say(f"bench_audit: {args.entries:,} entries; {machine()}")
     table = Table(f"audit verify ({machine()}); baseline: the same rows read, unchecked")
     ok = True
-    with tempfile.TemporaryDirectory() as tmp:
-        ok &= measure(table, "SQLite", f"sqlite:///{Path(tmp) / 'audit.db'}", args.entries)
+    if not args.no_sqlite:
+        with tempfile.TemporaryDirectory() as tmp:
+            ok &= measure(table, "SQLite", f"sqlite:///{Path(tmp) / 'audit.db'}", args.entries)
     if args.postgres:
         schema = f"bench_{uuid.uuid4().hex[:12]}"
         admin = create_engine(args.postgres, isolation_level="AUTOCOMMIT")
