@@ -521,3 +521,33 @@ def test_head_published_to_a_url_is_read_back(store: Store):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_verify_while_the_store_appends_sees_one_consistent_state(store: Store):
+    populate(store)
+    done = threading.Event()
+
+    def write() -> None:
+        try:
+            for n in range(40):
+                deployment(store, f"3.{n}", "completed", datetime.now(UTC))
+                store.record_operator_action(
+                    environment="production",
+                    service="api",
+                    action="retry",
+                    actor="ada",
+                    note=None,
+                    at=datetime.now(UTC),
+                )
+        finally:
+            done.set()
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    runs = 0
+    while not done.is_set() or runs == 0:
+        report = verify(store)
+        assert report.ok, [f.line() for f in report.findings]
+        runs += 1
+    writer.join()
+    assert verify(store).counts["operator_action"] == 41

@@ -99,10 +99,15 @@ def verify(
     limit: int = 1000,
 ) -> VerifyReport:
     """Check the ledger of ``store``; ``published``: a head as the daemon published it
-    (``{"seq", "hash", "at"}``). At most ``limit`` findings are kept (the rest counted)."""
+    (``{"seq", "hash", "at"}``), read before calling (a head published later may be
+    newer than what this reads). At most ``limit`` findings are kept (the rest counted)."""
     report = VerifyReport(published=published)
     found = _Findings(report, limit)
     with store.engine.connect() as conn:
+        if conn.dialect.name == "postgresql":
+            # One snapshot for every pass, while the daemon appends (SQLite's read
+            # transaction is one already): no row and entry seen at different times.
+            conn = conn.execution_options(isolation_level="REPEATABLE READ")
         conn = conn.execution_options(stream_results=True, yield_per=FETCH)
         total = int(conn.execute(select(func.count()).select_from(chain.A)).scalar_one())
         pruned = _walk(conn, report, found, total, progress)
