@@ -551,3 +551,12 @@ def test_verify_while_the_store_appends_sees_one_consistent_state(store: Store):
         runs += 1
     writer.join()
     assert verify(store).counts["operator_action"] == 41
+
+
+def test_a_column_added_later_changes_no_existing_payload():
+    from reconciler.store.chain import SYNC_BASE, row_json
+
+    row = {name: None for name in SYNC_BASE} | {"id": 1, "signer": None}
+    names = (*sorted(SYNC_BASE), "signer")
+    assert row_json(row, names, SYNC_BASE) == {**{n: None for n in SYNC_BASE}, "id": 1}
+    assert row_json(row | {"signer": "ada"}, names, SYNC_BASE)["signer"] == "ada"

@@ -22,7 +22,17 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Column, Connection, String, func, insert, select, text, type_coerce
+from sqlalchemy import (
+    Column,
+    Connection,
+    String,
+    func,
+    insert,
+    inspect,
+    select,
+    text,
+    type_coerce,
+)
 from sqlalchemy.sql.elements import ColumnElement
 
 from reconciler.store.models import (
@@ -53,11 +63,34 @@ E = _T[DeploymentEvent.__tablename__]
 L = _T[DeploymentLog.__tablename__]
 OA = _T[OperatorAction.__tablename__]
 
-#: The columns of each source row an entry covers (a deployment's run process is
-#: bookkeeping of crash recovery, not part of its record).
-SYNC_COLUMNS = tuple(c.name for c in S.columns)
-DEPLOYMENT_COLUMNS = tuple(c.name for c in D.columns if c.name not in ("run_pgid", "run_process"))
-OPERATOR_ACTION_COLUMNS = tuple(c.name for c in OA.columns)
+#: The columns each kind's payload always holds (format 1), named once: a column added to
+#: a table later is covered when it holds a value (see `row_json`), so a migration that
+#: adds one never changes the payload of the rows that predate it.
+SYNC_BASE = frozenset(
+    ("id", "trigger", "commit_sha", "commit_author", "commit_time", "commit_subject",
+     "seen_at", "ended_at", "result", "full_load", "note", "environments_changed", "errors",
+     "error_message")
+)  # fmt: skip
+DEPLOYMENT_BASE = frozenset(
+    ("id", "environment", "service", "version", "previous_version", "provider",
+     "provider_type", "strategy", "status", "error_message", "trigger", "commit",
+     "commit_author", "attempt", "timeout_seconds", "validation", "params", "created_at",
+     "started_at", "completed_at", "sync_id", "rollback_of")
+)  # fmt: skip
+OPERATOR_ACTION_BASE = frozenset(
+    ("id", "at", "environment", "service", "action", "actor", "note", "origin")
+)
+#: Bookkeeping, not record: a deployment's run process (crash recovery).
+NOT_COVERED = frozenset(("run_pgid", "run_process"))
+
+
+def _covered(table: Any) -> tuple[str, ...]:
+    return tuple(c.name for c in table.columns if c.name not in NOT_COVERED)
+
+
+SYNC_COLUMNS = _covered(S)
+DEPLOYMENT_COLUMNS = _covered(D)
+OPERATOR_ACTION_COLUMNS = _covered(OA)
 EVENT_COLUMNS = ("id", "status", "message", "percent", "details", "at")
 LOG_COLUMNS = ("id", "stream", "line", "at")
 
@@ -93,8 +126,14 @@ def _plain(value: Any) -> Any:
     return iso(value) if isinstance(value, datetime) else value
 
 
-def row_json(row: Mapping[Any, Any], columns: Iterable[str]) -> dict[str, Any]:
-    return {name: _plain(row[name]) for name in columns}
+def row_json(row: Mapping[Any, Any], names: Iterable[str], base: frozenset[str]) -> dict[str, Any]:
+    """The row's ``base`` columns, and its other ``names`` that hold a value."""
+    body = {}
+    for name in names:
+        value = row.get(name)
+        if value is not None or name in base:
+            body[name] = _plain(value)
+    return body
 
 
 def entry_hash(seq: int, kind: str, ref: int | None, at: str, payload: str, prev: str) -> str:
@@ -129,27 +168,31 @@ def deployment_payload(
     row: Mapping[Any, Any], events: list[Any] | None, log: list[Any] | None
 ) -> str:
     """A deployment's entry payload: its record, and [count, digest] of events and log."""
-    body = row_json(row, DEPLOYMENT_COLUMNS)
+    body = row_json(row, DEPLOYMENT_COLUMNS, DEPLOYMENT_BASE)
     body["events"] = events if events is not None else [0, EMPTY_DIGEST]
     body["log"] = log if log is not None else [0, EMPTY_DIGEST]
     return canonical(body)
 
 
 def sync_payload(row: Mapping[Any, Any]) -> str:
-    return canonical(row_json(row, SYNC_COLUMNS))
+    return canonical(row_json(row, SYNC_COLUMNS, SYNC_BASE))
 
 
 def operator_action_payload(row: Mapping[Any, Any]) -> str:
-    return canonical(row_json(row, OPERATOR_ACTION_COLUMNS))
+    return canonical(row_json(row, OPERATOR_ACTION_COLUMNS, OPERATOR_ACTION_BASE))
 
 
-def columns(conn: Connection, table: Any, names: tuple[str, ...]) -> list[ColumnElement[Any]]:
+def columns(
+    conn: Connection, table: Any, names: tuple[str, ...], present: set[str] | None = None
+) -> list[ColumnElement[Any]]:
     """``names`` of ``table`` as payloads are made from them. On SQLite, times come as text
     made by SQLite from the stored text (``2026-11-29 10:00:00.000000`` →
     ``2026-11-29T10:00:00.000000+00:00``, what `iso` makes of the time the store wrote):
     parsing a million datetimes only to format them again is a good part of a verify."""
     out: list[ColumnElement[Any]] = []
     for name in names:
+        if present is not None and name not in present:
+            continue  # a later migration adds it: None until then, left out of payloads
         column: Column[Any] = table.c[name]
         if conn.dialect.name == "sqlite" and isinstance(column.type, UTCDateTime):
             raw = type_coerce(column, String)
@@ -230,9 +273,9 @@ def digest_of(conn: Connection, table: Any, names: tuple[str, ...], deployment_i
     return digest
 
 
-def deployment_entry(conn: Connection, deployment_id: int) -> str:
+def deployment_entry(conn: Connection, deployment_id: int, present: set[str] | None = None) -> str:
     row = conn.execute(
-        select(*columns(conn, D, DEPLOYMENT_COLUMNS)).where(D.c.id == deployment_id)
+        select(*columns(conn, D, DEPLOYMENT_COLUMNS, present)).where(D.c.id == deployment_id)
     ).one()
     events = digest_of(conn, E, EVENT_COLUMNS, deployment_id).pair()
     log = digest_of(conn, L, LOG_COLUMNS, deployment_id).pair()
@@ -273,14 +316,19 @@ def backfill(conn: Connection) -> int:
     }
     now = datetime.now(UTC)
     chain = Appender(conn, None)
+    # Run by migration 0007: columns that later migrations add are not there yet.
+    have = {t.name: {c["name"] for c in inspect(conn).get_columns(t.name)} for t in (S, D, OA)}
     chain.add("genesis", None, canonical({"format": FORMAT, "backfilled": counts}), now)
-    syncs = select(*columns(conn, S, SYNC_COLUMNS)).where(finished_syncs).order_by(S.c.id)
+    syncs = (
+        select(*columns(conn, S, SYNC_COLUMNS, have[S.name])).where(finished_syncs).order_by(S.c.id)
+    )
     for row in conn.execute(syncs).all():
         chain.add("sync", row.id, sync_payload(row._mapping), now)
     ids = conn.execute(select(D.c.id).where(D.c.status.in_(terminal)).order_by(D.c.id))
     for deployment_id in ids.scalars().all():
-        chain.add("deployment", deployment_id, deployment_entry(conn, deployment_id), now)
-    actions = select(*columns(conn, OA, OPERATOR_ACTION_COLUMNS)).order_by(OA.c.id)
+        payload = deployment_entry(conn, deployment_id, have[D.name])
+        chain.add("deployment", deployment_id, payload, now)
+    actions = select(*columns(conn, OA, OPERATOR_ACTION_COLUMNS, have[OA.name])).order_by(OA.c.id)
     for row in conn.execute(actions).all():
         chain.add("operator_action", row.id, operator_action_payload(row._mapping), now)
     chain.flush()
