@@ -184,6 +184,8 @@ def main() -> int:
     parser.add_argument("--postgres", default=os.environ.get("RECONCILER_TEST_POSTGRES_URL"))
     parser.add_argument("--no-sqlite", action="store_true", help="PostgreSQL only.")
     args = parser.parse_args()
+    if args.no_sqlite and not args.postgres:
+        parser.error("--no-sqlite needs --postgres URL (or RECONCILER_TEST_POSTGRES_URL)")
     say(f"bench_audit: {args.entries:,} entries; {machine()}")
     table = Table(f"audit verify ({machine()}); baseline: the same rows read, unchecked")
     ok = True
