@@ -396,8 +396,11 @@ class Daemon:
         """After each sync and at stop: prune what retention lets go (at most every
         PRUNE_EVERY_SECONDS), then publish the ledger head. A failure is logged: the ledger
         itself is in the database already, and the next sync publishes again."""
-        audit, store = self.config.audit, self.store
+        audit = self.config.audit
+        if audit.keep is None and audit.head is None:
+            return
         try:
+            store = self.store
             now = time.monotonic()
             if audit.keep is not None and now >= self._next_prune:
                 self._next_prune = now + PRUNE_EVERY_SECONDS
