@@ -463,18 +463,9 @@ async def sync(request: Request) -> Response:
         _, decisions = await c.control.status(req.environment)
         if not decisions:
             return error(404, f"no environment {req.environment}")
-    if req.service is None and c.control.is_ready():  # a forced sync: in the audit ledger
-        await asyncio.to_thread(
-            c.control.store.record_operator_action,
-            environment=req.environment or "*",
-            service=None,
-            action="sync",
-            actor=c.control.config.server.token_holder,
-            note=None,
-            at=datetime.now(UTC),
-            origin=_origin(request),
-        )
     c.control.request_sync("manual")
+    if req.service is None and c.control.is_ready():
+        _record_forced_sync(c.control, req.environment, _origin(request))
     log.info(
         "event=http_sync environment=%s service=%s client=%s",
         req.environment or "-",
@@ -555,6 +546,34 @@ ENV_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 
 def _client(request: Request) -> str:
     return request.client.host if request.client else "-"
+
+
+#: Forced syncs being recorded (a reference keeps each task alive until it is done).
+_recording: set[asyncio.Task[None]] = set()
+
+
+def _record_forced_sync(control: Control, environment: str | None, origin: str) -> None:
+    """Record an operator's forced sync (the audit ledger) without holding up the answer:
+    the sync is requested already, and a busy database must not make the client wait."""
+
+    async def record() -> None:
+        try:
+            await asyncio.to_thread(
+                control.store.record_operator_action,
+                environment=environment or "*",
+                service=None,
+                action="sync",
+                actor=control.config.server.token_holder,
+                note=None,
+                at=datetime.now(UTC),
+                origin=origin,
+            )
+        except Exception as exc:
+            log.error("event=audit_error error=%r", f"{type(exc).__name__}: {exc}".splitlines()[0])
+
+    task = asyncio.get_running_loop().create_task(record())
+    _recording.add(task)
+    task.add_done_callback(_recording.discard)
 
 
 def _origin(request: Request) -> str:
