@@ -12,7 +12,7 @@ import os
 import re
 import signal
 import sys
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from datetime import datetime
 from pathlib import Path
 from types import ModuleType
@@ -541,7 +541,7 @@ def blame_cmd(ctx: click.Context, environment: str, service: str, as_json: bool)
 
 @main.group("audit", cls=Group)
 def audit_group() -> None:
-    """The audit trail: export it."""
+    """The tamper-evident audit ledger: verify it, export it."""
 
 
 @audit_group.command("export")
@@ -764,6 +764,64 @@ def db_upgrade_cmd(ctx: click.Context) -> None:
     engine = make_engine(cfg(ctx).database_url)
     applied = upgrade(engine)
     click.echo(f"applied {', '.join(applied)}" if applied else "database is up to date")
+
+
+def _verify_progress() -> Callable[[str, int, int], None]:
+    """Progress of a long verify on stderr (a terminal only), rewritten in place."""
+
+    def show(phase: str, done: int, total: int) -> None:
+        click.echo(f"\rverifying {phase}: {done:,}/{total:,}\x1b[K", err=True, nl=False)
+
+    return show
+
+
+@audit_group.command("verify")
+@click.option(
+    "--head",
+    "head",
+    metavar="FILE|URL",
+    help="The published chain head to check the tail against (default: [audit] head).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.pass_context
+def audit_verify_cmd(ctx: click.Context, head: str | None, as_json: bool) -> None:
+    """Check the ledger's hash chain and the records it covers; exit 1 naming each entry
+    or record altered, inserted or deleted."""
+    from reconciler import chain_head
+    from reconciler.store import Store, verify
+
+    config = cfg(ctx)
+    target = head or config.audit_head
+    published = None
+    if target is not None:
+        try:
+            published = chain_head.read(target)
+        except chain_head.HeadError as exc:
+            fail(str(exc))
+    store = Store.for_reading(config.database_url)
+    try:
+        progress = _verify_progress() if sys.stderr.isatty() and not as_json else None
+        report = verify(store, published=published, progress=progress)
+    finally:
+        store.close()
+    if progress is not None:
+        click.echo("\r\x1b[K", err=True, nl=False)
+    if as_json:
+        print_json(report.to_json())
+    else:
+        for finding in report.findings:
+            click.echo(finding.line())
+        if report.more:
+            click.echo(f"… and {report.more:,} more findings")
+    if not report.ok:
+        total = len(report.findings) + report.more
+        fail(f"the audit ledger does not verify: {total:,} finding{'s' * (total != 1)}")
+    if not as_json:
+        counts = ", ".join(f"{n:,} {kind}" for kind, n in sorted(report.counts.items()))
+        last = report.head
+        tip = f"; head entry {last.seq} {last.hash[:16]}" if last else ""
+        checked = f", matches the published head (entry {published['seq']})" if published else ""
+        click.echo(f"audit ledger intact: {report.entries:,} entries ({counts}){tip}{checked}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -219,6 +219,45 @@ class NotificationConfig(_Section):
     suppress_repeats: Seconds = 3600.0  # identical failure notices within this are dropped
 
 
+#: Retention may be long (years of history); it is never a timer, so the cap is wide.
+MAX_KEEP_SECONDS = 100 * 365 * 86400
+
+
+def _keep(value: Any) -> float | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or isinstance(value, bool):
+        raise ValueError('expected a duration such as "400d"')
+    try:
+        seconds = float(parse_duration(value))
+    except ValueError as exc:
+        raise ValueError(str(exc)) from None
+    if seconds <= 0:
+        raise ValueError("keep must be longer than 0s (leave it out to keep everything)")
+    if seconds > MAX_KEEP_SECONDS:
+        raise ValueError("keep must be at most 100 years (leave it out to keep everything)")
+    return seconds
+
+
+def _head_target(value: str | None) -> str | None:
+    if value is not None and not value.strip():
+        raise ValueError("expected a file path or an http(s) URL")
+    if value is not None and "://" in value and not value.startswith(("http://", "https://")):
+        raise ValueError(f"'{value}': publish the head to a file path or an http(s) URL")
+    return value
+
+
+class AuditConfig(_Section):
+    """`[audit]`: the tamper-evident ledger's published head, and retention."""
+
+    # Where the chain head ({"seq", "hash", "at"}) is written at each sync and at stop: a
+    # file path, or an http(s) URL it is POSTed to. None: not published.
+    head: Annotated[str | None, AfterValidator(_head_target)] = None
+    # Prune progress events and logs of deployments that ended longer ago than this
+    # (deployment rows stay, a checkpoint entry records what went). None: keep everything.
+    keep: Annotated[float | None, BeforeValidator(_keep)] = None
+
+
 class ProviderConfig(BaseModel):
     """One provider instance. Type-specific keys stay in `settings` for the provider to check."""
 
@@ -242,6 +281,7 @@ class Config(BaseModel):
     server: ServerConfig = ServerConfig()
     providers: dict[str, ProviderConfig] = Field(default_factory=dict)
     notifications: list[NotificationConfig] = Field(default_factory=list)
+    audit: AuditConfig = AuditConfig()
     # Where the file lives: relative paths inside it are resolved against this folder.
     base_dir: Path = Path(".")
     # repository.allowed_signers as read when the configuration was loaded (start, reload).
@@ -286,6 +326,14 @@ class Config(BaseModel):
         if url.startswith(prefix) and not url.startswith(prefix + "/") and url != prefix:
             return prefix + str(self.resolve(url[len(prefix) :]))
         return url
+
+    @property
+    def audit_head(self) -> str | None:
+        """Where the ledger head is published: a URL, or the file path resolved."""
+        target = self.audit.head
+        if target is None or target.startswith(("http://", "https://")):
+            return target
+        return str(self.resolve(target))
 
     @property
     def repository_url(self) -> str:

@@ -20,12 +20,13 @@ import struct
 import sys
 import time
 from collections.abc import Coroutine
+from datetime import timedelta
 from typing import Any
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from pydantic import BaseModel
 
-from reconciler import channel
+from reconciler import chain_head, channel
 from reconciler.config import Config, ConfigError, load_config
 from reconciler.engine import Engine, SyncOutcome, open_source, open_verifier
 from reconciler.events import Event, EventHub
@@ -59,6 +60,8 @@ NOTIFY_POLL_SECONDS = 30.0
 DATABASE_CHECK_SECONDS = 5.0
 # How soon a watch that could not start (no repository yet, a vanished folder) tries again.
 WATCH_RETRY_SECONDS = 2.0
+#: How often retention (`[audit] keep`) looks for old runs' detail to prune, at most.
+PRUNE_EVERY_SECONDS = 3600.0
 
 
 class Daemon:
@@ -83,6 +86,7 @@ class Daemon:
         self._held: DatabaseLock | None = None
         self._fatal: Exception | None = None  # raised by run() once stopped
         self.fleet: FleetSummary | None = None  # every service's state, kept in memory
+        self._next_prune = 0.0  # monotonic time retention may prune again
 
     # ---- what the HTTP API and signals call (reconciler.http.control.Control) -----------
 
@@ -115,7 +119,7 @@ class Daemon:
         self._triggers.add(trigger)
         self._sync_requested.set()
 
-    async def retry(self, environment: str, service: str) -> None:
+    async def retry(self, environment: str, service: str, origin: str | None = None) -> None:
         """An operator asks to try a version that gave up again (SPEC §4 rule 4)."""
         engine = self.engine
         assert engine is not None
@@ -132,12 +136,15 @@ class Daemon:
             actor=self.config.server.token_holder,
             note=None,
             at=utcnow(),
+            origin=origin,
         )
         engine.wake([environment])
 
-    async def act(self, action: AnyAction, actor: str) -> channel.Accepted:
+    async def act(
+        self, action: AnyAction, actor: str, origin: str | None = None
+    ) -> channel.Accepted:
         """An operator action asked over HTTP: carried out as over the control socket."""
-        return (await perform(self, action, actor)).accepted
+        return (await perform(self, action, actor, origin)).accepted
 
     def start(
         self, work: Coroutine[Any, Any, list[DeploymentRecord]], name: str
@@ -232,6 +239,7 @@ class Daemon:
             self.sd.status(f"stopping: {len(engine.deploying)} deploying, grace {grace:g}s")
             log.info("event=stopping grace=%ss deploying=%d", grace, len(engine.deploying))
             cancelled = await engine.stop(grace)
+            await self._audit()  # the head after the last runs ended
             await self._stop_services()
             tasks = [*self._tasks, *([self._poll_task] if self._poll_task else [])]
             for task in tasks:
@@ -299,7 +307,7 @@ class Daemon:
         """One request, its answers. A client that leaves mid-way stops only the following:
         what the daemon set going goes on."""
         try:
-            uid = _peer_uid(writer)
+            pid, uid = _peer(writer)
             if uid not in (os.getuid(), 0):
                 await _send(writer, channel.Failed(message="not the daemon's user", code=2))
                 return
@@ -311,7 +319,8 @@ class Daemon:
                 return
             events = self.hub.subscribe()
             try:
-                async for answer in handle(self, action, _user_name(uid), events):
+                origin = f"control socket, pid {pid}"
+                async for answer in handle(self, action, _user_name(uid), events, origin):
                     await _send(writer, answer)
             finally:
                 events.close()
@@ -385,6 +394,7 @@ class Daemon:
                 continue
             finally:
                 self._sync_started = None
+            await self._audit()
             if outcome.result != "failed":
                 retry = 1.0
                 if not self.ready.is_set():
@@ -398,6 +408,36 @@ class Daemon:
                 await asyncio.sleep(retry)
                 retry = min(retry * 2, max(self.config.repository.poll_interval, 5.0))
                 self.request_sync("startup")
+
+    async def _audit(self) -> None:
+        """After each sync and at stop: prune what retention lets go (at most every
+        PRUNE_EVERY_SECONDS), then publish the ledger head. A failure is logged: the ledger
+        itself is in the database already, and the next sync publishes again."""
+        audit = self.config.audit
+        if audit.keep is None and audit.head is None:
+            return
+        try:
+            store = self.store
+            now = time.monotonic()
+            if audit.keep is not None and now >= self._next_prune:
+                self._next_prune = now + PRUNE_EVERY_SECONDS
+                cutoff = utcnow() - timedelta(seconds=audit.keep)
+                pruned = await durable(store.prune_history, cutoff)
+                if pruned.deployments:
+                    log.info(
+                        "event=audit_pruned deployments=%d events=%d log_lines=%d before=%s",
+                        pruned.deployments,
+                        pruned.events,
+                        pruned.log_lines,
+                        cutoff.isoformat(),
+                    )
+            target = self.config.audit_head
+            if target is not None:
+                head = await durable(store.head)
+                if head is not None:
+                    await chain_head.publish(target, head.to_json())
+        except Exception as exc:
+            log.error("event=audit_error error=%r", f"{type(exc).__name__}: {exc}".splitlines()[0])
 
     async def _watchdog_loop(self) -> None:
         """WATCHDOG=1 at half the interval, only while the reconcile loop is healthy: a
@@ -554,12 +594,13 @@ async def _send(writer: asyncio.StreamWriter, message: BaseModel) -> None:
     await writer.drain()
 
 
-def _peer_uid(writer: asyncio.StreamWriter) -> int:
-    """The connecting process's user, as the kernel saw it connect (SO_PEERCRED)."""
+def _peer(writer: asyncio.StreamWriter) -> tuple[int, int]:
+    """The connecting process and its user (pid, uid), as the kernel saw it connect
+    (SO_PEERCRED): never what the client says it is."""
     sock: socket.socket = writer.get_extra_info("socket")
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    _pid, uid, _gid = struct.unpack("3i", creds)
-    return int(uid)
+    pid, uid, _gid = struct.unpack("3i", creds)
+    return int(pid), int(uid)
 
 
 def _user_name(uid: int) -> str:

@@ -63,6 +63,11 @@ def actor() -> str:
     return os.environ.get("SUDO_USER") or os.environ.get("USER") or f"uid:{os.getuid()}"
 
 
+def local_origin() -> str:
+    """Where a standalone command's action comes from (no daemon asked): this process."""
+    return f"local command, pid {os.getpid()}"
+
+
 def open_store(config: Config, *, migrate: bool = True) -> Store:
     """The store; `migrate=False` (reading commands) creates a new database but never
     upgrades an existing one behind their back: that is `db upgrade`'s or the daemon's job."""
@@ -153,10 +158,13 @@ async def sync(
     async with open_engine(config, exclusive=True, listener=listener) as engine:
         await engine.check_signers()
         await engine.recover()
+        who, origin = actor(), local_origin()
         if environment and service:
             await asyncio.to_thread(
-                _retry_request, engine.store, environment, service, actor(), reason
+                _retry_request, engine.store, environment, service, who, reason, origin
             )
+        else:
+            await asyncio.to_thread(_forced_sync, engine.store, environment, who, reason, origin)
         outcome = await engine.sync("manual")
         if outcome.result in ("failed", "refused"):
             return SyncReport(outcome)
@@ -175,19 +183,46 @@ async def sync(
 
 
 def _retry_request(
-    store: Store, environment: str, service: str, who: str, reason: str | None
+    store: Store,
+    environment: str,
+    service: str,
+    who: str,
+    reason: str | None,
+    origin: str | None = None,
 ) -> None:
     """The operator asks to try again a version that gave up (SPEC §4 rule 4)."""
     store.reset_streak(environment, service)
+    _record(store, "retry", environment, service, who, reason, origin)
+
+
+def _record(
+    store: Store,
+    action: str,
+    environment: str,
+    service: str | None,
+    who: str,
+    reason: str | None,
+    origin: str | None,
+) -> None:
+    """Record an operator action (and its audit ledger entry), then log it."""
     store.record_operator_action(
         environment=environment,
         service=service,
-        action="retry",
+        action=action,
         actor=who,
         note=reason,
         at=utcnow(),
+        origin=origin,
     )
-    log_action("retry", who, environment, service, reason)
+    log_action(action, who, environment, service, reason)
+
+
+def _forced_sync(
+    store: Store, environment: str | None, who: str, reason: str | None, origin: str | None
+) -> None:
+    """An operator forces a sync (of one environment, or "*": all): recorded for the audit
+    ledger, like every operator action."""
+    _record(store, "sync", environment or "*", None, who, reason, origin)
 
 
 def log_action(
@@ -343,6 +378,7 @@ async def _deploy_jobs(
     trigger: str,
     who: str,
     reason: str | None,
+    origin: str | None = None,
 ) -> tuple[list[Job], str | None]:
     """Check an operator's deploy (or rollback), record it, and return its jobs and the
     warning to show (git wins at the next sync unless the environment is suspended)."""
@@ -367,6 +403,7 @@ async def _deploy_jobs(
             actor=who,
             note=_note(version, reason),
             at=utcnow(),
+            origin=origin,
         )
         log_action(action, who, environment, name, reason, version=version)
         jobs.append(
@@ -408,6 +445,7 @@ async def deploy(
             trigger=trigger,
             who=actor(),
             reason=reason,
+            origin=local_origin(),
         )
         if warning and warn is not None:
             warn(warning)
@@ -462,17 +500,20 @@ async def rollback_target(
         store.engine.dispose()
 
 
-def _suspend(store: Store, environment: str, suspended: bool, who: str, reason: str | None) -> None:
+def _suspend(
+    store: Store,
+    environment: str,
+    suspended: bool,
+    who: str,
+    reason: str | None,
+    origin: str | None = None,
+) -> None:
     known = store.environment_states()
     if known and environment not in known:
         raise OperationError(
             f"unknown environment '{environment}' (known: {', '.join(sorted(known))})", code=2
         )
-    action = "suspend" if suspended else "resume"
-    store.record_operator_action(
-        environment=environment, service=None, action=action, actor=who, note=reason, at=utcnow()
-    )
-    log_action(action, who, environment, None, reason)
+    _record(store, "suspend" if suspended else "resume", environment, None, who, reason, origin)
 
 
 async def set_suspended(
@@ -481,7 +522,9 @@ async def set_suspended(
     """Suspend or resume, standalone (no daemon to ask)."""
     store = await asyncio.to_thread(open_store, config, migrate=False)
     try:
-        await asyncio.to_thread(_suspend, store, environment, suspended, actor(), note)
+        await asyncio.to_thread(
+            _suspend, store, environment, suspended, actor(), note, local_origin()
+        )
     finally:
         store.engine.dispose()
 
@@ -521,8 +564,10 @@ class Started:
         )
 
 
-async def perform(host: Host, action: AnyAction, who: str) -> Started:
-    """Carry out one operator action in the daemon: check, record, log, set going."""
+async def perform(host: Host, action: AnyAction, who: str, origin: str | None = None) -> Started:
+    """Carry out one operator action in the daemon: check, record, log, set going.
+    ``who``/``origin``: the OS user and process (control socket) or the token's holder and
+    client address (HTTP), recorded with the action in the audit ledger."""
     engine = host.engine
     if engine is None:
         raise OperationError("the daemon is starting: try again in a moment")
@@ -538,10 +583,10 @@ async def perform(host: Host, action: AnyAction, who: str) -> Started:
             if svc is not None and (spec is None or svc not in spec.services):
                 raise OperationError(f"environment '{env}' has no service '{svc}'", code=2)
         if env is not None and svc is not None:
-            await durable(_retry_request, store, env, svc, who, action.reason)
+            await durable(_retry_request, store, env, svc, who, action.reason, origin)
             host.service_state_changed(env)
         else:
-            log_action("sync", who, env, None, action.reason)
+            await durable(_forced_sync, store, env, who, action.reason, origin)
         host.request_sync("manual")
         return Started(
             Accepted(message="sync requested"),
@@ -550,7 +595,13 @@ async def perform(host: Host, action: AnyAction, who: str) -> Started:
         )
     if isinstance(action, SuspendAction):
         await durable(
-            _suspend, store, action.environment, action.action == "suspend", who, action.reason
+            _suspend,
+            store,
+            action.environment,
+            action.action == "suspend",
+            who,
+            action.reason,
+            origin,
         )
         if action.action == "resume":
             host.request_sync("manual")  # a resumed environment deploys what it held back
@@ -580,6 +631,7 @@ async def perform(host: Host, action: AnyAction, who: str) -> Started:
         trigger=trigger,
         who=who,
         reason=action.reason,
+        origin=origin,
     )
     task = host.start(engine.deploy_in_turn(jobs), f"operator-{action.action}")
     names = {j.service for j in jobs}
@@ -595,13 +647,13 @@ async def perform(host: Host, action: AnyAction, who: str) -> Started:
 
 
 async def handle(
-    host: Host, action: AnyAction, who: str, events: Subscription
+    host: Host, action: AnyAction, who: str, events: Subscription, origin: str | None = None
 ) -> AsyncIterator[Answer]:
     """The control channel's conversation: accept (or refuse), then with `wait` follow
     what the action caused to the end. `events` is subscribed before the action starts,
     so nothing it causes is missed."""
     try:
-        started = await perform(host, action, who)
+        started = await perform(host, action, who, origin)
     except Refused as exc:
         yield Failed(message=str(exc), code=exc.code)
         return

@@ -103,7 +103,7 @@ class FakeControl:
     def request_sync(self, trigger: str) -> None:
         self.syncs.append(trigger)
 
-    async def retry(self, environment: str, service: str) -> None:
+    async def retry(self, environment: str, service: str, origin: str | None = None) -> None:
         if (environment, service) not in self.known:
             raise KeyError((environment, service))
         self.retries.append((environment, service))

@@ -1,4 +1,4 @@
-"""The history filters use indexes (migration 0009), on SQLite and PostgreSQL.
+"""The history filters use indexes (migration 0008), on SQLite and PostgreSQL.
 
 For every filter combination SPEC §7 offers (`history --env --service --status --since
 --limit`), the query `Store.history` runs is captured and explained: no plan may read the

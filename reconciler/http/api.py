@@ -12,7 +12,7 @@ import re
 from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import UTC, datetime
 from functools import partial
 from typing import Any, Literal, TypeVar
 from urllib.parse import urlencode
@@ -502,7 +502,7 @@ async def sync(request: Request) -> Response:
         if not req.environment:
             return error(400, "bad body: service needs environment")
         try:
-            await c.control.retry(req.environment, req.service)
+            await c.control.retry(req.environment, req.service, origin=_origin(request))
         except KeyError:
             return error(404, f"no service {req.service} in environment {req.environment}")
     elif req.environment is not None and c.control.is_ready():
@@ -510,6 +510,8 @@ async def sync(request: Request) -> Response:
         if not decisions:
             return error(404, f"no environment {req.environment}")
     c.control.request_sync("manual")
+    if req.service is None and c.control.is_ready():
+        _record_forced_sync(c.control, req.environment, _origin(request))
     log.info(
         "event=http_sync environment=%s service=%s client=%s",
         req.environment or "-",
@@ -524,7 +526,7 @@ async def _act(request: Request, action: DeployAction | RollbackAction | Suspend
     c = ctx(request)
     holder = c.control.config.server.token_holder
     try:
-        accepted = await c.control.act(action, holder)
+        accepted = await c.control.act(action, holder, origin=_origin(request))
     except Refused as exc:
         return error(exc.status, str(exc))
     log.info(
@@ -590,6 +592,39 @@ ENV_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 
 def _client(request: Request) -> str:
     return request.client.host if request.client else "-"
+
+
+#: Forced syncs being recorded (a reference keeps each task alive until it is done).
+_recording: set[asyncio.Task[None]] = set()
+
+
+def _record_forced_sync(control: Control, environment: str | None, origin: str) -> None:
+    """Record an operator's forced sync (the audit ledger) without holding up the answer:
+    the sync is requested already, and a busy database must not make the client wait."""
+
+    async def record() -> None:
+        try:
+            await asyncio.to_thread(
+                control.store.record_operator_action,
+                environment=environment or "*",
+                service=None,
+                action="sync",
+                actor=control.config.server.token_holder,
+                note=None,
+                at=datetime.now(UTC),
+                origin=origin,
+            )
+        except Exception as exc:
+            log.error("event=audit_error error=%r", f"{type(exc).__name__}: {exc}".splitlines()[0])
+
+    task = asyncio.get_running_loop().create_task(record())
+    _recording.add(task)
+    task.add_done_callback(_recording.discard)
+
+
+def _origin(request: Request) -> str:
+    """Where an operator action came from, as the audit ledger records it."""
+    return f"http {_client(request)}"
 
 
 async def git_hook(request: Request) -> Response:

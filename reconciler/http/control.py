@@ -41,12 +41,15 @@ class Control(Protocol):
         """Ask for a sync ("manual" | "webhook"): coalesced with others, returns at once."""
         ...
 
-    async def retry(self, environment: str, service: str) -> None:
+    async def retry(self, environment: str, service: str, origin: str | None = None) -> None:
         """An operator asks to retry a service that gave up; KeyError if unknown."""
         ...
 
     async def act(
-        self, action: DeployAction | RollbackAction | SuspendAction, actor: str
+        self,
+        action: DeployAction | RollbackAction | SuspendAction,
+        actor: str,
+        origin: str | None = None,
     ) -> Accepted:
         """Carry out an operator action (as over the control socket); `Refused` if not."""
         ...

@@ -51,6 +51,7 @@ if TYPE_CHECKING:
         format_time,
     )
     from reconciler.store.store import Store
+    from reconciler.store.verify import Finding, VerifyReport, verify
 
 _WHERE = {
     "SchemaTooNew": "reconciler.store.db",
@@ -87,6 +88,9 @@ _WHERE = {
     "SyncRecord": "reconciler.store.records",
     "format_time": "reconciler.store.records",
     "Store": "reconciler.store.store",
+    "Finding": "reconciler.store.verify",
+    "VerifyReport": "reconciler.store.verify",
+    "verify": "reconciler.store.verify",
     "NOTIFICATION_STATES": "reconciler.store.records",
     "LedgerBatch": "reconciler.store.records",
     "LedgerEvent": "reconciler.store.records",
@@ -123,6 +127,7 @@ __all__ = [
     "DriftEvent",
     "EnvironmentStateRecord",
     "EventRecord",
+    "Finding",
     "Holder",
     "LedgerBatch",
     "LedgerEvent",
@@ -137,6 +142,7 @@ __all__ = [
     "Store",
     "StoreError",
     "SyncRecord",
+    "VerifyReport",
     "check_schema",
     "current_revision",
     "format_time",
@@ -146,4 +152,5 @@ __all__ = [
     "needs_upgrade",
     "schema_current",
     "upgrade",
+    "verify",
 ]

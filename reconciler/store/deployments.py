@@ -29,7 +29,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 
 from desired_state import one_line
-from reconciler.store import rows
+from reconciler.store import chain, rows
 from reconciler.store.models import Deployment, DeploymentEvent, DeploymentLog
 from reconciler.store.records import (
     ACTIVE_STATUSES,
@@ -330,6 +330,8 @@ class DeploymentQueries:
             )
         else:
             note_status(conn, rec.environment, rec.service, rec.id, status)
+        if status in TERMINAL_STATUSES:
+            chain.record_deployment(conn, deployment_id)  # the audit ledger, same transaction
         return rec
 
     def add_event(
@@ -412,7 +414,7 @@ class DeploymentQueries:
         """Deployments, newest first (id descending); ``before_id`` pages further back.
 
         Each combination of the equality filters has an index of those columns then
-        ``id`` (migration 0009), read newest first until ``limit`` rows match. ``since``
+        ``id`` (migration 0008), read newest first until ``limit`` rows match. ``since``
         is the one range: when fewer than `_SPARSE_SINCE` deployments are that recent,
         the query starts from them (ix_deployments_created_at) and sorts the few; when
         more are, they are the newest ids in practice, so reading newest first meets

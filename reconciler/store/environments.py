@@ -13,7 +13,7 @@ from typing import Any
 
 from sqlalchemy import Engine, delete, func, insert, select
 
-from reconciler.store import rows
+from reconciler.store import chain, rows
 from reconciler.store.models import EnvironmentState, OperatorAction, OperatorSuspended
 from reconciler.store.records import OPERATOR_ACTIONS, EnvironmentStateRecord
 
@@ -126,21 +126,27 @@ class EnvironmentQueries:
         actor: str,
         note: str | None,
         at: datetime,
+        origin: str | None = None,
     ) -> None:
-        """Record what an operator did; ``suspend``/``resume`` also (un)suspend it."""
+        """Record what an operator did (``origin``: from where it was asked), and chain it
+        into the audit ledger; ``suspend``/``resume`` also (un)suspend the environment."""
         _check(action, OPERATOR_ACTIONS, "operator action")
         _aware(at, "at")
         with self._writer.begin() as conn:
-            conn.execute(
-                insert(_OA).values(
+            action_id = conn.execute(
+                insert(_OA)
+                .values(
                     at=at,
                     environment=environment,
                     service=service,
                     action=action,
                     actor=actor,
                     note=note,
+                    origin=origin,
                 )
-            )
+                .returning(_OA.c.id)
+            ).scalar_one()
+            chain.record_operator_action(conn, int(action_id))
             if action == "suspend":
                 _insert_ignore(
                     conn,

@@ -135,7 +135,7 @@ class Deployment(Base):
         Index("ix_deployments_environment_service_id", "environment", "service", "id"),
         Index("ix_deployments_status_id", "status", "id"),
         # The history filters: each combination of equality filters has an index with
-        # those columns then id (migration 0009; `history_index` in deployments.py).
+        # those columns then id (migration 0008; `history_index` in deployments.py).
         Index("ix_deployments_service_id", "service", "id"),
         Index("ix_deployments_status_environment_id", "status", "environment", "id"),
         Index("ix_deployments_status_service_id", "status", "service", "id"),
@@ -231,6 +231,9 @@ class OperatorAction(Base):
     action: Mapped[str] = mapped_column(String(16))
     actor: Mapped[str] = mapped_column(String(255))
     note: Mapped[str | None] = mapped_column(Text)
+    #: From where it was asked: the control socket's peer process, the HTTP client address
+    #: (migration 0007; None on rows recorded before).
+    origin: Mapped[str | None] = mapped_column(String(255))
 
     __table_args__ = (Index("ix_operator_actions_environment_id", "environment", "id"),)
 
@@ -347,3 +350,21 @@ class DaemonHolder(Base):
     pid: Mapped[int] = mapped_column(Integer)
     state_dir: Mapped[str] = mapped_column(Text)
     since: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class AuditEntry(Base):
+    """One link of the tamper-evident ledger (`chain.py`): a fact as canonical JSON, the
+    previous entry's hash and its own SHA-256 over both. Appended, never changed."""
+
+    __tablename__ = "audit_ledger"
+
+    seq: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=False)
+    kind: Mapped[str] = mapped_column(String(16))
+    ref: Mapped[int | None] = mapped_column(BigId)
+    at: Mapped[datetime] = mapped_column(UTCDateTime())
+    payload: Mapped[str] = mapped_column(Text)
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64))
+
+    # verify's cross-check reads each kind's entries in source-row order.
+    __table_args__ = (Index("ix_audit_ledger_kind_ref_seq", "kind", "ref", "seq"),)

@@ -39,7 +39,8 @@ SYNC_RESULTS: tuple[str, ...] = ("ok", "errors", "failed", "unchanged", "refused
 SYNC_APPLIED_RESULTS: tuple[str, ...] = ("ok", "errors", "unchanged")
 
 LOG_STREAMS: tuple[str, ...] = ("stdout", "stderr", "system")
-OPERATOR_ACTIONS: tuple[str, ...] = ("suspend", "resume", "retry", "deploy", "rollback")
+#: "sync": a sync an operator forced (recorded for the audit ledger).
+OPERATOR_ACTIONS: tuple[str, ...] = ("suspend", "resume", "retry", "deploy", "rollback", "sync")
 
 
 class StoreError(Exception):

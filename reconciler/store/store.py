@@ -7,7 +7,8 @@ gives each call its own connection; callers use ``asyncio.to_thread``).
 The queries live in one mixin per table or job, all mixed in here: `syncs.py`,
 `deployments.py` (with `service_state.py`, the derived per-service row it keeps up to
 date), `deployment_logs.py`, `environments.py`, `outbox.py`, `drift.py`, `export.py` (the audit
-export), `blame.py`. They share
+export), `blame.py`, `ledger.py` (the audit ledger's head and retention; its entries are
+appended by the others through `chain.py`). They share
 helpers only through `rows.py`.
 """
 
@@ -32,6 +33,7 @@ from reconciler.store.deployments import DeploymentQueries
 from reconciler.store.drift import DriftQueries
 from reconciler.store.environments import EnvironmentQueries
 from reconciler.store.export import ExportQueries
+from reconciler.store.ledger import LedgerQueries
 from reconciler.store.outbox import OutboxQueries
 from reconciler.store.records import StoreError
 from reconciler.store.rows import pinned_reads
@@ -49,6 +51,7 @@ class Store(
     DriftQueries,
     ExportQueries,
     BlameQueries,
+    LedgerQueries,
 ):
     """All reads and writes of the reconciler's records."""
 

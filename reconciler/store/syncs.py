@@ -12,7 +12,7 @@ from typing import Any
 
 from sqlalchemy import Engine, insert, select, update
 
-from reconciler.store import rows
+from reconciler.store import chain, rows
 from reconciler.store.models import Sync
 from reconciler.store.records import (
     SYNC_APPLIED_RESULTS,
@@ -94,6 +94,7 @@ class SyncQueries:
             ).rowcount
             if changed == 0:
                 raise StoreError(f"no sync {sync_id}")
+            chain.record_sync(conn, sync_id)
 
     def last_synced_commit(self) -> str | None:
         """The commit of the latest sync that applied (result ok, errors or unchanged)."""

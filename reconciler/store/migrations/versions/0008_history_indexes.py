@@ -14,8 +14,8 @@ ix_deployments_running for the running look-up of every status write (0006). The
 ``since`` filter uses ix_deployments_created_at when few
 rows are that recent (see `DeploymentQueries.history`).
 
-Revision ID: 0009
-Revises: 0008
+Revision ID: 0008
+Revises: 0007
 Create Date: 2026-11-29
 
 Hand-written; runs on SQLite and PostgreSQL.
@@ -27,8 +27,8 @@ from collections.abc import Sequence
 
 from alembic import op
 
-revision: str = "0009"
-down_revision: str | None = "0008"
+revision: str = "0008"
+down_revision: str | None = "0007"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

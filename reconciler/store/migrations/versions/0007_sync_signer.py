@@ -6,7 +6,7 @@ trusted) is recorded beside the commit, for an applied head as for a refused one
 the ledger says who vouched for each applied commit and who tried to push an untrusted one.
 Null when signatures are not checked (or the head is not signed).
 
-Revision ID: 0008
+Revision ID: 0007
 Revises: 0006
 Create Date: 2026-11-29
 
@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0008"
+revision: str = "0007"
 down_revision: str | None = "0006"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
