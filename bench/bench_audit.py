@@ -3,7 +3,7 @@
 Fills a migrated database (the real schema) with N ledger entries (default 1,000,000) and
 the rows they cover, chained with the same code the store appends with
 (`reconciler.store.chain.Appender`): 40 % deployments (each with 2 progress events and a
-log line), 30 % syncs, 30 % operator actions. Then `reconciler.store.verify` is timed
+log line), 30 % syncs, 30 % operator actions. Then `reconciler.store.verification` is timed
 (wall and CPU) against a baseline measured in the same run: reading the same rows
 (ledger and sources, streamed in the same order) without hashing or comparing anything —
 what any walk over the data must pay. Target: verify's CPU time under 60 s (the machine

@@ -256,6 +256,9 @@ class AuditConfig(_Section):
     # Prune progress events and logs of deployments that ended longer ago than this
     # (deployment rows stay, a checkpoint entry records what went). None: keep everything.
     keep: Annotated[float | None, BeforeValidator(_keep)] = None
+    # How often the daemon walks the whole chain (`audit verify`) for the dashboard's badge
+    # and its log; "0" turns it off. A million entries cost about 30 s of CPU.
+    verify_interval: Seconds = 21600.0
 
 
 class ProviderConfig(BaseModel):

@@ -39,7 +39,7 @@ from reconciler.operations import AnyAction, handle, perform
 from reconciler.plan import Decision
 from reconciler.providers import build_providers
 from reconciler.source import poll_delay, watch_refs
-from reconciler.store import DeploymentRecord, Store, schema_current
+from reconciler.store import DeploymentRecord, LedgerCheck, Store, schema_current, verify
 from reconciler.store.holder import DatabaseHeld, DatabaseLock
 from reconciler.systemd import SystemdNotifier
 
@@ -87,6 +87,7 @@ class Daemon:
         self._fatal: Exception | None = None  # raised by run() once stopped
         self.fleet: FleetSummary | None = None  # every service's state, kept in memory
         self._next_prune = 0.0  # monotonic time retention may prune again
+        self._ledger_check: LedgerCheck | None = None  # the last walk of the audit ledger
 
     # ---- what the HTTP API and signals call (reconciler.http.control.Control) -----------
 
@@ -164,6 +165,9 @@ class Daemon:
     def drifted_services(self) -> dict[str, int]:
         return self.engine.drift.drifted_by_environment() if self.engine else {}
 
+    def ledger_check(self) -> LedgerCheck | None:
+        return self._ledger_check
+
     def stop(self) -> None:
         self._stop.set()
 
@@ -216,6 +220,8 @@ class Daemon:
             self._spawn(self._sync_loop(), "sync-loop")
             self._spawn(self._watchdog_loop(), "watchdog")
             self._spawn(self._database_check_loop(), "database-check")
+            if cfg.audit.verify_interval > 0:
+                self._spawn(self._verify_loop(cfg.audit.verify_interval), "audit-verify")
             self._start_polling()
             watching = cfg.repository.watch and source.is_local()
             if watching:
@@ -438,6 +444,54 @@ class Daemon:
                     await chain_head.publish(target, head.to_json())
         except Exception as exc:
             log.error("event=audit_error error=%r", f"{type(exc).__name__}: {exc}".splitlines()[0])
+
+    async def _verify_loop(self, interval: float) -> None:
+        """Walk the whole audit ledger now and every ``interval`` (`[audit] verify_interval`):
+        the dashboard's badge, and a log line an alert can watch. It runs in a worker thread
+        and gives up at the next page once the daemon stops."""
+
+        def stopping(_phase: str, _done: int, _total: int) -> None:
+            if self._stop.is_set():
+                raise asyncio.CancelledError
+
+        while not self._stop.is_set():
+            try:
+                published = await self._published_head()
+                report = await asyncio.to_thread(
+                    verify, self.store, published=published, progress=stopping
+                )
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the database is away, say: the next walk tells
+                log.error(
+                    "event=audit_verify_error error=%r",
+                    f"{type(exc).__name__}: {exc}".splitlines()[0],
+                )
+            else:
+                self._ledger_check = LedgerCheck(utcnow(), report)
+                if report.ok:
+                    log.info("event=audit_verified entries=%d", report.entries)
+                else:
+                    first = report.findings[0].line()
+                    log.error(
+                        "event=audit_broken findings=%d first=%r",
+                        len(report.findings) + report.more,
+                        first,
+                    )
+            await asyncio.sleep(interval)
+
+    async def _published_head(self) -> dict[str, Any] | None:
+        """The head as last published (`[audit] head`), None when none is configured or it
+        cannot be read yet (before the first sync publishes it: logged, `audit verify`
+        still reports it)."""
+        target = self.config.audit_head
+        if target is None:
+            return None
+        try:
+            return await asyncio.to_thread(chain_head.read, target)
+        except chain_head.HeadError as exc:
+            log.warning("event=audit_head_unreadable error=%r", str(exc))
+            return None
 
     async def _watchdog_loop(self) -> None:
         """WATCHDOG=1 at half the interval, only while the reconcile loop is healthy: a

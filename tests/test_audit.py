@@ -425,6 +425,33 @@ def test_daemon_chains_operator_actions_with_the_os_user_and_publishes_the_head(
 
 
 @pytest.mark.timeout(120)
+def test_the_daemon_walks_the_ledger_every_verify_interval_and_logs_a_break(tmp_path: Path):
+    world = World(tmp_path)
+    world.config.write_text(world.config.read_text() + '\n[audit]\nverify_interval = "1s"\n')
+    world.repo.set_env("staging", {"api": "1.0"})
+    daemon = DaemonProcess(world)
+    try:
+        wait_for(
+            lambda: any(d["status"] == "completed" for d in history(world)), what="1.0 deployed"
+        )
+        [deployment] = history(world)
+        wait_for(lambda: "event=audit_verified" in daemon.log(), what="a walk that verifies")
+        assert "event=audit_broken" not in daemon.log()
+        store = store_for(world)
+        try:  # an edit behind the ledger's back
+            sql(store, "UPDATE deployments SET version = '0.9' WHERE id = :i", i=deployment["id"])
+        finally:
+            store.close()
+        wait_for(lambda: "event=audit_broken" in daemon.log(), what="the next walk's finding")
+        broken = next(ln for ln in daemon.log().splitlines() if "event=audit_broken" in ln)
+        assert f"first='deployment {deployment['id']}: differs from its entry" in broken
+        assert daemon.stop() == 0
+    finally:
+        if daemon.proc.poll() is None:
+            daemon.proc.kill()
+
+
+@pytest.mark.timeout(120)
 def test_daemon_prunes_old_run_detail_with_a_checkpoint(tmp_path: Path):
     world = World(tmp_path)
     world.config.write_text(world.config.read_text() + '\n[audit]\nkeep = "30d"\n')

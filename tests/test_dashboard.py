@@ -12,10 +12,11 @@ from datetime import timedelta
 from html.parser import HTMLParser
 
 import pytest
+from sqlalchemy import text
 
 from reconciler.http import dashboard, pages
 from reconciler.plan import Decision
-from reconciler.store import CommitMeta, Store, make_engine
+from reconciler.store import CommitMeta, LedgerCheck, Store, make_engine, verify
 from tests import test_http
 from tests.test_http import BAD_HISTORY_PARAMS, T0, FakeControl, Harness
 
@@ -192,16 +193,34 @@ async def test_everything_shown_is_escaped(http: Harness):
         assert "alert" not in "".join(page.script_text), url
 
 
-async def test_the_chain_badge_shows_what_the_ledger_says(
-    http: Harness, monkeypatch: pytest.MonkeyPatch
-):
-    async def verified(control: object) -> dashboard.LedgerStatus:
-        return dashboard.LedgerStatus(verified=True, detail="1,204 entries, head 3f2a9c1e")
+async def test_the_chain_badge_shows_the_daemons_last_walk_of_the_ledger(http: Harness):
+    assert not outline((await http.client.get("/")).text).has("p", id="ledger")  # no walk yet
 
-    monkeypatch.setattr(dashboard, "ledger_status", verified)
+    sync_id = record_sync(http.store, result="ok", subject="bump api")
+    report = verify(http.store)
+    assert report.ok and report.head is not None
+    http.control.ledger = LedgerCheck(T0, report)
     page = outline((await http.client.get("/")).text)
     assert page.has("p", id="ledger", **{"class": "badge badge-ok"})
-    assert "chain verified: 1,204 entries, head 3f2a9c1e" in page.words
+    assert (
+        f"chain verified: {report.entries:,} entries, head entry {report.head.seq}, "
+        "checked 2026-11-26T10:00:00Z"
+    ) in page.words
+
+    with http.store.engine.begin() as conn:  # an edit behind the ledger's back
+        conn.execute(
+            text("UPDATE syncs SET commit_subject = 'innocent' WHERE id = :i"), {"i": sync_id}
+        )
+    broken = verify(http.store)
+    assert not broken.ok
+    http.control.ledger = LedgerCheck(T0, broken)
+    page = outline((await http.client.get("/")).text)
+    assert page.has("p", id="ledger", **{"class": "badge badge-bad"})
+    assert (
+        f"chain NOT verified: 1 finding(s) at 2026-11-26T10:00:00Z, first: {broken.findings[0].line()}"
+        in page.words
+    )
+    assert f"sync {sync_id}" in broken.findings[0].line()
 
 
 async def test_overview_of_one_environment(http: Harness):

@@ -49,7 +49,7 @@ from reconciler.http.server import connection_budget
 from reconciler.http.sse import LiveFeeds, deployment_events
 from reconciler.http.webhooks import sign, sign_generic
 from reconciler.plan import Decision
-from reconciler.store import DeploymentRecord, NewDeployment, Store, make_engine
+from reconciler.store import DeploymentRecord, LedgerCheck, NewDeployment, Store, make_engine
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
 
@@ -76,6 +76,7 @@ class FakeControl:
         self.syncs: list[str] = []
         self.retries: list[tuple[str, str]] = []
         self.depth = 0
+        self.ledger: LedgerCheck | None = None
 
     @property
     def config(self) -> Config:
@@ -116,6 +117,9 @@ class FakeControl:
 
     def drifted_services(self) -> dict[str, int]:
         return {"production": 2}
+
+    def ledger_check(self) -> LedgerCheck | None:
+        return self.ledger
 
 
 def make_config(tmp_path: Path, *, token: bool = True, webhooks: bool = True, **server) -> Config:

@@ -12,7 +12,7 @@ from reconciler.channel import Accepted, DeployAction, RollbackAction, SuspendAc
 from reconciler.config import Config
 from reconciler.events import EventHub
 from reconciler.plan import Decision
-from reconciler.store import Store
+from reconciler.store import LedgerCheck, Store
 
 
 class Control(Protocol):
@@ -64,4 +64,8 @@ class Control(Protocol):
 
     def drifted_services(self) -> dict[str, int]:
         """Per environment: services whose live version differs from the deployed one."""
+        ...
+
+    def ledger_check(self) -> LedgerCheck | None:
+        """The daemon's latest walk of the audit ledger, None before the first one."""
         ...

@@ -24,7 +24,7 @@ from reconciler.http import api, pages
 from reconciler.http.control import Control
 from reconciler.plan import Decision
 from reconciler.store import STATUSES, Store, SyncRecord
-from reconciler.store.records import SYNC_APPLIED_RESULTS
+from reconciler.store.records import SYNC_APPLIED_RESULTS, format_time
 
 HTML = "text/html; charset=utf-8"
 #: Syncs read to find the refusals since the last applied one.
@@ -62,9 +62,18 @@ class LedgerStatus:
 
 
 async def ledger_status(control: Control) -> LedgerStatus | None:
-    """The badge's value; None renders no badge. The tamper-evident ledger (issue 11, built
-    beside the dashboard) plugs in here: return its latest verification."""
-    return None
+    """The badge's value: the daemon's latest walk of the audit ledger (`[audit]
+    verify_interval`); None (no badge) before the first one or with the walks off."""
+    check = control.ledger_check()
+    if check is None:
+        return None
+    report, at = check.report, format_time(check.at)
+    if report.ok:
+        head = f", head entry {report.head.seq}" if report.head else ""
+        return LedgerStatus(True, f"{report.entries:,} entries{head}, checked {at}")
+    found = len(report.findings) + report.more
+    first = report.findings[0].line()
+    return LedgerStatus(False, f"{found:,} finding(s) at {at}, first: {first}")
 
 
 # ---- overview ----------------------------------------------------------------------------

@@ -51,7 +51,7 @@ if TYPE_CHECKING:
         format_time,
     )
     from reconciler.store.store import Store
-    from reconciler.store.verify import Finding, VerifyReport, verify
+    from reconciler.store.verification import Finding, LedgerCheck, VerifyReport, verify
 
 _WHERE = {
     "SchemaTooNew": "reconciler.store.db",
@@ -88,9 +88,10 @@ _WHERE = {
     "SyncRecord": "reconciler.store.records",
     "format_time": "reconciler.store.records",
     "Store": "reconciler.store.store",
-    "Finding": "reconciler.store.verify",
-    "VerifyReport": "reconciler.store.verify",
-    "verify": "reconciler.store.verify",
+    "Finding": "reconciler.store.verification",
+    "LedgerCheck": "reconciler.store.verification",
+    "VerifyReport": "reconciler.store.verification",
+    "verify": "reconciler.store.verification",
     "NOTIFICATION_STATES": "reconciler.store.records",
     "LedgerBatch": "reconciler.store.records",
     "LedgerEvent": "reconciler.store.records",
@@ -130,6 +131,7 @@ __all__ = [
     "Finding",
     "Holder",
     "LedgerBatch",
+    "LedgerCheck",
     "LedgerEvent",
     "LiveObservation",
     "LogLine",

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, func, select
@@ -78,6 +79,15 @@ class VerifyReport:
             "findings": [f.to_json() for f in self.findings],
             "more_findings": self.more,
         }
+
+
+@dataclass(frozen=True)
+class LedgerCheck:
+    """A walk of the ledger that the daemon made (every ``[audit] verify_interval``): what
+    the dashboard's badge shows and the daemon logs."""
+
+    at: datetime
+    report: VerifyReport
 
 
 class _Findings:
