@@ -12,8 +12,7 @@ from typing import Any
 
 from sqlalchemy import Engine, delete, func, insert, select
 
-from reconciler.store import rows
-from reconciler.store.models import EnvironmentState, OperatorAction, OperatorSuspended
+from reconciler.store import models, rows
 from reconciler.store.records import OPERATOR_ACTIONS, EnvironmentStateRecord
 
 # Shared with the other query modules (rows.py), under the names the queries use.
@@ -23,9 +22,9 @@ _chunks = rows.chunks
 _insert_ignore = rows.insert_ignore
 _upsert = rows.upsert
 
-_ENV = rows.table(EnvironmentState)
-_OA = rows.table(OperatorAction)
-_OS = rows.table(OperatorSuspended)
+_ENV = models.environment_state
+_OA = models.operator_actions
+_OS = models.operator_suspended
 
 
 class EnvironmentQueries:

@@ -12,8 +12,7 @@ from typing import Any
 
 from sqlalchemy import Engine, insert, select, update
 
-from reconciler.store import rows
-from reconciler.store.models import Sync
+from reconciler.store import models, rows
 from reconciler.store.records import (
     SYNC_APPLIED_RESULTS,
     SYNC_RESULTS,
@@ -29,7 +28,7 @@ _check = rows.check
 _one_line = rows.one_line_or_none
 _sync = rows.sync_record
 
-_S = rows.table(Sync)
+_S = models.syncs
 
 
 class SyncQueries:
