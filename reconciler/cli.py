@@ -343,15 +343,25 @@ def plan_cmd(ctx: click.Context, environment: str | None, as_json: bool, wide: b
 @click.pass_context
 def status_cmd(ctx: click.Context, environment: str | None, as_json: bool, wide: bool) -> None:
     """Per service: desired, deployed, state, last commit."""
-    engine, decisions = run(ops.decisions(cfg(ctx), fetch=False, environment=environment))
-    commit = engine.commit.sha if engine.commit else None
+    from reconciler.status import saved_status
+    from reconciler.store import Store
+
+    config = cfg(ctx)
+    store = Store.for_reading(config.database_url)
+    saved = saved_status(config, store, environment)
+    if saved is None:  # the last sync found broken files: only the engine reads them
+        engine, decisions = run(ops.decisions(cfg(ctx), fetch=False, environment=environment))
+        commit = engine.commit.sha if engine.commit else None
+    else:
+        if environment is not None and environment not in saved.environments:
+            fail(f"unknown environment '{environment}'", 2)
+        decisions, commit = saved.decisions, saved.commit
     if as_json:
         print_json([d.status_json(commit) for d in decisions])
         return
     if commit is None:
         click.echo("no sync recorded yet: run `reconciler sync` or start the daemon", err=True)
-    reasons = engine.store.suspension_reasons()
-    decisions_table(decisions, commit, reasons=reasons, wide=wide)
+    decisions_table(decisions, commit, reasons=store.suspension_reasons(), wide=wide)
 
 
 # ---- validating ----------------------------------------------------------------------

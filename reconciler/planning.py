@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime, tzinfo
+from typing import Protocol
 from zoneinfo import ZoneInfo
 
 from desired_state import EnvironmentSpec
@@ -24,7 +25,17 @@ from reconciler.plan import (
     plan,
 )
 from reconciler.store import Store
-from reconciler.sync import Snapshot
+
+
+class Desired(Protocol):
+    """What planning reads of a desired state: a sync's `Snapshot`, or the environment
+    states saved in the store (`reconciler.status`)."""
+
+    @property
+    def effective(self) -> Mapping[str, EnvironmentSpec]: ...
+
+    @property
+    def invalid(self) -> Mapping[str, str]: ...
 
 
 def host_timezone() -> tzinfo:
@@ -83,13 +94,13 @@ class Planner:
         self.clock = clock
 
     def recorded(
-        self, snapshot: Snapshot, environments: Iterable[str] | None = None
+        self, snapshot: Desired, environments: Iterable[str] | None = None
     ) -> RecordedState:
         return recorded_state(self.store, snapshot.effective, environments)
 
     def plan(
         self,
-        snapshot: Snapshot,
+        snapshot: Desired,
         environments: list[str] | None,
         recorded: RecordedState,
         now: datetime,
@@ -102,13 +113,13 @@ class Planner:
         return plan(desired, recorded, now, self.settings, wanted, declared)
 
     async def decide(
-        self, snapshot: Snapshot, environments: Iterable[str] | None = None
+        self, snapshot: Desired, environments: Iterable[str] | None = None
     ) -> list[Decision]:
         envs = None if environments is None else list(environments)
         return await asyncio.to_thread(self.decide_now, snapshot, envs, self.clock())
 
     def decide_now(
-        self, snapshot: Snapshot, environments: list[str] | None, now: datetime
+        self, snapshot: Desired, environments: list[str] | None, now: datetime
     ) -> list[Decision]:
         """Blocking: read the ledger and plan, in one trip to a worker thread."""
         return self.plan(snapshot, environments, self.recorded(snapshot, environments), now)
