@@ -34,7 +34,7 @@ from reconciler.output import (
     print_json,
     show_deployment,
 )
-from reconciler.store.records import STATUSES
+from reconciler.store.statuses import STATUSES
 from reconciler.times import SINCE_HELP, parse_since
 
 if TYPE_CHECKING:
