@@ -33,6 +33,7 @@ from reconciler.output import (
     deployments_table,
     print_csv,
     print_json,
+    say_refusal,
     show_deployment,
 )
 from reconciler.store.statuses import STATUSES
@@ -339,16 +340,25 @@ def sync_cmd(
 @click.pass_context
 def plan_cmd(ctx: click.Context, environment: str | None, as_json: bool, wide: bool) -> None:
     """What a sync would do now, doing nothing."""
-    engine, decisions = run(ops.decisions(cfg(ctx), fetch=True, environment=environment))
+    engine, decisions = run(
+        ops.decisions(cfg(ctx), fetch=True, environment=environment, judge=True)
+    )
+    refusal = engine.snapshot.refusal  # a sync would refuse the head: planned from the applied
     actions = [d for d in decisions if d.state not in ("synced",)]
-    if as_json:
-        print_json([d.to_json() for d in actions])
+    if as_json:  # a refusal shows on every service (what a sync would keep, and why)
+        print_json([d.to_json() for d in (decisions if refusal else actions)])
         return
     if not actions:
+        if refusal:
+            say_refusal(refusal, wide=wide)
         click.echo(f"everything is in sync at {engine.commit.sha[:9] if engine.commit else '-'}")
         return
     decisions_table(
-        actions, engine.commit.sha if engine.commit else None, with_action=True, wide=wide
+        actions,
+        engine.commit.sha if engine.commit else None,
+        with_action=True,
+        wide=wide,
+        refusal=refusal,
     )
 
 
@@ -368,16 +378,19 @@ def status_cmd(ctx: click.Context, environment: str | None, as_json: bool, wide:
     if saved is None:  # the last sync found broken files: only the engine reads them
         engine, decisions = run(ops.decisions(cfg(ctx), fetch=False, environment=environment))
         commit = engine.commit.sha if engine.commit else None
+        refusal = engine.snapshot.refusal
     else:
         if environment is not None and environment not in saved.environments:
             fail(f"unknown environment '{environment}'", 2)
-        decisions, commit = saved.decisions, saved.commit
+        decisions, commit, refusal = saved.decisions, saved.commit, saved.refusal
     if as_json:
         print_json([d.status_json(commit) for d in decisions])
         return
     if commit is None:
         click.echo("no sync recorded yet: run `reconciler sync` or start the daemon", err=True)
-    decisions_table(decisions, commit, reasons=store.suspension_reasons(), wide=wide)
+    decisions_table(
+        decisions, commit, reasons=store.suspension_reasons(), wide=wide, refusal=refusal
+    )
 
 
 # ---- validating ----------------------------------------------------------------------

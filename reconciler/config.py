@@ -22,11 +22,13 @@ from pydantic import (
     ByteSize,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     model_validator,
 )
 
 from desired_state import format_duration, parse_duration
+from reconciler.allowed_signers import AllowedSigners, SignersError, read_allowed_signers
 from reconciler.configfile import config_path
 
 # git's scp-like syntax, [user@]host:path (a relative path with a colon must start with ./).
@@ -242,6 +244,17 @@ class Config(BaseModel):
     notifications: list[NotificationConfig] = Field(default_factory=list)
     # Where the file lives: relative paths inside it are resolved against this folder.
     base_dir: Path = Path(".")
+    # repository.allowed_signers as read when the configuration was loaded (start, reload).
+    _signers: AllowedSigners | None = PrivateAttr(default=None)
+
+    @property
+    def allowed_signers(self) -> AllowedSigners | None:
+        """The trusted keys, as read at load; None when commits are not verified."""
+        if self.repository.allowed_signers is None:
+            return None
+        if self._signers is None:
+            self._signers = read_signers(self)
+        return self._signers
 
     def resolve(self, path: str) -> Path:
         """A path from the file: `~` and `${VARS}` (e.g. `${CREDENTIALS_DIRECTORY}`, where
@@ -395,13 +408,22 @@ def _check_state_dir(path: Path, file: Path, writable: bool) -> None:
         raise ConfigError(f"{file}: daemon.state_dir: cannot write in {where}: {reason}") from None
 
 
+def read_signers(config: Config, file: Path | None = None) -> AllowedSigners:
+    """Read and check `repository.allowed_signers` (a ConfigError naming the file)."""
+    setting = config.repository.allowed_signers
+    assert setting is not None
+    where = f"{file}: " if file is not None else ""
+    if not setting.strip():
+        raise ConfigError(f"{where}repository.allowed_signers: empty path")
+    try:
+        return read_allowed_signers(config.resolve(setting))
+    except SignersError as exc:
+        raise ConfigError(f"{where}repository.allowed_signers: {exc}") from None
+
+
 def _check(config: Config, file: Path, writable_state: bool) -> None:
     if config.repository.allowed_signers is not None:
-        # Accepting it would apply unsigned commits to an operator who asked for signed ones.
-        raise ConfigError(
-            f"{file}: repository.allowed_signers: signed-commit checks are not supported yet; "
-            "remove the setting (commits are not verified)"
-        )
+        config._signers = read_signers(config, file)
     _check_state_dir(config.state_dir, file, writable_state)
     if config.daemon.timezone is not None:
         from zoneinfo import ZoneInfo, ZoneInfoNotFoundError

@@ -27,7 +27,7 @@ from pydantic import BaseModel
 
 from reconciler import channel
 from reconciler.config import Config, ConfigError, load_config
-from reconciler.engine import Engine, SyncOutcome, open_source
+from reconciler.engine import Engine, SyncOutcome, open_source, open_verifier
 from reconciler.events import Event, EventHub
 from reconciler.executor import DeploymentEvent, durable, utcnow
 from reconciler.http import HttpServer, start_http
@@ -177,6 +177,7 @@ class Daemon:
                 cfg, store, source, providers, listener=self.hub.deployment
             )
             engine.on_sync = self.hub.sync
+            await engine.check_signers()  # a key file that cannot be used: exit 2
             self.hub.on_event(self._on_event)
             await engine.recover()
             scheduler = AsyncIOScheduler(event_loop=asyncio.get_running_loop())
@@ -330,6 +331,9 @@ class Daemon:
                 new = await asyncio.to_thread(load_config, self.config_path)
                 providers = build_providers(new)
                 _check_reloadable(self.config, new)
+                verifier = open_verifier(new)
+                if verifier is not None:  # the new keys must be usable before they replace
+                    await asyncio.to_thread(verifier.prepare)
                 if self._notifier is not None:
                     self._notifier.reload(new)  # checks the targets; keeps the old on error
             except ConfigError as exc:

@@ -34,7 +34,7 @@ from reconciler.providers.process import end_group
 from reconciler.runners import FAILURES, Runners
 from reconciler.source import GitSource
 from reconciler.store import CommitMeta, DeploymentRecord, Store
-from reconciler.sync import Snapshot, SyncOutcome, SyncPipeline, open_source
+from reconciler.sync import Snapshot, SyncOutcome, SyncPipeline, open_source, open_verifier
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ __all__ = [
     "SyncOutcome",
     "host_timezone",
     "open_source",
+    "open_verifier",
 ]
 
 
@@ -104,7 +105,7 @@ class Engine:
         self.executor.providers = self.providers
         self.executor.kill_grace = config.daemon.kill_grace
         self.executor.log_cap = config.daemon.log_cap
-        self.pipeline.config = config
+        self.pipeline.reconfigure(config, open_verifier(config))
         self.pipeline.provider_names = list(self.providers)
         self.pipeline.check = spec_check(self.providers)
         self.drift.interval = config.daemon.drift_interval
@@ -236,6 +237,13 @@ class Engine:
             log.warning("event=recovered interrupted=%s", ",".join(map(str, ids)))
         return ids
 
+    async def check_signers(self) -> None:
+        """Make allowed_signers' keys ready now (import a GnuPG keyring): a key file that
+        cannot be used is a ConfigError at start, not a refusal of every commit later."""
+        verifier = self.pipeline.verifier
+        if verifier is not None:
+            await asyncio.to_thread(verifier.prepare)
+
     async def sync(self, trigger: str = "manual") -> SyncOutcome:
         """One pass over the branch head: fetch, load, record; wake what changed."""
         outcome, changed = await self.pipeline.run(trigger)
@@ -254,9 +262,12 @@ class Engine:
         """Wait until the mirror keeps the last applied commit (stop, standalone runs)."""
         await self.pipeline.kept()
 
-    async def preview(self) -> None:
-        """The desired state at the fetched branch head, recording nothing (for `plan`)."""
-        await self.pipeline.preview()
+    async def preview(self, *, judge: bool = False) -> None:
+        """The desired state at the fetched branch head, recording nothing (`validate`);
+        with `judge` (`plan`), the last applied one if a sync would refuse the head."""
+        if judge:
+            await self.check_signers()
+        await self.pipeline.preview(judge=judge)
 
     # ---- planning --------------------------------------------------------------------
 

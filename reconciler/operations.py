@@ -151,6 +151,7 @@ async def sync(
         outcome = reply.outcome or SyncOutcome(None, None, "delegated")
         return SyncReport(outcome, reply.deployments, delegated_to=pid)
     async with open_engine(config, exclusive=True, listener=listener) as engine:
+        await engine.check_signers()
         await engine.recover()
         if environment and service:
             await asyncio.to_thread(
@@ -302,12 +303,15 @@ def _progress_event(p: Progress) -> DeploymentEvent:
 
 
 async def decisions(
-    config: Config, *, fetch: bool, environment: str | None = None
+    config: Config, *, fetch: bool, environment: str | None = None, judge: bool = False
 ) -> tuple[Engine, list[Decision]]:
-    """Decisions at the branch head (`plan`, fetching) or at the last synced commit (`status`)."""
+    """Decisions at the branch head (`plan`, fetching) or at the last synced commit (`status`).
+
+    `judge` (`plan`): a head that a sync would refuse (untrusted signature, force push)
+    is not planned from; the last applied state is, its decisions saying why."""
     async with open_engine(config) as engine:
         if fetch:
-            await engine.preview()
+            await engine.preview(judge=judge)
         else:
             await engine.load_at_last_sync()
         if (

@@ -239,10 +239,15 @@ def deployments_table(
     table(None, columns, rows, wide=wide)
 
 
-def plain_message(d: Decision, reasons: Mapping[str, str | None] | None = None) -> str:
+def plain_message(
+    d: Decision, reasons: Mapping[str, str | None] | None = None, refusal: str | None = None
+) -> str:
     """The message without what the STATE column says already (`out_of_sync`,
-    `waiting: ...`, `deployment running`); an operator's suspension gives its reason."""
+    `waiting: ...`, `deployment running`) nor the refused head's reason (said once above
+    the table); an operator's suspension gives its reason."""
     message = d.message
+    if refusal:
+        message = message.removesuffix(refusal).removesuffix("; ")
     for said in (d.state, d.state.replace("_", " "), "deployment running"):
         if message == said:
             message = ""
@@ -264,6 +269,15 @@ def action(d: Decision) -> str:
     return "deploy" if d.trigger in (None, "git") else f"deploy ({d.trigger})"
 
 
+def say_refusal(refusal: str, *, wide: bool = False) -> None:
+    """The refused head, and why, in lines that fit the terminal (ids are never cut)."""
+    line = f"head {refusal}"
+    width = None if wide else output_width()
+    if width is not None:
+        line = textwrap.fill(line, width, break_long_words=False, break_on_hyphens=False)
+    sys.stdout.write(line + "\n")
+
+
 def decisions_table(
     decisions: Sequence[Decision],
     commit: str | None,
@@ -271,8 +285,12 @@ def decisions_table(
     reasons: Mapping[str, str | None] | None = None,
     with_action: bool = False,
     wide: bool = False,
+    refusal: str | None = None,
 ) -> None:
-    """`status` (and `plan`, `with_action`): one service a line; the message wraps."""
+    """`status` (and `plan`, `with_action`): one service a line; the message wraps.
+
+    `refusal`: the branch head is refused (the state shown is the last applied one): said
+    in one line above the table rather than in every row."""
     columns = [
         Column("ENVIRONMENT", keep=True),
         Column("SERVICE", keep=True),
@@ -286,9 +304,11 @@ def decisions_table(
     rows = [
         [d.environment, d.service, d.desired or "-", d.deployed or "-", d.state]
         + ([action(d)] if with_action else [])
-        + [plain_message(d, reasons)]
+        + [plain_message(d, reasons, refusal)]
         for d in decisions
     ]
+    if refusal:
+        say_refusal(refusal, wide=wide)
     table(f"at commit {short_sha(commit)}" if commit else None, columns, rows, wide=wide)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import replace
 from datetime import UTC, datetime, tzinfo
 from typing import Protocol
 from zoneinfo import ZoneInfo
@@ -36,6 +37,9 @@ class Desired(Protocol):
 
     @property
     def invalid(self) -> Mapping[str, str]: ...
+
+    @property
+    def refusal(self) -> str | None: ...  # the head is refused: why (planned from the applied)
 
 
 def host_timezone() -> tzinfo:
@@ -85,6 +89,13 @@ def recorded_state(
     )
 
 
+def with_refusal(decision: Decision, refusal: str) -> Decision:
+    """The decision, its message saying that the head is refused and why (the desired
+    state it was planned from is the last applied one)."""
+    message = f"{decision.message}; {refusal}" if decision.message else refusal
+    return replace(decision, message=message)
+
+
 class Planner:
     """Decisions for a snapshot, as of the clock's now."""
 
@@ -110,7 +121,10 @@ class Planner:
         desired = effective if envs is None else {e: s for e, s in effective.items() if e in envs}
         wanted = invalid if envs is None else {e: m for e, m in invalid.items() if e in envs}
         declared = {e: s.services.keys() for e, s in effective.items()}
-        return plan(desired, recorded, now, self.settings, wanted, declared)
+        decisions = plan(desired, recorded, now, self.settings, wanted, declared)
+        if snapshot.refusal is not None:
+            decisions = [with_refusal(d, snapshot.refusal) for d in decisions]
+        return decisions
 
     async def decide(
         self, snapshot: Desired, environments: Iterable[str] | None = None

@@ -27,6 +27,7 @@ class SavedDesired:
 
     effective: Mapping[str, EnvironmentSpec]
     invalid: Mapping[str, str] = field(default_factory=dict)
+    refusal: str | None = None  # the ledger's refusal of the head still in force
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class Status:
     commit: str | None  # the last applied commit; None before the first sync
     environments: frozenset[str]  # every environment it declared
     decisions: list[Decision]
+    refusal: str | None  # why the branch head is not applied, while it is refused
 
 
 def saved_status(
@@ -45,13 +47,16 @@ def saved_status(
     if sync is not None and sync.errors:
         return None
     saved = store.environment_states() if sync is not None else {}
+    refused = store.refusal_in_force()  # as the engine's `load_at_last_sync` reads it
     desired = SavedDesired(
-        {name: EnvironmentSpec.model_validate(state.spec) for name, state in saved.items()}
+        {name: EnvironmentSpec.model_validate(state.spec) for name, state in saved.items()},
+        refusal=refused.error_message if refused is not None and refused.error_message else None,
     )
     commit = sync.commit_sha if sync is not None else None
     if environment is not None and environment not in saved:
-        return Status(commit, frozenset(saved), [])  # the caller names it unknown
+        return Status(commit, frozenset(saved), [], desired.refusal)  # named unknown by caller
     when = now or datetime.now(UTC)
     planner = Planner(store, plan_settings(config), lambda: when)
     envs = None if environment is None else [environment]
-    return Status(commit, frozenset(saved), planner.decide_now(desired, envs, when))
+    decisions = planner.decide_now(desired, envs, when)
+    return Status(commit, frozenset(saved), decisions, desired.refusal)

@@ -13,7 +13,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from types import MappingProxyType
@@ -29,7 +29,7 @@ from desired_state import (
     parse_environment_file,
 )
 from reconciler.config import Config
-from reconciler.source import Changes, CommitInfo, GitSource, SourceError
+from reconciler.source import Changes, CommitInfo, GitSource, SignatureVerifier, SourceError
 from reconciler.store import CommitMeta, EnvironmentStateRecord, Store
 
 # The engine's logger name, as before the split: operators filter the journal on it.
@@ -61,6 +61,9 @@ class Snapshot:
     # Valid environments as written; a broken one keeps its last valid desired state.
     effective: Mapping[str, EnvironmentSpec] = field(default_factory=dict)
     invalid: Mapping[str, str] = field(default_factory=dict)  # environment -> first error
+    # Set while the branch head is refused (untrusted signature, force push): why. What is
+    # above stays the last applied state; `status` and `plan` say so beside each service.
+    refusal: str | None = None
 
     def __post_init__(self) -> None:
         # Read-only views: a snapshot is shared by every runner that decided from it.
@@ -68,11 +71,29 @@ class Snapshot:
             object.__setattr__(self, name, MappingProxyType(dict(getattr(self, name))))
 
 
+@dataclass(frozen=True)
+class Refusal:
+    """A head that is not applied, and why; what was applied before stays in force."""
+
+    message: str
+    applied: str | None  # the last applied commit
+    signer: str | None = None  # who signed the head, when allowed_signers is set
+
+
+def _rewritten(head: str, applied: str, signer: str | None) -> Refusal:
+    return Refusal(
+        f"refused {head[:12]}: it does not descend from the last applied commit "
+        f"{applied[:12]} (history rewritten); set repository.allow_force_push = true to accept",
+        applied,
+        signer,
+    )
+
+
 @dataclass
 class _Prepared:
     """A sync's reading half: what the head says, before anything is recorded."""
 
-    refused_from: str | None  # set: a rewritten history that is not accepted
+    refusal: Refusal | None  # set: the head is not applied
     meta: CommitMeta | None = None
     parsed: dict[str, ParsedFile] = field(default_factory=dict)
     desired: DesiredState = field(default_factory=lambda: assemble([]))
@@ -81,10 +102,7 @@ class _Prepared:
     changed: list[str] = field(default_factory=list)
     full: bool = False
     note: str | None = None
-
-    @classmethod
-    def refused(cls, applied: str) -> _Prepared:
-        return cls(refused_from=applied)
+    signer: str | None = None  # who signed the head (allowed_signers)
 
     @property
     def result(self) -> str:
@@ -93,6 +111,15 @@ class _Prepared:
 
 def _meta(info: CommitInfo) -> CommitMeta:
     return CommitMeta(sha=info.sha, author=info.author, time=info.authored_at, subject=info.subject)
+
+
+def open_verifier(config: Config) -> SignatureVerifier | None:
+    """The signature check of `repository.allowed_signers`; None when it is not set."""
+    signers = config.allowed_signers
+    if signers is None:
+        return None
+    state = Path(config.state_dir)
+    return SignatureVerifier(signers, state / "repo.git", state)
 
 
 def open_source(config: Config) -> GitSource:
@@ -122,11 +149,19 @@ class SyncPipeline:
         # The providers' own checks of the files that name them (params, strategy).
         self.check: SpecCheck | None = None
         self.clock = clock
+        self.verifier = open_verifier(config)  # replaced on reload (reconfigure)
         self.snapshot = Snapshot()
         self._path_env: dict[str, str] = {}  # file path -> the environment it last declared
         self._lock = asyncio.Lock()
         self._last_error: str | None = None
         self._keeping: asyncio.Task[None] | None = None  # GitSource.keep of the last commit
+
+    def reconfigure(self, config: Config, verifier: SignatureVerifier | None) -> None:
+        """A reloaded configuration, with the verifier made (and prepared) for it."""
+        self.config = config
+        if verifier is None or self.verifier is None or verifier.home != self.verifier.home:
+            self.verifier = verifier  # the same keys keep their verdicts
+            self._last_error = None  # a refusal may read differently now: record it again
 
     async def run(self, trigger: str) -> tuple[SyncOutcome, list[str]]:
         """One pass over the branch head: the outcome, and the environments to wake."""
@@ -155,13 +190,13 @@ class SyncPipeline:
             return await self._fetch_failed(trigger, seen, str(exc)), []
         current = self.snapshot
         old = current.commit.sha if current.commit else None
-        if head == old and trigger in ("poll", "watch", "webhook"):
+        if head == old and trigger in ("poll", "watch", "webhook") and current.refusal is None:
             self._last_error = None
             return SyncOutcome(current.sync_id, head, "unchanged"), []
         # Reading and parsing in one trip off the loop; nothing is applied yet.
         step = await asyncio.to_thread(self._prepare, old, head)
-        if step.refused_from is not None:
-            return await self._refuse(trigger, seen, head, step.refused_from)
+        if step.refusal is not None:
+            return await self._refuse(trigger, seen, head, step.refusal)
         self._last_error = None
         sync_id = await asyncio.to_thread(self._record, trigger, seen, step)
         self.snapshot = Snapshot(
@@ -186,22 +221,37 @@ class SyncPipeline:
         errors = [str(e) for e in step.desired.errors]
         return SyncOutcome(sync_id, head, step.result, step.changed, errors), wake
 
+    def _judge(self, head: str, applied: str | None) -> tuple[Refusal | None, str | None]:
+        """With allowed_signers, a new head must be signed by a trusted key: (the refusal
+        if it is not, the signer). The applied commit itself is not checked again."""
+        if self.verifier is None or head == applied:
+            return None, None
+        verdict = self.verifier.verify(head)
+        if verdict.trusted:
+            return None, verdict.signer
+        message = f"refused {head[:12]}: {verdict.reason} (repository.allowed_signers)"
+        return Refusal(message, applied, verdict.signer), verdict.signer
+
     def _prepare(self, old: str | None, head: str) -> _Prepared:
         """Load what changed since `old`, parse it, and work out the new desired state."""
+        # After a restart: compare with the last commit the ledger says was applied.
+        applied = old if old is not None else self.store.last_synced_commit()
+        refusal, signer = self._judge(head, applied)
+        if refusal is not None:
+            return _Prepared(refusal)
         changes = self.source.load(old, head)
         if old is not None:
             rewritten = changes.full and changes.reason is not None
-            applied: str | None = old
-        else:  # after a restart: compare with the last commit the ledger says was applied
-            applied = self.store.last_synced_commit()
+        else:
             rewritten = (
                 applied is not None
                 and applied != head
                 and not self.source.is_ancestor(applied, head)
             )
         if rewritten and not self.config.repository.allow_force_push:
-            return _Prepared.refused(applied or "")
+            return _Prepared(_rewritten(head, applied or "", signer))
         step = self._read(head, changes)
+        step.signer = signer
         if rewritten and step.note is None:
             step.note = f"history rewritten: {(applied or '')[:12]} is not an ancestor of {head[:12]}; full load"
         return step
@@ -228,7 +278,9 @@ class SyncPipeline:
 
     def _record(self, trigger: str, seen: datetime, step: _Prepared) -> int:
         assert step.meta is not None and step.desired is not None
-        sync_id = self.store.begin_sync(trigger=trigger, seen_at=seen, commit=step.meta)
+        sync_id = self.store.begin_sync(
+            trigger=trigger, seen_at=seen, commit=step.meta, signer=step.signer
+        )
         self._save_states(step.desired, step.meta.sha)
         saved = set(self.store.environment_states()) if step.full else set(self.snapshot.effective)
         self.store.forget_environment_states(saved - set(step.effective))
@@ -258,24 +310,29 @@ class SyncPipeline:
             await asyncio.shield(self._keeping)
 
     async def _refuse(
-        self, trigger: str, seen: datetime, head: str, applied: str
+        self, trigger: str, seen: datetime, head: str, refusal: Refusal
     ) -> tuple[SyncOutcome, list[str]]:
-        """A head that does not descend from the last applied commit (a force push) is not
-        applied unless `allow_force_push`; recorded once per refused head."""
-        message = (
-            f"refused {head[:12]}: it does not descend from the last applied commit "
-            f"{applied[:12]} (history rewritten); set repository.allow_force_push = true to accept"
-        )
+        """A head that is not applied (a force push without `allow_force_push`, a commit
+        not signed by a key of `allowed_signers`): the last applied state stays in force;
+        recorded once per refused head and reason."""
+        message, applied = refusal.message, refusal.applied
         wake: list[str] = []
         if self.snapshot.commit is None and applied:
             # Just started: what stays in force is what was applied, not nothing.
             await self._load_applied(applied)
             wake = list(self.snapshot.effective)
-        log.error("event=sync_refused commit=%s applied=%s", head[:12], applied[:12])
+        self.snapshot = replace(self.snapshot, refusal=message)
+        log.error(
+            "event=sync_refused commit=%s applied=%s signer=%s reason=%r",
+            head[:12],
+            (applied or "-")[:12],
+            refusal.signer or "-",
+            message,
+        )
         meta = None
         if message != self._last_error:  # already recorded: no need to read the commit
             meta = _meta(await asyncio.to_thread(self.source.commit_info, head))
-        sync_id = await self._record_once(trigger, seen, meta, "refused", message)
+        sync_id = await self._record_once(trigger, seen, meta, "refused", message, refusal.signer)
         return SyncOutcome(sync_id, head, "refused", message=message), wake
 
     async def _fetch_failed(self, trigger: str, seen: datetime, message: str) -> SyncOutcome:
@@ -284,7 +341,13 @@ class SyncPipeline:
         return SyncOutcome(sync_id, None, "failed", message=message)
 
     async def _record_once(
-        self, trigger: str, seen: datetime, commit: CommitMeta | None, result: str, message: str
+        self,
+        trigger: str,
+        seen: datetime,
+        commit: CommitMeta | None,
+        result: str,
+        message: str,
+        signer: str | None = None,
     ) -> int | None:
         """Record a sync that applied nothing, once per distinct error: the same outage or
         refusal is one record, not one per poll."""
@@ -292,7 +355,7 @@ class SyncPipeline:
             return None
         self._last_error = message
         sync_id = await asyncio.to_thread(
-            self.store.begin_sync, trigger=trigger, seen_at=seen, commit=commit
+            self.store.begin_sync, trigger=trigger, seen_at=seen, commit=commit, signer=signer
         )
         await asyncio.to_thread(
             self.store.finish_sync,
@@ -353,10 +416,15 @@ class SyncPipeline:
             self.store.save_environment_states(changed, commit=commit, at=self.clock())
 
     async def load_at_last_sync(self) -> None:
-        """The desired state of the last synced commit, from the local clone (for `status`)."""
-        sha = await asyncio.to_thread(self.store.last_synced_commit)
+        """The desired state of the last synced commit, from the local clone (for `status`),
+        and the refusal of the head that the ledger says is still in force, if any."""
+        sha, refused = await asyncio.to_thread(
+            lambda: (self.store.last_synced_commit(), self.store.refusal_in_force())
+        )
         if sha is not None:
             await self._load_applied(sha)
+        if refused is not None and refused.error_message:
+            self.snapshot = replace(self.snapshot, refusal=refused.error_message)
 
     async def _load_applied(self, sha: str) -> None:
         """The desired state applied at `sha`: read from the mirror (which keeps it), else,
@@ -380,9 +448,33 @@ class SyncPipeline:
         commit = meta if meta is not None and meta.sha == sha else CommitMeta(sha, None, None, None)
         self.snapshot = Snapshot(commit, self.snapshot.sync_id, {}, None, effective, {})
 
-    async def preview(self) -> None:
-        """The desired state at the fetched branch head, recording nothing (for `plan`)."""
-        await self._load_full(await asyncio.to_thread(self.source.fetch))
+    async def preview(self, *, judge: bool = False) -> None:
+        """The desired state at the fetched branch head, recording nothing (`validate`).
+
+        `judge` (for `plan`): a head that a sync would refuse is not loaded; the last applied
+        state is, with the refusal beside it."""
+        head = await asyncio.to_thread(self.source.fetch)
+        refusal = await asyncio.to_thread(self._refusal, head) if judge else None
+        if refusal is None:
+            await self._load_full(head)
+            return
+        if refusal.applied:
+            await self._load_applied(refusal.applied)
+        self.snapshot = replace(self.snapshot, refusal=refusal.message)
+
+    def _refusal(self, head: str) -> Refusal | None:
+        """Why a sync would refuse `head` now, if it would (nothing recorded)."""
+        applied = self.store.last_synced_commit()
+        refusal, signer = self._judge(head, applied)
+        if (
+            refusal is None
+            and applied is not None
+            and applied != head
+            and not self.config.repository.allow_force_push
+            and not self.source.is_ancestor(applied, head)
+        ):
+            refusal = _rewritten(head, applied, signer)
+        return refusal
 
     async def _load_full(self, sha: str) -> None:
         step = await asyncio.to_thread(lambda: self._read(sha, self.source.load(None, sha)))

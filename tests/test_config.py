@@ -135,22 +135,24 @@ def test_repository_urls_local_paths_resolve_and_remote_ones_stay(tmp_path, url,
         assert c.repository_url.startswith(str(tmp_path))
 
 
-def test_allowed_signers_is_refused_until_signatures_are_checked(tmp_path):
-    """Setting it must not silently apply unsigned commits: a configuration error."""
+def test_a_missing_allowed_signers_file_is_a_configuration_error(tmp_path):
+    """Commits are verified against it: without it, nothing could be trusted."""
     text = GOOD.replace('poll_interval = "2m"', 'poll_interval = "2m"\nallowed_signers = "keys"')
     with pytest.raises(ConfigError) as err:
         load_config(write(tmp_path, text), environ={})
     message = str(err.value)
-    assert "repository.allowed_signers" in message and "not supported yet" in message
+    assert (
+        "repository.allowed_signers" in message and f"{tmp_path / 'keys'} does not exist" in message
+    )
     assert "\n" not in message
     # The same through the environment override.
-    with pytest.raises(ConfigError, match="not supported yet"):
+    with pytest.raises(ConfigError, match="does not exist"):
         load_config(
             write(tmp_path, GOOD), environ={"RECONCILER_REPOSITORY__ALLOWED_SIGNERS": "keys"}
         )
 
 
-def test_allowed_signers_refusal_exits_2_with_one_line(tmp_path):
+def test_a_missing_allowed_signers_file_exits_2_with_one_line(tmp_path):
     import subprocess
 
     from tests.support import RECONCILER, cli_env
@@ -164,4 +166,4 @@ def test_allowed_signers_refusal_exits_2_with_one_line(tmp_path):
         timeout=60,
     )
     assert out.returncode == 2
-    assert out.stderr.count("\n") == 1 and "not supported yet" in out.stderr
+    assert out.stderr.count("\n") == 1 and "keys does not exist" in out.stderr

@@ -112,6 +112,7 @@ def sync_json(sync: SyncRecord) -> dict[str, Any]:
         "environments_changed": list(sync.environments_changed),
         "errors": list(sync.errors),
         "error_message": sync.error_message,
+        "signer": sync.signer,
     }
 
 

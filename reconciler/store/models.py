@@ -96,6 +96,8 @@ syncs = Table(
     Column("environments_changed", JSON, nullable=False),
     Column("errors", JSON, nullable=False),
     Column("error_message", Text),
+    # Who signed the head (allowed_signers): key fingerprint, and principal when trusted.
+    Column("signer", Text),
     Index("ix_syncs_result_id", "result", "id"),
 )
 

@@ -182,6 +182,7 @@ class SyncRecord:
     environments_changed: list[str]
     errors: list[dict[str, Any]]
     error_message: str | None
+    signer: str | None = None  # with allowed_signers: who signed the head (fingerprint)
 
 
 class ServiceState(NamedTuple):

@@ -109,6 +109,7 @@ def sync_record(row: Row[Any]) -> SyncRecord:
         environments_changed=list(m["environments_changed"] or []),
         errors=list(m["errors"] or []),
         error_message=m["error_message"],
+        signer=m["signer"],
     )
 
 

@@ -37,7 +37,14 @@ class SyncQueries:
     engine: Engine
     _writer: Engine
 
-    def begin_sync(self, *, trigger: str, seen_at: datetime, commit: CommitMeta | None) -> int:
+    def begin_sync(
+        self,
+        *,
+        trigger: str,
+        seen_at: datetime,
+        commit: CommitMeta | None,
+        signer: str | None = None,
+    ) -> int:
         _check(trigger, SYNC_TRIGGERS, "sync trigger")
         values: dict[str, Any] = {
             "trigger": trigger,
@@ -45,6 +52,7 @@ class SyncQueries:
             "full_load": False,
             "environments_changed": [],
             "errors": [],
+            "signer": _one_line(signer),
         }
         if commit is not None:
             values.update(
@@ -96,6 +104,20 @@ class SyncQueries:
                 .limit(1)
             ).scalar()
             return sha
+
+    def refusal_in_force(self) -> SyncRecord | None:
+        """The latest refused sync when no sync applied a commit since (the head is still
+        refused, as far as the ledger knows): what `status` says beside the applied state."""
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(_S)
+                .where(_S.c.result.in_((*SYNC_APPLIED_RESULTS, "refused")))
+                .order_by(_S.c.id.desc())
+                .limit(1)
+            ).first()
+        if row is None or row._mapping["result"] != "refused":
+            return None
+        return _sync(row)
 
     def list_syncs(self, limit: int = 20) -> list[SyncRecord]:
         """The latest syncs, newest first."""
