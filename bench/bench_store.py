@@ -83,11 +83,11 @@ from reconciler.engine import Engine, open_source
 from reconciler.fleet import FleetSummary
 from reconciler.providers import build_providers
 from reconciler.store import NewDeployment, Store
-from reconciler.store.models import Base
+from reconciler.store.models import metadata
 
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
 TARGET = 0.050
-D = Base.metadata.tables["deployments"]
+D = metadata.tables["deployments"]
 COLUMNS = (
     "environment", "service", "version", "previous_version", "provider", "provider_type",
     "strategy", "status", "error_message", "trigger", "commit", "commit_author", "attempt",

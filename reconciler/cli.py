@@ -7,6 +7,7 @@ Errors are one sentence on stderr; set RECONCILER_DEBUG=1 to see a traceback.
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import os
 import re
@@ -35,7 +36,7 @@ from reconciler.output import (
     say_refusal,
     show_deployment,
 )
-from reconciler.store.records import STATUSES
+from reconciler.store.statuses import STATUSES
 from reconciler.times import SINCE_HELP, parse_since
 
 if TYPE_CHECKING:
@@ -87,6 +88,19 @@ def usage_failure(exc: click.ClickException) -> NoReturn:
 
 class Group(click.Group):
     """Turns every expected failure into one line on stderr and the SPEC's exit status."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        """The whole command with the cyclic garbage collector off, unless it runs long
+        (`run()`, the daemon turn it back on): importing SQLAlchemy and Pydantic makes
+        objects by the hundred thousand and no garbage, and collecting them over and over
+        is ~10 % of a reading command's start-up (bench/bench_cli.py)."""
+        was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return super().main(*args, **kwargs)
+        finally:
+            if was_enabled:
+                gc.enable()
 
     def make_context(
         self,
@@ -149,6 +163,7 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
     kills the process under its command, which would leave that command running."""
     import asyncio  # not for `--help`, `history`, `show`: ~20 ms of start-up
 
+    gc.enable()  # off while the command started (Group.main); this may run for long
     received: list[signal.Signals] = []
     try:
         return asyncio.run(_stoppable(coro, received))
@@ -224,6 +239,7 @@ def run_cmd(ctx: click.Context, log_format: str | None) -> None:
 
     config = cfg(ctx)
     setup_logging(log_format or "text")
+    gc.enable()  # off while the command started (Group.main)
     try:
         run_daemon(config, ctx.ensure_object(dict).get("config_path"))
     except HttpServerError as exc:
@@ -354,16 +370,28 @@ def plan_cmd(ctx: click.Context, environment: str | None, as_json: bool, wide: b
 @click.pass_context
 def status_cmd(ctx: click.Context, environment: str | None, as_json: bool, wide: bool) -> None:
     """Per service: desired, deployed, state, last commit."""
-    engine, decisions = run(ops.decisions(cfg(ctx), fetch=False, environment=environment))
-    commit = engine.commit.sha if engine.commit else None
+    from reconciler.status import saved_status
+    from reconciler.store import Store
+
+    config = cfg(ctx)
+    store = Store.for_reading(config.database_url)
+    saved = saved_status(config, store, environment)
+    if saved is None:  # the last sync found broken files: only the engine reads them
+        engine, decisions = run(ops.decisions(cfg(ctx), fetch=False, environment=environment))
+        commit = engine.commit.sha if engine.commit else None
+        refusal = engine.snapshot.refusal
+    else:
+        if environment is not None and environment not in saved.environments:
+            fail(f"unknown environment '{environment}'", 2)
+        decisions, commit, refusal = saved.decisions, saved.commit, saved.refusal
     if as_json:
         print_json([d.status_json(commit) for d in decisions])
         return
     if commit is None:
         click.echo("no sync recorded yet: run `reconciler sync` or start the daemon", err=True)
-    reasons = engine.store.suspension_reasons()
-    refusal = engine.snapshot.refusal
-    decisions_table(decisions, commit, reasons=reasons, wide=wide, refusal=refusal)
+    decisions_table(
+        decisions, commit, reasons=store.suspension_reasons(), wide=wide, refusal=refusal
+    )
 
 
 # ---- validating ----------------------------------------------------------------------

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import os
-import shutil
 import sys
 import textwrap
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, NamedTuple, TextIO
 
 from desired_state import one_line
 
@@ -51,6 +48,8 @@ def print_json(value: Any, out: TextIO | None = None) -> None:
 def print_csv(
     rows: Sequence[Mapping[str, Any]], columns: Sequence[str], out: TextIO | None = None
 ) -> None:
+    import csv  # csv and shutil are imported where used: start-up of every command
+
     buf = io.StringIO()
     writer = csv.DictWriter(
         buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n"
@@ -67,8 +66,7 @@ def _cell(value: Any) -> Any:
     return "" if value is None else value
 
 
-@dataclass(frozen=True)
-class Column:
+class Column(NamedTuple):
     """A table column. `keep` columns are always printed whole (ids, names, versions,
     statuses); the others are dropped, lowest `rank` first, until the table fits the
     width. A `wrap` column takes what width is left and wraps its text onto more lines."""
@@ -90,6 +88,8 @@ def output_width() -> int | None:
     if columns.isdigit() and int(columns) > 0:
         return int(columns)
     if sys.stdout.isatty():
+        import shutil
+
         return shutil.get_terminal_size().columns
     return None
 

@@ -11,8 +11,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, tzinfo
 from zoneinfo import ZoneInfo
 
-from croniter import croniter
-
 from desired_state import EnvironmentSpec, Window, format_duration
 
 
@@ -140,6 +138,8 @@ def window_state(
     windows = list(windows)
     if not windows:
         return True, None
+    from croniter import croniter  # only for windows: `status` of most fleets never needs it
+
     next_open: datetime | None = None
     for w in windows:
         tz = ZoneInfo(w.timezone) if w.timezone else default_tz

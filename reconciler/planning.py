@@ -11,6 +11,7 @@ import asyncio
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import replace
 from datetime import UTC, datetime, tzinfo
+from typing import Protocol
 from zoneinfo import ZoneInfo
 
 from desired_state import EnvironmentSpec
@@ -25,7 +26,20 @@ from reconciler.plan import (
     plan,
 )
 from reconciler.store import ServiceState, Store
-from reconciler.sync import Snapshot
+
+
+class Desired(Protocol):
+    """What planning reads of a desired state: a sync's `Snapshot`, or the environment
+    states saved in the store (`reconciler.status`)."""
+
+    @property
+    def effective(self) -> Mapping[str, EnvironmentSpec]: ...
+
+    @property
+    def invalid(self) -> Mapping[str, str]: ...
+
+    @property
+    def refusal(self) -> str | None: ...  # the head is refused: why (planned from the applied)
 
 
 def host_timezone() -> tzinfo:
@@ -102,14 +116,14 @@ class Planner:
         self.clock = clock
 
     def recorded(
-        self, snapshot: Snapshot, environments: Iterable[str] | None = None
+        self, snapshot: Desired, environments: Iterable[str] | None = None
     ) -> RecordedState:
         with self.store.reading():  # its few reads on one connection, one view
             return recorded_state(self.store, snapshot.effective, environments, self.states_reader)
 
     def plan(
         self,
-        snapshot: Snapshot,
+        snapshot: Desired,
         environments: list[str] | None,
         recorded: RecordedState,
         now: datetime,
@@ -125,13 +139,13 @@ class Planner:
         return decisions
 
     async def decide(
-        self, snapshot: Snapshot, environments: Iterable[str] | None = None
+        self, snapshot: Desired, environments: Iterable[str] | None = None
     ) -> list[Decision]:
         envs = None if environments is None else list(environments)
         return await asyncio.to_thread(self.decide_now, snapshot, envs, self.clock())
 
     def decide_now(
-        self, snapshot: Snapshot, environments: list[str] | None, now: datetime
+        self, snapshot: Desired, environments: list[str] | None, now: datetime
     ) -> list[Decision]:
         """Blocking: read the ledger and plan, in one trip to a worker thread."""
         return self.plan(snapshot, environments, self.recorded(snapshot, environments), now)

@@ -22,7 +22,7 @@ from reconciler.store import (
     upgrade,
 )
 from reconciler.store.db import HEAD_REVISION, MIGRATIONS_DIR, _script, alembic_config
-from reconciler.store.models import Base
+from reconciler.store.models import metadata
 
 # Every revision, oldest first: what an empty database gets.
 ALL = [rev.revision for rev in reversed(list(_script().walk_revisions()))]
@@ -67,7 +67,7 @@ def test_head_schema_matches_models(db_url: str) -> None:
         upgrade(engine)
         with engine.connect() as conn:
             context = MigrationContext.configure(conn, opts={"compare_type": True})
-            differences = compare_metadata(context, Base.metadata)
+            differences = compare_metadata(context, metadata)
         assert differences == []
     finally:
         engine.dispose()

@@ -11,12 +11,11 @@ from datetime import datetime
 
 from sqlalchemy import Engine, select
 
-from reconciler.store import rows
-from reconciler.store.models import Deployment, Sync
+from reconciler.store import models, rows
 from reconciler.store.records import SYNC_APPLIED_RESULTS, DeploymentRecord, SyncRecord
 
-_D = rows.table(Deployment)
-_S = rows.table(Sync)
+_D = models.deployments
+_S = models.syncs
 
 
 class BlameQueries:

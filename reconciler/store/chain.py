@@ -35,16 +35,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.sql.elements import ColumnElement
 
-from reconciler.store.models import (
-    AuditEntry,
-    Base,
-    Deployment,
-    DeploymentEvent,
-    DeploymentLog,
-    OperatorAction,
-    Sync,
-    UTCDateTime,
-)
+from reconciler.store import models
+from reconciler.store.models import UTCDateTime
 from reconciler.store.records import TERMINAL_STATUSES
 
 FORMAT = 1
@@ -55,13 +47,12 @@ PG_LEDGER_LOCK = 0x6C6564676572
 
 KINDS = ("genesis", "sync", "deployment", "operator_action", "checkpoint")
 
-_T = Base.metadata.tables
-A = _T[AuditEntry.__tablename__]
-S = _T[Sync.__tablename__]
-D = _T[Deployment.__tablename__]
-E = _T[DeploymentEvent.__tablename__]
-L = _T[DeploymentLog.__tablename__]
-OA = _T[OperatorAction.__tablename__]
+A = models.audit_ledger
+S = models.syncs
+D = models.deployments
+E = models.deployment_events
+L = models.deployment_logs
+OA = models.operator_actions
 
 #: The columns each kind's payload always holds (format 1), named once: a column added to
 #: a table later is covered when it holds a value (see `row_json`), so a migration that

@@ -82,6 +82,9 @@ def make_engine(url: str) -> Engine:
         event.listen(engine, "connect", _sqlite_on_connect)
         event.listen(engine, "begin", _sqlite_on_begin)
         return engine
+    from reconciler.store.models import postgresql_options
+
+    postgresql_options()  # the PostgreSQL dialect is loaded now anyway
     return create_engine(parsed, pool_pre_ping=True)
 
 

@@ -13,15 +13,14 @@ from sqlalchemy import Engine, Select, func, insert, select
 from sqlalchemy.engine import Row
 from sqlalchemy.exc import IntegrityError
 
-from reconciler.store import rows
-from reconciler.store.models import DeploymentLog
+from reconciler.store import models, rows
 from reconciler.store.records import LOG_STREAMS, LogLine, StoreError
 
 # Shared with the other query modules (rows.py), under the names the queries use.
 _aware = rows.aware
 _check = rows.check
 
-_L = rows.table(DeploymentLog)
+_L = models.deployment_logs
 
 
 class LogQueries:

@@ -29,8 +29,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 
 from desired_state import one_line
-from reconciler.store import chain, rows
-from reconciler.store.models import Deployment, DeploymentEvent, DeploymentLog
+from reconciler.store import chain, models, rows
 from reconciler.store.records import (
     ACTIVE_STATUSES,
     STATUSES,
@@ -58,9 +57,9 @@ _deployment = rows.deployment_record
 _event = rows.event_record
 _one_line = rows.one_line_or_none
 
-_D = rows.table(Deployment)
-_E = rows.table(DeploymentEvent)
-_L = rows.table(DeploymentLog)
+_D = models.deployments
+_E = models.deployment_events
+_L = models.deployment_logs
 
 _ACTIVE = tuple(sorted(ACTIVE_STATUSES))
 

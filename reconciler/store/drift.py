@@ -17,13 +17,13 @@ from typing import Any
 
 from sqlalchemy import Engine, Table, bindparam, func, insert, select
 
-from reconciler.store.models import Base, DriftEventRow, LiveVersionRow, NotificationCursor
+from reconciler.store import models
 from reconciler.store.records import NotificationCursorRecord, StoreError
 from reconciler.store.rows import chunks, insert_ignore, reader
 
-_L: Table = Base.metadata.tables[LiveVersionRow.__tablename__]
-_DE: Table = Base.metadata.tables[DriftEventRow.__tablename__]
-_NC: Table = Base.metadata.tables[NotificationCursor.__tablename__]
+_L: Table = models.live_versions
+_DE: Table = models.drift_events
+_NC: Table = models.notification_cursor
 _CHUNK = 300
 
 

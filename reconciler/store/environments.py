@@ -13,8 +13,7 @@ from typing import Any
 
 from sqlalchemy import Engine, delete, func, insert, select
 
-from reconciler.store import chain, rows
-from reconciler.store.models import EnvironmentState, OperatorAction, OperatorSuspended
+from reconciler.store import chain, models, rows
 from reconciler.store.records import OPERATOR_ACTIONS, EnvironmentStateRecord
 
 # Shared with the other query modules (rows.py), under the names the queries use.
@@ -25,10 +24,10 @@ _reader = rows.reader
 _insert_ignore = rows.insert_ignore
 _upsert = rows.upsert
 
-_ENV = rows.table(EnvironmentState)
+_ENV = models.environment_state
 SAVE_BATCH = 100  # environment states per statement of save_environment_states
-_OA = rows.table(OperatorAction)
-_OS = rows.table(OperatorSuspended)
+_OA = models.operator_actions
+_OS = models.operator_suspended
 _SUSPENDED = select(_OS.c.environment)  # built once: read before every deployment
 
 

@@ -16,8 +16,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, and_, case, func, select
 
-from reconciler.store import rows
-from reconciler.store.models import Deployment, DeploymentEvent, OperatorAction, Sync
+from reconciler.store import models, rows
 from reconciler.store.records import DeploymentRecord, EventRecord, OperatorActionRecord
 
 _aware = rows.aware
@@ -25,10 +24,10 @@ _chunks = rows.chunks
 _deployment = rows.deployment_record
 _event = rows.event_record
 
-_D = rows.table(Deployment)
-_E = rows.table(DeploymentEvent)
-_OA = rows.table(OperatorAction)
-_S = rows.table(Sync)
+_D = models.deployments
+_E = models.deployment_events
+_OA = models.operator_actions
+_S = models.syncs
 
 #: Deployments per page: one query for them, one per 300 for their events.
 PAGE = 500

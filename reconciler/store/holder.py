@@ -30,13 +30,13 @@ from typing import IO
 
 from sqlalchemy import Connection, Engine, delete, select, text
 
+from reconciler.store import models
 from reconciler.store.db import write_engine
-from reconciler.store.models import DaemonHolder
-from reconciler.store.rows import aware, table, upsert
+from reconciler.store.rows import aware, upsert
 
 log = logging.getLogger(__name__)
 
-_H = table(DaemonHolder)
+_H = models.daemon_holder
 _ROW_ID = 1
 
 # hashtextextended: PostgreSQL >= 11. The prefix keeps the key apart from other users of

@@ -16,14 +16,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, Row, func, insert, select, update
 
-from reconciler.store import rows
-from reconciler.store.models import (
-    Deployment,
-    DeploymentEvent,
-    NotificationCursor,
-    NotificationOutbox,
-    Sync,
-)
+from reconciler.store import models, rows
 from reconciler.store.records import (
     NOTIFICATION_STATES,
     LedgerBatch,
@@ -41,13 +34,12 @@ _deployment = rows.deployment_record
 _event = rows.event_record
 _insert_ignore = rows.insert_ignore
 _sync = rows.sync_record
-_table = rows.table
 
-_D = _table(Deployment)
-_E = _table(DeploymentEvent)
-_S = _table(Sync)
-_NC = _table(NotificationCursor)
-_O = _table(NotificationOutbox)
+_D = models.deployments
+_E = models.deployment_events
+_S = models.syncs
+_NC = models.notification_cursor
+_O = models.notification_outbox
 
 #: States that make an identical failure notice redundant (see `NewNotification`).
 _SUPPRESSING = ("pending", "delivered")

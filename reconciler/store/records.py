@@ -8,39 +8,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal, NamedTuple, get_args
+from typing import Any, NamedTuple
 
-Status = Literal[
-    "pending",
-    "validating",
-    "in_progress",
-    "completed",
-    "failed",
-    "rolled_back",
-    "timed_out",
-    "cancelled",
-]
-Trigger = Literal["git", "manual", "rollback", "retry", "drift"]
-
-# The tuples come from the types, so the API schemas (reconciler.http.schemas) and the
-# store's checks cannot disagree.
-STATUSES: tuple[str, ...] = get_args(Status)
-ACTIVE_STATUSES: frozenset[str] = frozenset({"pending", "validating", "in_progress"})
-TERMINAL_STATUSES: frozenset[str] = frozenset(
-    {"completed", "failed", "rolled_back", "timed_out", "cancelled"}
-)
-#: Terminal statuses that count as a failed attempt of a version (retry streak).
-FAILURE_STATUSES: frozenset[str] = frozenset({"failed", "timed_out", "rolled_back"})
-TRIGGERS: tuple[str, ...] = get_args(Trigger)
-
-SYNC_TRIGGERS: tuple[str, ...] = ("startup", "poll", "watch", "webhook", "manual", "reload")
-SYNC_RESULTS: tuple[str, ...] = ("ok", "errors", "failed", "unchanged", "refused")
-#: Sync results whose commit counts as applied (see `Store.last_synced_commit`).
-SYNC_APPLIED_RESULTS: tuple[str, ...] = ("ok", "errors", "unchanged")
-
-LOG_STREAMS: tuple[str, ...] = ("stdout", "stderr", "system")
-#: "sync": a sync an operator forced (recorded for the audit ledger).
-OPERATOR_ACTIONS: tuple[str, ...] = ("suspend", "resume", "retry", "deploy", "rollback", "sync")
+# Re-exported (callers import them from here; the CLI, to stay light, from statuses).
+from reconciler.store.statuses import ACTIVE_STATUSES as ACTIVE_STATUSES
+from reconciler.store.statuses import FAILURE_STATUSES as FAILURE_STATUSES
+from reconciler.store.statuses import LOG_STREAMS as LOG_STREAMS
+from reconciler.store.statuses import OPERATOR_ACTIONS as OPERATOR_ACTIONS
+from reconciler.store.statuses import STATUSES as STATUSES
+from reconciler.store.statuses import SYNC_APPLIED_RESULTS as SYNC_APPLIED_RESULTS
+from reconciler.store.statuses import SYNC_RESULTS as SYNC_RESULTS
+from reconciler.store.statuses import SYNC_TRIGGERS as SYNC_TRIGGERS
+from reconciler.store.statuses import TERMINAL_STATUSES as TERMINAL_STATUSES
+from reconciler.store.statuses import TRIGGERS as TRIGGERS
+from reconciler.store.statuses import Status as Status
+from reconciler.store.statuses import Trigger as Trigger
 
 
 class StoreError(Exception):

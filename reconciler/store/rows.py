@@ -1,5 +1,5 @@
 """Helpers shared by the store's query modules (`syncs.py`, `deployments.py`,
-`service_state.py`, `outbox.py`, ...): table lookup, argument checks, one-line messages,
+`service_state.py`, `outbox.py`, ...): argument checks, one-line messages,
 row → record mapping, and portable INSERT ... ON CONFLICT. The one place they share code:
 no query module imports another's private helpers."""
 
@@ -12,10 +12,9 @@ from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Row, Table, insert, select, update
+from sqlalchemy import Connection, Engine, Row, insert, select, update
 
 from desired_state import one_line
-from reconciler.store.models import Base
 from reconciler.store.records import (
     DeploymentRecord,
     EventRecord,
@@ -26,10 +25,6 @@ from reconciler.store.records import (
 
 #: Values per IN (...) / OR chunk: stays far below SQLite's bound-variable limit.
 CHUNK = 300
-
-
-def table(model: type[Base]) -> Table:
-    return Base.metadata.tables[model.__tablename__]
 
 
 def aware(value: datetime, name: str) -> datetime:

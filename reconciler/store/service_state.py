@@ -15,8 +15,8 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, bindparam, delete, func, insert, select, text, update
 
-from reconciler.store import rows
-from reconciler.store.models import UNFINISHED_SQL, Deployment, ServiceStateRow
+from reconciler.store import models, rows
+from reconciler.store.models import UNFINISHED_SQL
 from reconciler.store.records import (
     ACTIVE_STATUSES,
     FAILURE_STATUSES,
@@ -32,8 +32,8 @@ _insert_ignore = rows.insert_ignore
 #: Rows fetched at a time when scanning one service's deployments backwards.
 _SCAN_PAGE = 64
 
-_D = rows.table(Deployment)
-_SS = rows.table(ServiceStateRow)
+_D = models.deployments
+_SS = models.service_state
 
 _TERMINAL = tuple(sorted(TERMINAL_STATUSES))
 

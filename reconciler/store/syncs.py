@@ -12,8 +12,7 @@ from typing import Any
 
 from sqlalchemy import Engine, insert, select, update
 
-from reconciler.store import chain, rows
-from reconciler.store.models import Sync
+from reconciler.store import chain, models, rows
 from reconciler.store.records import (
     SYNC_APPLIED_RESULTS,
     SYNC_RESULTS,
@@ -29,7 +28,7 @@ _check = rows.check
 _one_line = rows.one_line_or_none
 _sync = rows.sync_record
 
-_S = rows.table(Sync)
+_S = models.syncs
 
 
 class SyncQueries:
@@ -129,16 +128,27 @@ class SyncQueries:
 
     def applied_commit(self) -> CommitMeta | None:
         """The commit of the latest sync that applied, as that sync recorded it."""
+        sync = self.applied_sync()
+        if sync is None or sync.commit_sha is None:
+            return None
+        return CommitMeta(
+            sha=sync.commit_sha,
+            author=sync.commit_author,
+            time=sync.commit_time,
+            subject=sync.commit_subject,
+        )
+
+    def applied_sync(self) -> SyncRecord | None:
+        """The latest sync that applied a commit (the one `environment_states` were saved
+        by, with the file errors it found)."""
         with self.engine.connect() as conn:
             row = conn.execute(
-                select(_S.c.commit_sha, _S.c.commit_author, _S.c.commit_time, _S.c.commit_subject)
+                select(_S)
                 .where(_S.c.result.in_(SYNC_APPLIED_RESULTS), _S.c.commit_sha.is_not(None))
                 .order_by(_S.c.id.desc())
                 .limit(1)
             ).first()
-        if row is None:
-            return None
-        return CommitMeta(sha=row[0], author=row[1], time=row[2], subject=row[3])
+        return None if row is None else _sync(row)
 
     def commit_subjects(self, sync_ids: Collection[int]) -> dict[int, str]:
         """The subject of the commit each sync read (what `history` and `show` print beside

@@ -10,9 +10,9 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import Connection
 
-from reconciler.store.models import Base
+from reconciler.store.models import metadata
 
-target_metadata = Base.metadata
+target_metadata = metadata
 
 
 def run_migrations_offline() -> None:

@@ -1,0 +1,109 @@
+"""`status` from the database alone (reconciler/status.py), and what reading commands import
+(issue 10 item 3): the answer is the engine's, the start-up is not."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+
+from reconciler import operations as ops
+from reconciler.config import load_config
+from reconciler.status import saved_status
+from reconciler.store import Store
+from tests.support import World
+from tests.test_cli_output import run_listing_modules
+
+pytestmark = pytest.mark.timeout(180)
+
+#: What a reading command must never load: the engine and what only it needs (git, the
+#: providers and their clients), the servers, migrations, the ORM, the PostgreSQL dialect.
+NOT_FOR_READING = (
+    "alembic",
+    "boto3",
+    "croniter",
+    "git",
+    "jsonschema",
+    "starlette",
+    "uvicorn",
+    "yaml",
+    "reconciler.engine",  # (reconciler.operations is a LazyLoader stub: never executed)
+    "reconciler.providers",
+    "reconciler.source",
+    "reconciler.sync",
+    "reconciler.http",
+    "sqlalchemy.orm",
+    "sqlalchemy.dialects.postgresql",
+)
+
+
+def loaded(modules: set[str], prefixes: tuple[str, ...]) -> set[str]:
+    return {m for m in modules if any(m == p or m.startswith(p + ".") for p in prefixes)}
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> World:
+    return World(tmp_path, retries=1)
+
+
+def statuses(world: World) -> tuple[list[dict[str, object]], list[dict[str, object]]]:
+    """`status --json` rows as the saved-state read gives them, and as the engine does."""
+    config = load_config(world.config)
+    store = Store.for_reading(config.database_url)
+    try:
+        saved = saved_status(config, store, None)
+    finally:
+        store.close()
+    assert saved is not None, "a sync without broken files: the store answers alone"
+    engine, decisions = asyncio.run(ops.decisions(config, fetch=False))
+    commit = engine.commit.sha if engine.commit else None
+    assert saved.commit == commit
+    return [d.status_json(saved.commit) for d in saved.decisions], [
+        d.status_json(commit) for d in decisions
+    ]
+
+
+def test_status_from_the_saved_states_is_the_engines(world: World):
+    world.repo.set_env("staging", {"api": "1.0", "web": "2.0"})
+    world.repo.set_env("production", {"api": "1.0", "web": "2.0"}, depends_on=["staging"])
+    world.cli("sync", check=True)
+    world.cli("suspend", "--env", "production", "--reason", "freeze", check=True)
+    world.repo.set_env("staging", {"api": "1.1-fail", "web": "2.1"})
+    world.repo.set_env("production", {"api": "1.1", "web": "2.1"}, depends_on=["staging"])
+    assert world.cli("sync").returncode == 1  # staging/api failed
+    saved, engine = statuses(world)
+    assert saved == engine
+    states = {(r["environment"], r["service"]): r["state"] for r in saved}
+    assert states[("staging", "api")] == "failed" and states[("staging", "web")] == "synced"
+    assert len(set(states.values())) >= 3, states  # failed, synced, and production's own
+
+
+def test_status_after_a_sync_with_a_broken_file_shows_it_invalid(world: World):
+    world.repo.set_env("staging", {"api": "1.0"})
+    world.cli("sync", check=True)
+    world.repo.write("staging.yaml", "environment: staging\nprovider: local\nservices: [\n")
+    world.repo.commit("break staging")
+    world.cli("sync")
+    out = world.cli("status", "--json", check=True)
+    rows = json.loads(out.stdout)
+    assert [(r["environment"], r["state"]) for r in rows] == [("staging", "invalid")]
+
+
+def test_status_of_an_unknown_environment_exits_2(world: World):
+    world.repo.set_env("staging", {"api": "1.0"})
+    world.cli("sync", check=True)
+    out = world.cli("status", "--env", "nowhere")
+    assert out.returncode == 2 and "unknown environment 'nowhere'" in out.stderr
+
+
+def test_reading_commands_load_neither_the_engine_nor_git_nor_servers(world: World):
+    world.repo.set_env("staging", {"api": "1.0"})
+    world.cli("sync", check=True)
+    config = ("--config", str(world.config))
+    for args in (("status",), ("history",), ("show", "1")):
+        modules = run_listing_modules(*config, *args)
+        assert "sqlalchemy" in modules, args  # it did read the database
+        assert not loaded(modules, NOT_FOR_READING), (args, loaded(modules, NOT_FOR_READING))
+    assert not loaded(run_listing_modules("--help"), (*NOT_FOR_READING, "sqlalchemy", "pydantic"))
