@@ -590,6 +590,7 @@ def audit_export_cmd(
     ctx: click.Context, fmt: str, since: str | None, environment: str | None, output: str | None
 ) -> None:
     """Every deployment, oldest first, with its commit, timeline and outcome (streamed)."""
+    gc.enable()  # off while the command started (Group.main): a long stream makes cycles
     from reconciler.audit_export import export
     from reconciler.store import Store
 
@@ -815,6 +816,7 @@ def _verify_progress() -> Callable[[str, int, int], None]:
 def audit_verify_cmd(ctx: click.Context, head: str | None, as_json: bool) -> None:
     """Check the ledger's hash chain and the records it covers; exit 1 naming each entry
     or record altered, inserted or deleted."""
+    gc.enable()  # off while the command started (Group.main): a long walk makes cycles
     from reconciler import chain_head
     from reconciler.store import Store, verify
 
