@@ -8,7 +8,6 @@ socket is mode 0600 in a 0700 directory: only the daemon's user (and root) can o
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 from collections.abc import AsyncIterator
@@ -16,6 +15,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from reconciler.plan import Decision
 
 SOCKET_NAME = "control.sock"
 LINE_LIMIT = 1024 * 1024  # one message line at most (a request is far smaller)
@@ -75,8 +76,16 @@ class SuspendAction(_Msg):
     wait: bool = False
 
 
+class StatusQuery(_Msg):
+    """A read: the daemon answers from its fleet summary, records nothing, logs nothing."""
+
+    action: Literal["status"] = "status"
+    environment: str | None = Field(default=None, max_length=255)
+
+
 Action = Annotated[
-    SyncAction | DeployAction | RollbackAction | SuspendAction, Field(discriminator="action")
+    SyncAction | DeployAction | RollbackAction | SuspendAction | StatusQuery,
+    Field(discriminator="action"),
 ]
 ACTION = TypeAdapter[Action](Action)
 
@@ -112,6 +121,49 @@ class SyncResult(_Msg):
     message: str | None = None
 
 
+class StatusEntry(_Msg):
+    """One entry of `status --json` and GET /api/v1/status (SPEC §5), in its key order."""
+
+    environment: str
+    service: str
+    desired: str | None
+    deployed: str | None
+    state: str
+    commit: str | None
+    last_deployment_id: int | None
+    message: str | None
+
+
+class StatusReport(_Msg):
+    """The daemon's answer to a `StatusQuery` (the only line it sends for one)."""
+
+    type: Literal["status"] = "status"
+    commit: str | None  # the commit the daemon plans from; None before its first sync
+    refusal: str | None = None  # why the branch head is not applied, while it is refused
+    reasons: dict[str, str | None] = {}  # the suspended environments' reasons
+    services: list[StatusEntry]
+
+    def decisions(self) -> list[Decision]:
+        """The entries as the decisions the CLI's table shows (what the entries keep)."""
+        return [
+            Decision(
+                environment=e.environment,
+                service=e.service,
+                desired=e.desired,
+                deployed=e.deployed,
+                state=e.state,
+                message=e.message or "",
+                last_deployment_id=e.last_deployment_id,
+            )
+            for e in self.services
+        ]
+
+    def entries(self) -> list[dict[str, Any]]:
+        """The entries as `status --json` prints them (one dump: cheaper than one each)."""
+        entries: list[dict[str, Any]] = self.model_dump(include={"services"})["services"]
+        return entries
+
+
 class Done(_Msg):
     type: Literal["done"] = "done"
     deployment_ids: list[int] = []  # the deployments followed, oldest first
@@ -123,7 +175,9 @@ class Failed(_Msg):
     code: int = 1
 
 
-Answer = Annotated[Accepted | Progress | SyncResult | Done | Failed, Field(discriminator="type")]
+Answer = Annotated[
+    Accepted | Progress | SyncResult | StatusReport | Done | Failed, Field(discriminator="type")
+]
 ANSWER = TypeAdapter[Answer](Answer)
 
 
@@ -170,6 +224,8 @@ def parse(line: bytes, adapter: TypeAdapter[Any]) -> Any:
 
 async def ask(path: Path, request: BaseModel) -> AsyncIterator[Answer]:
     """Send one request, yield the daemon's answers until `done` or `error`."""
+    import asyncio  # not at the top: `status` asks without an event loop, and starts fast
+
     try:
         reader, writer = await asyncio.open_unix_connection(reachable(path), limit=LINE_LIMIT)
     except (FileNotFoundError, ConnectionRefusedError) as exc:
@@ -193,9 +249,63 @@ async def ask(path: Path, request: BaseModel) -> AsyncIterator[Answer]:
             except ValueError as exc:
                 raise ChannelError(f"the daemon answered nonsense: {exc}") from None
             yield answer
-            if isinstance(answer, Done | Failed):
+            if isinstance(answer, Done | Failed | StatusReport):
                 return
     finally:
         writer.close()
         with contextlib.suppress(OSError):
             await writer.wait_closed()
+
+
+STATUS_WAIT_SECONDS = 60.0  # a daemon that has not answered by then is treated as absent
+
+
+def ask_status(path: Path, query: StatusQuery) -> StatusReport | Failed:
+    """`query` answered by the running daemon, blocking (no event loop: `status` is a
+    reading command and starts fast). NotListening when no daemon listens, ChannelError
+    when it cannot answer; a daemon too old to know the query answers Failed (bad request)."""
+    import socket
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(STATUS_WAIT_SECONDS)
+        try:
+            sock.connect(reachable(path))
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            raise NotListening(f"the daemon does not answer at {path}: {exc.strerror}") from None
+        except OSError as exc:
+            raise ChannelError(
+                f"cannot reach the daemon at {path}: {exc.strerror or exc}"
+            ) from None
+        try:
+            sock.sendall(encode(query))
+            with sock.makefile("rb") as reader:
+                line = reader.readline()
+        except OSError as exc:  # a timeout too
+            raise ChannelError(f"the daemon did not answer: {exc.strerror or exc}") from None
+    finally:
+        sock.close()
+    if not line:
+        raise ChannelError("the daemon closed the control channel before answering")
+    try:
+        answer = parse(line, ANSWER)
+    except ValueError as exc:
+        raise ChannelError(f"the daemon answered nonsense: {exc}") from None
+    if not isinstance(answer, StatusReport | Failed):
+        raise ChannelError(f"the daemon answered a status query with '{answer.type}'")
+    return answer
+
+
+def status_from_daemon(state_dir: Path, environment: str | None) -> StatusReport | None:
+    """The running daemon's status, or None when the store must be read instead: no
+    daemon listens, it cannot answer (starting, stuck, too old to know the query).
+    Refused (code 2) for an environment the daemon does not know."""
+    try:
+        answer = ask_status(socket_path(state_dir), StatusQuery(environment=environment))
+    except ChannelError:
+        return None
+    if isinstance(answer, StatusReport):
+        return answer
+    if answer.code == 2 and not answer.message.startswith("bad request"):
+        raise Refused(answer.message, code=2)
+    return None

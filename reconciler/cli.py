@@ -133,6 +133,7 @@ class Group(click.Group):
 _EXPECTED: dict[str, int | None] = {
     "reconciler.config.ConfigError": 2,
     "reconciler.operations.OperationError": None,
+    "reconciler.channel.Refused": None,
     "reconciler.source.gitcmd.SourceError": 1,
     "reconciler.store.records.StoreError": 1,
     "reconciler.store.db.SchemaTooNew": 1,
@@ -370,10 +371,25 @@ def plan_cmd(ctx: click.Context, environment: str | None, as_json: bool, wide: b
 @click.pass_context
 def status_cmd(ctx: click.Context, environment: str | None, as_json: bool, wide: bool) -> None:
     """Per service: desired, deployed, state, last commit."""
+    from reconciler.channel import status_from_daemon
+
+    config = cfg(ctx)
+    report = status_from_daemon(config.state_dir, environment)  # None: no daemon answers
+    if report is not None:
+        if as_json:
+            print_json(report.entries())
+        else:
+            decisions_table(
+                report.decisions(),
+                report.commit,
+                reasons=report.reasons,
+                wide=wide,
+                refusal=report.refusal,
+            )
+        return
     from reconciler.status import saved_status
     from reconciler.store import Store
 
-    config = cfg(ctx)
     store = Store.for_reading(config.database_url)
     saved = saved_status(config, store, environment)
     if saved is None:  # the last sync found broken files: only the engine reads them

@@ -108,6 +108,30 @@ class Daemon:
         commit = self.engine.commit.sha if self.engine.commit else None
         return commit, await self.engine.decisions(envs)
 
+    async def status_report(self, environment: str | None) -> channel.StatusReport | channel.Failed:
+        """`reconciler status` answered from the fleet summary (the control channel).
+        Failed with code 1 while the daemon cannot answer yet: the CLI reads the store."""
+        engine = self.engine
+        if engine is None or not self.ready.is_set():
+            return channel.Failed(message="the daemon is starting")
+        if (
+            environment is not None
+            and engine.commit is not None
+            and environment not in engine.effective
+            and environment not in engine.invalid
+        ):
+            return channel.Failed(message=f"unknown environment '{environment}'", code=2)
+        commit, decisions = await self.status(environment)
+        reasons = await durable(engine.store.suspension_reasons)
+        return channel.StatusReport.model_validate(  # one validation of the whole answer
+            {
+                "commit": commit,
+                "refusal": engine.snapshot.refusal,
+                "reasons": reasons,
+                "services": [d.status_json(commit) for d in decisions],
+            }
+        )
+
     def service_state_changed(self, environment: str) -> None:
         """A reset streak publishes no deployment event: the fleet summary is told here."""
         if self.fleet is not None:
@@ -322,6 +346,9 @@ class Daemon:
                 action = channel.parse(line, channel.ACTION)
             except ValueError as exc:
                 await _send(writer, channel.Failed(message=f"bad request: {exc}", code=2))
+                return
+            if isinstance(action, channel.StatusQuery):  # a read: nothing recorded
+                await _send(writer, await self.status_report(action.environment))
                 return
             events = self.hub.subscribe()
             try:

@@ -299,8 +299,10 @@ async def ask_daemon(
                     )
                 elif isinstance(answer, Done):
                     ids = answer.deployment_ids
-                else:
+                elif isinstance(answer, Failed):
                     raise OperationError(answer.message, answer.code)
+                else:  # a status report: no answer to an action
+                    raise OperationError(f"the daemon answered '{answer.type}' to an action")
             break
         except NotListening as exc:
             # Only before anything was sent: the daemon is starting, or has just stopped.
