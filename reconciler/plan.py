@@ -9,14 +9,16 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, tzinfo
+from typing import NamedTuple
 from zoneinfo import ZoneInfo
 
 from desired_state import EnvironmentSpec, Window, format_duration
 
 
-@dataclass(frozen=True)
-class ServiceRecord:
-    """What the ledger says about one service (a row of the store's service_state)."""
+class ServiceRecord(NamedTuple):
+    """What the ledger says about one service (a row of the store's service_state).
+
+    A named tuple, as `ServiceState`: a whole-fleet status makes 20,000 of them."""
 
     deployed_version: str | None = None
     running: bool = False
