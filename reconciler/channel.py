@@ -12,9 +12,10 @@ import contextlib
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from typing_extensions import TypedDict  # pydantic needs it before Python 3.12
 
 from reconciler.plan import Decision
 
@@ -121,8 +122,13 @@ class SyncResult(_Msg):
     message: str | None = None
 
 
-class StatusEntry(_Msg):
-    """One entry of `status --json` and GET /api/v1/status (SPEC §5), in its key order."""
+class StatusEntry(TypedDict):
+    """One entry of `status --json` and GET /api/v1/status (SPEC §5), in its key order.
+
+    A TypedDict, not a model: validated into plain dicts, 20,000 of them cost ~10x less
+    than as model instances (on both ends), and the CLI prints dicts anyway."""
+
+    __pydantic_config__ = ConfigDict(extra="forbid")  # type: ignore[misc]
 
     environment: str
     service: str
@@ -147,21 +153,20 @@ class StatusReport(_Msg):
         """The entries as the decisions the CLI's table shows (what the entries keep)."""
         return [
             Decision(
-                environment=e.environment,
-                service=e.service,
-                desired=e.desired,
-                deployed=e.deployed,
-                state=e.state,
-                message=e.message or "",
-                last_deployment_id=e.last_deployment_id,
+                environment=e["environment"],
+                service=e["service"],
+                desired=e["desired"],
+                deployed=e["deployed"],
+                state=e["state"],
+                message=e["message"] or "",
+                last_deployment_id=e["last_deployment_id"],
             )
             for e in self.services
         ]
 
     def entries(self) -> list[dict[str, Any]]:
-        """The entries as `status --json` prints them (one dump: cheaper than one each)."""
-        entries: list[dict[str, Any]] = self.model_dump(include={"services"})["services"]
-        return entries
+        """The entries as `status --json` prints them."""
+        return cast(list[dict[str, Any]], self.services)
 
 
 class Done(_Msg):

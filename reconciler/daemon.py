@@ -21,7 +21,7 @@ import sys
 import time
 from collections.abc import Coroutine
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from pydantic import BaseModel
@@ -123,13 +123,11 @@ class Daemon:
             return channel.Failed(message=f"unknown environment '{environment}'", code=2)
         commit, decisions = await self.status(environment)
         reasons = await durable(engine.store.suspension_reasons)
-        return channel.StatusReport.model_validate(  # one validation of the whole answer
-            {
-                "commit": commit,
-                "refusal": engine.snapshot.refusal,
-                "reasons": reasons,
-                "services": [d.status_json(commit) for d in decisions],
-            }
+        return channel.StatusReport.model_construct(  # the daemon's own data: the CLI validates
+            commit=commit,
+            refusal=engine.snapshot.refusal,
+            reasons=reasons,
+            services=cast(list[channel.StatusEntry], [d.status_json(commit) for d in decisions]),
         )
 
     def service_state_changed(self, environment: str) -> None:
