@@ -32,6 +32,7 @@ from reconciler.engine import Engine, SyncOutcome, open_source, open_verifier
 from reconciler.events import Event, EventHub
 from reconciler.executor import DeploymentEvent, durable, utcnow
 from reconciler.fleet import FleetSummary
+from reconciler.fleet_status import FleetStatus
 from reconciler.http import HttpServer, start_http
 from reconciler.lock import StateLock
 from reconciler.notify import Notifier
@@ -86,6 +87,7 @@ class Daemon:
         self._held: DatabaseLock | None = None
         self._fatal: Exception | None = None  # raised by run() once stopped
         self.fleet: FleetSummary | None = None  # every service's state, kept in memory
+        self.fleet_status: FleetStatus | None = None  # the fleet's decisions, kept likewise
         self._next_prune = 0.0  # monotonic time retention may prune again
         self._ledger_check: LedgerCheck | None = None  # the last walk of the audit ledger
 
@@ -104,9 +106,15 @@ class Daemon:
 
     async def status(self, environment: str | None) -> tuple[str | None, list[Decision]]:
         assert self.engine is not None
-        envs = [environment] if environment else None
-        commit = self.engine.commit.sha if self.engine.commit else None
-        return commit, await self.engine.decisions(envs)
+        engine = self.engine
+        commit = engine.commit.sha if engine.commit else None
+        if environment or self.fleet_status is None:
+            return commit, await engine.decisions([environment] if environment else None)
+        planner = engine.planner
+        decisions = await asyncio.to_thread(
+            self.fleet_status.decisions, engine.snapshot, planner.clock()
+        )
+        return commit, decisions
 
     async def status_report(self, environment: str | None) -> channel.StatusReport | channel.Failed:
         """`reconciler status` answered from the fleet summary (the control channel).
@@ -226,6 +234,9 @@ class Daemon:
             self.fleet = FleetSummary(store)
             self.hub.on_event(self.fleet.on_event)
             engine.planner.states_reader = self.fleet.service_states
+            # ... and plans again only the environments changed since the last request.
+            drift = engine.drift
+            self.fleet_status = FleetStatus(engine.planner, self.fleet, lambda: drift.readings)
             scheduler = AsyncIOScheduler(event_loop=asyncio.get_running_loop())
             engine.scheduler = scheduler
             scheduler.start()

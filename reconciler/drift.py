@@ -60,6 +60,7 @@ class DriftMonitor:
         self.concurrency = concurrency
         self.read_timeout = read_timeout
         self.drifted: dict[tuple[str, str], LiveObservation] = {}  # as of the last reading
+        self.readings = 0  # readings saved so far (the daemon's kept status re-plans after one)
         self._requested: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()  # one reading at a time
@@ -149,6 +150,7 @@ class DriftMonitor:
             and _is_news(o, previous.get((o.environment, o.service)))
         ]
         await asyncio.to_thread(self.store.save_live_versions, observations, events)
+        self.readings += 1
         for event in events:
             log.warning(
                 "event=drift_detected environment=%s service=%s live=%s deployed=%s",

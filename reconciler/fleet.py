@@ -36,16 +36,29 @@ class FleetSummary:
         self._stale: set[str] = set()
         #: Store reads so far (whole fleet, stale environments): for tests and metrics.
         self.reads = {"full": 0, "stale": 0}
+        #: Change counts (`FleetStatus` keeps the decisions of unchanged environments):
+        #: `generation` counts `mark_all`, `_changes` each environment's marks.
+        self.generation = 0
+        self._changes: dict[str, int] = {}
+        self._count = 0
 
     def mark(self, environment: str) -> None:
         """This environment's rows changed in the store (after the change committed)."""
         with self._marks:
             self._stale.add(environment)
+            self._count += 1
+            self._changes[environment] = self._count
 
     def mark_all(self) -> None:
         """Anything may have changed (recovery, a repair): read everything next time."""
         with self._marks:
             self._everything = True
+            self.generation += 1
+
+    def changes(self) -> dict[str, int]:
+        """Each environment's latest change (0: none since the daemon started)."""
+        with self._marks:
+            return dict(self._changes)
 
     def on_event(self, event: object) -> None:
         """An `EventHub` callback: a deployment event marks its environment."""

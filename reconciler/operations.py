@@ -605,6 +605,7 @@ async def perform(host: Host, action: AnyAction, who: str, origin: str | None = 
             action.reason,
             origin,
         )
+        host.service_state_changed(action.environment)  # its decisions change: re-plan them
         if action.action == "resume":
             host.request_sync("manual")  # a resumed environment deploys what it held back
         return Started(Accepted(message=f"{action.environment} {action.action}d"))
