@@ -6,28 +6,13 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from reconciler.planning import recorded_state
-from reconciler.store import NewDeployment, Store
+from reconciler.store import Store
+from tests.test_fleet_status import new_deployment
 from tests.test_plan import env
 
 
 def deploy(store: Store, environment: str, service: str, version: str, status: str) -> None:
-    record = store.create_deployment(
-        NewDeployment(
-            environment=environment,
-            service=service,
-            version=version,
-            previous_version=None,
-            provider="p",
-            provider_type="command",
-            strategy={"type": "rolling"},
-            trigger="git",
-            commit="f" * 40,
-            commit_author=None,
-            attempt=1,
-            timeout_seconds=60,
-            params={},
-        )
-    )
+    record = store.create_deployment(new_deployment(environment, service, version))
     now = datetime.now(UTC)
     store.set_status(record.id, "in_progress", at=now)
     store.set_status(
