@@ -216,16 +216,21 @@ def cfg(ctx: click.Context) -> Config:
 def main(ctx: click.Context, config_path: str | None) -> None:
     """GitOps reconciler: git desired state in, recorded deployments out."""
     ctx.ensure_object(dict)["config_path"] = config_path
-    if ctx.invoked_subcommand != "run":
+    if ctx.invoked_subcommand in _READING_COMMANDS:
         skip_pydantic_plugins(ctx)
 
 
+#: Commands that read and exit, start no provider and have no use for a Pydantic plugin.
+_READING_COMMANDS = frozenset({"validate", "status", "history", "show", "plan", "blame"})
+
+
 def skip_pydantic_plugins(ctx: click.Context) -> None:
-    """No Pydantic plugin lookup while a command that exits soon runs: the lookup reads the
-    entry points of every installed distribution when the first model is built (10-25 ms
-    of a reading command's start-up, bench/bench_cli.py), and the reconciler uses no
-    plugin. The daemon (`run`) keeps them, e.g. for an observability plugin. An operator's
-    own PYDANTIC_DISABLE_PLUGINS wins; the variable is removed again when the command ends."""
+    """No Pydantic plugin lookup while a reading command runs: the lookup reads the entry
+    points of every installed distribution when the first model is built (10-25 ms of the
+    command's start-up, bench/bench_cli.py), and the reconciler uses no plugin. Commands
+    that deploy and the daemon keep them (and their children's environment is untouched).
+    An operator's own PYDANTIC_DISABLE_PLUGINS wins; the variable goes when the command
+    ends."""
     if "PYDANTIC_DISABLE_PLUGINS" in os.environ:
         return
     os.environ["PYDANTIC_DISABLE_PLUGINS"] = "__all__"

@@ -135,7 +135,7 @@ def plugin_world(tmp_path: Path) -> tuple[dict[str, str], Path]:
     return env, marker
 
 
-def test_commands_that_exit_soon_skip_the_pydantic_plugin_lookup(world: World, tmp_path: Path):
+def test_reading_commands_skip_the_pydantic_plugin_lookup(world: World, tmp_path: Path):
     world.repo.set_env("staging", {"api": "1.0"})
     world.cli("sync", check=True)
     env, marker = plugin_world(tmp_path)
@@ -154,6 +154,15 @@ def test_commands_that_exit_soon_skip_the_pydantic_plugin_lookup(world: World, t
         )
         assert done.returncode == 0, (args, done.stderr)
         assert not marker.exists(), args
+    # a command that deploys keeps the plugins (and its children's environment as it was)
+    done = subprocess.run(
+        [sys.executable, "-m", "reconciler", *config, "sync"],
+        env=env,
+        capture_output=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert marker.exists()
 
 
 def test_the_plugin_switch_is_undone_when_the_command_ends(world: World):
