@@ -217,6 +217,25 @@ def cfg(ctx: click.Context) -> Config:
 def main(ctx: click.Context, config_path: str | None) -> None:
     """GitOps reconciler: git desired state in, recorded deployments out."""
     ctx.ensure_object(dict)["config_path"] = config_path
+    if ctx.invoked_subcommand in _READING_COMMANDS:
+        skip_pydantic_plugins(ctx)
+
+
+#: Commands that read and exit, start no provider and have no use for a Pydantic plugin.
+_READING_COMMANDS = frozenset({"validate", "status", "history", "show", "plan", "blame"})
+
+
+def skip_pydantic_plugins(ctx: click.Context) -> None:
+    """No Pydantic plugin lookup while a reading command runs: the lookup reads the entry
+    points of every installed distribution when the first model is built (10-25 ms of the
+    command's start-up, bench/bench_cli.py), and the reconciler uses no plugin. Commands
+    that deploy and the daemon keep them (and their children's environment is untouched).
+    An operator's own PYDANTIC_DISABLE_PLUGINS wins; the variable goes when the command
+    ends."""
+    if "PYDANTIC_DISABLE_PLUGINS" in os.environ:
+        return
+    os.environ["PYDANTIC_DISABLE_PLUGINS"] = "__all__"
+    ctx.call_on_close(lambda: os.environ.pop("PYDANTIC_DISABLE_PLUGINS", None))
 
 
 # ---- the daemon ----------------------------------------------------------------------

@@ -5,15 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
 from reconciler import operations as ops
+from reconciler.cli import main as cli_main
 from reconciler.config import load_config
 from reconciler.status import saved_status
 from reconciler.store import Store
-from tests.support import World
+from tests.support import ROOT, World, cli_env
 from tests.test_cli_output import run_listing_modules
 
 pytestmark = pytest.mark.timeout(180)
@@ -107,3 +112,61 @@ def test_reading_commands_load_neither_the_engine_nor_git_nor_servers(world: Wor
         assert "sqlalchemy" in modules, args  # it did read the database
         assert not loaded(modules, NOT_FOR_READING), (args, loaded(modules, NOT_FOR_READING))
     assert not loaded(run_listing_modules("--help"), (*NOT_FOR_READING, "sqlalchemy", "pydantic"))
+
+
+def plugin_world(tmp_path: Path) -> tuple[dict[str, str], Path]:
+    """An installed Pydantic plugin (a distribution with a `pydantic` entry point) that
+    leaves a file behind when Pydantic loads it: the environment to run with, the file."""
+    site = tmp_path / "site"
+    dist = site / "marker_plugin-1.0.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: marker-plugin\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[pydantic]\nmarker = marker_plugin:plugin\n")
+    marker = tmp_path / "plugin-loaded"
+    (site / "marker_plugin.py").write_text(
+        f"from pathlib import Path\nPath({str(marker)!r}).touch()\n"
+        "class Plugin:\n"
+        "    def new_schema_validator(self, *args, **kwargs):\n"
+        "        return None, None, None\n"
+        "plugin = Plugin()\n"
+    )
+    env = {**cli_env(), "PYTHONPATH": os.pathsep.join([str(ROOT), str(site)])}
+    env.pop("PYDANTIC_DISABLE_PLUGINS", None)
+    return env, marker
+
+
+def test_reading_commands_skip_the_pydantic_plugin_lookup(world: World, tmp_path: Path):
+    world.repo.set_env("staging", {"api": "1.0"})
+    world.cli("sync", check=True)
+    env, marker = plugin_world(tmp_path)
+    model = "import pydantic\nclass M(pydantic.BaseModel):\n    x: int = 0\n"
+    subprocess.run([sys.executable, "-c", model], env=env, check=True, timeout=60)
+    assert marker.exists(), "the fixture's plugin is found by Pydantic itself"
+    marker.unlink()
+    config = ("--config", str(world.config))
+    for args in (("status",), ("history",), ("show", "1"), ("validate", str(world.repo.path))):
+        done = subprocess.run(
+            [sys.executable, "-m", "reconciler", *config, *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, (args, done.stderr)
+        assert not marker.exists(), args
+    # a command that deploys keeps the plugins (and its children's environment as it was)
+    done = subprocess.run(
+        [sys.executable, "-m", "reconciler", *config, "sync"],
+        env=env,
+        capture_output=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert marker.exists()
+
+
+def test_the_plugin_switch_is_undone_when_the_command_ends(world: World):
+    assert "PYDANTIC_DISABLE_PLUGINS" not in os.environ
+    result = CliRunner().invoke(cli_main, ["--config", str(world.config), "history"])
+    assert result.exit_code == 0, result.output
+    assert "PYDANTIC_DISABLE_PLUGINS" not in os.environ
