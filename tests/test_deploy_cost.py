@@ -251,3 +251,48 @@ def test_incremental_service_state_equals_the_rebuilt_one(store: Store, seed: in
         assert full.progress[0].status == "pending"
         if rec.status in TERMINAL_STATUSES:
             assert rec.status in [p.status for p in full.progress]
+
+
+def test_the_fast_path_stores_started_at_as_the_column_type_does(store: Store) -> None:
+    """The conditional UPDATE sets ``started_at`` from a parameter typed like the column:
+    SQLite holds the same text as any other time (an untyped one held the driver's
+    ``... 10:00:01+00:00``), and the ledger's entry made from the returned row equals the
+    one made from the stored row (the chain verifies)."""
+    from sqlalchemy import text
+
+    from reconciler.store.verification import verify
+
+    new = NewDeployment(
+        environment="staging",
+        service="api",
+        version="1.0",
+        previous_version=None,
+        provider="local",
+        provider_type="command",
+        strategy={"type": "rolling"},
+        trigger="git",
+        commit=None,
+        commit_author=None,
+        attempt=1,
+        timeout_seconds=60,
+        params={},
+        created_at=T0,
+        sync_id=None,
+        rollback_of=None,
+    )
+    first = store.create_deployment(new)
+    store.set_status(first.id, "in_progress", at=T0 + timedelta(seconds=1))
+    store.set_status(first.id, "completed", at=T0 + timedelta(seconds=2))
+    second = store.create_deployment(new, validating_at=T0 + timedelta(seconds=3))
+    store.set_status(second.id, "failed", at=T0 + timedelta(seconds=4), error_message="no")
+    with store.engine.connect() as conn:
+        stored = conn.execute(
+            text("SELECT CAST(started_at AS TEXT) FROM deployments ORDER BY id")
+        ).scalars()
+        started = list(stored)
+    if store.engine.dialect.name == "sqlite":
+        assert started == ["2026-11-01 00:00:01.000000", "2026-11-01 00:00:03.000000"]
+    rec = store.get_deployment(first.id)
+    assert rec is not None and rec.started_at == T0 + timedelta(seconds=1)
+    report = verify(store)
+    assert report.ok, [f.line() for f in report.findings]
