@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import random
 import threading
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -296,3 +297,82 @@ def test_the_fast_path_stores_started_at_as_the_column_type_does(store: Store) -
     assert rec is not None and rec.started_at == T0 + timedelta(seconds=1)
     report = verify(store)
     assert report.ok, [f.line() for f in report.findings]
+
+
+def test_children_are_waited_for_without_a_thread_each_in_every_loop() -> None:
+    """Python 3.11's default child watcher starts a ``waitpid-<pid>`` thread per child;
+    with the pidfd watcher none is started, and a second event loop (the next command,
+    the next test) spawns and reaps children as well as the first."""
+    import sys
+
+    from reconciler.providers.process import use_pidfd_child_watcher
+
+    if not use_pidfd_child_watcher():
+        pytest.skip("no pidfd on this kernel")
+
+    async def one() -> tuple[list[str], int, bytes]:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            "import sys; sys.stdout.write(sys.stdin.read()); sys.exit(3)",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        waiting = [t.name for t in threading.enumerate() if t.name.startswith("waitpid-")]
+        out, _ = await proc.communicate(b"hello")  # the child runs until its stdin closes
+        return waiting, await proc.wait(), out
+
+    for _ in range(2):
+        assert asyncio.run(one()) == ([], 3, b"hello")
+
+
+def test_a_failed_write_gives_the_writer_lock_back(sqlite_url: str) -> None:
+    """The in-process SQLite writer lock is released when the connection goes back to the
+    pool, after a commit and after a rollback, whichever thread wrote."""
+    from reconciler.store.db import _SQLiteWriters
+
+    store = Store.from_url(sqlite_url)
+    writers: list[_SQLiteWriters] = []
+    for listener in store.engine.dispatch.begin:
+        owner = getattr(listener, "__self__", None)
+        if isinstance(owner, _SQLiteWriters):
+            writers.append(owner)
+    assert len(writers) == 1
+    lock = writers[0].lock
+    new = NewDeployment(
+        environment="staging",
+        service="api",
+        version="1.0",
+        previous_version=None,
+        provider="local",
+        provider_type="command",
+        strategy={"type": "rolling"},
+        trigger="git",
+        commit=None,
+        commit_author=None,
+        attempt=1,
+        timeout_seconds=60,
+        params={},
+        created_at=T0,
+        sync_id=12345,  # no such sync: the insert fails, the transaction rolls back
+        rollback_of=None,
+    )
+    with pytest.raises(StoreError):
+        store.create_deployment(new)
+    assert not lock.locked()
+    failed: list[BaseException] = []
+
+    def write() -> None:
+        try:
+            store.create_deployment(replace(new, sync_id=None))
+        except BaseException as exc:  # pragma: no cover - reported below
+            failed.append(exc)
+
+    threads = [threading.Thread(target=write) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failed == [] and not lock.locked()
+    assert len(store.history()) == 4
+    store.close()
