@@ -23,6 +23,7 @@ from reconciler.engine import Engine
 from reconciler.providers import CommandProvider, DeployContext, Provider
 from reconciler.store import TERMINAL_STATUSES, NewDeployment, Store, StoreError
 from tests.support import World, run_engine
+from tests.test_store import new as new_deployment
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -263,24 +264,7 @@ def test_the_fast_path_stores_started_at_as_the_column_type_does(store: Store) -
 
     from reconciler.store.verification import verify
 
-    new = NewDeployment(
-        environment="staging",
-        service="api",
-        version="1.0",
-        previous_version=None,
-        provider="local",
-        provider_type="command",
-        strategy={"type": "rolling"},
-        trigger="git",
-        commit=None,
-        commit_author=None,
-        attempt=1,
-        timeout_seconds=60,
-        params={},
-        created_at=T0,
-        sync_id=None,
-        rollback_of=None,
-    )
+    new = new_deployment("staging", created_at=T0)
     first = store.create_deployment(new)
     store.set_status(first.id, "in_progress", at=T0 + timedelta(seconds=1))
     store.set_status(first.id, "completed", at=T0 + timedelta(seconds=2))
@@ -339,24 +323,8 @@ def test_a_failed_write_gives_the_writer_lock_back(sqlite_url: str) -> None:
             writers.append(owner)
     assert len(writers) == 1
     lock = writers[0].lock
-    new = NewDeployment(
-        environment="staging",
-        service="api",
-        version="1.0",
-        previous_version=None,
-        provider="local",
-        provider_type="command",
-        strategy={"type": "rolling"},
-        trigger="git",
-        commit=None,
-        commit_author=None,
-        attempt=1,
-        timeout_seconds=60,
-        params={},
-        created_at=T0,
-        sync_id=12345,  # no such sync: the insert fails, the transaction rolls back
-        rollback_of=None,
-    )
+    # No such sync: the insert fails, the transaction rolls back.
+    new = new_deployment("staging", sync_id=12345)
     with pytest.raises(StoreError):
         store.create_deployment(new)
     assert not lock.locked()
