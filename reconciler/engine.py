@@ -30,7 +30,7 @@ from reconciler.executor import Executor, Job, Listener, utcnow
 from reconciler.plan import Decision, PlanSettings, RecordedState
 from reconciler.planning import Planner, host_timezone, plan_settings
 from reconciler.providers import Provider, spec_check
-from reconciler.providers.process import end_group
+from reconciler.providers.process import end_group, use_pidfd_child_watcher
 from reconciler.runners import FAILURES, Runners
 from reconciler.source import GitSource
 from reconciler.store import CommitMeta, DeploymentRecord, Store
@@ -63,6 +63,7 @@ class Engine:
         listener: Listener | None = None,
         clock: Callable[[], datetime] = utcnow,
     ) -> None:
+        use_pidfd_child_watcher()  # runs and git commands: no thread per child process
         self.config = config
         self.store = store
         self.source = source

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import random
 import threading
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from reconciler.engine import Engine
 from reconciler.providers import CommandProvider, DeployContext, Provider
 from reconciler.store import TERMINAL_STATUSES, NewDeployment, Store, StoreError
 from tests.support import World, run_engine
+from tests.test_store import new as new_deployment
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -251,3 +253,94 @@ def test_incremental_service_state_equals_the_rebuilt_one(store: Store, seed: in
         assert full.progress[0].status == "pending"
         if rec.status in TERMINAL_STATUSES:
             assert rec.status in [p.status for p in full.progress]
+
+
+def test_the_fast_path_stores_started_at_as_the_column_type_does(store: Store) -> None:
+    """The conditional UPDATE sets ``started_at`` from a parameter typed like the column:
+    SQLite holds the same text as any other time (an untyped one held the driver's
+    ``... 10:00:01+00:00``), and the ledger's entry made from the returned row equals the
+    one made from the stored row (the chain verifies)."""
+    from sqlalchemy import text
+
+    from reconciler.store.verification import verify
+
+    new = new_deployment("staging", created_at=T0)
+    first = store.create_deployment(new)
+    store.set_status(first.id, "in_progress", at=T0 + timedelta(seconds=1))
+    store.set_status(first.id, "completed", at=T0 + timedelta(seconds=2))
+    second = store.create_deployment(new, validating_at=T0 + timedelta(seconds=3))
+    store.set_status(second.id, "failed", at=T0 + timedelta(seconds=4), error_message="no")
+    with store.engine.connect() as conn:
+        stored = conn.execute(
+            text("SELECT CAST(started_at AS TEXT) FROM deployments ORDER BY id")
+        ).scalars()
+        started = list(stored)
+    if store.engine.dialect.name == "sqlite":
+        assert started == ["2026-11-01 00:00:01.000000", "2026-11-01 00:00:03.000000"]
+    rec = store.get_deployment(first.id)
+    assert rec is not None and rec.started_at == T0 + timedelta(seconds=1)
+    report = verify(store)
+    assert report.ok, [f.line() for f in report.findings]
+
+
+def test_children_are_waited_for_without_a_thread_each_in_every_loop() -> None:
+    """Python 3.11's default child watcher starts a ``waitpid-<pid>`` thread per child;
+    with the pidfd watcher none is started, and a second event loop (the next command,
+    the next test) spawns and reaps children as well as the first."""
+    import sys
+
+    from reconciler.providers.process import use_pidfd_child_watcher
+
+    if not use_pidfd_child_watcher():
+        pytest.skip("no pidfd on this kernel")
+
+    async def one() -> tuple[list[str], int, bytes]:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            "import sys; sys.stdout.write(sys.stdin.read()); sys.exit(3)",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        waiting = [t.name for t in threading.enumerate() if t.name.startswith("waitpid-")]
+        out, _ = await proc.communicate(b"hello")  # the child runs until its stdin closes
+        return waiting, await proc.wait(), out
+
+    for _ in range(2):
+        assert asyncio.run(one()) == ([], 3, b"hello")
+
+
+def test_a_failed_write_gives_the_writer_lock_back(sqlite_url: str) -> None:
+    """The in-process SQLite writer lock is released when the connection goes back to the
+    pool, after a commit and after a rollback, whichever thread wrote."""
+    from reconciler.store.db import _SQLiteWriters
+
+    store = Store.from_url(sqlite_url)
+    writers: list[_SQLiteWriters] = []
+    for listener in store.engine.dispatch.begin:
+        owner = getattr(listener, "__self__", None)
+        if isinstance(owner, _SQLiteWriters):
+            writers.append(owner)
+    assert len(writers) == 1
+    lock = writers[0].lock
+    # No such sync: the insert fails, the transaction rolls back.
+    new = new_deployment("staging", sync_id=12345)
+    with pytest.raises(StoreError):
+        store.create_deployment(new)
+    assert not lock.locked()
+    failed: list[BaseException] = []
+
+    def write() -> None:
+        try:
+            store.create_deployment(replace(new, sync_id=None))
+        except BaseException as exc:  # pragma: no cover - reported below
+            failed.append(exc)
+
+    threads = [threading.Thread(target=write) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failed == [] and not lock.locked()
+    assert len(store.history()) == 4
+    store.close()

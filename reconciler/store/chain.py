@@ -20,12 +20,14 @@ import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import (
     Column,
     Connection,
     String,
+    bindparam,
     func,
     insert,
     inspect,
@@ -180,12 +182,19 @@ def columns(
     made by SQLite from the stored text (``2026-11-29 10:00:00.000000`` →
     ``2026-11-29T10:00:00.000000+00:00``, what `iso` makes of the time the store wrote):
     parsing a million datetimes only to format them again is a good part of a verify."""
+    return dialect_columns(conn.dialect.name, table, names, present)
+
+
+def dialect_columns(
+    dialect: str, table: Any, names: tuple[str, ...], present: set[str] | None = None
+) -> list[ColumnElement[Any]]:
+    """`columns` for a dialect named (statements built once per dialect)."""
     out: list[ColumnElement[Any]] = []
     for name in names:
         if present is not None and name not in present:
             continue  # a later migration adds it: None until then, left out of payloads
         column: Column[Any] = table.c[name]
-        if conn.dialect.name == "sqlite" and isinstance(column.type, UTCDateTime):
+        if dialect == "sqlite" and isinstance(column.type, UTCDateTime):
             raw = type_coerce(column, String)
             out.append(type_coerce(func.replace(raw, " ", "T") + "+00:00", String).label(name))
         else:
@@ -193,14 +202,21 @@ def columns(
     return out
 
 
+# Statements of the append path, built once: building and keying a statement per call
+# costs more than running it (issue 12).
+_LOCK = text("SELECT pg_advisory_xact_lock(:key)")
+_HEAD = select(A.c.seq, A.c.hash, A.c.at).order_by(A.c.seq.desc()).limit(1)
+_INSERT = insert(A)
+
+
 def lock(conn: Connection) -> None:
     """Serialise appends until the transaction ends (SQLite writers hold the lock already)."""
     if conn.dialect.name == "postgresql":
-        conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": PG_LEDGER_LOCK})
+        conn.execute(_LOCK, {"key": PG_LEDGER_LOCK})
 
 
 def head(conn: Connection) -> Head | None:
-    row = conn.execute(select(A.c.seq, A.c.hash, A.c.at).order_by(A.c.seq.desc()).limit(1)).first()
+    row = conn.execute(_HEAD).first()
     return None if row is None else Head(int(row[0]), str(row[1]), row[2])
 
 
@@ -235,7 +251,7 @@ class Appender:
 
     def flush(self) -> None:
         if self._rows:
-            self.conn.execute(insert(A), self._rows)
+            self.conn.execute(_INSERT, self._rows)
             self._rows = []
 
 
@@ -252,25 +268,39 @@ def append(conn: Connection, kind: str, ref: int | None, payload: str) -> Head:
     return entry
 
 
-def digest_of(conn: Connection, table: Any, names: tuple[str, ...], deployment_id: int) -> Digest:
-    digest = Digest()
-    query = (
-        select(*columns(conn, table, names))
-        .where(table.c.deployment_id == deployment_id)
+@lru_cache(maxsize=8)
+def _digest_query(dialect: str, table: Any, names: tuple[str, ...]) -> Any:
+    """One deployment's rows of ``table`` (bound as ``did``), in id order, as digested."""
+    return (
+        select(*dialect_columns(dialect, table, names))
+        .where(table.c.deployment_id == bindparam("did"))
         .order_by(table.c.id)
     )
-    for row in conn.execute(query):
+
+
+def digest_of(conn: Connection, table: Any, names: tuple[str, ...], deployment_id: int) -> Digest:
+    digest = Digest()
+    query = _digest_query(conn.dialect.name, table, names)
+    for row in conn.execute(query, {"did": deployment_id}):
         digest.add(row._mapping, names)
     return digest
 
 
-def deployment_entry(conn: Connection, deployment_id: int, present: set[str] | None = None) -> str:
-    row = conn.execute(
-        select(*columns(conn, D, DEPLOYMENT_COLUMNS, present)).where(D.c.id == deployment_id)
-    ).one()
+def deployment_entry(
+    conn: Connection,
+    deployment_id: int,
+    present: set[str] | None = None,
+    row: Mapping[Any, Any] | None = None,
+) -> str:
+    """The deployment's payload; ``row``: its record as the write that ended it returned
+    it (times as aware datetimes, which `iso` turns into the text the stored form gives),
+    so that it is not read again."""
+    if row is None:
+        query = select(*columns(conn, D, DEPLOYMENT_COLUMNS, present))
+        row = conn.execute(query.where(D.c.id == deployment_id)).one()._mapping
     events = digest_of(conn, E, EVENT_COLUMNS, deployment_id).pair()
     log = digest_of(conn, L, LOG_COLUMNS, deployment_id).pair()
-    return deployment_payload(row._mapping, events, log)
+    return deployment_payload(row, events, log)
 
 
 def record_sync(conn: Connection, sync_id: int) -> Head:
@@ -278,9 +308,13 @@ def record_sync(conn: Connection, sync_id: int) -> Head:
     return append(conn, "sync", sync_id, sync_payload(row._mapping))
 
 
-def record_deployment(conn: Connection, deployment_id: int) -> Head:
-    """A deployment that reached a terminal status (or went ``failed`` → ``rolled_back``)."""
-    return append(conn, "deployment", deployment_id, deployment_entry(conn, deployment_id))
+def record_deployment(
+    conn: Connection, deployment_id: int, row: Mapping[Any, Any] | None = None
+) -> Head:
+    """A deployment that reached a terminal status (or went ``failed`` → ``rolled_back``);
+    ``row``: its whole record, as the UPDATE ... RETURNING that ended it gave it."""
+    payload = deployment_entry(conn, deployment_id, row=row)
+    return append(conn, "deployment", deployment_id, payload)
 
 
 def record_operator_action(conn: Connection, action_id: int) -> Head:

@@ -50,20 +50,48 @@ def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
         cursor.close()
 
 
-def _sqlite_on_begin(connection: Connection) -> None:
-    # Straight to the driver: every transaction begins here, and a statement through
-    # SQLAlchemy's execution path costs several times the BEGIN itself. Errors are
-    # wrapped as SQLAlchemy's would be (`is_transient` reads SQLITE_BUSY from them).
-    import sqlite3
+class _SQLiteWriters:
+    """One writer at a time inside this process, waiting on a lock rather than on SQLite.
 
-    from sqlalchemy.exc import DBAPIError
+    SQLite's busy handler, which a ``BEGIN IMMEDIATE`` meets while another thread writes,
+    sleeps 1, 2, 5, 10 ... ms between polls: with a few runners writing at once those
+    sleeps, not the writes, bounded deployments/s (issue 12). A thread first takes this
+    lock (released when its connection goes back to the pool, after COMMIT or ROLLBACK),
+    so the next writer starts the moment the last one ends. Other processes (a CLI
+    command) still meet the busy handler. The lock only orders: a writer that waited a
+    whole busy timeout for it goes on to SQLite's own lock, as before.
+    """
 
-    write = connection.get_execution_options().get(SQLITE_WRITE_OPTION)
-    statement = "BEGIN IMMEDIATE" if write else "BEGIN"
-    try:
-        connection.connection.driver_connection.execute(statement)  # type: ignore[union-attr]
-    except sqlite3.Error as exc:
-        raise DBAPIError.instance(statement, (), exc, sqlite3.Error) from exc
+    KEY = "reconciler_sqlite_writer"
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+
+    def begin(self, connection: Connection) -> None:
+        # Straight to the driver: every transaction begins here, and a statement through
+        # SQLAlchemy's execution path costs several times the BEGIN itself. Errors are
+        # wrapped as SQLAlchemy's would be (`is_transient` reads SQLITE_BUSY from them).
+        import sqlite3
+
+        from sqlalchemy.exc import DBAPIError
+
+        write = connection.get_execution_options().get(SQLITE_WRITE_OPTION)
+        info = connection.connection.info
+        held = False
+        if write and not info.get(self.KEY):
+            held = self.lock.acquire(timeout=SQLITE_BUSY_TIMEOUT_MS / 1000)
+            info[self.KEY] = held
+        statement = "BEGIN IMMEDIATE" if write else "BEGIN"
+        try:
+            connection.connection.driver_connection.execute(statement)  # type: ignore[union-attr]
+        except sqlite3.Error as exc:
+            self.release(None, connection.connection._connection_record)
+            raise DBAPIError.instance(statement, (), exc, sqlite3.Error) from exc
+
+    def release(self, _dbapi_connection: Any, record: Any) -> None:
+        """Pool checkin: the transaction ended (committed or rolled back) on this one."""
+        if record is not None and record.info.pop(self.KEY, False):
+            self.lock.release()
 
 
 def make_engine(url: str) -> Engine:
@@ -80,7 +108,9 @@ def make_engine(url: str) -> Engine:
             connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False},
         )
         event.listen(engine, "connect", _sqlite_on_connect)
-        event.listen(engine, "begin", _sqlite_on_begin)
+        writers = _SQLiteWriters()
+        event.listen(engine, "begin", writers.begin)
+        event.listen(engine.pool, "checkin", writers.release)
         return engine
     from reconciler.store.models import postgresql_options
 

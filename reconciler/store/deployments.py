@@ -133,7 +133,10 @@ def _advance_statement(columns: tuple[str, ...], starts: bool) -> Any:
     values: dict[str, Any] = {"status": bindparam("new_status")}
     values.update({name: bindparam(name) for name in columns})
     if starts:
-        values["started_at"] = func.coalesce(_D.c.started_at, bindparam("at"))
+        # Typed: an untyped parameter would reach SQLite as the driver's own text of an
+        # aware datetime ("... 10:00:01+00:00"), not the stored form the column's type makes.
+        at = bindparam("at", type_=_D.c.started_at.type)
+        values["started_at"] = func.coalesce(_D.c.started_at, at)
     return (
         update(_D)
         .where(_D.c.id == bindparam("did"), _D.c.status.in_(_ACTIVE))
@@ -330,7 +333,8 @@ class DeploymentQueries:
         else:
             note_status(conn, rec.environment, rec.service, rec.id, status)
         if status in TERMINAL_STATUSES:
-            chain.record_deployment(conn, deployment_id)  # the audit ledger, same transaction
+            # The audit ledger, same transaction, from the row the UPDATE returned.
+            chain.record_deployment(conn, deployment_id, row._mapping)
         return rec
 
     def add_event(
