@@ -44,7 +44,9 @@ echo '{"progress": 5, "message": "preparing"}'
 case "$version" in
   *-steps)
     for i in 1 2 3; do
-      read -r _ < "$DEPLOY_GATE"
+      # A reopen can still meet the last step's writer closing: EOF with no line. Only a
+      # line read lets the step go.
+      until read -r _ < "$DEPLOY_GATE"; do :; done
       echo "log line of step $i"
       echo "{\"progress\": $((i * 30)), \"message\": \"step $i of 3\"}"
     done ;;
