@@ -81,6 +81,7 @@ def export_record(row: AuditRow) -> dict[str, Any]:
                 "action": action.action,
                 "actor": action.actor,
                 "note": action.note,
+                "origin": action.origin,
                 "at": format_time(action.at),
             }
         ),

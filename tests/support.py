@@ -29,7 +29,7 @@ case "$version" in
   *-fail) echo "token $SECRET_TOKEN rejected" >&2; echo "health check failed" >&2; echo "end $env $service $version fail" >> "$DEPLOY_LOG"; exit 3 ;;
   *-hang) sleep 300 & echo "$$ $!" > "$DEPLOY_PIDS"; wait ;;
   *-trap) trap '' TERM; sleep 300 & echo "$$ $!" > "$DEPLOY_PIDS"; wait; wait ;;
-  *-gate) read -r _ < "$DEPLOY_GATE" ;;
+  *-gate) until read -r _ < "$DEPLOY_GATE"; do :; done ;;  # a line, not the last writer's EOF
 esac
 echo '{"progress": 100, "message": "done"}'
 echo "end $env $service $version ok" >> "$DEPLOY_LOG"

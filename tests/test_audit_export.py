@@ -72,6 +72,7 @@ def test_jsonl_carries_commit_subject_timeline_outcome_and_the_operator(ledger: 
     assert action["action"] == "deploy"
     assert action["note"] == "to 1.0.1: hotfix for INC-7"
     assert action["actor"] and action["at"] <= manual["created_at"]
+    assert action["origin"].startswith("local command, pid ")
     assert list(rows[0]) == [
         "id", "environment", "service", "version", "previous_version", "status",
         "error_message", "trigger", "attempt", "commit", "commit_author", "commit_subject",

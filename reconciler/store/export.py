@@ -95,6 +95,7 @@ def _action_record(row: Any) -> OperatorActionRecord:
         action=row.action,
         actor=row.actor,
         note=row.note,
+        origin=row.origin,
     )
 
 

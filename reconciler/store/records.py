@@ -233,6 +233,7 @@ class OperatorActionRecord:
     action: str
     actor: str
     note: str | None
+    origin: str | None = None  # from where it was asked (None before migration 0009)
 
 
 # --------------------------------------------------------------------------- notifications
