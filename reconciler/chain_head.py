@@ -14,7 +14,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import httpx
+# httpx is imported where a URL is used: with rich installed, `import httpx` also loads
+# its command line (rich, pygments), ~300 ms and several MB in every daemon otherwise.
 
 TIMEOUT_SECONDS = 10.0
 MAX_BYTES = 64 * 1024
@@ -52,6 +53,8 @@ async def publish(target: str, head: dict[str, Any]) -> None:
     if not is_url(target):
         write_file(Path(target), head)
         return
+    import httpx
+
     try:
         async with httpx.AsyncClient(timeout=TIMEOUT_SECONDS) as client:
             response = await client.post(target, json=head)
@@ -87,6 +90,8 @@ def read(target: str) -> dict[str, Any]:
         if len(data) > MAX_BYTES:
             raise HeadError(f"{path}: larger than {MAX_BYTES} bytes: not a chain head")
         return _parse(data.decode("utf-8", "replace"), str(path))
+    import httpx
+
     try:
         response = httpx.get(target, timeout=TIMEOUT_SECONDS)
     except httpx.HTTPError as exc:

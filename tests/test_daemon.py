@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -178,3 +179,16 @@ def test_sync_wait_follows_the_daemon_and_reports_failures(tmp_path: Path):
     finally:
         if daemon.proc.poll() is None:
             daemon.proc.kill()
+
+
+def test_daemon_imports_leave_out_what_only_some_daemons_use():
+    """The dashboard's templates and the published head's HTTP client (whose import loads
+    rich and pygments too) are imported when used: ~6 MB and ~0.3 s of each daemon's start."""
+    script = "import sys, reconciler.daemon; print(' '.join(sorted(sys.modules)))"
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, env=cli_env()
+    ).stdout.split()
+    tops = {name.split(".")[0] for name in out}
+    assert "sqlalchemy" in tops  # it did import the daemon
+    for lazy in ("jinja2", "httpx", "rich", "pygments"):
+        assert lazy not in tops, lazy

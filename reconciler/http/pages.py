@@ -18,11 +18,15 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
 from importlib import resources
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-import jinja2
 from markupsafe import Markup
 from starlette.exceptions import HTTPException
+
+# jinja2 is imported with the first page (`_environment`): ~100 ms and a few MB that a
+# daemon nobody opens the dashboard of never needs.
+if TYPE_CHECKING:
+    import jinja2
 
 log = logging.getLogger("reconciler.http")
 T = TypeVar("T")
@@ -61,6 +65,8 @@ def _short(sha: str | None) -> str:
 
 
 def _environment() -> jinja2.Environment:
+    import jinja2
+
     env = jinja2.Environment(
         loader=jinja2.PackageLoader("reconciler.http", "templates"),
         autoescape=True,  # every template is HTML; a service named <script> stays text

@@ -19,11 +19,10 @@ import sys
 import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-# watchfiles' documented Rust backend (https://watchfiles.helpmanual.io/api/rust_backend/):
-# unlike awatch() it says when the watch is in place (``ready``) and takes a thread event.
-from watchfiles._rust_notify import RustNotify
+if TYPE_CHECKING:
+    from watchfiles._rust_notify import RustNotify
 
 if sys.platform == "linux":  # watch_refs: inotify, read on the event loop
     from asyncinotify import Inotify, Mask, Watch
@@ -243,6 +242,11 @@ class _NotifyWatches:
             raise FileNotFoundError(errno.ENOENT, "no such directory", str(self.git_dir))
         # Recursive: a nested branch's directories may appear later (a handful of
         # directories besides objects/, whose events the thread drops).
+        # watchfiles' documented Rust backend (https://watchfiles.helpmanual.io/api/rust_backend/):
+        # unlike awatch() it says when the watch is in place (``ready``) and takes a thread
+        # event. Imported here: Linux daemons watch with inotify and need none of it.
+        from watchfiles._rust_notify import RustNotify
+
         notify = await asyncio.to_thread(
             RustNotify, [str(self.git_dir)], False, False, 300, True, True
         )
