@@ -1,0 +1,148 @@
+"""Environment leases and fencing at the store level: two stores on one PostgreSQL schema,
+as two replicas would open it (real PostgreSQL; skipped without one)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from reconciler.replicas import owner
+from reconciler.store import Store, verify
+from reconciler.store.fence import FENCE, Fence, LeaseLost
+from reconciler.store.leases import ReplicaIdentity
+from tests.support import wait_for
+from tests.test_store import at, new
+
+pytestmark = pytest.mark.postgres
+
+
+@pytest.fixture
+def stores(pg_url: str) -> Iterator[tuple[Store, Store]]:
+    a, b = Store.from_url(pg_url), Store.from_url(pg_url)
+    try:
+        yield a, b
+    finally:
+        a.close()
+        b.close()
+
+
+def _expired(store: Store, env: str) -> bool:
+    return any(lease.environment == env and lease.expired for lease in store.leases())
+
+
+def test_two_replicas_claiming_at_once_one_wins(stores: tuple[Store, Store]) -> None:
+    a, b = stores
+    barrier = threading.Barrier(2)
+    won: dict[str, dict[str, int]] = {}
+
+    def claim(store: Store, me: str) -> None:
+        barrier.wait()
+        won[me] = store.claim_leases(me, [f"env{i}" for i in range(20)], 30.0)
+
+    threads = [threading.Thread(target=claim, args=(s, me)) for s, me in ((a, "A"), (b, "B"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    # Each environment went to exactly one of them, at generation 1.
+    assert set(won["A"]) | set(won["B"]) == {f"env{i}" for i in range(20)}
+    assert not set(won["A"]) & set(won["B"])
+    assert set(won["A"].values()) | set(won["B"].values()) == {1}
+    # A held lease is not taken; renewing keeps what each holds.
+    assert b.claim_leases("B", list(won["A"]), 30.0) == {}
+    assert a.renew_leases("A", 30.0) == won["A"]
+
+
+def test_an_expired_lease_is_claimed_at_the_next_generation_and_lost_by_its_holder(
+    stores: tuple[Store, Store],
+) -> None:
+    a, b = stores
+    assert a.claim_leases("A", ["staging"], 0.5) == {"staging": 1}
+    wait_for(lambda: _expired(b, "staging"), what="the lease to expire (database clock)")
+    assert b.claim_leases("B", ["staging"], 30.0) == {"staging": 2}
+    assert a.renew_leases("A", 30.0) == {}  # lost: the replica stops treating it as its own
+    # Released, then claimed again: the generation still rises.
+    assert b.release_lease("B", "staging", 2)
+    assert not b.release_lease("B", "staging", 2)
+    assert a.claim_leases("A", ["staging"], 30.0) == {"staging": 3}
+
+
+def test_a_former_holder_cannot_record_over_the_new_one(stores: tuple[Store, Store]) -> None:
+    a, b = stores
+    assert a.claim_leases("A", ["staging"], 0.5) == {"staging": 1}
+    token = FENCE.set(Fence("A", "staging", 1))
+    try:
+        rec = a.create_deployment(new("staging"))
+        a.set_status(rec.id, "in_progress", at=at(1))
+        a.append_log(rec.id, [("stdout", "starting", at(1))])
+    finally:
+        FENCE.reset(token)
+    wait_for(lambda: _expired(b, "staging"), what="the lease to expire")
+    # B claims, and recovers what A left running.
+    assert b.claim_leases("B", ["staging"], 30.0) == {"staging": 2}
+    assert b.interrupt_unfinished(message="interrupted", at=at(5), environments=["staging"]) == [
+        rec.id
+    ]
+    token = FENCE.set(Fence("A", "staging", 1))
+    try:
+        # A paused past its lease and wakes: its writes are refused ...
+        with pytest.raises(LeaseLost):
+            a.add_event(
+                rec.id, status="in_progress", message="50%", percent=50, details=None, at=at(6)
+            )
+        with pytest.raises(LeaseLost):
+            a.append_log(rec.id, [("stdout", "late line", at(6))])
+        with pytest.raises(LeaseLost):
+            a.create_deployment(new("staging", version="2.0"))
+        # ... and its terminal result is kept beside the record, not over it.
+        official = a.set_status(rec.id, "completed", at=at(7), message="api is at 1.0.0")
+    finally:
+        FENCE.reset(token)
+    assert official.status == "failed"
+    shown = b.get_deployment(rec.id, with_progress=True, with_log=True)
+    assert shown is not None and shown.status == "failed"
+    assert shown.unconfirmed is not None and len(shown.unconfirmed) == 1
+    late = shown.unconfirmed[0]
+    assert (late["replica"], late["generation"], late["status"]) == ("A", 1, "completed")
+    assert shown.to_json()["unconfirmed"][0]["status"] == "completed"
+    assert [line.line for line in shown.log or []] == ["starting"]
+    # B, the holder, writes under its own fence.
+    token = FENCE.set(Fence("B", "staging", 2))
+    try:
+        again = b.create_deployment(new("staging", version="1.0.0"))
+        b.set_status(again.id, "completed", at=at(9))
+    finally:
+        FENCE.reset(token)
+    assert b.history(environment="staging", limit=5)[0].status == "completed"
+    assert verify(b).ok
+
+
+def test_heartbeats_say_who_is_alive(stores: tuple[Store, Store]) -> None:
+    a, b = stores
+    one = ReplicaIdentity("one", "host-a", 1, "/srv/a", "0.1.0")
+    two = ReplicaIdentity("two", "host-b", 2, "/srv/b", "0.1.0")
+    a.heartbeat(one)
+    b.heartbeat(two)
+    a.claim_leases("one", ["x", "y"], 30.0)
+    assert a.live_replicas(30.0) == ["one", "two"]
+    rows = {r.id: r for r in b.replicas()}
+    assert rows["one"].leases == 2 and rows["two"].leases == 0 and rows["one"].host == "host-a"
+    wait_for(lambda: a.live_replicas(0.3) == [], what="heartbeats to age")
+    b.heartbeat(two)
+    assert a.live_replicas(0.3) == ["two"]
+    a.leave("one")  # a clean stop frees its leases at once
+    assert b.claim_leases("two", ["x"], 30.0) == {"x": 2}
+    assert [r.id for r in b.replicas()] == ["two"]
+
+
+def test_rendezvous_spreads_and_moves_only_what_it_must() -> None:
+    envs = [f"env{i:02d}" for i in range(30)]
+    three = ["r1", "r2", "r3"]
+    before = {e: owner(e, three) for e in envs}
+    counts = {r: sum(1 for o in before.values() if o == r) for r in three}
+    assert all(count >= 4 for count in counts.values()), counts
+    after = {e: owner(e, ["r1", "r3"]) for e in envs}
+    moved = {e for e in envs if before[e] != after[e]}
+    assert moved == {e for e in envs if before[e] == "r2"}
