@@ -26,6 +26,7 @@ writes are fenced off anyway (reconciler/store/fence.py).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
@@ -106,9 +107,16 @@ class Replica:
         return environment in self.held
 
     async def rebalance(self) -> None:
-        """One pass (see the module docstring); callable at any time, passes never overlap."""
+        """One pass (see the module docstring); callable at any time (passes never overlap),
+        never raises: what failed (the database away) is logged and tried at the next."""
         async with self._lock:
-            await self._rebalance()
+            try:
+                await self._rebalance()
+            except Exception as exc:
+                log.error(
+                    "event=rebalance_failed error=%r",
+                    f"{type(exc).__name__}: {exc}".splitlines()[0],
+                )
 
     async def _rebalance(self) -> None:
         store = self.store
@@ -182,14 +190,10 @@ class Replica:
         """Rebalance every ``interval`` seconds until ``stop``; forget long-gone replicas."""
         while not stop.is_set():
             await self.rebalance()
-            try:
+            with contextlib.suppress(Exception):  # the next pass tries again
                 await asyncio.to_thread(self.store.prune_replicas, self.ttl * FORGET_AFTER_TTLS)
-            except Exception:  # the next pass tries again
-                pass
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), interval)
-            except TimeoutError:
-                pass
 
     async def leave(self) -> None:
         """At a clean stop (after the runners ended): free the leases at once."""

@@ -4,6 +4,7 @@ ever deployed twice at once. Real processes, a real deploy script, real PostgreS
 
 from __future__ import annotations
 
+import itertools
 import json
 import signal
 import subprocess
@@ -213,7 +214,7 @@ def test_three_replicas_share_the_work_and_survive_a_kill_and_a_lost_connection(
     for env in ENVIRONMENTS:
         spans = sorted(runs[env])
         assert all(end is not None for _, end, _ in spans), (env, spans)
-        for (_, end, _), (start, _, _) in zip(spans, spans[1:], strict=False):
+        for (_, end, _), (start, _, _) in itertools.pairwise(spans):
             assert end is not None and start >= end, (env, spans)
         assert spans[-1][2] == "2.0", (env, spans)
 
