@@ -199,6 +199,12 @@ class Daemon:
     def queue_depth(self) -> int:
         return self.engine.queue_depth() if self.engine else 0
 
+    def lease_counts(self) -> tuple[int, int]:
+        replica = self.replica
+        if replica is None:
+            return 1, 0
+        return len(replica.live), len(replica.held)
+
     def notification_stats(self) -> dict[str, dict[str, int]]:
         return self._notifier.stats() if self._notifier else {}
 

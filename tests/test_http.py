@@ -115,6 +115,9 @@ class FakeControl:
     def notification_stats(self) -> dict[str, dict[str, int]]:
         return {"ops": {"delivered": 2, "failed": 1}}
 
+    def lease_counts(self) -> tuple[int, int]:
+        return 3, 7
+
     def drifted_services(self) -> dict[str, int]:
         return {"production": 2}
 

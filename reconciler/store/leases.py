@@ -16,10 +16,12 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import Engine, delete, func, select, text
 
 from reconciler.store import models
+from reconciler.store.records import format_time
 
 _R = models.replicas
 _L = models.environment_leases
@@ -67,6 +69,20 @@ class ReplicaRecord:
     age_seconds: float  # since the last heartbeat, by the database's clock
     leases: int  # environments it holds (unexpired)
 
+    def to_json(self, ttl: float) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "host": self.host,
+            "pid": self.pid,
+            "state_dir": self.state_dir,
+            "version": self.version,
+            "started_at": format_time(self.started_at),
+            "heartbeat_at": format_time(self.heartbeat_at),
+            "heartbeat_age_seconds": round(self.age_seconds, 3),
+            "live": self.age_seconds < ttl,
+            "leases": self.leases,
+        }
+
 
 @dataclass(frozen=True, slots=True)
 class LeaseRecord:
@@ -75,6 +91,15 @@ class LeaseRecord:
     generation: int
     expires_at: datetime
     expired: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "environment": self.environment,
+            "holder": self.holder,
+            "generation": self.generation,
+            "expires_at": format_time(self.expires_at),
+            "expired": self.expired,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,6 +207,16 @@ class LeaseQueries:
             )
             for r in rows
         ]
+
+    def replicas_report(self, ttl: float) -> dict[str, Any]:
+        """`reconciler status --replicas --json` and ``GET /api/v1/replicas``: the replicas
+        (live: a heartbeat younger than ``ttl``) and every environment's lease."""
+        return {
+            "replicated": self._pg(),
+            "lease_ttl_seconds": ttl,
+            "replicas": [r.to_json(ttl) for r in self.replicas()],
+            "leases": [lease.to_json() for lease in self.leases()],
+        }
 
     def leases(self) -> list[LeaseRecord]:
         """Every environment lease, by environment."""
