@@ -17,6 +17,7 @@ from sqlalchemy.engine import make_url
 
 from reconciler.store import Store
 from tests.support import RECONCILER, Repo, cli_env, env_yaml, wait_for
+from tests.test_http import validator
 
 pytestmark = [pytest.mark.postgres, pytest.mark.timeout(180)]
 
@@ -200,6 +201,14 @@ def test_three_replicas_share_the_work_and_survive_a_kill_and_a_lost_connection(
             what="r2 and r3 to hold every environment",
         )
         assert replicas["r2"].proc.poll() is None, replicas["r2"].log()
+        # Any replica's configuration reads the same board: the killed one is gone.
+        board = json.loads(_cli(tmp_path, configs["r1"], "status", "--replicas", "--json"))
+        validator("Replicas").validate(board)
+        assert board["replicated"] is True and len(board["leases"]) == len(ENVIRONMENTS)
+        live = {r["pid"]: r["live"] for r in board["replicas"]}
+        assert live == {victim.proc.pid: False, **dict.fromkeys(survivors, True)}, board
+        shown = _cli(tmp_path, configs["r2"], "status", "--replicas")
+        assert shown.count(" live ") == 2 and shown.count(" gone ") == 1, shown
         for name in ("r2", "r3"):
             replicas[name].proc.send_signal(signal.SIGTERM)
         for name in ("r2", "r3"):
@@ -250,13 +259,17 @@ def test_three_replicas_share_the_work_and_survive_a_kill_and_a_lost_connection(
     for name in ("r2", "r3"):
         log = (tmp_path / f"{name}.log").read_text()
         assert "Traceback" not in log, log
-    verified = subprocess.run(
-        [*RECONCILER, "--config", str(configs["r2"]), "audit", "verify", "--json"],
+    assert json.loads(_cli(tmp_path, configs["r2"], "audit", "verify", "--json"))["ok"] is True
+
+
+def _cli(tmp: Path, config: Path, *args: str) -> str:
+    out = subprocess.run(
+        [*RECONCILER, "--config", str(config), *args],
         capture_output=True,
         text=True,
-        cwd=tmp_path,
+        cwd=tmp,
         env=cli_env(),
         timeout=60,
     )
-    assert verified.returncode == 0, verified.stdout + verified.stderr
-    assert json.loads(verified.stdout)["ok"] is True
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout

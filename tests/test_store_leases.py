@@ -11,6 +11,7 @@ import pytest
 from reconciler.replicas import owner
 from reconciler.store import Store, verify
 from reconciler.store.fence import FENCE, Fence, LeaseLost
+from reconciler.store.holder import DatabaseHeld, DatabaseLock
 from reconciler.store.leases import ReplicaIdentity
 from tests.support import wait_for
 from tests.test_store import at, new
@@ -146,3 +147,28 @@ def test_rendezvous_spreads_and_moves_only_what_it_must() -> None:
     after = {e: owner(e, ["r1", "r3"]) for e in envs}
     moved = {e for e in envs if before[e] != after[e]}
     assert moved == {e for e in envs if before[e] == "r2"}
+
+
+def test_daemons_share_the_database_lock_and_a_standalone_command_is_refused(
+    stores: tuple[Store, Store],
+) -> None:
+    a, b = stores
+    one, two = DatabaseLock(a.engine), DatabaseLock(b.engine)
+    one.acquire(role="daemon", state_dir="/srv/one", at=at(0), shared=True)
+    two.acquire(role="daemon", state_dir="/srv/two", at=at(0), shared=True)
+    a.heartbeat(ReplicaIdentity("one", "host-a", 1, "/srv/one", "0.1.0"))
+    command = DatabaseLock(b.engine)
+    try:
+        with pytest.raises(DatabaseHeld, match="replicas") as refused:
+            command.acquire(role="deploy", state_dir="/srv/cmd", at=at(0))
+        assert "\n" not in str(refused.value)
+    finally:
+        one.release()
+        two.release()
+    # Both gone: the command deploys alone, and a daemon waits for it to end.
+    command.acquire(role="deploy", state_dir="/srv/cmd", at=at(0))
+    try:
+        with pytest.raises(DatabaseHeld, match="/srv/cmd"):
+            one.acquire(role="daemon", state_dir="/srv/one", at=at(0), shared=True)
+    finally:
+        command.release()
