@@ -8,8 +8,9 @@ LISTEN/NOTIFY bus calls it when a replica joins or leaves). One pass:
    that did not renew (expired, claimed by another) is *lost*: its runner is stopped;
 2. read the live replicas (heartbeat younger than ``lease_ttl``) and rank them for each
    environment of the desired state by rendezvous hashing (highest ``sha256(replica,
-   environment)`` wins): every replica computes the same owner with no coordination, and
-   a replica joining or leaving moves only the environments it wins or held;
+   environment)`` wins) with a bounded load (`assign`): every replica computes the same
+   owner with no coordination, each gets its share, and a replica joining or leaving
+   moves few environments besides its own;
 3. claim the environments it ranks first for whose lease is free or expired (one
    conditional upsert each: no race), and recover what the previous holder left running
    there (its orphaned deployments recorded ``interrupted``), then wake them;
@@ -55,9 +56,27 @@ def rank(replica: str, environment: str) -> bytes:
     return hashlib.sha256(f"{replica}\x00{environment}".encode()).digest()
 
 
-def owner(environment: str, replicas: Collection[str]) -> str | None:
-    """The live replica that should run ``environment``."""
-    return max(replicas, key=lambda r: rank(r, environment), default=None)
+def assign(environments: Iterable[str], replicas: Collection[str]) -> dict[str, str]:
+    """Which live replica should run each environment: rendezvous hashing with a bounded
+    load. Environments in name order each go to the highest-ranked replica that has fewer
+    than ``ceil(environments / replicas)`` yet, so that the work is shared evenly (plain
+    rendezvous hashing leaves one replica a quarter more than another at 60 environments),
+    while a replica joining or leaving still moves few environments. Every replica
+    computes the same answer from the same names, with no coordination."""
+    live = sorted(set(replicas))
+    envs = sorted(set(environments))
+    if not live:
+        return {}
+    cap = -(-len(envs) // len(live))
+    load = dict.fromkeys(live, 0)
+    out: dict[str, str] = {}
+    for env in envs:
+        for replica in sorted(live, key=lambda r: rank(r, env), reverse=True):
+            if load[replica] < cap:
+                out[env] = replica
+                load[replica] += 1
+                break
+    return out
 
 
 def new_identity(state_dir: str) -> ReplicaIdentity:
@@ -140,7 +159,8 @@ class Replica:
             await self._lose(lost, "renewal refused (expired or claimed)")
         adopted = {env: gen for env, gen in renewed.items() if env not in self.held}
         self.held.update(renewed)
-        wanted = {env for env in self.environments() if owner(env, self.live) == self.me.id}
+        plan = assign(self.environments(), self.live)
+        wanted = {env for env, replica in plan.items() if replica == self.me.id}
         if self.engine.stopping:
             wanted &= set(self.held)  # a stopping replica claims nothing new
         claim = wanted - set(self.held)
