@@ -118,6 +118,8 @@ class Runners:
                 await self.drain(env)
             except asyncio.CancelledError:
                 raise
+            except LeaseLost as exc:  # another replica holds it now: its runner plans it
+                log.warning("event=runner_lease_lost environment=%s error=%r", env, str(exc))
             except Exception:  # the store was unreachable, say: try again at the next wake
                 log.exception("event=runner_error environment=%s", env)
                 backoff = self.planner.settings.retry_backoff

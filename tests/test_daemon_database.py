@@ -7,34 +7,18 @@ import json
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.support import RECONCILER, World, cli_env, wait_for
+from tests.support import RECONCILER, DaemonProcess, World, cli_env, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
 
-class Daemon:
+class Daemon(DaemonProcess):
     def __init__(self, world: World, config: Path) -> None:
-        self.stderr = world.tmp / f"daemon-{time.monotonic_ns()}.log"
-        self.proc = subprocess.Popen(
-            [*RECONCILER, "--config", str(config), "run"],
-            cwd=world.tmp,
-            env=cli_env(),
-            stdout=subprocess.DEVNULL,
-            stderr=self.stderr.open("w"),
-        )
-
-    def log(self) -> str:
-        return self.stderr.read_text()
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
+        super().__init__(world.tmp, config)
 
 
 def _history(world: World) -> list[dict]:

@@ -16,7 +16,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from reconciler.store import Store
-from tests.support import RECONCILER, Repo, cli_env, env_yaml, wait_for
+from tests.support import RECONCILER, DaemonProcess, Repo, cli_env, env_yaml, wait_for
 from tests.test_http import validator
 
 pytestmark = [pytest.mark.postgres, pytest.mark.timeout(180)]
@@ -70,28 +70,6 @@ env = {{ TIMES = "{times}" }}
     return path
 
 
-class Replica:
-    def __init__(self, tmp: Path, name: str, config: Path) -> None:
-        self.name = name
-        self.config = config
-        self.stderr = tmp / f"{name}.log"
-        self.proc = subprocess.Popen(
-            [*RECONCILER, "--config", str(config), "run"],
-            cwd=tmp,
-            env=cli_env(),
-            stdout=subprocess.DEVNULL,
-            stderr=self.stderr.open("w"),
-        )
-
-    def log(self) -> str:
-        return self.stderr.read_text()
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-
 def _runs(times: Path) -> dict[str, list[tuple[float, float | None, str]]]:
     """Per environment: (start, end or None, version) of each run, from the script's lines."""
     starts: dict[str, tuple[str, float, str]] = {}
@@ -127,7 +105,7 @@ def test_three_replicas_share_the_work_and_survive_a_kill_and_a_lost_connection(
     )
     names = ("r1", "r2", "r3")
     configs = {n: _config(tmp_path, n, pg_url, script, times) for n in names}
-    replicas = {n: Replica(tmp_path, n, configs[n]) for n in names}
+    replicas = {n: DaemonProcess(tmp_path, configs[n], n) for n in names}
     try:
 
         def holders() -> dict[str, str]:
