@@ -3,12 +3,14 @@ as two replicas would open it (real PostgreSQL; skipped without one)."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
-from collections.abc import Iterator
+from collections.abc import Collection, Iterable, Iterator
 
 import pytest
+from sqlalchemy.exc import OperationalError
 
-from reconciler.replicas import assign
+from reconciler.replicas import Replica, assign
 from reconciler.store import Store, verify
 from reconciler.store.fence import FENCE, Fence, LeaseLost
 from reconciler.store.holder import DatabaseHeld, DatabaseLock
@@ -175,3 +177,84 @@ def test_daemons_share_the_database_lock_and_a_standalone_command_is_refused(
             one.acquire(role="daemon", state_dir="/srv/one", at=at(0), shared=True)
     finally:
         command.release()
+
+
+class _Runners:
+    """What `Replica` asks of the runner pool: which environments run, and stopping them."""
+
+    def __init__(self) -> None:
+        self.busy: set[str] = set()
+        self.abandoned: list[str] = []
+        self.locks: dict[str, asyncio.Lock] = {}
+
+    def env_lock(self, env: str) -> asyncio.Lock:
+        return self.locks.setdefault(env, asyncio.Lock())
+
+    async def abandon(self, environments: Iterable[str]) -> None:
+        self.abandoned.extend(sorted(environments))
+
+
+class _Engine:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.runners = _Runners()
+        self.stopping = False
+        self.recovered: list[str] = []
+        self.woken: list[str] = []
+
+    async def recover(self, environments: Collection[str] | None = None) -> list[int]:
+        self.recovered.extend(environments or [])
+        return []
+
+    def wake(self, environments: Iterable[str]) -> None:
+        self.woken.extend(environments)
+
+
+def test_a_replica_claims_shares_and_gives_up_what_it_cannot_renew(
+    stores: tuple[Store, Store],
+) -> None:
+    a, b = stores
+    envs = [f"e{i}" for i in range(6)]
+
+    def replica(store: Store, name: str) -> tuple[Replica, _Engine]:
+        engine = _Engine(store)
+        me = ReplicaIdentity(name, "host", 1, f"/srv/{name}", "0.1.0")
+        return Replica(engine, ttl=2.0, environments=lambda: envs, identity=me), engine  # type: ignore[arg-type]
+
+    async def scenario() -> None:
+        one, engine_one = replica(a, "one")
+        await one.rebalance()  # alone: it claims everything, recovers it, wakes it
+        assert one.held == dict.fromkeys(envs, 1)
+        assert sorted(engine_one.recovered) == envs and sorted(engine_one.woken) == envs
+
+        two, _ = replica(b, "two")
+        engine_one.runners.busy.add("e0")  # a deployment runs there: kept until it ends
+        await two.rebalance()  # joins: nothing free yet
+        assert two.held == {}
+        await one.rebalance()  # sees two: releases its share, but not the busy one
+        share = {env for env, r in assign(envs, ["one", "two"]).items() if r == "two"}
+        assert len(share) == 3
+        released = share - {"e0"}
+        assert set(one.held) == set(envs) - released
+        await two.rebalance()
+        assert set(two.held) == released and set(two.held.values()) == {2}
+        engine_one.runners.busy.clear()
+        await one.rebalance()
+        await two.rebalance()
+        assert set(two.held) == share and set(one.held) == set(envs) - share
+
+        # The database away: within the lease it keeps its environments, past LAPSE of
+        # lease_ttl it gives them up (before they expire in the database's clock).
+        def away(*_: object) -> None:
+            raise OperationalError("SELECT 1", {}, Exception("server closed the connection"))
+
+        a.heartbeat = away  # type: ignore[method-assign]
+        engine_one.runners.abandoned.clear()
+        await one.rebalance()
+        assert set(one.held) == set(envs) - share and engine_one.runners.abandoned == []
+        assert one._renewed_at is not None
+        one._renewed_at -= 2.0
+        await one.rebalance()
+        assert one.held == {} and set(engine_one.runners.abandoned) == set(envs) - share
+
+    asyncio.run(scenario())
