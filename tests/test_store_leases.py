@@ -10,6 +10,7 @@ from collections.abc import Collection, Iterable, Iterator
 import pytest
 from sqlalchemy.exc import OperationalError
 
+from reconciler.output import show_deployment
 from reconciler.replicas import Replica, assign
 from reconciler.store import Store, verify
 from reconciler.store.fence import FENCE, Fence, LeaseLost
@@ -72,7 +73,9 @@ def test_an_expired_lease_is_claimed_at_the_next_generation_and_lost_by_its_hold
     assert a.claim_leases("A", ["staging"], 30.0) == {"staging": 3}
 
 
-def test_a_former_holder_cannot_record_over_the_new_one(stores: tuple[Store, Store]) -> None:
+def test_a_former_holder_cannot_record_over_the_new_one(
+    stores: tuple[Store, Store], capsys: pytest.CaptureFixture[str]
+) -> None:
     a, b = stores
     assert a.claim_leases("A", ["staging"], 0.5) == {"staging": 1}
     token = FENCE.set(Fence("A", "staging", 1))
@@ -110,6 +113,8 @@ def test_a_former_holder_cannot_record_over_the_new_one(stores: tuple[Store, Sto
     late = shown.unconfirmed[0]
     assert (late["replica"], late["generation"], late["status"]) == ("A", 1, "completed")
     assert shown.to_json()["unconfirmed"][0]["status"] == "completed"
+    show_deployment(shown)  # `reconciler show`
+    assert "Unconfirmed: completed at" in capsys.readouterr().out
     assert [line.line for line in shown.log or []] == ["starting"]
     # B, the holder, writes under its own fence.
     token = FENCE.set(Fence("B", "staging", 2))
