@@ -387,12 +387,29 @@ def plan_cmd(ctx: click.Context, environment: str | None, as_json: bool, wide: b
 @click.option("--env", "environment", help="Only this environment.")
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--wide", is_flag=True, help="Every column, however wide the lines get.")
+@click.option(
+    "--replicas",
+    is_flag=True,
+    help="The daemons sharing the database (PostgreSQL) and their environment leases.",
+)
 @click.pass_context
-def status_cmd(ctx: click.Context, environment: str | None, as_json: bool, wide: bool) -> None:
+def status_cmd(
+    ctx: click.Context, environment: str | None, as_json: bool, wide: bool, replicas: bool
+) -> None:
     """Per service: desired, deployed, state, last commit."""
     from reconciler.channel import status_from_daemon
 
     config = cfg(ctx)
+    if replicas:
+        from reconciler.output import replicas_table
+        from reconciler.store import Store
+
+        board = Store.for_reading(config.database_url).replicas_report(config.daemon.lease_ttl)
+        if as_json:
+            print_json(board)
+        else:
+            replicas_table(board, wide=wide)
+        return
     report = status_from_daemon(config.state_dir, environment)  # None: no daemon answers
     if report is not None:
         if as_json:

@@ -158,6 +158,25 @@ class DaemonConfig(_Section):
     timezone: str | None = None  # windows without `timezone:`; default: the host's
     # How often the live versions are read from the targets (reconciler/drift.py); 0: off.
     drift_interval: Seconds = 300.0
+    # Several replicas on one PostgreSQL (docs/scaling.md): an environment's lease lasts this
+    # long without renewal (a killed replica's environments move on within it) ...
+    lease_ttl: Seconds = Field(default=30.0, ge=0.5)
+    # ... and is renewed this often (default: a third of lease_ttl), with the heartbeat.
+    lease_renew: Seconds | None = Field(default=None, gt=0)
+
+    @property
+    def lease_renew_seconds(self) -> float:
+        return self.lease_renew if self.lease_renew is not None else self.lease_ttl / 3
+
+    @model_validator(mode="after")
+    def _lease_renewed_in_time(self) -> DaemonConfig:
+        if self.lease_renew is not None and self.lease_renew * 2 > self.lease_ttl:
+            raise ValueError(
+                f"lease_renew = {format_duration(self.lease_renew)} must be at most half of "
+                f"lease_ttl = {format_duration(self.lease_ttl)}: one missed renewal must not "
+                "lose the leases"
+            )
+        return self
 
     @model_validator(mode="after")
     def _longest_wait(self) -> DaemonConfig:

@@ -39,6 +39,7 @@ from reconciler.notify import Notifier
 from reconciler.operations import AnyAction, handle, perform
 from reconciler.plan import Decision
 from reconciler.providers import build_providers
+from reconciler.replicas import Replica, new_identity
 from reconciler.source import poll_delay, watch_refs
 from reconciler.store import DeploymentRecord, LedgerCheck, Store, schema_current, verify
 from reconciler.store.holder import DatabaseHeld, DatabaseLock
@@ -85,6 +86,9 @@ class Daemon:
         self._control: asyncio.Server | None = None
         self._notifier: Notifier | None = None
         self._held: DatabaseLock | None = None
+        # On PostgreSQL: this daemon as one of the replicas sharing the database's work.
+        self.replica: Replica | None = None
+        self._leases_stop = asyncio.Event()
         self._fatal: Exception | None = None  # raised by run() once stopped
         self.fleet: FleetSummary | None = None  # every service's state, kept in memory
         self.fleet_status: FleetStatus | None = None  # the fleet's decisions, kept likewise
@@ -138,6 +142,12 @@ class Daemon:
             services=cast(list[channel.StatusEntry], [d.status_json(commit) for d in decisions]),
         )
 
+    def _gained(self, environments: list[str]) -> None:
+        """Environments this replica has just claimed: their rows were written by another."""
+        if self.fleet is not None:
+            for env in environments:
+                self.fleet.mark(env)
+
     def service_state_changed(self, environment: str) -> None:
         """A reset streak publishes no deployment event: the fleet summary is told here."""
         if self.fleet is not None:
@@ -189,6 +199,12 @@ class Daemon:
     def queue_depth(self) -> int:
         return self.engine.queue_depth() if self.engine else 0
 
+    def lease_counts(self) -> tuple[int, int]:
+        replica = self.replica
+        if replica is None:
+            return 1, 0
+        return len(replica.live), len(replica.held)
+
     def notification_stats(self) -> dict[str, dict[str, int]]:
         return self._notifier.stats() if self._notifier else {}
 
@@ -215,10 +231,16 @@ class Daemon:
             if not await asyncio.to_thread(schema_current, store.engine):
                 applied = await migrate_in_child(cfg.database_url)
                 log.info("event=migrated revisions=%s", ",".join(applied) or "-")
-            # One daemon per database: before recovery, which would fail another's runs.
+            # SQLite: one daemon per database, before recovery, which would fail another's
+            # runs. PostgreSQL: replicas share it (leases); no standalone command beside them.
             held = DatabaseLock(store.engine)
+            replicated = store.engine.dialect.name == "postgresql"
             await asyncio.to_thread(
-                held.acquire, role="daemon", state_dir=str(cfg.state_dir), at=utcnow()
+                held.acquire,
+                role="daemon",
+                state_dir=str(cfg.state_dir),
+                at=utcnow(),
+                shared=replicated,
             )
             self._held = held
             source = open_source(cfg)
@@ -228,11 +250,31 @@ class Daemon:
             engine.on_sync = self.hub.sync
             await engine.check_signers()  # a key file that cannot be used: exit 2
             self.hub.on_event(self._on_event)
-            await engine.recover()
+            if replicated:
+                # Each environment's recovery waits for its lease (reconciler/replicas.py).
+                replica = self.replica = Replica(
+                    engine,
+                    ttl=cfg.daemon.lease_ttl,
+                    environments=lambda: list(engine.effective),
+                    identity=new_identity(str(cfg.state_dir)),
+                )
+                engine.runners.fence_for = replica.fence
+                engine.drift.specs = lambda: {
+                    env: spec for env, spec in engine.effective.items() if replica.holds(env)
+                }
+            else:
+                await engine.recover()
             # Status reads the fleet from memory: every deployment event marks its
             # environment, whose rows the next read takes from the store.
             self.fleet = FleetSummary(store)
             self.hub.on_event(self.fleet.on_event)
+            if self.replica is not None:
+                self.replica.on_gained = self._gained
+                # Renewed until the runners ended, through the stop's grace period too.
+                self._spawn(
+                    self.replica.run(cfg.daemon.lease_renew_seconds, self._leases_stop),
+                    "replica-leases",
+                )
             engine.planner.states_reader = self.fleet.service_states
             # ... and plans again only the environments changed since the last request.
             drift = engine.drift
@@ -278,6 +320,9 @@ class Daemon:
             self.sd.status(f"stopping: {len(engine.deploying)} deploying, grace {grace:g}s")
             log.info("event=stopping grace=%ss deploying=%d", grace, len(engine.deploying))
             cancelled = await engine.stop(grace)
+            if self.replica is not None:
+                self._leases_stop.set()
+                await self.replica.leave()
             await self._audit()  # the head after the last runs ended
             await self._stop_services()
             tasks = [*self._tasks, *([self._poll_task] if self._poll_task else [])]
@@ -437,6 +482,8 @@ class Daemon:
             finally:
                 self._sync_started = None
             await self._audit()
+            if self.replica is not None and outcome.result != "failed":
+                self._spawn(self.replica.rebalance(), "rebalance")  # new environments, say
             if outcome.result != "failed":
                 retry = 1.0
                 if not self.ready.is_set():

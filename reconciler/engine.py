@@ -217,14 +217,18 @@ class Engine:
 
     # ---- desired state ---------------------------------------------------------------
 
-    async def recover(self) -> list[int]:
-        """End what a previous process left running (SPEC §4 rule 8).
+    async def recover(self, environments: Collection[str] | None = None) -> list[int]:
+        """End what a previous process left running (SPEC §4 rule 8): everywhere at start,
+        or in ``environments`` only (a replica that has just claimed them from another).
 
         A run's process group outlives a daemon that was killed (it is a session of its
         own): it is ended first (SIGTERM, SIGKILL after `kill_grace`), so the same service
-        never runs twice at once once its record is closed and planned again.
+        never runs twice at once once its record is closed and planned again. (Only on
+        this host: its start token does not match a process of another host.)
         """
-        survivors = await asyncio.to_thread(self.store.unfinished_processes)
+        survivors = await asyncio.to_thread(
+            self.store.unfinished_processes, environments=environments
+        )
         ended = await asyncio.gather(
             *(end_group(pgid, token, self.config.daemon.kill_grace) for _, pgid, token in survivors)
         )
@@ -232,7 +236,10 @@ class Engine:
             if was_running:
                 log.warning("event=orphan_ended id=%d pgid=%d", deployment_id, pgid)
         ids = await asyncio.to_thread(
-            self.store.interrupt_unfinished, message=INTERRUPTED, at=self.clock()
+            self.store.interrupt_unfinished,
+            message=INTERRUPTED,
+            at=self.clock(),
+            environments=environments,
         )
         if ids:
             log.warning("event=recovered interrupted=%s", ",".join(map(str, ids)))

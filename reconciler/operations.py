@@ -626,6 +626,12 @@ async def perform(host: Host, action: AnyAction, who: str, origin: str | None = 
         trigger = "rollback"
     else:
         version, services, trigger = action.version, action.services, "manual"
+    fence_for = engine.runners.fence_for
+    if fence_for is not None and fence_for(action.environment) is None:
+        raise OperationError(
+            f"environment '{action.environment}' is deployed by another replica: ask the one "
+            "that holds it (`reconciler status --replicas` lists the replicas and their leases)"
+        )
     jobs, warning = await _deploy_jobs(
         engine,
         environment=action.environment,

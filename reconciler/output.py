@@ -352,10 +352,47 @@ def show_deployment(record: DeploymentRecord, subject: str | None = None) -> Non
     for ev in j.get("progress") or []:
         pct = f"{ev['percent']:>3}%" if ev["percent"] is not None else "    "
         out.write(f"  {short_time(ev['at'])}  {pct}  {ev['status']:<11}  {ev['message']}\n")
+    for late in j.get("unconfirmed") or []:
+        out.write(
+            f"\nUnconfirmed: {late['status']} at {short_time(late['at'])} from replica "
+            f"{late['replica']} (lease generation {late['generation']}), recorded after it "
+            f"had lost the lease: {late['error_message'] or late['message'] or ''}\n"
+        )
     log = j.get("log") or ""
     out.write(
         "\nLog:\n" + ("".join(f"  {line}\n" for line in log.splitlines()) if log else "  (empty)\n")
     )
+
+
+def replicas_table(report: Mapping[str, Any], *, wide: bool = False) -> None:
+    """`reconciler status --replicas`: who is alive, how many environments each holds."""
+    if not report["replicated"]:
+        sys.stdout.write("SQLite database: single-replica (PostgreSQL runs several)\n")
+        return
+    rows = [
+        [
+            r["id"],
+            "live" if r["live"] else "gone",
+            r["leases"],
+            f"{r['heartbeat_age_seconds']:.1f}s ago",
+            r["version"],
+            short_time(r["started_at"]),
+            r["state_dir"],
+        ]
+        for r in report["replicas"]
+    ]
+    columns = [
+        Column("REPLICA", keep=True),
+        Column("STATE", keep=True),
+        Column("LEASES", keep=True),
+        Column("HEARTBEAT", keep=True),
+        Column("VERSION", rank=2),
+        Column("STARTED", rank=1),
+        Column("STATE DIR", rank=0),
+    ]
+    table(None, columns, rows, wide=wide)
+    free = sum(1 for lease in report["leases"] if lease["holder"] is None or lease["expired"])
+    sys.stdout.write(f"\n{len(report['leases'])} environment leases, {free} free or expired\n")
 
 
 def show_blame(j: Mapping[str, Any]) -> None:

@@ -23,6 +23,7 @@ from reconciler.executor import Executor, Job
 from reconciler.plan import Decision
 from reconciler.planning import Planner
 from reconciler.store import DeploymentRecord
+from reconciler.store.fence import FENCE, Fence, LeaseLost
 from reconciler.sync import Snapshot
 
 # The engine's logger name, as before the split: operators filter the journal on it.
@@ -54,11 +55,33 @@ class Runners:
         self.deploying: dict[str, DeploymentRecord] = {}
         self._active: set[str] = set()  # environments whose runner is awake
         self._env_locks: dict[str, asyncio.Lock] = {}  # one deployment at a time per environment
+        self.busy: set[str] = set()  # environments whose runner holds a slot (plans or deploys)
         self._idle = asyncio.Event()
         self._idle.set()
         # Told when a run of (environment, service) ends, whatever its outcome (the drift
         # monitor reads that service's live version again).
         self.on_run_ended: Callable[[str, str], None] | None = None
+        # Several replicas (reconciler/replicas.py): the fence of an environment this
+        # replica holds the lease on, None when it does not; unset: every environment.
+        self.fence_for: Callable[[str], Fence | None] | None = None
+
+    def env_lock(self, env: str) -> asyncio.Lock:
+        """Held while the environment deploys (a runner's drain, an operator's job)."""
+        return self._env_locks.setdefault(env, asyncio.Lock())
+
+    async def abandon(self, environments: Iterable[str]) -> None:
+        """Stop the runners of environments this replica no longer holds: a running
+        deployment is cancelled (its late terminal status is fenced off, kept unconfirmed);
+        a later wake starts a new runner."""
+        tasks = []
+        for env in environments:
+            self.wakes.pop(env, None)
+            task = self.tasks.pop(env, None)
+            if task is not None and not task.done():
+                task.cancel()
+                tasks.append(task)
+        if tasks:
+            await asyncio.wait(tasks)
 
     def resize(self, max_parallel: int) -> None:
         if max_parallel != self.max_parallel:
@@ -95,6 +118,8 @@ class Runners:
                 await self.drain(env)
             except asyncio.CancelledError:
                 raise
+            except LeaseLost as exc:  # another replica holds it now: its runner plans it
+                log.warning("event=runner_lease_lost environment=%s error=%r", env, str(exc))
             except Exception:  # the store was unreachable, say: try again at the next wake
                 log.exception("event=runner_error environment=%s", env)
                 backoff = self.planner.settings.retry_backoff
@@ -112,7 +137,7 @@ class Runners:
         `once`: each service at most one attempt (a standalone `sync` pass).
         `services`: only these services (an operator's `sync --service`).
         """
-        async with self._env_locks.setdefault(env, asyncio.Lock()):
+        async with self.env_lock(env):
             return await self._drain(env, once, services)
 
     async def _drain(
@@ -134,13 +159,17 @@ class Runners:
             async with self.slots:
                 if self.stopping:
                     break
-                step = await self._next(env, tried)
-                if step is None:
-                    break
-                snap, spec, decision = step
-                if once:
-                    tried.add(decision.service)
-                done.extend(await self.deploy(_job(snap, spec, decision)))
+                self.busy.add(env)
+                try:
+                    step = await self._next(env, tried)
+                    if step is None:
+                        break
+                    snap, spec, decision = step
+                    if once:
+                        tried.add(decision.service)
+                    done.extend(await self.deploy(_job(snap, spec, decision)))
+                finally:
+                    self.busy.discard(env)
         return done
 
     async def _next(
@@ -154,6 +183,8 @@ class Runners:
         spec = snap.effective.get(env)
         if spec is None or env in snap.invalid:
             return None
+        if self.fence_for is not None and self.fence_for(env) is None:
+            return None  # another replica's: its holder plans it
         decisions = await self.planner.decide(snap, [env])
         for d in decisions:
             if d.environment == env and d.deploy and d.service not in tried:
@@ -163,7 +194,22 @@ class Runners:
 
     async def deploy(self, job: Job) -> list[DeploymentRecord]:
         """Run a job and, if it fails and the environment says `on_failure: rollback`,
-        deploy the previous version (SPEC §4 rule 6). Returns every record it made."""
+        deploy the previous version (SPEC §4 rule 6). Returns every record it made.
+
+        With leases, every write of the job carries the environment's fence (store/fence.py)."""
+        token = None
+        if self.fence_for is not None:
+            fence = self.fence_for(job.environment)
+            if fence is None:
+                raise LeaseLost(f"environment {job.environment} is deployed by another replica")
+            token = FENCE.set(fence)
+        try:
+            return await self._deploy(job)
+        finally:
+            if token is not None:
+                FENCE.reset(token)
+
+    async def _deploy(self, job: Job) -> list[DeploymentRecord]:
         rec = await self.run_job(job)
         out = [rec]
         previous = job.previous_version
@@ -196,10 +242,14 @@ class Runners:
         beside a runner's deployment there) and within `max_parallel`."""
         out: list[DeploymentRecord] = []
         for job in jobs:
-            async with self._env_locks.setdefault(job.environment, asyncio.Lock()), self.slots:
+            async with self.env_lock(job.environment), self.slots:
                 if self.stopping:
                     break
-                out.extend(await self.deploy(job))
+                self.busy.add(job.environment)
+                try:
+                    out.extend(await self.deploy(job))
+                finally:
+                    self.busy.discard(job.environment)
         return out
 
     async def run_job(self, job: Job) -> DeploymentRecord:

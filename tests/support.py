@@ -181,6 +181,28 @@ env = {{ DEPLOY_LOG = "{self.log}", DEPLOY_PIDS = "{self.pids}", DEPLOY_GATE = "
         return out
 
 
+class DaemonProcess:
+    """`reconciler run` as a real process started in ``tmp``, its stderr in a file there."""
+
+    def __init__(self, tmp: Path, config: Path, name: str | None = None) -> None:
+        self.stderr = tmp / f"{name or f'daemon-{time.monotonic_ns()}'}.log"
+        self.proc = subprocess.Popen(
+            [*RECONCILER, "--config", str(config), "run"],
+            cwd=tmp,
+            env=cli_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=self.stderr.open("w"),
+        )
+
+    def log(self) -> str:
+        return self.stderr.read_text()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
 def cli_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RECONCILER_")}
     env["PYTHONPATH"] = str(ROOT)

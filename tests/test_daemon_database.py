@@ -1,4 +1,4 @@
-"""Real daemon processes sharing one database: the second refuses instead of deploying."""
+"""Real daemon processes sharing one database: SQLite refuses a second, PostgreSQL shares."""
 
 from __future__ import annotations
 
@@ -7,34 +7,18 @@ import json
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.support import RECONCILER, World, cli_env, wait_for
+from tests.support import RECONCILER, DaemonProcess, World, cli_env, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
 
-class Daemon:
+class Daemon(DaemonProcess):
     def __init__(self, world: World, config: Path) -> None:
-        self.stderr = world.tmp / f"daemon-{time.monotonic_ns()}.log"
-        self.proc = subprocess.Popen(
-            [*RECONCILER, "--config", str(config), "run"],
-            cwd=world.tmp,
-            env=cli_env(),
-            stdout=subprocess.DEVNULL,
-            stderr=self.stderr.open("w"),
-        )
-
-    def log(self) -> str:
-        return self.stderr.read_text()
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
+        super().__init__(world.tmp, config)
 
 
 def _history(world: World) -> list[dict]:
@@ -49,10 +33,13 @@ def database(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return url
 
 
-def test_a_second_daemon_on_the_same_database_refuses_and_leaves_the_first_alone(
+def test_a_second_daemon_on_the_same_database_leaves_the_first_alone(
     tmp_path: Path, database: str
 ) -> None:
-    world = World(tmp_path)
+    """SQLite: the second daemon refuses (single-replica). PostgreSQL: it joins as a replica
+    (docs/scaling.md) and takes the first one's environment over only once it is killed."""
+    sqlite = database.startswith("sqlite")
+    world = World(tmp_path, lease_ttl="2s")
     text = world.config.read_text() + f'\n[database]\nurl = "{database}"\n'
     world.config.write_text(text)
     other = tmp_path / "other.toml"
@@ -63,12 +50,16 @@ def test_a_second_daemon_on_the_same_database_refuses_and_leaves_the_first_alone
     try:
         wait_for(world.pids.exists, what="the first daemon's deployment to start")
         second = Daemon(world, other)
-        code = second.proc.wait(30)
-        message = second.log()
-        assert code == 2, message
-        assert message.count("\n") == 1 and "Traceback" not in message
-        for part in (f"pid {first.proc.pid}", str(tmp_path / "state"), "since"):
-            assert part in message, message
+        if sqlite:
+            code = second.proc.wait(30)
+            message = second.log()
+            assert code == 2, message
+            assert message.count("\n") == 1 and "Traceback" not in message
+            for part in (f"pid {first.proc.pid}", str(tmp_path / "state"), "since"):
+                assert part in message, message
+            assert "SQLite is single-replica" in message and "PostgreSQL" in message
+        else:
+            wait_for(lambda: "event=ready" in second.log(), what="the second replica to join")
         # Nor does a command that deploys from the other state directory run beside it.
         deploy = subprocess.run(
             [*RECONCILER, "--config", str(other), "deploy", "--env", "staging", "--version", "9"],
@@ -78,7 +69,11 @@ def test_a_second_daemon_on_the_same_database_refuses_and_leaves_the_first_alone
             env=cli_env(),
             timeout=60,
         )
-        assert deploy.returncode == 2 and "holds the database" in deploy.stderr, deploy.stderr
+        if sqlite:
+            assert deploy.returncode == 2 and "holds the database" in deploy.stderr, deploy.stderr
+        else:  # asked of the second replica, which does not hold staging: refused
+            assert deploy.returncode == 1, deploy.stderr
+            assert "another replica" in deploy.stderr and "Traceback" not in deploy.stderr
         # The first daemon's run was neither failed nor started again.
         [record] = _history(world)
         assert record["status"] == "in_progress"
@@ -89,7 +84,8 @@ def test_a_second_daemon_on_the_same_database_refuses_and_leaves_the_first_alone
         first.proc.wait(10)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(int(world.pids.read_text().split()[0]), signal.SIGKILL)
-        second = Daemon(world, other)
+        if sqlite:
+            second = Daemon(world, other)
         wait_for(
             lambda: _history(world)[-1]["status"] == "failed",
             what="the second daemon to start and recover",

@@ -115,6 +115,9 @@ class FakeControl:
     def notification_stats(self) -> dict[str, dict[str, int]]:
         return {"ops": {"delivered": 2, "failed": 1}}
 
+    def lease_counts(self) -> tuple[int, int]:
+        return 3, 7
+
     def drifted_services(self) -> dict[str, int]:
         return {"production": 2}
 
@@ -290,6 +293,8 @@ async def test_metrics_follow_published_events(http: Harness):
         'reconciler_notifications_total{result="delivered",target="ops"} 2.0',
         "reconciler_deployments_running 0.0",
         'reconciler_webhook_requests_total{result="accepted"} 0.0',
+        "reconciler_replicas_live 3.0",
+        "reconciler_leases_held 7.0",
     ):
         assert line in text, line
     assert 'reconciler_last_synced_commit{commit="abc123"}' in text
@@ -975,6 +980,9 @@ async def test_real_responses_validate_against_their_schemas(http: Harness):
     validator("Error").validate((await c.get("/api/v1/deployments/999")).json())
     validator("Health").validate((await c.get("/healthz")).json())
     validator("Ready").validate((await c.get("/readyz")).json())
+    replicas = (await c.get("/api/v1/replicas")).json()
+    validator("Replicas").validate(replicas)  # PostgreSQL's: tests/test_replicas.py
+    assert replicas["replicated"] is False and replicas["replicas"] == []
     auth = {"Authorization": f"Bearer {TOKEN}"}
     validator("Accepted").validate((await c.post("/api/v1/sync", headers=auth)).json())
     body = push("refs/heads/other")

@@ -200,6 +200,14 @@ def _blame(control: Control, environment: str, service: str) -> dict[str, Any]:
         return find_blame(control.store, source, environment, service).to_json()
 
 
+async def replicas(request: Request) -> Response:
+    """`GET /api/v1/replicas`: as `reconciler status --replicas --json`."""
+    _params(request, ())
+    control = ctx(request).control
+    body = await db(control.store.replicas_report, control.config.daemon.lease_ttl)
+    return JSONResponse(body)
+
+
 async def blame(request: Request) -> Response:
     """`GET /api/v1/blame?env=&service=`: as `reconciler blame --json`."""
     params = _params(request, {"env", "service"})

@@ -38,6 +38,7 @@ ROUTES = [
     Route("/api/v1/status", api.status, methods=["GET"]),
     Route("/api/v1/deployments", api.deployments, methods=["GET"]),
     Route("/api/v1/blame", api.blame, methods=["GET"]),
+    Route("/api/v1/replicas", api.replicas, methods=["GET"]),
     Route("/api/v1/deployments/{id}", api.deployment, methods=["GET"]),
     Route("/api/v1/deployments/{id}/events", api.deployment_stream, methods=["GET"]),
     Route("/api/v1/deployments/{id}/log", api.deployment_log, methods=["GET"]),

@@ -58,6 +58,11 @@ class Control(Protocol):
         """Environments with work due or running."""
         ...
 
+    def lease_counts(self) -> tuple[int, int]:
+        """(live replicas sharing the database, environment leases this one holds), as of
+        the last lease pass; (1, 0) on SQLite (single-replica)."""
+        ...
+
     def notification_stats(self) -> dict[str, dict[str, int]]:
         """Per notification target: delivered/failed/suppressed/dead counts since start."""
         ...

@@ -79,6 +79,18 @@ class Metrics:
             "Deployments started and not yet ended.",
             registry=registry,
         )
+        self.replicas_live = Gauge(
+            "reconciler_replicas_live",
+            "Daemons sharing the database with a fresh heartbeat (1 on SQLite).",
+            registry=registry,
+        )
+        self.replicas_live.set_function(lambda: float(control.lease_counts()[0]))
+        self.leases_held = Gauge(
+            "reconciler_leases_held",
+            "Environment leases this replica holds (0 on SQLite: it runs every environment).",
+            registry=registry,
+        )
+        self.leases_held.set_function(lambda: float(control.lease_counts()[1]))
         self.database_ok = Gauge(
             "reconciler_database_ok",
             "0 when the SQLite database file was deleted or replaced under the daemon.",

@@ -268,6 +268,17 @@ def _paths() -> dict[str, Any]:
                 },
             }
         },
+        "/api/v1/replicas": {
+            "get": {
+                "summary": "The daemons sharing the database and their environment leases (as `status --replicas --json`).",
+                "operationId": "replicas",
+                "responses": {
+                    "200": _json(_ref("Replicas"), "Replicas and leases."),
+                    "400": _error("Bad parameter."),
+                    "503": _error("Database unavailable."),
+                },
+            }
+        },
         "/api/v1/deployments/{id}": {
             "get": {
                 "summary": "One deployment, with its progress timeline and the tail of its log.",

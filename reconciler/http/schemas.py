@@ -62,11 +62,27 @@ class Deployment(_Out):
     duration_seconds: float | None
 
 
+class UnconfirmedResult(_Out):
+    """A terminal result a replica recorded after it had lost the environment's lease
+    (docs/scaling.md): kept beside the deployment, whose status stays the new holder's."""
+
+    replica: str
+    generation: int
+    status: Status
+    message: str | None
+    error_message: str | None
+    at: AwareDatetime
+
+
 class DeploymentDetail(Deployment):
     """A deployment record with its progress timeline (chronological) and the tail of its
     captured log (the whole log: `log_url`)."""
 
     progress: list[ProgressEvent]
+    unconfirmed: list[UnconfirmedResult] | None = Field(
+        default=None,
+        description="Late results of a replica that had lost the lease; absent when none.",
+    )
     log: str = Field(description="The last lines of the run's log (at most 200 / 64 KiB).")
     log_lines: int = Field(ge=0, description="How many lines the whole log has.")
     log_truncated: bool = Field(description="True when `log` is not the whole log.")
@@ -218,8 +234,47 @@ class Blame(_Out):
     reason: str | None = Field(description="Why it is not applied, or how it was.")
 
 
+class Replica(_Out):
+    """A daemon sharing the database (PostgreSQL), as its heartbeat row says."""
+
+    id: str
+    host: str
+    pid: int
+    state_dir: str
+    version: str
+    started_at: AwareDatetime
+    heartbeat_at: AwareDatetime
+    heartbeat_age_seconds: float = Field(description="Since its last heartbeat (database clock).")
+    live: bool = Field(description="Its heartbeat is younger than `lease_ttl`.")
+    leases: int = Field(ge=0, description="Environments it holds an unexpired lease on.")
+
+
+class Lease(_Out):
+    """Which replica may deploy an environment, until when; `generation` fences its writes."""
+
+    environment: str
+    holder: str | None
+    generation: int
+    expires_at: AwareDatetime
+    expired: bool
+
+
+class Replicas(_Out):
+    """The replicas sharing the database and every environment's lease (as `status
+    --replicas --json`); on SQLite (single-replica), both lists are empty."""
+
+    replicated: bool
+    lease_ttl_seconds: float
+    replicas: list[Replica]
+    leases: list[Lease]
+
+
 RESPONSE_MODELS: tuple[type[BaseModel], ...] = (
     Blame,
+    Replicas,
+    Replica,
+    Lease,
+    UnconfirmedResult,
     ProgressEvent,
     Deployment,
     DeploymentDetail,

@@ -33,7 +33,7 @@ _PG_MIGRATION_LOCK = 0x7265636F6E63  # "reconc"
 SQLITE_BUSY_TIMEOUT_MS = 30000
 
 #: The newest migration shipped in this package (tests check it against Alembic's head).
-HEAD_REVISION = "0009"
+HEAD_REVISION = "0010"
 
 
 def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:

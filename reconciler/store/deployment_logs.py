@@ -13,7 +13,7 @@ from sqlalchemy import Engine, Select, func, insert, select
 from sqlalchemy.engine import Row
 from sqlalchemy.exc import IntegrityError
 
-from reconciler.store import models, rows
+from reconciler.store import fence, models, rows
 from reconciler.store.records import LOG_STREAMS, LogLine, StoreError
 
 # Shared with the other query modules (rows.py), under the names the queries use.
@@ -45,6 +45,7 @@ class LogQueries:
                 }
             )
         with self._writer.begin() as conn:
+            fence.check(conn)
             try:
                 conn.execute(insert(_L), rows)
             except IntegrityError as exc:

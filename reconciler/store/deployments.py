@@ -8,6 +8,7 @@ never changed, except ``failed`` → ``rolled_back`` (`_set_status`).
 from __future__ import annotations
 
 from collections.abc import Collection
+from dataclasses import replace
 from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
@@ -29,7 +30,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 
 from desired_state import one_line
-from reconciler.store import chain, models, rows
+from reconciler.store import chain, fence, models, rows
 from reconciler.store.records import (
     ACTIVE_STATUSES,
     STATUSES,
@@ -217,6 +218,7 @@ class DeploymentQueries:
         if validating_at is not None:
             events.append(_event_values("validating", None, _aware(validating_at, "at")))
         with self._writer.begin() as conn:
+            fence.check(conn, new.environment)
             try:
                 row = conn.execute(
                     _INSERT_DEPLOYMENT,
@@ -269,6 +271,23 @@ class DeploymentQueries:
         _check(status, STATUSES, "status")
         _aware(at, "at")
         with self._writer.begin() as conn:
+            if not fence.holds(conn):
+                if status not in TERMINAL_STATUSES:
+                    fence.check(conn)  # raises LeaseLost
+                # A late result of a replica that lost the lease: kept beside the record.
+                fence.keep_unconfirmed(
+                    conn,
+                    deployment_id,
+                    status,
+                    at=at,
+                    message=_one_line(message),
+                    error_message=_one_line(error_message),
+                    recorded_at=_now(),
+                )
+                row = conn.execute(select(_D).where(_D.c.id == deployment_id)).one_or_none()
+                if row is None:
+                    raise StoreError(f"no deployment {deployment_id}")
+                return _deployment(row)
             return self._set_status(
                 conn,
                 deployment_id,
@@ -349,6 +368,7 @@ class DeploymentQueries:
     ) -> None:
         """Append a progress event (e.g. a provider's report) without changing the status."""
         with self._writer.begin() as conn:
+            fence.check(conn)
             try:
                 conn.execute(
                     insert(_E).values(
@@ -388,7 +408,12 @@ class DeploymentQueries:
                         .order_by(_L.c.id)
                     )
                 ]
-            return _deployment(row, progress, log)
+            rec = _deployment(row, progress, log)
+            if with_progress:
+                unconfirmed = fence.unconfirmed_of(conn, deployment_id)
+                if unconfirmed:
+                    rec = replace(rec, unconfirmed=unconfirmed)
+            return rec
 
     def events_after(
         self, deployment_id: int, after_event_id: int, *, limit: int | None = None
@@ -486,30 +511,37 @@ class DeploymentQueries:
     def set_run_process(self, deployment_id: int, pgid: int, token: str) -> None:
         """Record the process group a deployment's run leads (see `unfinished_processes`)."""
         with self._writer.begin() as conn:
+            fence.check(conn)
             conn.execute(
                 update(_D).where(_D.c.id == deployment_id).values(run_pgid=pgid, run_process=token)
             )
 
-    def unfinished_processes(self) -> list[tuple[int, int, str]]:
+    def unfinished_processes(
+        self, *, environments: Collection[str] | None = None
+    ) -> list[tuple[int, int, str]]:
         """``(deployment id, process group, start token)`` of every unfinished deployment
-        that recorded a process: what a crashed daemon may have left running."""
+        that recorded a process: what a crashed daemon may have left running (in
+        ``environments`` only, when given: a replica's newly claimed ones)."""
+        query = select(_D.c.id, _D.c.run_pgid, _D.c.run_process).where(
+            _D.c.status.in_(_ACTIVE), _D.c.run_pgid.is_not(None)
+        )
+        if environments is not None:
+            query = query.where(_D.c.environment.in_(sorted(environments)))
         with self.engine.connect() as conn:
-            rows = conn.execute(
-                select(_D.c.id, _D.c.run_pgid, _D.c.run_process)
-                .where(_D.c.status.in_(_ACTIVE), _D.c.run_pgid.is_not(None))
-                .order_by(_D.c.id)
-            )
+            rows = conn.execute(query.order_by(_D.c.id))
             return [(r.id, r.run_pgid, r.run_process) for r in rows if r.run_process]
 
-    def interrupt_unfinished(self, *, message: str, at: datetime) -> list[int]:
-        """End every unfinished deployment ``failed`` with ``message`` (crash recovery)."""
+    def interrupt_unfinished(
+        self, *, message: str, at: datetime, environments: Collection[str] | None = None
+    ) -> list[int]:
+        """End every unfinished deployment ``failed`` with ``message`` (crash recovery; in
+        ``environments`` only, when given: those a replica has just claimed)."""
         _aware(at, "at")
+        query = select(_D.c.id).where(_D.c.status.in_(_ACTIVE))
+        if environments is not None:
+            query = query.where(_D.c.environment.in_(sorted(environments)))
         with self._writer.begin() as conn:
-            ids = list(
-                conn.execute(
-                    select(_D.c.id).where(_D.c.status.in_(_ACTIVE)).order_by(_D.c.id)
-                ).scalars()
-            )
+            ids = list(conn.execute(query.order_by(_D.c.id)).scalars())
             for deployment_id in ids:
                 self._set_status(
                     conn,

@@ -1,19 +1,23 @@
-"""One deploying process per database: a lock that dies with its holder, and a row naming it.
+"""Who may deploy from a database: a lock that dies with its holder, and a row naming it.
 
-Two daemons on one database (two state directories on one SQLite file, two hosts on one
-PostgreSQL) would each recover the other's running deployments as "interrupted" and deploy
-them again. Until replicas share work (leases), the second one refuses to start.
+Two daemons on one SQLite file (two state directories) would each recover the other's
+running deployments as "interrupted" and deploy them again: SQLite is single-replica, the
+second one refuses to start. On PostgreSQL several daemons (replicas) share the work
+through environment leases (reconciler/replicas.py); what must stay alone there is a
+standalone command that deploys (`reconciler deploy` without a daemon), which has no lease.
 
 - PostgreSQL: a session advisory lock held by one connection kept open for the holder's
   life; the server drops it when that session ends (a killed process closes its socket).
+  Daemons take it *shared* (any number of replicas), a standalone command *exclusive*.
   Its key is derived from the database and schema names, so that databases, and the test
   suite's per-test schemas, never share it.
 - SQLite: an exclusive ``flock`` on ``<database>-daemon.lock`` beside the file, which the
   kernel drops when the holder dies. It works across state directories on one host (a
   SQLite file is not shared between hosts).
 
-The ``daemon_holder`` row (id 1) records who took the lock, for the refusal message only:
-a stale row left by a killed holder is overwritten by the next one.
+The ``daemon_holder`` row (id 1) records who took the lock exclusively, for the refusal
+message only: a stale row left by a killed holder is overwritten by the next one. (Shared
+holders are named by the `replicas` table.)
 """
 
 from __future__ import annotations
@@ -47,6 +51,8 @@ _PG_KEY = (
 )
 _PG_TRY_LOCK = text(f"SELECT pg_try_advisory_lock({_PG_KEY})")
 _PG_UNLOCK = text(f"SELECT pg_advisory_unlock({_PG_KEY})")
+_PG_TRY_SHARED = text(f"SELECT pg_try_advisory_lock_shared({_PG_KEY})")
+_PG_UNLOCK_SHARED = text(f"SELECT pg_advisory_unlock_shared({_PG_KEY})")
 _PG_ALIVE = text("SELECT 1")
 
 
@@ -66,16 +72,32 @@ class Holder:
 class DatabaseHeld(Exception):
     """Another process holds the database; the message names it (one line)."""
 
-    def __init__(self, where: str, holder: Holder | None) -> None:
+    def __init__(
+        self, where: str, holder: Holder | None, *, sqlite: bool = False, replicas: bool = False
+    ) -> None:
         who = (
             f"another reconciler {holder.role} ({holder.describe()})"
             if holder
             else ("another reconciler process")
         )
-        super().__init__(
-            f"{who} holds the database {where}: only one daemon may deploy from a database; "
-            "stop it, or give this one a database of its own"
-        )
+        if replicas:
+            message = (
+                f"reconciler daemons (replicas) deploy from the database {where}: a standalone "
+                "command cannot deploy beside them; run it where a daemon runs (it asks the "
+                "daemon), or stop them (`reconciler status --replicas` lists them)"
+            )
+        elif sqlite:
+            message = (
+                f"{who} holds the database {where}: SQLite is single-replica (one daemon per "
+                "database file); stop it, give this one a database of its own, or use "
+                "PostgreSQL to run several replicas"
+            )
+        else:
+            message = (
+                f"{who} holds the database {where}: a standalone command deploys alone; "
+                "stop it, or give this one a database of its own"
+            )
+        super().__init__(message)
         self.holder = holder
 
 
@@ -93,7 +115,8 @@ class DatabaseLock:
         self.engine = engine
         self._pg: Connection | None = None
         self._file: IO[bytes] | None = None
-        self._as: tuple[str, str] | None = None  # (role, state_dir) it was taken as
+        self._as: tuple[str, str, bool] | None = None  # (role, state_dir, shared) taken as
+        self._shared = False
 
     def _lock_path(self) -> Path | None:
         database = self.engine.url.database
@@ -101,21 +124,31 @@ class DatabaseLock:
             return None
         return Path(f"{database}-daemon.lock").expanduser()
 
-    def acquire(self, *, role: str, state_dir: str, at: datetime) -> None:
-        """Take the lock and record this process as its holder; DatabaseHeld if taken."""
+    def acquire(self, *, role: str, state_dir: str, at: datetime, shared: bool = False) -> None:
+        """Take the lock and record this process as its holder; DatabaseHeld if taken.
+
+        ``shared`` (a daemon on PostgreSQL): beside other shared holders (replicas), never
+        beside an exclusive one. On SQLite the lock is always exclusive (single-replica)."""
         aware(at, "at")
         if self.engine.dialect.name == "postgresql":
             conn = self.engine.connect()
             try:
-                got = bool(conn.execute(_PG_TRY_LOCK).scalar())
+                got = bool(conn.execute(_PG_TRY_SHARED if shared else _PG_TRY_LOCK).scalar())
                 conn.commit()  # the session lock outlives the transaction; stay idle
             except BaseException:
                 conn.close()
                 raise
             if not got:
                 conn.close()
-                raise DatabaseHeld(_where(self.engine), self.holder())
+                replicas = not shared and self._replicas_alive()
+                raise DatabaseHeld(
+                    _where(self.engine), None if replicas else self.holder(), replicas=replicas
+                )
             self._pg = conn
+            self._shared = shared
+            if shared:
+                self._as = (role, state_dir, shared)
+                return  # the replicas table names the shared holders
         else:
             path = self._lock_path()
             if path is not None:
@@ -124,7 +157,7 @@ class DatabaseLock:
                     fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
                     f.close()
-                    raise DatabaseHeld(_where(self.engine), self.holder()) from None
+                    raise DatabaseHeld(_where(self.engine), self.holder(), sqlite=True) from None
                 self._file = f
         try:
             with write_engine(self.engine).begin() as conn:
@@ -140,7 +173,13 @@ class DatabaseLock:
         except BaseException:
             self._unlock()
             raise
-        self._as = (role, state_dir)
+        self._as = (role, state_dir, False)
+
+    def _replicas_alive(self) -> bool:
+        """Whether a daemon holds the lock shared (one of the replicas has a row)."""
+        with contextlib.suppress(Exception), self.engine.connect() as conn:
+            return conn.execute(select(models.replicas.c.id).limit(1)).first() is not None
+        return False
 
     def check(self, *, at: datetime) -> None:
         """Make sure this process still holds the lock; DatabaseHeld if another took it.
@@ -160,9 +199,9 @@ class DatabaseLock:
                 return
             except Exception:
                 self._unlock()  # the session is gone, and the lock with it
-        role, state_dir = self._as
+        role, state_dir, shared = self._as
         try:
-            self.acquire(role=role, state_dir=state_dir, at=at)
+            self.acquire(role=role, state_dir=state_dir, at=at, shared=shared)
         except DatabaseHeld:
             raise
         except Exception:
@@ -194,7 +233,7 @@ class DatabaseLock:
             with contextlib.suppress(Exception):
                 # Unlock at once (the server ends a closed session a moment later), then
                 # close the session itself rather than pool it.
-                conn.execute(_PG_UNLOCK)
+                conn.execute(_PG_UNLOCK_SHARED if self._shared else _PG_UNLOCK)
                 conn.commit()
             with contextlib.suppress(Exception):
                 conn.invalidate()

@@ -347,6 +347,56 @@ daemon_holder = Table(
 )
 
 
+#: A running daemon on a database shared by several (PostgreSQL): its heartbeat, in the
+#: database's clock, says whether it is alive (reconciler/replicas.py).
+replicas = Table(
+    "replicas",
+    metadata,
+    Column("id", String(128), primary_key=True),
+    Column("host", String(255), nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("state_dir", Text, nullable=False),
+    Column("version", String(64), nullable=False),
+    Column("started_at", UTCDateTime(), nullable=False),
+    Column("heartbeat_at", UTCDateTime(), nullable=False),
+)
+
+
+#: Which replica may deploy an environment, until when (database clock); ``generation``
+#: rises at every claim and fences the holder's writes (store/fence.py).
+environment_leases = Table(
+    "environment_leases",
+    metadata,
+    Column("environment", String(63), primary_key=True),
+    Column("holder", String(128), index=True),
+    Column("generation", BigInteger, nullable=False),
+    Column("expires_at", UTCDateTime(), nullable=False),
+)
+
+
+#: A terminal result recorded by a replica that had lost the environment's lease: kept
+#: beside the deployment (whose official status stays the new holder's), never dropped.
+unconfirmed_results = Table(
+    "unconfirmed_results",
+    metadata,
+    Column("id", BigId, primary_key=True),
+    Column(
+        "deployment_id",
+        BigId,
+        ForeignKey("deployments.id", ondelete="CASCADE"),
+        nullable=False,
+        index=True,
+    ),
+    Column("replica", String(128), nullable=False),
+    Column("generation", BigInteger, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("message", Text),
+    Column("error_message", Text),
+    Column("at", UTCDateTime(), nullable=False),
+    Column("recorded_at", UTCDateTime(), nullable=False),
+)
+
+
 #: One link of the tamper-evident ledger (`chain.py`): a fact as canonical JSON, the previous
 #: entry's hash and its own SHA-256 over both. Appended, never changed.
 audit_ledger = Table(

@@ -120,6 +120,9 @@ class DeploymentRecord:
     rollback_of: int | None = None
     progress: list[EventRecord] | None = None
     log: list[LogLine] | None = None
+    # Terminal results a replica recorded after losing the environment's lease (fence.py):
+    # loaded with the progress, shown when there are any.
+    unconfirmed: list[dict[str, Any]] | None = None
 
     @property
     def terminal(self) -> bool:
@@ -163,6 +166,8 @@ class DeploymentRecord:
             out["progress"] = [event.to_json() for event in self.progress]
         if self.log is not None:
             out["log"] = "\n".join(entry.line for entry in self.log)
+        if self.unconfirmed:
+            out["unconfirmed"] = [{**u, "at": format_time(u["at"])} for u in self.unconfirmed]
         return out
 
 

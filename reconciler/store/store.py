@@ -33,6 +33,7 @@ from reconciler.store.deployments import DeploymentQueries
 from reconciler.store.drift import DriftQueries
 from reconciler.store.environments import EnvironmentQueries
 from reconciler.store.export import ExportQueries
+from reconciler.store.leases import LeaseQueries
 from reconciler.store.ledger import LedgerQueries
 from reconciler.store.outbox import OutboxQueries
 from reconciler.store.records import StoreError
@@ -52,6 +53,7 @@ class Store(
     ExportQueries,
     BlameQueries,
     LedgerQueries,
+    LeaseQueries,
 ):
     """All reads and writes of the reconciler's records."""
 
