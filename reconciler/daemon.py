@@ -27,6 +27,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from pydantic import BaseModel
 
 from reconciler import chain_head, channel
+from reconciler.bus import Bus, open_bus
 from reconciler.config import Config, ConfigError, load_config
 from reconciler.engine import Engine, SyncOutcome, open_source, open_verifier
 from reconciler.events import Event, EventHub
@@ -61,6 +62,9 @@ NOTIFY_POLL_SECONDS = 30.0
 DATABASE_CHECK_SECONDS = 5.0
 # How soon a watch that could not start (no repository yet, a vanished folder) tries again.
 WATCH_RETRY_SECONDS = 2.0
+#: The notice listener's reconnect backoff and idle check (reconciler.bus.PostgresBus);
+#: tests shorten them.
+BUS_OPTIONS: dict[str, float] = {"retry_min": 0.5, "retry_max": 30.0, "check_interval": 30.0}
 #: How often retention (`[audit] keep`) looks for old runs' detail to prune, at most.
 PRUNE_EVERY_SECONDS = 3600.0
 
@@ -90,6 +94,7 @@ class Daemon:
         self.fleet_status: FleetStatus | None = None  # the fleet's decisions, kept likewise
         self._next_prune = 0.0  # monotonic time retention may prune again
         self._ledger_check: LedgerCheck | None = None  # the last walk of the audit ledger
+        self.bus: Bus | None = None  # notices from and to the other replicas
 
     # ---- what the HTTP API and signals call (reconciler.http.control.Control) -----------
 
@@ -221,6 +226,7 @@ class Daemon:
                 held.acquire, role="daemon", state_dir=str(cfg.state_dir), at=utcnow()
             )
             self._held = held
+            await self._open_bus(store)
             source = open_source(cfg)
             engine = self.engine = Engine(
                 cfg, store, source, providers, listener=self.hub.deployment
@@ -291,6 +297,8 @@ class Daemon:
             if self._fatal is not None:
                 raise self._fatal
         finally:
+            if self.bus is not None:
+                await self.bus.stop()
             if self._held is not None:
                 await asyncio.to_thread(self._held.release)
             lock.release()
@@ -314,7 +322,7 @@ class Daemon:
         )
         self._spawn(self._notifier.run(), "notify")
         if self.config.server.listen:
-            self._http = await start_http(self)
+            self._http = await start_http(self, bus=self.bus)
 
     # ---- the control channel (reconciler.channel) --------------------------------------
 
@@ -423,6 +431,7 @@ class Daemon:
             trigger = strongest(triggers)
             self._sync_started = time.monotonic()
             self._syncs_begun += 1
+            before = self.engine.commit.sha if self.engine.commit else None
             try:
                 outcome = await self.engine.sync(trigger)
             except Exception as exc:  # the database is away, say: try the same sync again soon
@@ -437,6 +446,8 @@ class Daemon:
             finally:
                 self._sync_started = None
             await self._audit()
+            if outcome.commit and outcome.commit != before and trigger != "notice":
+                self._announce_head(outcome.commit)
             if outcome.result != "failed":
                 retry = 1.0
                 if not self.ready.is_set():
@@ -600,6 +611,40 @@ class Daemon:
         if self._syncs_begun:
             self.request_sync("watch")
 
+    # ---- notices between replicas (reconciler.bus) --------------------------------------
+
+    async def _open_bus(self, store: Store) -> None:
+        """Listen to the other replicas: a head one of them fetched, a suspension."""
+        bus = self.bus = open_bus(self.config.database_url, store.engine, **BUS_OPTIONS)
+        bus.subscribe("head", self._heard_head)
+        bus.subscribe("env", self._heard_env)
+        await bus.start()
+
+    def _announce_head(self, sha: str) -> None:
+        """This replica fetched a new head: the others fetch it now, not at their poll."""
+        if self.bus is not None:
+            self._spawn(self.bus.announce("head", sha), "announce-head")
+
+    def _heard_head(self, sha: str | None) -> None:
+        """A head another replica fetched (None: heads may have been missed): fetch it
+        unless it is the one applied here already (no fetch per replica per poll)."""
+        engine = self.engine
+        if engine is None or sha is None or engine.commit is None or engine.commit.sha != sha:
+            self.request_sync("notice")
+
+    def _heard_env(self, environment: str | None) -> None:
+        """An environment was suspended or resumed, maybe elsewhere: plan it again (a
+        resumed one deploys what it held back); None: any may have been."""
+        engine = self.engine
+        if engine is None or self.fleet is None:
+            return
+        if environment is None:
+            self.fleet.mark_all()
+            engine.wake(engine.effective)
+        else:
+            self.fleet.mark(environment)
+            engine.wake([environment])
+
     # ---- status line -------------------------------------------------------------------
 
     def _on_event(self, event: Event) -> None:
@@ -624,7 +669,7 @@ class Daemon:
 
 #: Which reason a coalesced sync records, strongest first: what someone asked for beats
 #: what a commit caused, which beats a routine look.
-TRIGGER_STRENGTH = ("manual", "webhook", "watch", "reload", "startup", "poll")
+TRIGGER_STRENGTH = ("manual", "webhook", "watch", "notice", "reload", "startup", "poll")
 #: Reasons that wake every environment, not only those whose desired state changed: an
 #: operator's sync (a resumed environment, a retry) and a reload (new settings).
 WAKE_ALL = frozenset({"manual", "reload"})
