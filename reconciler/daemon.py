@@ -446,8 +446,9 @@ class Daemon:
             finally:
                 self._sync_started = None
             await self._audit()
-            if outcome.commit and outcome.commit != before and trigger != "notice":
-                self._announce_head(outcome.commit)
+            after = self.engine.commit.sha if self.engine.commit else None
+            if after is not None and after != before and trigger != "notice":
+                self._announce_head(after)  # a head applied here, not one refused
             if outcome.result != "failed":
                 retry = 1.0
                 if not self.ready.is_set():
