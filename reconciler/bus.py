@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -177,7 +178,10 @@ class PostgresBus(Bus):
         from psycopg import sql
 
         async with await psycopg.AsyncConnection.connect(
-            self._conninfo, autocommit=True, connect_timeout=max(1, int(self.connect_timeout))
+            self._conninfo,
+            autocommit=True,
+            connect_timeout=max(1, int(self.connect_timeout)),
+            application_name=f"reconciler notices, pid {os.getpid()}",  # pg_stat_activity
         ) as conn:
             self._conn = conn
             channels: dict[str, str] = {}

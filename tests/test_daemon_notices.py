@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
 import pytest
+from sqlalchemy import create_engine, text
 
 from reconciler.bus import open_bus
 from reconciler.store import Store
+from tests.conftest import POSTGRES_URL_ENV
 from tests.support import World, git, wait_for
 from tests.test_bus import Heard
 from tests.test_http_daemon import TOKEN, Served, read_sse
@@ -100,6 +103,8 @@ def test_sse_follows_a_deployment_another_process_runs(served: Served, pg_url: s
             messages = read_sse(response)
             got = [next(messages), next(messages)]  # recorded before the client came
             for step in range(1, 6):
+                if step == 2:  # notices sent meanwhile are lost: the resync reads them
+                    _terminate_listener(served)
                 if step == 3:
                     store.set_status(record.id, "in_progress", at=at, message="running")
                     got.append(next(messages))
@@ -122,6 +127,24 @@ def test_sse_follows_a_deployment_another_process_runs(served: Served, pg_url: s
     ids = [int(m["id"]) for m in got[:-1]]
     assert ids == sorted(set(ids))  # in order, no duplicates
     assert json.loads(got[-1]["data"])["status"] == "completed"
+    assert "event=notice_listener_back" in served.stderr.read_text()
+
+
+def _terminate_listener(served: Served) -> None:
+    """End the daemon's listening session, as a database restart would."""
+    engine = create_engine(os.environ[POSTGRES_URL_ENV])
+    try:
+        with engine.begin() as conn:
+            ended = conn.execute(
+                text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE application_name = :name"
+                ),
+                {"name": f"reconciler notices, pid {served.proc.pid}"},
+            ).all()
+    finally:
+        engine.dispose()
+    assert ended
 
 
 def test_a_suspension_elsewhere_reaches_the_daemons_status_and_plans(

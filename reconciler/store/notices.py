@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -56,7 +57,7 @@ _local: dict[str, list[Listener]] = {}
 _local_lock = threading.Lock()
 _PENDING = "reconciler_notices_pending"  # in the DBAPI connection's info: not committed
 _READY = "reconciler_notices_ready"  # committed, delivered when the connection is back
-_hooked: set[int] = set()  # ids of the pools whose transactions are followed
+_hooked: weakref.WeakSet[Any] = weakref.WeakSet()  # the pools whose transactions are followed
 
 
 def database_key(url: URL | str) -> str:
@@ -103,9 +104,9 @@ def _hook(engine: Engine) -> None:
     engine = getattr(engine, "_proxied", engine)  # an engine with options: its base's events
     pool = engine.pool
     with _local_lock:
-        if id(pool) in _hooked:
+        if pool in _hooked:
             return
-        _hooked.add(id(pool))
+        _hooked.add(pool)
     key = database_key(engine.url)
 
     def committed(conn: Connection) -> None:
