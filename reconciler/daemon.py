@@ -628,9 +628,12 @@ class Daemon:
 
     def _heard_head(self, sha: str | None) -> None:
         """A head another replica fetched (None: heads may have been missed): fetch it
-        unless it is the one applied here already (no fetch per replica per poll)."""
+        unless it is the one applied here already (no fetch per replica per poll). Before
+        the startup sync began, that sync reads the newest head anyway."""
         engine = self.engine
-        if engine is None or sha is None or engine.commit is None or engine.commit.sha != sha:
+        if engine is None or not self._syncs_begun:
+            return
+        if sha is None or engine.commit is None or engine.commit.sha != sha:
             self.request_sync("notice")
 
     def _heard_env(self, environment: str | None) -> None:
