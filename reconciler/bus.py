@@ -37,11 +37,15 @@ Callback = Callable[[str | None], None]
 class Bus:
     """The in-process bus (SQLite), and what the PostgreSQL bus adds its listener to."""
 
+    #: Other processes hear this bus's notices (PostgreSQL); else only this one does.
+    shared = False
+
     def __init__(self, database_url: str, engine: Engine | None = None) -> None:
         self.url = database_url
         self._engine = engine
         self._own_engine = False
         self._subscribers: dict[str, list[Callback]] = {topic: [] for topic in TOPICS}
+        self._wanted: set[str] = set()  # topics with subscribers (SQLite sends no others)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._unlisten: Callable[[], None] | None = None
 
@@ -51,7 +55,15 @@ class Bus:
             raise ValueError(f"unknown topic {topic!r} (known: {', '.join(TOPICS)})")
         callbacks = self._subscribers[topic]
         callbacks.append(callback)
-        return lambda: callbacks.remove(callback) if callback in callbacks else None
+        self._wanted.add(topic)
+
+        def unsubscribe() -> None:
+            if callback in callbacks:
+                callbacks.remove(callback)
+            if not callbacks:
+                self._wanted.discard(topic)
+
+        return unsubscribe
 
     def publish(self, topic: str, payload: str, conn: Connection | None = None) -> None:
         """Send a notice: with ``conn``'s transaction (delivered at its commit), else now.
@@ -80,7 +92,7 @@ class Bus:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._unlisten = notices.listen_locally(make_url(self.url), self._from_thread)
+        self._unlisten = notices.listen_locally(make_url(self.url), self._from_thread, self._wanted)
 
     async def stop(self) -> None:
         if self._unlisten is not None:
@@ -109,6 +121,8 @@ class Bus:
 
 class PostgresBus(Bus):
     """LISTEN on a dedicated connection, opened again (with backoff) when it dies."""
+
+    shared = True
 
     def __init__(
         self,

@@ -322,7 +322,10 @@ class Daemon:
         )
         self._spawn(self._notifier.run(), "notify")
         if self.config.server.listen:
-            self._http = await start_http(self, bus=self.bus)
+            # Other processes' deployments only on a shared database (on SQLite every
+            # deployment is this process's: the hub carries its progress).
+            shared = self.bus if self.bus is not None and self.bus.shared else None
+            self._http = await start_http(self, bus=shared)
 
     # ---- the control channel (reconciler.channel) --------------------------------------
 

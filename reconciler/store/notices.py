@@ -11,7 +11,8 @@ listener.
   other; they are computed by the server from ``current_schema()``, for writers and the
   listener alike (`channel_sql`), so both sides cannot disagree.
 - SQLite (one process): the notice goes to the listeners this process registered for the
-  database (`listen_locally`), once the transaction committed.
+  database (`listen_locally`), once the transaction committed; a topic no listener wants
+  costs nothing.
 
 `reconciler.bus` listens; the store's write paths call `notify`.
 """
@@ -21,7 +22,7 @@ from __future__ import annotations
 import logging
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 from sqlalchemy import Connection, Engine, event, text
@@ -53,11 +54,15 @@ _NOTIFY = text(f"SELECT pg_notify({channel_sql(':topic')}, :payload)")
 
 # ---- SQLite: listeners in this process, keyed by database ------------------------------
 
-_local: dict[str, list[Listener]] = {}
+#: Per database: each listener with the topics it wants (a live collection: it may grow).
+_local: dict[str, list[tuple[Listener, Collection[str]]]] = {}
 _local_lock = threading.Lock()
 _PENDING = "reconciler_notices_pending"  # in the DBAPI connection's info: not committed
 _READY = "reconciler_notices_ready"  # committed, delivered when the connection is back
 _hooked: weakref.WeakSet[Any] = weakref.WeakSet()  # the pools whose transactions are followed
+
+
+_keys: dict[int, tuple[URL, str]] = {}  # id(URL) -> (the URL, its key): one render each
 
 
 def database_key(url: URL | str) -> str:
@@ -66,31 +71,46 @@ def database_key(url: URL | str) -> str:
         from sqlalchemy.engine import make_url
 
         url = make_url(url)
-    return url.render_as_string(hide_password=False)
+    known = _keys.get(id(url))
+    if known is not None and known[0] is url:
+        return known[1]
+    key = url.render_as_string(hide_password=False)
+    _keys[id(url)] = (url, key)
+    return key
 
 
-def listen_locally(url: URL | str, listener: Listener) -> Callable[[], None]:
-    """Hear this process's notices on the database at ``url``; returns the way to stop."""
+def listen_locally(
+    url: URL | str, listener: Listener, topics: Collection[str]
+) -> Callable[[], None]:
+    """Hear this process's notices on ``topics`` (read at each notice: it may change) on
+    the database at ``url``; returns the way to stop."""
     key = database_key(url)
+    entry = (listener, topics)
     with _local_lock:
-        _local.setdefault(key, []).append(listener)
+        _local.setdefault(key, []).append(entry)
 
     def stop() -> None:
         with _local_lock:
             listeners = _local.get(key, [])
-            if listener in listeners:
-                listeners.remove(listener)
+            if entry in listeners:
+                listeners.remove(entry)
             if not listeners:
                 _local.pop(key, None)
 
     return stop
 
 
+def _wanted(key: str, topic: str) -> bool:
+    return any(topic in topics for _listener, topics in _local.get(key, ()))
+
+
 def _deliver(key: str, notices: list[tuple[str, str]]) -> None:
     with _local_lock:
         listeners = list(_local.get(key, ()))
     for topic, payload in notices:
-        for listener in listeners:
+        for listener, topics in listeners:
+            if topic not in topics:
+                continue
             try:
                 listener(topic, payload)
             except Exception:  # a broken listener never breaks a write
@@ -103,6 +123,8 @@ def _hook(engine: Engine) -> None:
     back one dropped."""
     engine = getattr(engine, "_proxied", engine)  # an engine with options: its base's events
     pool = engine.pool
+    if pool in _hooked:
+        return
     with _local_lock:
         if pool in _hooked:
             return
@@ -145,11 +167,14 @@ def notify(conn: Connection, topic: str, payload: str) -> None:
     if conn.dialect.name == "postgresql":
         conn.execute(_NOTIFY, {"topic": topic, "payload": payload})
         return
-    if database_key(conn.engine.url) not in _local:
+    if not _local:  # no listener in this process (a command, not the daemon)
+        return
+    key = database_key(conn.engine.url)
+    if not _wanted(key, topic):
         return
     _hook(conn.engine)
     if not conn.in_transaction():  # autocommit use: nothing to wait for
-        _deliver(database_key(conn.engine.url), [(topic, payload)])
+        _deliver(key, [(topic, payload)])
         return
     conn.connection.info.setdefault(_PENDING, []).append((topic, payload))
 
