@@ -27,6 +27,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from pydantic import BaseModel
 
 from reconciler import chain_head, channel
+from reconciler.bus import Bus, open_bus
 from reconciler.config import Config, ConfigError, load_config
 from reconciler.engine import Engine, SyncOutcome, open_source, open_verifier
 from reconciler.events import Event, EventHub
@@ -62,6 +63,9 @@ NOTIFY_POLL_SECONDS = 30.0
 DATABASE_CHECK_SECONDS = 5.0
 # How soon a watch that could not start (no repository yet, a vanished folder) tries again.
 WATCH_RETRY_SECONDS = 2.0
+#: The notice listener's reconnect backoff and idle check (reconciler.bus.PostgresBus);
+#: tests shorten them.
+BUS_OPTIONS: dict[str, float] = {"retry_min": 0.5, "retry_max": 30.0, "check_interval": 30.0}
 #: How often retention (`[audit] keep`) looks for old runs' detail to prune, at most.
 PRUNE_EVERY_SECONDS = 3600.0
 
@@ -94,6 +98,7 @@ class Daemon:
         self.fleet_status: FleetStatus | None = None  # the fleet's decisions, kept likewise
         self._next_prune = 0.0  # monotonic time retention may prune again
         self._ledger_check: LedgerCheck | None = None  # the last walk of the audit ledger
+        self.bus: Bus | None = None  # notices from and to the other replicas
 
     # ---- what the HTTP API and signals call (reconciler.http.control.Control) -----------
 
@@ -243,6 +248,7 @@ class Daemon:
                 shared=replicated,
             )
             self._held = held
+            await self._open_bus(store)
             source = open_source(cfg)
             engine = self.engine = Engine(
                 cfg, store, source, providers, listener=self.hub.deployment
@@ -270,6 +276,7 @@ class Daemon:
             self.hub.on_event(self.fleet.on_event)
             if self.replica is not None:
                 self.replica.on_gained = self._gained
+                self.replica.on_change = self._announce_replicas
                 # Renewed until the runners ended, through the stop's grace period too.
                 self._spawn(
                     self.replica.run(cfg.daemon.lease_renew_seconds, self._leases_stop),
@@ -336,6 +343,8 @@ class Daemon:
             if self._fatal is not None:
                 raise self._fatal
         finally:
+            if self.bus is not None:
+                await self.bus.stop()
             if self._held is not None:
                 await asyncio.to_thread(self._held.release)
             lock.release()
@@ -359,7 +368,10 @@ class Daemon:
         )
         self._spawn(self._notifier.run(), "notify")
         if self.config.server.listen:
-            self._http = await start_http(self)
+            # Other processes' deployments only on a shared database (on SQLite every
+            # deployment is this process's: the hub carries its progress).
+            shared = self.bus if self.bus is not None and self.bus.shared else None
+            self._http = await start_http(self, bus=shared)
 
     # ---- the control channel (reconciler.channel) --------------------------------------
 
@@ -468,6 +480,7 @@ class Daemon:
             trigger = strongest(triggers)
             self._sync_started = time.monotonic()
             self._syncs_begun += 1
+            before = self.engine.commit.sha if self.engine.commit else None
             try:
                 outcome = await self.engine.sync(trigger)
             except Exception as exc:  # the database is away, say: try the same sync again soon
@@ -484,6 +497,9 @@ class Daemon:
             await self._audit()
             if self.replica is not None and outcome.result != "failed":
                 self._spawn(self.replica.rebalance(), "rebalance")  # new environments, say
+            after = self.engine.commit.sha if self.engine.commit else None
+            if after is not None and after != before and trigger != "notice":
+                self._announce_head(after)  # a head applied here, not one refused
             if outcome.result != "failed":
                 retry = 1.0
                 if not self.ready.is_set():
@@ -647,6 +663,71 @@ class Daemon:
         if self._syncs_begun:
             self.request_sync("watch")
 
+    # ---- notices between replicas (reconciler.bus) --------------------------------------
+
+    async def _open_bus(self, store: Store) -> None:
+        """Listen to the other replicas: a head one of them fetched, a suspension."""
+        bus = self.bus = open_bus(self.config.database_url, store.engine, **BUS_OPTIONS)
+        bus.subscribe("head", self._heard_head)
+        bus.subscribe("env", self._heard_env)
+        if bus.shared:  # other processes' deployments and replicas: PostgreSQL only
+            bus.subscribe("progress", self._heard_progress)
+            bus.subscribe("replicas", self._heard_replicas)
+        await bus.start()
+
+    def _announce_head(self, sha: str) -> None:
+        """This replica fetched a new head: the others fetch it now, not at their poll."""
+        if self.bus is not None:
+            self._spawn(self.bus.announce("head", sha), "announce-head")
+
+    def _heard_head(self, sha: str | None) -> None:
+        """A head another replica fetched (None: heads may have been missed): fetch it
+        unless it is the one applied here already (no fetch per replica per poll). Before
+        the startup sync began, that sync reads the newest head anyway."""
+        engine = self.engine
+        if engine is None or not self._syncs_begun:
+            return
+        if sha is None or engine.commit is None or engine.commit.sha != sha:
+            self.request_sync("notice")
+
+    async def _announce_replicas(self, change: str) -> None:
+        """This replica joined, released environments or left: the others rebalance now
+        (claim what it let go, or give it its share) instead of at their next pass."""
+        if self.bus is not None and self.replica is not None:
+            await self.bus.announce("replicas", f"{change} {self.replica.me.id}")
+
+    def _heard_replicas(self, payload: str | None) -> None:
+        replica = self.replica
+        if replica is None or (payload is not None and payload.endswith(f" {replica.me.id}")):
+            return  # not replicated, or our own
+        self._spawn(replica.rebalance(), "rebalance")
+
+    def _heard_progress(self, payload: str | None) -> None:
+        """A deployment's status changed, maybe on another replica: the fleet summary reads
+        that environment again (this process's own deployments reach it through the hub)."""
+        fleet, replica = self.fleet, self.replica
+        if fleet is None:
+            return
+        if payload is None:
+            fleet.mark_all()
+            return
+        _, _, environment = payload.partition(" ")
+        if environment and (replica is None or not replica.holds(environment)):
+            fleet.mark(environment)
+
+    def _heard_env(self, environment: str | None) -> None:
+        """An environment was suspended or resumed, maybe elsewhere: plan it again (a
+        resumed one deploys what it held back); None: any may have been."""
+        engine = self.engine
+        if engine is None or self.fleet is None:
+            return
+        if environment is None:
+            self.fleet.mark_all()
+            engine.wake(engine.effective)
+        else:
+            self.fleet.mark(environment)
+            engine.wake([environment])
+
     # ---- status line -------------------------------------------------------------------
 
     def _on_event(self, event: Event) -> None:
@@ -671,7 +752,7 @@ class Daemon:
 
 #: Which reason a coalesced sync records, strongest first: what someone asked for beats
 #: what a commit caused, which beats a routine look.
-TRIGGER_STRENGTH = ("manual", "webhook", "watch", "reload", "startup", "poll")
+TRIGGER_STRENGTH = ("manual", "webhook", "watch", "notice", "reload", "startup", "poll")
 #: Reasons that wake every environment, not only those whose desired state changed: an
 #: operator's sync (a resumed environment, a retry) and a reload (new settings).
 WAKE_ALL = frozenset({"manual", "reload"})

@@ -59,6 +59,7 @@ class Watch:
         self._hub = hub
         self.deployment_id = deployment_id
         self.changed = asyncio.Event()
+        self.local = False  # this process published for the deployment (it runs it)
 
     def close(self) -> None:
         watches = self._hub._watches.get(self.deployment_id)
@@ -103,6 +104,7 @@ class EventHub:
             sub._put(event)
         if isinstance(event, DeploymentEvent):
             for watch in self._watches.get(event.deployment_id, ()):
+                watch.local = True
                 watch.changed.set()
 
     # The executor's listener and the engine's on_sync hook.

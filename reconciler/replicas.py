@@ -34,7 +34,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable
 
 from reconciler import __version__
 from reconciler.engine import Engine
@@ -115,6 +115,10 @@ class Replica:
         # what this replica read of them while another held them is stale (the daemon's
         # in-memory fleet summary reads them again).
         self.on_gained: Callable[[list[str]], None] | None = None
+        # Told when the others should rebalance now rather than at their next pass: this
+        # replica joined ("joined"), gave environments up ("released") or left ("left").
+        # The daemon announces it over the bus; a missed notice only costs a pass's wait.
+        self.on_change: Callable[[str], Awaitable[None]] | None = None
 
     def fence(self, environment: str) -> Fence | None:
         generation = self.held.get(environment)
@@ -152,7 +156,10 @@ class Replica:
             if self.held and lapsed:
                 await self._lose(set(self.held), "not renewed in time")
             return
+        joined = self._renewed_at is None
         self._renewed_at = started
+        if joined:
+            await self._tell("joined")
         self.live = live if self.me.id in live else sorted([*live, self.me.id])
         lost = {env for env, gen in self.held.items() if renewed.get(env) != gen}
         if lost:
@@ -168,8 +175,13 @@ class Replica:
         gained = {**adopted, **won}
         if gained:
             await self._gain(gained)
-        for env in sorted(set(self.held) - wanted):
-            await self._release(env)
+        released = [env for env in sorted(set(self.held) - wanted) if await self._release(env)]
+        if released:
+            await self._tell("released")
+
+    async def _tell(self, change: str) -> None:
+        if self.on_change is not None:
+            await self.on_change(change)
 
     async def _gain(self, gained: dict[str, int]) -> None:
         self.held.update(gained)
@@ -190,14 +202,15 @@ class Replica:
         log.warning("event=leases_lost environments=%s reason=%r", ",".join(sorted(lost)), why)
         await self.engine.runners.abandon(lost)
 
-    async def _release(self, env: str) -> None:
-        """Give up an environment another live replica ranks first for, unless it is busy."""
+    async def _release(self, env: str) -> bool:
+        """Give up an environment another live replica ranks first for, unless it is busy;
+        whether it was given up."""
         runners = self.engine.runners
         if env in runners.busy:
-            return  # a deployment runs there: at a later pass
+            return False  # a deployment runs there: at a later pass
         generation = self.held.pop(env, None)  # from now on its runner plans nothing there
         if generation is None:
-            return
+            return False
         await runners.abandon([env])  # a runner waiting for a slot there stops waiting
         async with runners.env_lock(env):
             try:
@@ -205,6 +218,7 @@ class Replica:
             except Exception as exc:  # it expires by itself
                 log.warning("event=lease_release_failed environment=%s error=%r", env, str(exc))
         log.info("event=lease_released environment=%s", env)
+        return True
 
     async def run(self, interval: float, stop: asyncio.Event) -> None:
         """Rebalance every ``interval`` seconds until ``stop``; forget long-gone replicas."""
@@ -222,3 +236,5 @@ class Replica:
             await asyncio.to_thread(self.store.leave, self.me.id)
         except Exception as exc:  # they expire by themselves within lease_ttl
             log.warning("event=replica_leave_failed error=%r", str(exc))
+            return
+        await self._tell("left")

@@ -12,6 +12,7 @@ from __future__ import annotations
 #   db_url      parametrized: sqlite, postgres
 #   store       a migrated Store on db_url (so tests using it run on both databases)
 # ======================================================================================
+import contextlib
 import os
 import uuid
 from collections.abc import Iterator
@@ -33,6 +34,13 @@ def sqlite_url(tmp_path: Path) -> str:
 
 @pytest.fixture
 def pg_url() -> Iterator[str]:
+    with pg_schema() as url:
+        yield url
+
+
+@contextlib.contextmanager
+def pg_schema() -> Iterator[str]:
+    """`pg_url`'s fresh schema, for a test that needs two (tests skip without a server)."""
     base = os.environ.get(POSTGRES_URL_ENV)
     if not base:
         pytest.skip(f"{POSTGRES_URL_ENV} not set")

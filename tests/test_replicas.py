@@ -37,7 +37,9 @@ echo "end $env $version $$ $(now) ok" >> "$TIMES"
 """
 
 
-def _config(tmp: Path, name: str, url: str, script: Path, times: Path) -> Path:
+def _config(
+    tmp: Path, name: str, url: str, script: Path, times: Path, leases: str = 'lease_ttl = "3s"'
+) -> Path:
     app_url = make_url(url).update_query_dict({"application_name": name})
     path = tmp / f"{name}.toml"
     path.write_text(f"""
@@ -57,7 +59,7 @@ max_parallel = 4
 retry_backoff = "1s"
 shutdown_grace = "10s"
 kill_grace = "1s"
-lease_ttl = "3s"
+{leases}
 
 [server]
 listen = ""
@@ -238,6 +240,69 @@ def test_three_replicas_share_the_work_and_survive_a_kill_and_a_lost_connection(
         log = (tmp_path / f"{name}.log").read_text()
         assert "Traceback" not in log, log
     assert json.loads(_cli(tmp_path, configs["r2"], "audit", "verify", "--json"))["ok"] is True
+
+
+def test_replicas_hear_each_other_between_lease_passes(tmp_path: Path, pg_url: str) -> None:
+    """Lease passes 30 s apart: a newcomer still gets its share at once (`replicas`
+    notices), and `status` on one replica shows what the other deployed (`progress`)."""
+    envs = [f"e{i}" for i in range(6)]
+    repo = Repo(tmp_path / "desired")
+    for env in envs:
+        repo.write(f"{env}.yaml", env_yaml(env, {"api": "1.0"}))
+    repo.commit("six environments at 1.0")
+    script = tmp_path / "deploy.sh"
+    script.write_text(SCRIPT.replace('sleep "1.$((RANDOM % 10))"', "sleep 0.1"))
+    script.chmod(0o755)
+    times = tmp_path / "times.log"
+    times.touch()
+    Store.from_url(pg_url).close()
+    db = create_engine(pg_url)
+    slow = 'lease_ttl = "90s"\nlease_renew = "30s"'
+    configs = {n: _config(tmp_path, n, pg_url, script, times, slow) for n in ("r1", "r2")}
+    for config in configs.values():  # no poll: its syncs would make lease passes too
+        config.write_text(config.read_text().replace('poll_interval = "1s"', 'poll_interval = "0"'))
+
+    def held_by(pid: int) -> set[str]:
+        with db.connect() as conn:
+            rows = conn.execute(text("SELECT environment, holder FROM environment_leases")).all()
+        return {env for env, holder in rows if holder and int(holder.split(":")[1]) == pid}
+
+    def deployed(config: Path) -> dict[str, str | None]:
+        entries = json.loads(_cli(tmp_path, config, "status", "--json"))
+        entries = entries["services"] if isinstance(entries, dict) else entries
+        return {e["environment"]: e["deployed"] for e in entries}
+
+    r1 = DaemonProcess(tmp_path, configs["r1"], "r1")
+    r2: DaemonProcess | None = None
+    try:
+        wait_for(lambda: held_by(r1.proc.pid) == set(envs), timeout=30, what="r1 to hold all")
+        wait_for(
+            lambda: set(deployed(configs["r1"]).values()) == {"1.0"},
+            timeout=30,
+            what="r1 to deploy 1.0 everywhere",
+        )
+        r2 = DaemonProcess(tmp_path, configs["r2"], "r2")
+        proc = r2.proc
+        # Well inside the 30 s between passes: r1 released half when r2 joined, and r2
+        # claimed them when r1 said so.
+        wait_for(lambda: len(held_by(proc.pid)) == 3, timeout=15, what="r2 to get its share")
+        assert len(held_by(r1.proc.pid)) == 3
+        for env in envs:
+            repo.write(f"{env}.yaml", env_yaml(env, {"api": "2.0"}))
+        repo.commit("all at 2.0")
+        # r1's status (its in-memory fleet summary, over the control socket) follows the
+        # deployments r2 runs too.
+        wait_for(
+            lambda: set(deployed(configs["r1"]).values()) == {"2.0"},
+            timeout=30,
+            what="r1's status to show 2.0 everywhere",
+        )
+        assert set(deployed(configs["r2"]).values()) == {"2.0"}
+    finally:
+        for r in (r1, r2):
+            if r is not None:
+                r.kill()
+        db.dispose()
 
 
 def _cli(tmp: Path, config: Path, *args: str) -> str:

@@ -9,6 +9,7 @@ Served by uvicorn inside the daemon's asyncio loop::
 
 from __future__ import annotations
 
+from reconciler.bus import Bus
 from reconciler.http.app import create_app, stop_streams, watch_connections
 from reconciler.http.control import Control
 from reconciler.http.server import (
@@ -21,13 +22,16 @@ from reconciler.http.server import (
 )
 
 
-async def start_http(control: Control, listen: str | None = None) -> HttpServer:
-    """Build the app over ``control`` and serve it on ``listen`` (default: server.listen).
+async def start_http(
+    control: Control, listen: str | None = None, bus: Bus | None = None
+) -> HttpServer:
+    """Build the app over ``control`` and serve it on ``listen`` (default: server.listen);
+    ``bus``: the notices live pages follow other replicas' deployments by.
 
     Raises the process's soft limit of open files first (up to the hard limit): the
     connection cap is computed from it."""
     fd_limit = raise_fd_limit()
-    app = create_app(control)
+    app = create_app(control, bus=bus)
     server_config = control.config.server
     server = HttpServer(
         app,

@@ -15,6 +15,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from reconciler.bus import Bus
 from reconciler.http import api, dashboard
 from reconciler.http.control import Control
 from reconciler.http.metrics import Metrics
@@ -107,9 +108,11 @@ def create_app(
     replay_cache_size: int = 10_000,
     wall_clock: Callable[[], float] = time.time,
     monotonic: Callable[[], float] = time.monotonic,
+    bus: Bus | None = None,
 ) -> Starlette:
     """The HTTP API over ``control``. Subscribes its metrics to ``control.hub`` (once: build
-    one app per daemon, and keep it across configuration reloads)."""
+    one app per daemon, and keep it across configuration reloads), and its live feeds to
+    ``bus`` (deployments other replicas run)."""
     metrics = Metrics(control)
     control.hub.on_event(metrics.on_event)
     app = Starlette(
@@ -137,6 +140,8 @@ def create_app(
         ),
     )
     metrics.connections.feeds = app.state.ctx.feeds
+    if bus is not None:
+        app.state.ctx.feeds.listen(bus)
     return app
 
 

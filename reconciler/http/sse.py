@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from reconciler.events import EventHub
+from reconciler.bus import Bus
+from reconciler.events import EventHub, Watch
 from reconciler.store import DeploymentRecord, EventRecord, Store
 
 log = logging.getLogger("reconciler.http")
@@ -74,6 +76,7 @@ class DeploymentFeed:
         self._updated = asyncio.Event()
         self._demand = asyncio.Event()  # a viewer has sent all there is
         self._task: asyncio.Task[None] | None = None
+        self._watch: Watch | None = None
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"sse-feed-{self.deployment_id}")
@@ -83,6 +86,14 @@ class DeploymentFeed:
             self._task.cancel()
         self.finished = True
         self._notify()
+
+    def noticed(self, resync: bool) -> None:
+        """Another process recorded events of this deployment (``resync``: it may have,
+        notices were lost): read them. A deployment this process runs publishes its events
+        on the hub already, which wakes the feed first."""
+        watch = self._watch
+        if watch is not None and (resync or not watch.local):
+            watch.changed.set()
 
     @property
     def updated(self) -> asyncio.Event:
@@ -120,7 +131,7 @@ class DeploymentFeed:
 
     async def _run(self) -> None:
         feeds = self.feeds
-        watch = feeds.hub.watch(self.deployment_id)
+        watch = self._watch = feeds.hub.watch(self.deployment_id)
         last = 0
         failing = False
         try:
@@ -164,6 +175,7 @@ class DeploymentFeed:
                     continue
                 await asyncio.sleep(feeds.batch_seconds)
         finally:
+            self._watch = None
             watch.close()
 
 
@@ -200,6 +212,21 @@ class LiveFeeds:
 
     def viewers(self) -> int:
         return sum(feed.viewers for feed in self._feeds.values())
+
+    def listen(self, bus: Bus) -> None:
+        """Follow deployments run by other processes too: their events reach this one
+        through the store, and the bus says when to look (any time on a resync)."""
+        bus.subscribe("progress", self._noticed)
+
+    def _noticed(self, payload: str | None) -> None:
+        if payload is None:
+            for feed in self._feeds.values():
+                feed.noticed(resync=True)
+            return
+        with contextlib.suppress(ValueError):  # "id" or "id environment"
+            following = self._feeds.get(int(payload.split(" ", 1)[0]))
+            if following is not None:
+                following.noticed(resync=False)
 
     def open(self, deployment_id: int) -> DeploymentFeed:
         feed = self._feeds.get(deployment_id)

@@ -30,7 +30,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 
 from desired_state import one_line
-from reconciler.store import chain, fence, models, rows
+from reconciler.store import chain, fence, models, notices, rows
 from reconciler.store.records import (
     ACTIVE_STATUSES,
     STATUSES,
@@ -249,6 +249,8 @@ class DeploymentQueries:
                     f"or deployment {new.rollback_of}"
                 ) from exc
             conn.execute(_INSERT_EVENT, [{"did": row.id, **event} for event in events])
+            # Other replicas' live pages, and their fleet summaries (the environment).
+            notices.notify(conn, "progress", f"{row.id} {new.environment}")
             note_created(conn, new.environment, new.service, row.id, status, new.version)
             return _deployment(row)
 
@@ -336,6 +338,7 @@ class DeploymentQueries:
         rec = _deployment(row)
         event = _event_values(status, message or error_message, at)
         conn.execute(_INSERT_EVENT, {"did": deployment_id, **event})
+        notices.notify(conn, "progress", f"{deployment_id} {rec.environment}")
         if checked:  # off the common path: the service's row is re-derived
             refresh_service_state(conn, rec.environment, rec.service)
         elif status in TERMINAL_STATUSES:  # the end of a run: the row advances once, here
@@ -382,6 +385,7 @@ class DeploymentQueries:
                 )
             except IntegrityError as exc:
                 raise StoreError(f"no deployment {deployment_id}") from exc
+            notices.notify(conn, "progress", str(deployment_id))
 
     def get_deployment(
         self, deployment_id: int, *, with_progress: bool = False, with_log: bool = False

@@ -13,7 +13,7 @@ from typing import Any
 
 from sqlalchemy import Engine, delete, func, insert, select
 
-from reconciler.store import chain, models, rows
+from reconciler.store import chain, models, notices, rows
 from reconciler.store.records import OPERATOR_ACTIONS, EnvironmentStateRecord
 
 # Shared with the other query modules (rows.py), under the names the queries use.
@@ -155,6 +155,8 @@ class EnvironmentQueries:
                 )
             elif action == "resume":
                 conn.execute(delete(_OS).where(_OS.c.environment == environment))
+            if action in ("suspend", "resume"):  # other replicas plan it again
+                notices.notify(conn, "env", environment)
 
     def suspended_environments(self) -> set[str]:
         with _reader(self.engine) as conn:

@@ -31,7 +31,16 @@ TERMINAL_STATUSES: frozenset[str] = frozenset(
 FAILURE_STATUSES: frozenset[str] = frozenset({"failed", "timed_out", "rolled_back"})
 TRIGGERS: tuple[str, ...] = get_args(Trigger)
 
-SYNC_TRIGGERS: tuple[str, ...] = ("startup", "poll", "watch", "webhook", "manual", "reload")
+#: "notice": another replica announced a head this one had not applied (reconciler.bus).
+SYNC_TRIGGERS: tuple[str, ...] = (
+    "startup",
+    "poll",
+    "watch",
+    "webhook",
+    "manual",
+    "reload",
+    "notice",
+)
 SYNC_RESULTS: tuple[str, ...] = ("ok", "errors", "failed", "unchanged", "refused")
 #: Sync results whose commit counts as applied (see `Store.last_synced_commit`).
 SYNC_APPLIED_RESULTS: tuple[str, ...] = ("ok", "errors", "unchanged")
