@@ -566,6 +566,17 @@ class Started:
         )
 
 
+async def _held_elsewhere(store: Store, environment: str) -> str:
+    """Why this replica will not deploy ``environment``, naming the one that does."""
+    leases = await durable(store.leases)
+    holder = next((lease.holder for lease in leases if lease.environment == environment), None)
+    where = f"replica {holder}" if holder else "another replica (none holds it right now)"
+    return (
+        f"environment '{environment}' is deployed by {where}: run the command against that "
+        "replica (`reconciler status --replicas` lists the replicas and their leases)"
+    )
+
+
 async def perform(host: Host, action: AnyAction, who: str, origin: str | None = None) -> Started:
     """Carry out one operator action in the daemon: check, record, log, set going.
     ``who``/``origin``: the OS user and process (control socket) or the token's holder and
@@ -628,10 +639,7 @@ async def perform(host: Host, action: AnyAction, who: str, origin: str | None = 
         version, services, trigger = action.version, action.services, "manual"
     fence_for = engine.runners.fence_for
     if fence_for is not None and fence_for(action.environment) is None:
-        raise OperationError(
-            f"environment '{action.environment}' is deployed by another replica: ask the one "
-            "that holds it (`reconciler status --replicas` lists the replicas and their leases)"
-        )
+        raise OperationError(await _held_elsewhere(store, action.environment))
     jobs, warning = await _deploy_jobs(
         engine,
         environment=action.environment,

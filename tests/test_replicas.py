@@ -10,6 +10,7 @@ import signal
 import subprocess
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, text
@@ -287,6 +288,21 @@ def test_replicas_hear_each_other_between_lease_passes(tmp_path: Path, pg_url: s
         # claimed them when r1 said so.
         wait_for(lambda: len(held_by(proc.pid)) == 3, timeout=15, what="r2 to get its share")
         assert len(held_by(r1.proc.pid)) == 3
+        # An operator's deploy asked of the replica that does not hold the environment is
+        # refused, naming the one that does.
+        theirs = sorted(held_by(proc.pid))[0]
+        holder = _holder(db, theirs)
+        deploy = ["deploy", "--env", theirs, "--service", "api", "--version", "1.5"]
+        asked = subprocess.run(
+            [*RECONCILER, "--config", str(configs["r1"]), *deploy],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            env=cli_env(),
+            timeout=60,
+        )
+        assert asked.returncode == 1, asked.stdout + asked.stderr
+        assert f"deployed by replica {holder}" in asked.stderr, asked.stderr
         for env in envs:
             repo.write(f"{env}.yaml", env_yaml(env, {"api": "2.0"}))
         repo.commit("all at 2.0")
@@ -303,6 +319,16 @@ def test_replicas_hear_each_other_between_lease_passes(tmp_path: Path, pg_url: s
             if r is not None:
                 r.kill()
         db.dispose()
+
+
+def _holder(db: Any, environment: str) -> str:
+    with db.connect() as conn:
+        return str(
+            conn.execute(
+                text("SELECT holder FROM environment_leases WHERE environment = :e"),
+                {"e": environment},
+            ).scalar_one()
+        )
 
 
 def _cli(tmp: Path, config: Path, *args: str) -> str:
