@@ -716,12 +716,13 @@ class Daemon:
             fleet.mark(environment)
 
     def _heard_env(self, environment: str | None) -> None:
-        """An environment was suspended or resumed, maybe elsewhere: plan it again (a
-        resumed one deploys what it held back); None: any may have been."""
+        """An environment was suspended, resumed, retried or synced by an operator, maybe on
+        another replica: plan it again (a resumed one deploys what it held back, a retried
+        one tries again); None: any may have been."""
         engine = self.engine
         if engine is None or self.fleet is None:
             return
-        if environment is None:
+        if environment is None or environment == "*":  # a resync, or a fleet-wide sync
             self.fleet.mark_all()
             engine.wake(engine.effective)
         else:

@@ -90,16 +90,25 @@ async def test_the_store_announces_progress_and_suspensions(bus: Bus):
     # a progress report changes no status.
     changed = f"{record.id} {record.environment}"
     assert progress.items == [changed, changed, str(record.id), changed]
-    await asyncio.to_thread(
-        store.record_operator_action,
-        environment="production",
-        service=None,
-        action="suspend",
-        actor="ada",
-        note=None,
-        at=at,
-    )
-    assert await env.until(bool) == ["production"]
+    # Operator actions the environment's holder (maybe another replica) must act on.
+    for environment, service, action in (
+        ("production", None, "suspend"),
+        ("staging", "api", "retry"),
+        ("*", None, "sync"),
+        ("production", "api", "deploy"),  # carried out where it was asked: no notice
+        ("last", None, "resume"),
+    ):
+        await asyncio.to_thread(
+            store.record_operator_action,
+            environment=environment,
+            service=service,
+            action=action,
+            actor="ada",
+            note=None,
+            at=at,
+        )
+    await env.until(lambda items: "last" in items)
+    assert env.items == ["production", "staging", "*", "last"]
 
 
 def test_a_notice_carries_ids_not_records(sqlite_url: str):

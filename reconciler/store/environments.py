@@ -155,7 +155,8 @@ class EnvironmentQueries:
                 )
             elif action == "resume":
                 conn.execute(delete(_OS).where(_OS.c.environment == environment))
-            if action in ("suspend", "resume"):  # other replicas plan it again
+            if action in ("suspend", "resume", "retry", "sync"):
+                # The replica that holds it (maybe another) plans it again; "*": every one.
                 notices.notify(conn, "env", environment)
 
     def suspended_environments(self) -> set[str]:
