@@ -8,13 +8,12 @@ from __future__ import annotations
 import itertools
 import sqlite3
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from reconciler.store import CommitMeta, LiveObservation, NewDeployment, Store, StoreError
+from reconciler.store import CommitMeta, LiveObservation, Store, StoreError
 from reconciler.store import sqlite_read as sqlite_read_module
 from reconciler.store.read_statements import OUTPUT, render
 from reconciler.store.reading import open_reader, sqlite_path
@@ -22,36 +21,13 @@ from reconciler.store.sqlite_read import SQLiteReader
 from tests.support import World
 from tests.test_cli_output import run_listing_modules
 from tests.test_cli_status import NOT_FOR_READING, loaded
+from tests.test_store import at, new
 
-T0 = datetime(2026, 11, 26, 10, 0, 0, tzinfo=UTC)
-
-
-def at(seconds: float) -> datetime:
-    return T0 + timedelta(seconds=seconds)
+STRATEGY = {"type": "rolling", "max_unavailable": 1}  # JSON with more than one key
 
 
 def test_the_generated_statements_are_current():
     assert OUTPUT.read_text(encoding="utf-8") == render(), "run scripts/gen_read_sql.py"
-
-
-def new(environment: str, service: str, version: str, **kw: Any) -> NewDeployment:
-    values: dict[str, Any] = {
-        "environment": environment,
-        "service": service,
-        "version": version,
-        "previous_version": None,
-        "provider": "local",
-        "provider_type": "command",
-        "strategy": {"type": "rolling", "max_unavailable": 1},
-        "trigger": "git",
-        "commit": "9f1c" * 10,
-        "commit_author": "Ada <ada@example.com>",
-        "attempt": 1,
-        "timeout_seconds": 600,
-        "params": {"deployment": service, "n": [1, 2]},
-    }
-    values.update(kw)
-    return NewDeployment(**values)
 
 
 def fill(store: Store) -> None:

@@ -13,6 +13,18 @@ SPARSE_SINCE = 2000
 
 # fmt: off
 STATE_SQL = 'SELECT environment, service, deployed_version, deployed_deployment_id, last_deployment_id, last_status, last_version, last_ended_at, running_deployment_id, streak_version, streak_count, streak_last_at FROM service_state'
+#: Every column of a deployment: the head of most statements below.
+SELECT_DEPLOYMENTS = (
+    'SELECT deployments.id, deployments.environment, deployments.service, '
+    'deployments.version, deployments.previous_version, deployments.provider, '
+    'deployments.provider_type, deployments.strategy, deployments.status, '
+    'deployments.error_message, deployments."trigger", deployments."commit", '
+    'deployments.commit_author, deployments.attempt, deployments.timeout_seconds, '
+    'deployments.validation, deployments.params, deployments.created_at, '
+    'deployments.started_at, deployments.completed_at, deployments.sync_id, '
+    'deployments.rollback_of, deployments.run_pgid, deployments.run_process FROM '
+    'deployments'
+)
 
 STATEMENTS: dict[str, tuple[str, str]] = {
     'few_since': (
@@ -21,15 +33,8 @@ STATEMENTS: dict[str, tuple[str, str]] = {
         '-',
     ),
     'deployment': (
-        'SELECT deployments.id, deployments.environment, deployments.service, '
-        'deployments.version, deployments.previous_version, deployments.provider, '
-        'deployments.provider_type, deployments.strategy, deployments.status, '
-        'deployments.error_message, deployments."trigger", deployments."commit", '
-        'deployments.commit_author, deployments.attempt, deployments.timeout_seconds, '
-        'deployments.validation, deployments.params, deployments.created_at, '
-        'deployments.started_at, deployments.completed_at, deployments.sync_id, '
-        'deployments.rollback_of, deployments.run_pgid, deployments.run_process FROM '
-        'deployments WHERE deployments.id = :id',
+        SELECT_DEPLOYMENTS
+        + ' WHERE deployments.id = :id',
         '-------j-------jjttt----',
     ),
     'events': (
@@ -113,332 +118,163 @@ STATEMENTS: dict[str, tuple[str, str]] = {
 #: history's statements by (environment, service, status given, since form).
 HISTORY: dict[tuple[bool, bool, bool, str], tuple[str, str]] = {
     (False, False, False, 'none'): (
-        'SELECT deployments.id, deployments.environment, deployments.service, '
-        'deployments.version, deployments.previous_version, deployments.provider, '
-        'deployments.provider_type, deployments.strategy, deployments.status, '
-        'deployments.error_message, deployments."trigger", deployments."commit", '
-        'deployments.commit_author, deployments.attempt, deployments.timeout_seconds, '
-        'deployments.validation, deployments.params, deployments.created_at, '
-        'deployments.started_at, deployments.completed_at, deployments.sync_id, '
-        'deployments.rollback_of, deployments.run_pgid, deployments.run_process FROM '
-        'deployments ORDER BY deployments.id DESC LIMIT :limit OFFSET 0',
+        SELECT_DEPLOYMENTS
+        + ' ORDER BY deployments.id DESC LIMIT :limit OFFSET 0',
         '-------j-------jjttt----',
     ),
     (False, False, False, 'few'): (
-        'SELECT deployments.id, deployments.environment, deployments.service, '
-        'deployments.version, deployments.previous_version, deployments.provider, '
-        'deployments.provider_type, deployments.strategy, deployments.status, '
-        'deployments.error_message, deployments."trigger", deployments."commit", '
-        'deployments.commit_author, deployments.attempt, deployments.timeout_seconds, '
-        'deployments.validation, deployments.params, deployments.created_at, '
-        'deployments.started_at, deployments.completed_at, deployments.sync_id, '
-        'deployments.rollback_of, deployments.run_pgid, deployments.run_process FROM '
-        'deployments WHERE deployments.id IN (SELECT deployments.id FROM deployments '
-        'WHERE deployments.created_at >= :since) ORDER BY deployments.id DESC LIMIT '
-        ':limit OFFSET 0',
+        SELECT_DEPLOYMENTS
+        + ' WHERE deployments.id IN (SELECT deployments.id FROM deployments WHERE '
+        'deployments.created_at >= :since) ORDER BY deployments.id DESC LIMIT :limit '
+        'OFFSET 0',
         '-------j-------jjttt----',
     ),
     (False, False, False, 'many'): (
-        'SELECT deployments.id, deployments.environment, deployments.service, '
-        'deployments.version, deployments.previous_version, deployments.provider, '
-        'deployments.provider_type, deployments.strategy, deployments.status, '
-        'deployments.error_message, deployments."trigger", deployments."commit", '
-        'deployments.commit_author, deployments.attempt, deployments.timeout_seconds, '
-        'deployments.validation, deployments.params, deployments.created_at, '
-        'deployments.started_at, deployments.completed_at, deployments.sync_id, '
-        'deployments.rollback_of, deployments.run_pgid, deployments.run_process FROM '
-        'deployments WHERE deployments.created_at >= :since ORDER BY deployments.id DESC '
-        'LIMIT :limit OFFSET 0',
+        SELECT_DEPLOYMENTS
+        + ' WHERE deployments.created_at >= :since ORDER BY deployments.id DESC LIMIT :limit '
+        'OFFSET 0',
         '-------j-------jjttt----',
     ),
     (False, False, True, 'none'): (
-        'SELECT deployments.id, deployments.environment, deployments.service, '
-        'deployments.version, deployments.previous_version, deployments.provider, '
-        'deployments.provider_type, deployments.strategy, deployments.status, '
-        'deployments.error_message, deployments."trigger", deployments."commit", '
-        'deployments.commit_author, deployments.attempt, deployments.timeout_seconds, '
-        'deployments.validation, deployments.params, deployments.created_at, '
-        'deployments.started_at, deployments.completed_at, deployments.sync_id, '
-        'deployments.rollback_of, deployments.run_pgid, deployments.run_process FROM '
-        'deployments WHERE deployments.status = :status ORDER BY deployments.id DESC '
-        'LIMIT :limit OFFSET 0',
+        SELECT_DEPLOYMENTS
+        + ' WHERE deployments.status = :status ORDER BY deployments.id DESC LIMIT :limit '
+        'OFFSET 0',
         '-------j-------jjttt----',
     ),
     (False, False, True, 'few'): (
-        'SELECT deployments.id, deployments.environment, deployments.service, '
-        'deployments.version, deployments.previous_version, deployments.provider, '
-        'deployments.provider_type, deployments.strategy, deployments.status, '
-        'deployments.error_message, deployments."trigger", deployments."commit", '
-        'deployments.commit_author, deployments.attempt, deployments.timeout_seconds, '
-        'deployments.validation, deployments.params, deployments.created_at, '
-        'deployments.started_at, deployments.completed_at, deployments.sync_id, '
-        'deployments.rollback_of, deployments.run_pgid, deployments.run_process FROM '
-        'deployments WHERE deployments.status = :status AND deployments.id IN (SELECT '
-        'deployments.id FROM deployments WHERE deployments.created_at >= :since) ORDER BY '
-        'deployments.id DESC LIMIT :limit OFFSET 0',
+        SELECT_DEPLOYMENTS
+        + ' WHERE deployments.status = :status AND deployments.id IN (SELECT deployments.id '
+        'FROM deployments WHERE deployments.created_at >= :since) ORDER BY deployments.id '
+        'DESC LIMIT :limit OFFSET 0',
         '-------j-------jjttt----',
     ),
     (False, False, True, 'many'): (
-        'SELECT deployments.id, deployments.environment, deployments.service, '
-        'deployments.version, deployments.previous_version, deployments.provider, '
-        'deployments.provider_type, deployments.strategy, deployments.status, '
-        'deployments.error_message, deployments."trigger", deployments."commit", '
-        'deployments.commit_author, deployments.attempt, deployments.timeout_seconds, '
-        'deployments.validation, deployments.params, deployments.created_at, '
-        'deployments.started_at, deployments.completed_at, deployments.sync_id, '
-        'deployments.rollback_of, deployments.run_pgid, deployments.run_process FROM '
-        'deployments WHERE deployments.status = :status AND deployments.created_at >= '
-        ':since ORDER BY deployments.id DESC LIMIT :limit OFFSET 0',
+        SELECT_DEPLOYMENTS
+        + ' WHERE deployments.status = :status AND deployments.created_at >= :since ORDER BY '
+        'deployments.id DESC LIMIT :limit OFFSET 0',
         '-------j-------jjttt----',
     ),
     (False, True, False, 'none'): (
-        'SELECT deployments.id, deployments.environment, deployments.service, '
-        'deployments.version, deployments.previous_version, deployments.provider, '
-        'deployments.provider_type, deployments.strategy, deployments.status, '
-        'deployments.error_message, deployments."trigger", deployments."commit", '
-        'deployments.commit_author, deployments.attempt, deployments.timeout_seconds, '
-        'deployments.validation, deployments.params, deployments.created_at, '
-        'deployments.started_at, deployments.completed_at, deployments.sync_id, '
-        'deployments.rollback_of, deployments.run_pgid, deployments.run_process FROM '
-        'deployments WHERE deployments.service = :service ORDER BY deployments.id DESC '
-        'LIMIT :limit OFFSET 0',
+        SELECT_DEPLOYMENTS
+        + ' WHERE deployments.service = :service ORDER BY deployments.id DESC LIMIT :limit '
+        'OFFSET 0',
         '-------j-------jjttt----',
     ),
     (False, True, False, 'few'): (
-        'SELECT deployments.id, deployments.environment, deployments.service, '
-        'deployments.version, deployments.previous_version, deployments.provider, '
-        'deployments.provider_type, deployments.strategy, deployments.status, '
-        'deployments.error_message, deployments."trigger", deployments."commit", '
-        'deployments.commit_author, deployments.attempt, deployments.timeout_seconds, '
-        'deployments.validation, deployments.params, deployments.created_at, '
-        'deployments.started_at, deployments.completed_at, deployments.sync_id, '
-        'deployments.rollback_of, deployments.run_pgid, deployments.run_process FROM '
-        'deployments WHERE deployments.service = :service AND deployments.id IN (SELECT '
+        SELECT_DEPLOYMENTS
+        + ' WHERE deployments.service = :service AND deployments.id IN (SELECT '
         'deployments.id FROM deployments WHERE deployments.created_at >= :since) ORDER BY '
         'deployments.id DESC LIMIT :limit OFFSET 0',
         '-------j-------jjttt----',
     ),
     (False, True, False, 'many'): (
-        'SELECT deployments.id, deployments.environment, deployments.service, '
-        'deployments.version, deployments.previous_version, deployments.provider, '
-        'deployments.provider_type, deployments.strategy, deployments.status, '
-        'deployments.error_message, deployments."trigger", deployments."commit", '
-        'deployments.commit_author, deployments.attempt, deployments.timeout_seconds, '
-        'deployments.validation, deployments.params, deployments.created_at, '
-        'deployments.started_at, deployments.completed_at, deployments.sync_id, '
-        'deployments.rollback_of, deployments.run_pgid, deployments.run_process FROM '
-        'deployments WHERE deployments.service = :service AND deployments.created_at >= '
-        ':since ORDER BY deployments.id DESC LIMIT :limit OFFSET 0',
+        SELECT_DEPLOYMENTS
+        + ' WHERE deployments.service = :service AND deployments.created_at >= :since ORDER '
+        'BY deployments.id DESC LIMIT :limit OFFSET 0',
         '-------j-------jjttt----',
     ),
     (False, True, True, 'none'): (
-        'SELECT deployments.id, deployments.environment, deployments.service, '
-        'deployments.version, deployments.previous_version, deployments.provider, '
-        'deployments.provider_type, deployments.strategy, deployments.status, '
-        'deployments.error_message, deployments."trigger", deployments."commit", '
-        'deployments.commit_author, deployments.attempt, deployments.timeout_seconds, '
-        'deployments.validation, deployments.params, deployments.created_at, '
-        'deployments.started_at, deployments.completed_at, deployments.sync_id, '
-        'deployments.rollback_of, deployments.run_pgid, deployments.run_process FROM '
-        'deployments WHERE deployments.service = :service AND deployments.status = '
-        ':status ORDER BY deployments.id DESC LIMIT :limit OFFSET 0',
+        SELECT_DEPLOYMENTS
+        + ' WHERE deployments.service = :service AND deployments.status = :status ORDER BY '
+        'deployments.id DESC LIMIT :limit OFFSET 0',
         '-------j-------jjttt----',
     ),
     (False, True, True, 'few'): (
-        'SELECT deployments.id, deployments.environment, deployments.service, '
-        'deployments.version, deployments.previous_version, deployments.provider, '
-        'deployments.provider_type, deployments.strategy, deployments.status, '
-        'deployments.error_message, deployments."trigger", deployments."commit", '
-        'deployments.commit_author, deployments.attempt, deployments.timeout_seconds, '
-        'deployments.validation, deployments.params, deployments.created_at, '
-        'deployments.started_at, deployments.completed_at, deployments.sync_id, '
-        'deployments.rollback_of, deployments.run_pgid, deployments.run_process FROM '
-        'deployments WHERE deployments.service = :service AND deployments.status = '
-        ':status AND deployments.id IN (SELECT deployments.id FROM deployments WHERE '
+        SELECT_DEPLOYMENTS
+        + ' WHERE deployments.service = :service AND deployments.status = :status AND '
+        'deployments.id IN (SELECT deployments.id FROM deployments WHERE '
         'deployments.created_at >= :since) ORDER BY deployments.id DESC LIMIT :limit '
         'OFFSET 0',
         '-------j-------jjttt----',
     ),
     (False, True, True, 'many'): (
-        'SELECT deployments.id, deployments.environment, deployments.service, '
-        'deployments.version, deployments.previous_version, deployments.provider, '
-        'deployments.provider_type, deployments.strategy, deployments.status, '
-        'deployments.error_message, deployments."trigger", deployments."commit", '
-        'deployments.commit_author, deployments.attempt, deployments.timeout_seconds, '
-        'deployments.validation, deployments.params, deployments.created_at, '
-        'deployments.started_at, deployments.completed_at, deployments.sync_id, '
-        'deployments.rollback_of, deployments.run_pgid, deployments.run_process FROM '
-        'deployments WHERE deployments.service = :service AND deployments.status = '
-        ':status AND deployments.created_at >= :since ORDER BY deployments.id DESC LIMIT '
-        ':limit OFFSET 0',
-        '-------j-------jjttt----',
-    ),
-    (True, False, False, 'none'): (
-        'SELECT deployments.id, deployments.environment, deployments.service, '
-        'deployments.version, deployments.previous_version, deployments.provider, '
-        'deployments.provider_type, deployments.strategy, deployments.status, '
-        'deployments.error_message, deployments."trigger", deployments."commit", '
-        'deployments.commit_author, deployments.attempt, deployments.timeout_seconds, '
-        'deployments.validation, deployments.params, deployments.created_at, '
-        'deployments.started_at, deployments.completed_at, deployments.sync_id, '
-        'deployments.rollback_of, deployments.run_pgid, deployments.run_process FROM '
-        'deployments WHERE deployments.environment = :environment ORDER BY deployments.id '
-        'DESC LIMIT :limit OFFSET 0',
-        '-------j-------jjttt----',
-    ),
-    (True, False, False, 'few'): (
-        'SELECT deployments.id, deployments.environment, deployments.service, '
-        'deployments.version, deployments.previous_version, deployments.provider, '
-        'deployments.provider_type, deployments.strategy, deployments.status, '
-        'deployments.error_message, deployments."trigger", deployments."commit", '
-        'deployments.commit_author, deployments.attempt, deployments.timeout_seconds, '
-        'deployments.validation, deployments.params, deployments.created_at, '
-        'deployments.started_at, deployments.completed_at, deployments.sync_id, '
-        'deployments.rollback_of, deployments.run_pgid, deployments.run_process FROM '
-        'deployments WHERE deployments.environment = :environment AND deployments.id IN '
-        '(SELECT deployments.id FROM deployments WHERE deployments.created_at >= :since) '
-        'ORDER BY deployments.id DESC LIMIT :limit OFFSET 0',
-        '-------j-------jjttt----',
-    ),
-    (True, False, False, 'many'): (
-        'SELECT deployments.id, deployments.environment, deployments.service, '
-        'deployments.version, deployments.previous_version, deployments.provider, '
-        'deployments.provider_type, deployments.strategy, deployments.status, '
-        'deployments.error_message, deployments."trigger", deployments."commit", '
-        'deployments.commit_author, deployments.attempt, deployments.timeout_seconds, '
-        'deployments.validation, deployments.params, deployments.created_at, '
-        'deployments.started_at, deployments.completed_at, deployments.sync_id, '
-        'deployments.rollback_of, deployments.run_pgid, deployments.run_process FROM '
-        'deployments WHERE deployments.environment = :environment AND '
+        SELECT_DEPLOYMENTS
+        + ' WHERE deployments.service = :service AND deployments.status = :status AND '
         'deployments.created_at >= :since ORDER BY deployments.id DESC LIMIT :limit '
         'OFFSET 0',
         '-------j-------jjttt----',
     ),
+    (True, False, False, 'none'): (
+        SELECT_DEPLOYMENTS
+        + ' WHERE deployments.environment = :environment ORDER BY deployments.id DESC LIMIT '
+        ':limit OFFSET 0',
+        '-------j-------jjttt----',
+    ),
+    (True, False, False, 'few'): (
+        SELECT_DEPLOYMENTS
+        + ' WHERE deployments.environment = :environment AND deployments.id IN (SELECT '
+        'deployments.id FROM deployments WHERE deployments.created_at >= :since) ORDER BY '
+        'deployments.id DESC LIMIT :limit OFFSET 0',
+        '-------j-------jjttt----',
+    ),
+    (True, False, False, 'many'): (
+        SELECT_DEPLOYMENTS
+        + ' WHERE deployments.environment = :environment AND deployments.created_at >= '
+        ':since ORDER BY deployments.id DESC LIMIT :limit OFFSET 0',
+        '-------j-------jjttt----',
+    ),
     (True, False, True, 'none'): (
-        'SELECT deployments.id, deployments.environment, deployments.service, '
-        'deployments.version, deployments.previous_version, deployments.provider, '
-        'deployments.provider_type, deployments.strategy, deployments.status, '
-        'deployments.error_message, deployments."trigger", deployments."commit", '
-        'deployments.commit_author, deployments.attempt, deployments.timeout_seconds, '
-        'deployments.validation, deployments.params, deployments.created_at, '
-        'deployments.started_at, deployments.completed_at, deployments.sync_id, '
-        'deployments.rollback_of, deployments.run_pgid, deployments.run_process FROM '
-        'deployments WHERE deployments.environment = :environment AND deployments.status '
-        '= :status ORDER BY deployments.id DESC LIMIT :limit OFFSET 0',
+        SELECT_DEPLOYMENTS
+        + ' WHERE deployments.environment = :environment AND deployments.status = :status '
+        'ORDER BY deployments.id DESC LIMIT :limit OFFSET 0',
         '-------j-------jjttt----',
     ),
     (True, False, True, 'few'): (
-        'SELECT deployments.id, deployments.environment, deployments.service, '
-        'deployments.version, deployments.previous_version, deployments.provider, '
-        'deployments.provider_type, deployments.strategy, deployments.status, '
-        'deployments.error_message, deployments."trigger", deployments."commit", '
-        'deployments.commit_author, deployments.attempt, deployments.timeout_seconds, '
-        'deployments.validation, deployments.params, deployments.created_at, '
-        'deployments.started_at, deployments.completed_at, deployments.sync_id, '
-        'deployments.rollback_of, deployments.run_pgid, deployments.run_process FROM '
-        'deployments WHERE deployments.environment = :environment AND deployments.status '
-        '= :status AND deployments.id IN (SELECT deployments.id FROM deployments WHERE '
+        SELECT_DEPLOYMENTS
+        + ' WHERE deployments.environment = :environment AND deployments.status = :status '
+        'AND deployments.id IN (SELECT deployments.id FROM deployments WHERE '
         'deployments.created_at >= :since) ORDER BY deployments.id DESC LIMIT :limit '
         'OFFSET 0',
         '-------j-------jjttt----',
     ),
     (True, False, True, 'many'): (
-        'SELECT deployments.id, deployments.environment, deployments.service, '
-        'deployments.version, deployments.previous_version, deployments.provider, '
-        'deployments.provider_type, deployments.strategy, deployments.status, '
-        'deployments.error_message, deployments."trigger", deployments."commit", '
-        'deployments.commit_author, deployments.attempt, deployments.timeout_seconds, '
-        'deployments.validation, deployments.params, deployments.created_at, '
-        'deployments.started_at, deployments.completed_at, deployments.sync_id, '
-        'deployments.rollback_of, deployments.run_pgid, deployments.run_process FROM '
-        'deployments WHERE deployments.environment = :environment AND deployments.status '
-        '= :status AND deployments.created_at >= :since ORDER BY deployments.id DESC '
-        'LIMIT :limit OFFSET 0',
+        SELECT_DEPLOYMENTS
+        + ' WHERE deployments.environment = :environment AND deployments.status = :status '
+        'AND deployments.created_at >= :since ORDER BY deployments.id DESC LIMIT :limit '
+        'OFFSET 0',
         '-------j-------jjttt----',
     ),
     (True, True, False, 'none'): (
-        'SELECT deployments.id, deployments.environment, deployments.service, '
-        'deployments.version, deployments.previous_version, deployments.provider, '
-        'deployments.provider_type, deployments.strategy, deployments.status, '
-        'deployments.error_message, deployments."trigger", deployments."commit", '
-        'deployments.commit_author, deployments.attempt, deployments.timeout_seconds, '
-        'deployments.validation, deployments.params, deployments.created_at, '
-        'deployments.started_at, deployments.completed_at, deployments.sync_id, '
-        'deployments.rollback_of, deployments.run_pgid, deployments.run_process FROM '
-        'deployments WHERE deployments.environment = :environment AND deployments.service '
-        '= :service ORDER BY deployments.id DESC LIMIT :limit OFFSET 0',
+        SELECT_DEPLOYMENTS
+        + ' WHERE deployments.environment = :environment AND deployments.service = :service '
+        'ORDER BY deployments.id DESC LIMIT :limit OFFSET 0',
         '-------j-------jjttt----',
     ),
     (True, True, False, 'few'): (
-        'SELECT deployments.id, deployments.environment, deployments.service, '
-        'deployments.version, deployments.previous_version, deployments.provider, '
-        'deployments.provider_type, deployments.strategy, deployments.status, '
-        'deployments.error_message, deployments."trigger", deployments."commit", '
-        'deployments.commit_author, deployments.attempt, deployments.timeout_seconds, '
-        'deployments.validation, deployments.params, deployments.created_at, '
-        'deployments.started_at, deployments.completed_at, deployments.sync_id, '
-        'deployments.rollback_of, deployments.run_pgid, deployments.run_process FROM '
-        'deployments WHERE deployments.environment = :environment AND deployments.service '
-        '= :service AND deployments.id IN (SELECT deployments.id FROM deployments WHERE '
+        SELECT_DEPLOYMENTS
+        + ' WHERE deployments.environment = :environment AND deployments.service = :service '
+        'AND deployments.id IN (SELECT deployments.id FROM deployments WHERE '
         'deployments.created_at >= :since) ORDER BY deployments.id DESC LIMIT :limit '
         'OFFSET 0',
         '-------j-------jjttt----',
     ),
     (True, True, False, 'many'): (
-        'SELECT deployments.id, deployments.environment, deployments.service, '
-        'deployments.version, deployments.previous_version, deployments.provider, '
-        'deployments.provider_type, deployments.strategy, deployments.status, '
-        'deployments.error_message, deployments."trigger", deployments."commit", '
-        'deployments.commit_author, deployments.attempt, deployments.timeout_seconds, '
-        'deployments.validation, deployments.params, deployments.created_at, '
-        'deployments.started_at, deployments.completed_at, deployments.sync_id, '
-        'deployments.rollback_of, deployments.run_pgid, deployments.run_process FROM '
-        'deployments WHERE deployments.environment = :environment AND deployments.service '
-        '= :service AND deployments.created_at >= :since ORDER BY deployments.id DESC '
-        'LIMIT :limit OFFSET 0',
+        SELECT_DEPLOYMENTS
+        + ' WHERE deployments.environment = :environment AND deployments.service = :service '
+        'AND deployments.created_at >= :since ORDER BY deployments.id DESC LIMIT :limit '
+        'OFFSET 0',
         '-------j-------jjttt----',
     ),
     (True, True, True, 'none'): (
-        'SELECT deployments.id, deployments.environment, deployments.service, '
-        'deployments.version, deployments.previous_version, deployments.provider, '
-        'deployments.provider_type, deployments.strategy, deployments.status, '
-        'deployments.error_message, deployments."trigger", deployments."commit", '
-        'deployments.commit_author, deployments.attempt, deployments.timeout_seconds, '
-        'deployments.validation, deployments.params, deployments.created_at, '
-        'deployments.started_at, deployments.completed_at, deployments.sync_id, '
-        'deployments.rollback_of, deployments.run_pgid, deployments.run_process FROM '
-        'deployments WHERE deployments.environment = :environment AND deployments.service '
-        "= :service AND (deployments.status || '') = :status ORDER BY deployments.id DESC "
-        'LIMIT :limit OFFSET 0',
+        SELECT_DEPLOYMENTS
+        + ' WHERE deployments.environment = :environment AND deployments.service = :service '
+        "AND (deployments.status || '') = :status ORDER BY deployments.id DESC LIMIT "
+        ':limit OFFSET 0',
         '-------j-------jjttt----',
     ),
     (True, True, True, 'few'): (
-        'SELECT deployments.id, deployments.environment, deployments.service, '
-        'deployments.version, deployments.previous_version, deployments.provider, '
-        'deployments.provider_type, deployments.strategy, deployments.status, '
-        'deployments.error_message, deployments."trigger", deployments."commit", '
-        'deployments.commit_author, deployments.attempt, deployments.timeout_seconds, '
-        'deployments.validation, deployments.params, deployments.created_at, '
-        'deployments.started_at, deployments.completed_at, deployments.sync_id, '
-        'deployments.rollback_of, deployments.run_pgid, deployments.run_process FROM '
-        'deployments WHERE deployments.environment = :environment AND deployments.service '
-        "= :service AND (deployments.status || '') = :status AND deployments.id IN "
-        '(SELECT deployments.id FROM deployments WHERE deployments.created_at >= :since) '
-        'ORDER BY deployments.id DESC LIMIT :limit OFFSET 0',
+        SELECT_DEPLOYMENTS
+        + ' WHERE deployments.environment = :environment AND deployments.service = :service '
+        "AND (deployments.status || '') = :status AND deployments.id IN (SELECT "
+        'deployments.id FROM deployments WHERE deployments.created_at >= :since) ORDER BY '
+        'deployments.id DESC LIMIT :limit OFFSET 0',
         '-------j-------jjttt----',
     ),
     (True, True, True, 'many'): (
-        'SELECT deployments.id, deployments.environment, deployments.service, '
-        'deployments.version, deployments.previous_version, deployments.provider, '
-        'deployments.provider_type, deployments.strategy, deployments.status, '
-        'deployments.error_message, deployments."trigger", deployments."commit", '
-        'deployments.commit_author, deployments.attempt, deployments.timeout_seconds, '
-        'deployments.validation, deployments.params, deployments.created_at, '
-        'deployments.started_at, deployments.completed_at, deployments.sync_id, '
-        'deployments.rollback_of, deployments.run_pgid, deployments.run_process FROM '
-        'deployments WHERE deployments.environment = :environment AND deployments.service '
-        "= :service AND (deployments.status || '') = :status AND deployments.created_at "
-        '>= :since ORDER BY deployments.id DESC LIMIT :limit OFFSET 0',
+        SELECT_DEPLOYMENTS
+        + ' WHERE deployments.environment = :environment AND deployments.service = :service '
+        "AND (deployments.status || '') = :status AND deployments.created_at >= :since "
+        'ORDER BY deployments.id DESC LIMIT :limit OFFSET 0',
         '-------j-------jjttt----',
     ),
 }

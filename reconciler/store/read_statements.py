@@ -21,7 +21,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import JSON, Boolean
+from sqlalchemy import JSON, Boolean, select
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.sql import Select
 
@@ -134,6 +134,10 @@ def render() -> str:
         "",
         "# fmt: off",
         f"STATE_SQL = {service_state._STATE_SQL!r}",
+        "#: Every column of a deployment: the head of most statements below.",
+        "SELECT_DEPLOYMENTS = (",
+        *(f"    {chunk!r}" for chunk in _wrap(_select_deployments())),
+        ")",
         "",
         "STATEMENTS: dict[str, tuple[str, str]] = {",
     ]
@@ -150,10 +154,21 @@ def render() -> str:
     return "\n".join(lines) + "\n"
 
 
+def _select_deployments() -> str:
+    return compile_sqlite(select(models.deployments))[0]
+
+
 def _entry(key: str, query: Select[*tuple[Any, ...]]) -> list[str]:
     sql, kinds = compile_sqlite(query)
     lines = [f"    {key}: ("]
-    lines.extend(f"        {chunk!r}" for chunk in _wrap(sql))
+    head = _select_deployments()
+    if sql.startswith(head + " "):
+        lines.append("        SELECT_DEPLOYMENTS")
+        first, *rest = _wrap(sql[len(head) + 1 :])
+        lines.append(f"        + {' ' + first!r}")
+        lines.extend(f"        {chunk!r}" for chunk in rest)
+    else:
+        lines.extend(f"        {chunk!r}" for chunk in _wrap(sql))
     lines[-1] += ","
     lines.append(f"        {kinds!r},")
     lines.append("    ),")
