@@ -7,7 +7,6 @@ keeps serving deployments, HTTP and the watchdog meanwhile.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable, Collection, Iterable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import replace
@@ -171,6 +170,8 @@ class Planner:
         self, snapshot: Desired, environments: Iterable[str] | None = None
     ) -> list[Decision]:
         envs = None if environments is None else list(environments)
+        import asyncio  # here: a standalone `status` plans without an event loop (~25 ms)
+
         return await asyncio.to_thread(self.decide_now, snapshot, envs, self.clock())
 
     def decide_now(
