@@ -74,7 +74,7 @@ class SQLiteReader:
     def open(cls, path: str | Path) -> SQLiteReader | None:
         """The reader of the database file at ``path``, or None when the file is missing,
         cannot be opened read-only, or is not at `HEAD_REVISION` (the `Store` decides)."""
-        file = Path(path).expanduser().absolute()
+        file = Path(path).absolute()  # as the store opens it (pysqlite: abspath, no ~)
         if not file.is_file():
             return None
         try:
