@@ -17,9 +17,9 @@ from typing import Annotated, Any, Literal, cast
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from typing_extensions import TypedDict  # pydantic needs it before Python 3.12
 
+from reconciler.lock import SOCKET_NAME as SOCKET_NAME
 from reconciler.plan import Decision
 
-SOCKET_NAME = "control.sock"
 LINE_LIMIT = 1024 * 1024  # one message line at most (a request is far smaller)
 NAME = Field(min_length=1, max_length=255)
 VERSION = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")

@@ -154,6 +154,8 @@ def expected_failure(exc: Exception) -> NoReturn:
     if "sqlalchemy.exc.SQLAlchemyError" in names:
         orig = getattr(exc, "orig", None)
         fail(f"database error: {str(orig or exc).splitlines()[0]}", 1)
+    if "sqlite3.Error" in names:  # the sqlite3 reader of status/history/show
+        fail(f"database error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", 1)
     fail(f"internal error: {type(exc).__name__}: {exc} (set RECONCILER_DEBUG=1 for details)", 1)
 
 
@@ -397,7 +399,7 @@ def status_cmd(
     ctx: click.Context, environment: str | None, as_json: bool, wide: bool, replicas: bool
 ) -> None:
     """Per service: desired, deployed, state, last commit."""
-    from reconciler.channel import status_from_daemon
+    from reconciler.lock import SOCKET_NAME
 
     config = cfg(ctx)
     if replicas:
@@ -410,7 +412,11 @@ def status_cmd(
         else:
             replicas_table(board, wide=wide)
         return
-    report = status_from_daemon(config.state_dir, environment)  # None: no daemon answers
+    report = None  # None: no daemon answers
+    if (config.state_dir / SOCKET_NAME).exists():  # else no daemon: no channel to import
+        from reconciler.channel import status_from_daemon
+
+        report = status_from_daemon(config.state_dir, environment)
     if report is not None:
         if as_json:
             print_json(report.entries())
@@ -424,9 +430,9 @@ def status_cmd(
             )
         return
     from reconciler.status import saved_status
-    from reconciler.store import Store
+    from reconciler.store.reading import open_reader
 
-    store = Store.for_reading(config.database_url)
+    store = open_reader(config.database_url)  # SQLite: sqlite3 alone, no SQLAlchemy
     saved = saved_status(config, store, environment)
     if saved is None:  # the last sync found broken files: only the engine reads them
         engine, decisions = run(ops.decisions(cfg(ctx), fetch=False, environment=environment))
@@ -549,9 +555,9 @@ def history_cmd(
     """Deployments, newest first (columns that do not fit the terminal are left out)."""
     if as_json and as_csv:
         raise click.UsageError("choose one of --json and --csv")
-    from reconciler.store import Store
+    from reconciler.store.reading import open_reader
 
-    store = Store.for_reading(cfg(ctx).database_url)
+    store = open_reader(cfg(ctx).database_url)  # SQLite: sqlite3 alone, no SQLAlchemy
     records = store.history(
         environment=environment, service=service, status=status, since=_since(since), limit=limit
     )
@@ -581,9 +587,9 @@ def show_cmd(ctx: click.Context, deployment_id: str, as_json: bool) -> None:
         raise click.BadParameter(
             f"'{deployment_id}' is not a deployment id", param_hint="DEPLOYMENT_ID"
         ) from None
-    from reconciler.store import Store
+    from reconciler.store.reading import open_reader
 
-    store = Store.for_reading(cfg(ctx).database_url)
+    store = open_reader(cfg(ctx).database_url)  # SQLite: sqlite3 alone, no SQLAlchemy
     record = store.get_deployment(dep_id, with_progress=True, with_log=True)
     if record is None:
         fail(f"no deployment {dep_id}")

@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import IO
 
 LOCK_NAME = "reconciler.lock"
+#: The daemon's control socket in the state directory (`reconciler.channel`).
+SOCKET_NAME = "control.sock"
 
 
 class AlreadyRunning(Exception):

@@ -7,15 +7,14 @@ keeps serving deployments, HTTP and the watchdog meanwhile.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable, Collection, Iterable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import replace
 from datetime import UTC, datetime, tzinfo
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 from zoneinfo import ZoneInfo
 
 from desired_state import EnvironmentSpec
-from reconciler.config import Config
 from reconciler.plan import (
     Decision,
     LiveVersion,
@@ -25,7 +24,31 @@ from reconciler.plan import (
     dependency_triples,
     plan,
 )
-from reconciler.store import ServiceState, Store
+from reconciler.store.records import LiveObservation, ServiceState
+
+if TYPE_CHECKING:  # not imported at run time: `status` plans without SQLAlchemy
+    from reconciler.config import Config
+
+
+class Ledger(Protocol):
+    """The reads planning makes: the `Store`'s, or the plain sqlite3 reader's
+    (`store.sqlite_read`, what a standalone `status` reads through)."""
+
+    def reading(self) -> AbstractContextManager[None]: ...
+
+    def service_states(
+        self, environments: Collection[str] | None = None
+    ) -> dict[tuple[str, str], ServiceState]: ...
+
+    def completed_versions(
+        self, triples: Collection[tuple[str, str, str]]
+    ) -> set[tuple[str, str, str]]: ...
+
+    def live_versions(
+        self, environments: Collection[str] | None = None
+    ) -> dict[tuple[str, str], LiveObservation]: ...
+
+    def suspended_environments(self) -> set[str]: ...
 
 
 class Desired(Protocol):
@@ -59,7 +82,7 @@ StatesReader = Callable[[Collection[str] | None], dict[tuple[str, str], ServiceS
 
 
 def recorded_state(
-    store: Store,
+    store: Ledger,
     effective: Mapping[str, EnvironmentSpec],
     environments: Iterable[str] | None,
     states_reader: StatesReader | None = None,
@@ -111,7 +134,9 @@ def with_refusal(decision: Decision, refusal: str) -> Decision:
 class Planner:
     """Decisions for a snapshot, as of the clock's now."""
 
-    def __init__(self, store: Store, settings: PlanSettings, clock: Callable[[], datetime]) -> None:
+    def __init__(
+        self, store: Ledger, settings: PlanSettings, clock: Callable[[], datetime]
+    ) -> None:
         self.store = store
         #: Where the service-state rows come from (the daemon points it at its summary).
         self.states_reader: StatesReader = store.service_states
@@ -145,6 +170,8 @@ class Planner:
         self, snapshot: Desired, environments: Iterable[str] | None = None
     ) -> list[Decision]:
         envs = None if environments is None else list(environments)
+        import asyncio  # here: a standalone `status` plans without an event loop (~25 ms)
+
         return await asyncio.to_thread(self.decide_now, snapshot, envs, self.clock())
 
     def decide_now(

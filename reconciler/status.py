@@ -13,12 +13,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from desired_state import EnvironmentSpec
-from reconciler.config import Config
 from reconciler.plan import Decision
 from reconciler.planning import Planner, plan_settings
-from reconciler.store import Store
+
+if TYPE_CHECKING:
+    from reconciler.config import Config
+    from reconciler.store import Store
+    from reconciler.store.sqlite_read import SQLiteReader
 
 
 @dataclass(frozen=True)
@@ -39,7 +43,10 @@ class Status:
 
 
 def saved_status(
-    config: Config, store: Store, environment: str | None, now: datetime | None = None
+    config: Config,
+    store: Store | SQLiteReader,
+    environment: str | None,
+    now: datetime | None = None,
 ) -> Status | None:
     """The status of every service (or `environment`'s), or None when the last applied
     sync found broken files (then only the engine can show them as `invalid`)."""

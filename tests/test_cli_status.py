@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,8 @@ from reconciler.cli import main as cli_main
 from reconciler.config import load_config
 from reconciler.status import saved_status
 from reconciler.store import Store
+from reconciler.store.reading import open_reader
+from reconciler.store.sqlite_read import SQLiteReader
 from tests.support import ROOT, World, cli_env
 from tests.test_cli_output import run_listing_modules
 
@@ -57,10 +60,15 @@ def statuses(world: World) -> tuple[list[dict[str, object]], list[dict[str, obje
     """`status --json` rows as the saved-state read gives them, and as the engine does."""
     config = load_config(world.config)
     store = Store.for_reading(config.database_url)
+    reader = open_reader(config.database_url)  # what the command reads: sqlite3 alone
+    assert isinstance(reader, SQLiteReader)
     try:
-        saved = saved_status(config, store, None)
+        now = datetime.now(UTC)
+        saved = saved_status(config, store, None, now)
+        assert saved == saved_status(config, reader, None, now)  # the same answer
     finally:
         store.close()
+        reader.close()
     assert saved is not None, "a sync without broken files: the store answers alone"
     engine, decisions = asyncio.run(ops.decisions(config, fetch=False))
     commit = engine.commit.sha if engine.commit else None
@@ -109,7 +117,7 @@ def test_reading_commands_load_neither_the_engine_nor_git_nor_servers(world: Wor
     config = ("--config", str(world.config))
     for args in (("status",), ("history",), ("show", "1")):
         modules = run_listing_modules(*config, *args)
-        assert "sqlalchemy" in modules, args  # it did read the database
+        assert "sqlite3" in modules, args  # it did read the database (tests/test_sqlite_read.py)
         assert not loaded(modules, NOT_FOR_READING), (args, loaded(modules, NOT_FOR_READING))
     assert not loaded(run_listing_modules("--help"), (*NOT_FOR_READING, "sqlalchemy", "pydantic"))
 

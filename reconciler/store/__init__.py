@@ -21,7 +21,7 @@ if TYPE_CHECKING:
         schema_current,
         upgrade,
     )
-    from reconciler.store.drift import DriftEvent, LiveObservation
+    from reconciler.store.drift import DriftEvent
     from reconciler.store.holder import DatabaseHeld, DatabaseLock, Holder
     from reconciler.store.records import (
         ACTIVE_STATUSES,
@@ -40,6 +40,7 @@ if TYPE_CHECKING:
         EventRecord,
         LedgerBatch,
         LedgerEvent,
+        LiveObservation,
         LogLine,
         NewDeployment,
         NewNotification,
@@ -64,7 +65,7 @@ _WHERE = {
     "schema_current": "reconciler.store.db",
     "upgrade": "reconciler.store.db",
     "DriftEvent": "reconciler.store.drift",
-    "LiveObservation": "reconciler.store.drift",
+    "LiveObservation": "reconciler.store.records",
     "DatabaseHeld": "reconciler.store.holder",
     "DatabaseLock": "reconciler.store.holder",
     "Holder": "reconciler.store.holder",

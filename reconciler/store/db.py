@@ -16,6 +16,9 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Connection, Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
 
+# The newest migration shipped in this package (tests check it against Alembic's head).
+from reconciler.store.revision import HEAD_REVISION as HEAD_REVISION
+
 if TYPE_CHECKING:  # Alembic is imported when a migration check runs, not by every command
     from alembic.config import Config
     from alembic.script import ScriptDirectory
@@ -31,9 +34,6 @@ SQLITE_WRITE_OPTION = "reconciler_sqlite_write"
 _PG_MIGRATION_LOCK = 0x7265636F6E63  # "reconc"
 
 SQLITE_BUSY_TIMEOUT_MS = 30000
-
-#: The newest migration shipped in this package (tests check it against Alembic's head).
-HEAD_REVISION = "0010"
 
 
 def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:

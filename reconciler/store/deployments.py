@@ -11,10 +11,9 @@ from collections.abc import Collection
 from dataclasses import replace
 from datetime import UTC, datetime
 from functools import lru_cache
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import (
-    ColumnElement,
     Connection,
     Engine,
     Select,
@@ -188,12 +187,56 @@ def _checked_update(
 _SPARSE_SINCE = 2000
 
 
-def _few_since(conn: Connection, recent: ColumnElement[bool]) -> bool:
-    """Whether fewer than `_SPARSE_SINCE` deployments match ``recent``: an index-only
-    count over ix_deployments_created_at that stops at `_SPARSE_SINCE`."""
+#: How `history` narrows by ``since``: not at all, from the few recent rows, or by a
+#: plain range on a newest-first read (see `DeploymentQueries.history`).
+SinceForm = Literal["none", "few", "many"]
+
+
+@lru_cache(maxsize=1)
+def few_since_query() -> Select[int]:
+    """How many deployments were created at ``:since`` or later, counting up to
+    `_SPARSE_SINCE` at most: an index-only count over ix_deployments_created_at."""
+    recent = _D.c.created_at >= bindparam("since")
     probe = select(_D.c.id).where(recent).limit(_SPARSE_SINCE).subquery()
-    count = conn.execute(select(func.count()).select_from(probe)).scalar_one()
-    return int(count) < _SPARSE_SINCE
+    return select(func.count()).select_from(probe)
+
+
+@lru_cache(maxsize=64)
+def history_query(
+    *, environment: bool, service: bool, status: bool, since: SinceForm, before: bool = False
+) -> Select[Any]:
+    """`history`'s statement for one combination of filters, each bound by name
+    (``:environment``, ``:service``, ``:status``, ``:since``, ``:before_id``, ``:limit``).
+    The plain sqlite3 reader runs these same statements, compiled (`read_sql.py`)."""
+    query = select(_D)
+    if environment:
+        query = query.where(_D.c.environment == bindparam("environment"))
+    if service:
+        query = query.where(_D.c.service == bindparam("service"))
+    if status:
+        # One service's history is short: read it through (environment, service, id)
+        # rather than let SQLite's planner (no statistics) pick (status, service, id).
+        both = environment and service
+        column = _D.c.status.concat("") if both else _D.c.status
+        query = query.where(column == bindparam("status"))
+    if before:
+        query = query.where(_D.c.id < bindparam("before_id"))
+    recent = _D.c.created_at >= bindparam("since")
+    if since == "few":
+        query = query.where(_D.c.id.in_(select(_D.c.id).where(recent)))
+    elif since == "many":
+        query = query.where(recent)
+    return query.order_by(_D.c.id.desc()).limit(bindparam("limit"))
+
+
+#: One deployment, its progress events and its log lines, by ``:id`` (`get_deployment`).
+DEPLOYMENT = select(_D).where(_D.c.id == bindparam("id"))
+EVENTS = select(_E).where(_E.c.deployment_id == bindparam("id")).order_by(_E.c.id)
+LOG = (
+    select(_L.c.stream, _L.c.line, _L.c.at)
+    .where(_L.c.deployment_id == bindparam("id"))
+    .order_by(_L.c.id)
+)
 
 
 class DeploymentQueries:
@@ -390,27 +433,19 @@ class DeploymentQueries:
     def get_deployment(
         self, deployment_id: int, *, with_progress: bool = False, with_log: bool = False
     ) -> DeploymentRecord | None:
+        key = {"id": deployment_id}
         with self.engine.connect() as conn:
-            row = conn.execute(select(_D).where(_D.c.id == deployment_id)).one_or_none()
+            row = conn.execute(DEPLOYMENT, key).one_or_none()
             if row is None:
                 return None
             progress = None
             if with_progress:
-                progress = [
-                    _event(event)
-                    for event in conn.execute(
-                        select(_E).where(_E.c.deployment_id == deployment_id).order_by(_E.c.id)
-                    )
-                ]
+                progress = [_event(event) for event in conn.execute(EVENTS, key)]
             log = None
             if with_log:
                 log = [
                     LogLine(stream=entry.stream, line=entry.line, at=entry.at)
-                    for entry in conn.execute(
-                        select(_L.c.stream, _L.c.line, _L.c.at)
-                        .where(_L.c.deployment_id == deployment_id)
-                        .order_by(_L.c.id)
-                    )
+                    for entry in conn.execute(LOG, key)
                 ]
             rec = _deployment(row, progress, log)
             if with_progress:
@@ -452,27 +487,29 @@ class DeploymentQueries:
         more are, they are the newest ids in practice, so reading newest first meets
         ``limit`` matches at once. Both forms give the same rows; only the plan differs.
         """
-        query = select(_D)
-        if environment is not None:
-            query = query.where(_D.c.environment == environment)
-        if service is not None:
-            query = query.where(_D.c.service == service)
-        if status is not None:
-            # One service's history is short: read it through (environment, service, id)
-            # rather than let SQLite's planner (no statistics) pick (status, service, id).
-            both = environment is not None and service is not None
-            query = query.where((_D.c.status.concat("") if both else _D.c.status) == status)
-        if before_id is not None:
-            query = query.where(_D.c.id < before_id)
-        query = query.order_by(_D.c.id.desc()).limit(limit)
+        params: dict[str, Any] = {"limit": limit}
+        for name, value in (
+            ("environment", environment),
+            ("service", service),
+            ("status", status),
+            ("before_id", before_id),
+        ):
+            if value is not None:
+                params[name] = value
+        form: SinceForm = "none"
         with self.engine.connect() as conn:
             if since is not None:
-                recent = _D.c.created_at >= _aware(since, "since")
-                if _few_since(conn, recent):
-                    query = query.where(_D.c.id.in_(select(_D.c.id).where(recent)))
-                else:
-                    query = query.where(recent)
-            return [_deployment(row) for row in conn.execute(query)]
+                params["since"] = _aware(since, "since")
+                count = conn.execute(few_since_query(), {"since": params["since"]}).scalar_one()
+                form = "few" if int(count) < _SPARSE_SINCE else "many"
+            query = history_query(
+                environment=environment is not None,
+                service=service is not None,
+                status=status is not None,
+                since=form,
+                before=before_id is not None,
+            )
+            return [_deployment(row) for row in conn.execute(query, params)]
 
     def completed_versions(
         self, triples: Collection[tuple[str, str, str]]

@@ -18,6 +18,7 @@ from typing import Any
 from sqlalchemy import Engine, Table, bindparam, func, insert, select
 
 from reconciler.store import models
+from reconciler.store.records import LiveObservation as LiveObservation
 from reconciler.store.records import NotificationCursorRecord, StoreError
 from reconciler.store.rows import chunks, insert_ignore, reader
 
@@ -25,26 +26,6 @@ _L: Table = models.live_versions
 _DE: Table = models.drift_events
 _NC: Table = models.notification_cursor
 _CHUNK = 300
-
-
-@dataclass(frozen=True)
-class LiveObservation:
-    environment: str
-    service: str
-    version: str | None  # None: unknown (the provider could not tell, or failed)
-    deployment_id: int | None  # the service's latest deployment when read
-    deployed_version: str | None  # the ledger's deployed version when read
-    observed_at: datetime
-    error: str | None = None
-    drifted_since: datetime | None = None
-
-    @property
-    def drifted(self) -> bool:
-        return (
-            self.version is not None
-            and self.deployed_version is not None
-            and self.version != self.deployed_version
-        )
 
 
 @dataclass(frozen=True)
@@ -72,8 +53,8 @@ _COLUMNS = (
 
 
 # Built once: the planner reads an environment's live versions before every deployment.
-_LIVE = select(*(_L.c[name] for name in _COLUMNS))
-_LIVE_IN = _LIVE.where(_L.c.environment.in_(bindparam("envs", expanding=True)))
+LIVE = _LIVE = select(*(_L.c[name] for name in _COLUMNS))
+LIVE_IN = _LIVE_IN = _LIVE.where(_L.c.environment.in_(bindparam("envs", expanding=True)))
 
 
 class DriftQueries:

@@ -14,7 +14,11 @@ from typing import Any
 from sqlalchemy import Engine, delete, func, insert, select
 
 from reconciler.store import chain, models, notices, rows
-from reconciler.store.records import OPERATOR_ACTIONS, EnvironmentStateRecord
+from reconciler.store.records import (
+    OPERATOR_ACTIONS,
+    EnvironmentStateRecord,
+    environment_state_from,
+)
 
 # Shared with the other query modules (rows.py), under the names the queries use.
 _aware = rows.aware
@@ -29,6 +33,22 @@ SAVE_BATCH = 100  # environment states per statement of save_environment_states
 _OA = models.operator_actions
 _OS = models.operator_suspended
 _SUSPENDED = select(_OS.c.environment)  # built once: read before every deployment
+SUSPENDED = _SUSPENDED
+#: Every environment's saved desired state (`environment_states`).
+ENVIRONMENT_STATES = select(_ENV).order_by(_ENV.c.name)
+#: Each suspended environment with the note of its latest `suspend` action.
+_LATEST_SUSPEND = (
+    select(_OA.c.environment, func.max(_OA.c.id).label("id"))
+    .where(_OA.c.action == "suspend")
+    .group_by(_OA.c.environment)
+    .subquery()
+)
+SUSPENSION_REASONS = (
+    select(_OS.c.environment, _OA.c.note)
+    .select_from(_OS)
+    .outerjoin(_LATEST_SUSPEND, _LATEST_SUSPEND.c.environment == _OS.c.environment)
+    .outerjoin(_OA, _OA.c.id == _LATEST_SUSPEND.c.id)
+)
 
 
 class EnvironmentQueries:
@@ -92,14 +112,8 @@ class EnvironmentQueries:
     def environment_states(self) -> dict[str, EnvironmentStateRecord]:
         with self.engine.connect() as conn:
             return {
-                row.name: EnvironmentStateRecord(
-                    name=row.name,
-                    spec=row.spec,
-                    source_path=row.source_path,
-                    commit=row.commit,
-                    updated_at=row.updated_at,
-                )
-                for row in conn.execute(select(_ENV).order_by(_ENV.c.name))
+                row.name: environment_state_from(row._mapping)
+                for row in conn.execute(ENVIRONMENT_STATES)
             }
 
     def environment_state_names(self) -> set[str]:
@@ -166,17 +180,5 @@ class EnvironmentQueries:
     def suspension_reasons(self) -> dict[str, str | None]:
         """Each environment an operator suspended: the reason given (`suspend --reason`,
         the note of the latest `suspend` action there), None when none was given."""
-        latest = (
-            select(_OA.c.environment, func.max(_OA.c.id).label("id"))
-            .where(_OA.c.action == "suspend")
-            .group_by(_OA.c.environment)
-            .subquery()
-        )
-        query = (
-            select(_OS.c.environment, _OA.c.note)
-            .select_from(_OS)
-            .outerjoin(latest, latest.c.environment == _OS.c.environment)
-            .outerjoin(_OA, _OA.c.id == latest.c.id)
-        )
         with self.engine.connect() as conn:
-            return {env: note for env, note in conn.execute(query).all()}
+            return {env: note for env, note in conn.execute(SUSPENSION_REASONS).all()}

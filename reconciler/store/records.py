@@ -6,6 +6,7 @@ Callers never see ORM objects or sessions: every query returns these frozen data
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
@@ -315,3 +316,118 @@ class NotificationRecord:
     delivered_at: datetime | None
     last_error: str | None
     state: str
+
+
+@dataclass(frozen=True)
+class LiveObservation:
+    environment: str
+    service: str
+    version: str | None  # None: unknown (the provider could not tell, or failed)
+    deployment_id: int | None  # the service's latest deployment when read
+    deployed_version: str | None  # the ledger's deployed version when read
+    observed_at: datetime
+    error: str | None = None
+    drifted_since: datetime | None = None
+
+    @property
+    def drifted(self) -> bool:
+        return (
+            self.version is not None
+            and self.deployed_version is not None
+            and self.version != self.deployed_version
+        )
+
+
+# ---- row → record mapping, shared by the SQLAlchemy store (`rows.py`) and the plain
+# sqlite3 reader (`sqlite_read.py`): both hand over a mapping of column name → value
+# already converted (aware datetimes, parsed JSON).
+
+
+def deployment_from(
+    m: Mapping[Any, Any],
+    progress: list[EventRecord] | None = None,
+    log: list[LogLine] | None = None,
+) -> DeploymentRecord:
+    return DeploymentRecord(
+        id=m["id"],
+        environment=m["environment"],
+        service=m["service"],
+        version=m["version"],
+        previous_version=m["previous_version"],
+        provider=m["provider"],
+        provider_type=m["provider_type"],
+        strategy=m["strategy"],
+        status=m["status"],
+        error_message=m["error_message"],
+        trigger=m["trigger"],
+        commit=m["commit"],
+        commit_author=m["commit_author"],
+        attempt=m["attempt"],
+        timeout_seconds=m["timeout_seconds"],
+        validation=m["validation"],
+        started_at=m["started_at"],
+        completed_at=m["completed_at"],
+        created_at=m["created_at"],
+        params=m["params"],
+        sync_id=m["sync_id"],
+        rollback_of=m["rollback_of"],
+        progress=progress,
+        log=log,
+    )
+
+
+def event_from(m: Mapping[Any, Any]) -> EventRecord:
+    return EventRecord(
+        id=m["id"],
+        deployment_id=m["deployment_id"],
+        status=m["status"],
+        message=m["message"],
+        percent=m["percent"],
+        details=m["details"] if m["details"] is not None else {},
+        at=m["at"],
+    )
+
+
+def sync_from(m: Mapping[Any, Any]) -> SyncRecord:
+    return SyncRecord(
+        id=m["id"],
+        trigger=m["trigger"],
+        commit_sha=m["commit_sha"],
+        commit_author=m["commit_author"],
+        commit_time=m["commit_time"],
+        commit_subject=m["commit_subject"],
+        seen_at=m["seen_at"],
+        ended_at=m["ended_at"],
+        result=m["result"],
+        full_load=bool(m["full_load"]),
+        note=m["note"],
+        environments_changed=list(m["environments_changed"] or []),
+        errors=list(m["errors"] or []),
+        error_message=m["error_message"],
+        signer=m["signer"],
+    )
+
+
+def environment_state_from(m: Mapping[Any, Any]) -> EnvironmentStateRecord:
+    return EnvironmentStateRecord(
+        name=m["name"],
+        spec=m["spec"],
+        source_path=m["source_path"],
+        commit=m["commit"],
+        updated_at=m["updated_at"],
+    )
+
+
+def service_states_from_text(
+    fetched: Iterable[Sequence[Any]],
+) -> dict[tuple[str, str], ServiceState]:
+    """`ServiceState`s from service_state rows as SQLite's driver returns them (times as
+    naive UTC text, models.UTCDateTime), made aware in one parse each. Unpacked by
+    position (the column order is ServiceState's fields); `x and f(x)` keeps None."""
+    new, make, iso = tuple.__new__, ServiceState, datetime.fromisoformat
+    states: dict[tuple[str, str], ServiceState] = {}
+    for e, s, dv, dd, li, ls, lv, ended, ri, sv, sc, sa in fetched:
+        ended = ended and iso(ended + "+00:00")
+        sa = sa and iso(sa + "+00:00")
+        states[e, s] = new(make, (e, s, dv, dd, li, ls, lv, ended, ri, sv, sc, sa))
+    return states

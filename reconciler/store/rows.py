@@ -21,6 +21,9 @@ from reconciler.store.records import (
     LogLine,
     StoreError,
     SyncRecord,
+    deployment_from,
+    event_from,
+    sync_from,
 )
 
 #: Values per IN (...) / OR chunk: stays far below SQLite's bound-variable limit.
@@ -66,67 +69,15 @@ def deployment_record(
     progress: list[EventRecord] | None = None,
     log: list[LogLine] | None = None,
 ) -> DeploymentRecord:
-    m = row._mapping
-    return DeploymentRecord(
-        id=m["id"],
-        environment=m["environment"],
-        service=m["service"],
-        version=m["version"],
-        previous_version=m["previous_version"],
-        provider=m["provider"],
-        provider_type=m["provider_type"],
-        strategy=m["strategy"],
-        status=m["status"],
-        error_message=m["error_message"],
-        trigger=m["trigger"],
-        commit=m["commit"],
-        commit_author=m["commit_author"],
-        attempt=m["attempt"],
-        timeout_seconds=m["timeout_seconds"],
-        validation=m["validation"],
-        started_at=m["started_at"],
-        completed_at=m["completed_at"],
-        created_at=m["created_at"],
-        params=m["params"],
-        sync_id=m["sync_id"],
-        rollback_of=m["rollback_of"],
-        progress=progress,
-        log=log,
-    )
+    return deployment_from(row._mapping, progress, log)
 
 
 def event_record(row: Row[Any]) -> EventRecord:
-    m = row._mapping
-    return EventRecord(
-        id=m["id"],
-        deployment_id=m["deployment_id"],
-        status=m["status"],
-        message=m["message"],
-        percent=m["percent"],
-        details=m["details"] if m["details"] is not None else {},
-        at=m["at"],
-    )
+    return event_from(row._mapping)
 
 
 def sync_record(row: Row[Any]) -> SyncRecord:
-    m = row._mapping
-    return SyncRecord(
-        id=m["id"],
-        trigger=m["trigger"],
-        commit_sha=m["commit_sha"],
-        commit_author=m["commit_author"],
-        commit_time=m["commit_time"],
-        commit_subject=m["commit_subject"],
-        seen_at=m["seen_at"],
-        ended_at=m["ended_at"],
-        result=m["result"],
-        full_load=bool(m["full_load"]),
-        note=m["note"],
-        environments_changed=list(m["environments_changed"] or []),
-        errors=list(m["errors"] or []),
-        error_message=m["error_message"],
-        signer=m["signer"],
-    )
+    return sync_from(row._mapping)
 
 
 def insert_ignore(conn: Connection, table: Any, values: dict[str, Any], keys: list[str]) -> None:

@@ -22,6 +22,7 @@ from reconciler.store.records import (
     FAILURE_STATUSES,
     TERMINAL_STATUSES,
     ServiceState,
+    service_states_from_text,
 )
 
 # Shared with the other query modules (rows.py), under the names the queries use.
@@ -315,23 +316,18 @@ class ServiceStateQueries:
         """
         sqlite = self.engine.dialect.name == "sqlite"
         new, make = tuple.__new__, ServiceState
-        states: dict[tuple[str, str], ServiceState] = {}
         with rows.gc_paused():
             with _reader(self.engine) as conn:
                 fetched = _state_rows(conn, environments)
+            if sqlite:  # naive UTC text (models.UTCDateTime)
+                return service_states_from_text(fetched)
             # Unpacked by name (the order is checked at import, _STATE_FIELDS); `x and
-            # f(x)` keeps None: a time is None or a non-empty text/datetime.
-            if sqlite:  # naive UTC text (models.UTCDateTime): made aware in one parse
-                iso = datetime.fromisoformat
-                for e, s, dv, dd, li, ls, lv, ended, ri, sv, sc, sa in fetched:
-                    ended = ended and iso(ended + "+00:00")
-                    sa = sa and iso(sa + "+00:00")
-                    states[e, s] = new(make, (e, s, dv, dd, li, ls, lv, ended, ri, sv, sc, sa))
-            else:
-                for e, s, dv, dd, li, ls, lv, ended, ri, sv, sc, sa in fetched:
-                    ended = ended and ended.astimezone(UTC)
-                    sa = sa and sa.astimezone(UTC)
-                    states[e, s] = new(make, (e, s, dv, dd, li, ls, lv, ended, ri, sv, sc, sa))
+            # f(x)` keeps None: a time is None or a non-empty datetime.
+            states: dict[tuple[str, str], ServiceState] = {}
+            for e, s, dv, dd, li, ls, lv, ended, ri, sv, sc, sa in fetched:
+                ended = ended and ended.astimezone(UTC)
+                sa = sa and sa.astimezone(UTC)
+                states[e, s] = new(make, (e, s, dv, dd, li, ls, lv, ended, ri, sv, sc, sa))
         return states
 
     def reset_streak(self, environment: str, service: str) -> None:

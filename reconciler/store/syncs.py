@@ -10,7 +10,7 @@ from collections.abc import Collection
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Engine, insert, select, update
+from sqlalchemy import Engine, bindparam, insert, select, update
 
 from reconciler.store import chain, models, rows
 from reconciler.store.records import (
@@ -29,6 +29,25 @@ _one_line = rows.one_line_or_none
 _sync = rows.sync_record
 
 _S = models.syncs
+
+#: The latest sync that applied a commit (`applied_sync`).
+APPLIED_SYNC = (
+    select(_S)
+    .where(_S.c.result.in_(SYNC_APPLIED_RESULTS), _S.c.commit_sha.is_not(None))
+    .order_by(_S.c.id.desc())
+    .limit(1)
+)
+#: The latest sync that applied or was refused (`refusal_in_force`: refused, in force).
+LAST_APPLIED_OR_REFUSED = (
+    select(_S)
+    .where(_S.c.result.in_((*SYNC_APPLIED_RESULTS, "refused")))
+    .order_by(_S.c.id.desc())
+    .limit(1)
+)
+#: The commit subjects of the syncs ``:ids`` (expanding).
+COMMIT_SUBJECTS = select(_S.c.id, _S.c.commit_subject).where(
+    _S.c.id.in_(bindparam("ids", expanding=True)), _S.c.commit_subject.is_not(None)
+)
 
 
 class SyncQueries:
@@ -110,12 +129,7 @@ class SyncQueries:
         """The latest refused sync when no sync applied a commit since (the head is still
         refused, as far as the ledger knows): what `status` says beside the applied state."""
         with self.engine.connect() as conn:
-            row = conn.execute(
-                select(_S)
-                .where(_S.c.result.in_((*SYNC_APPLIED_RESULTS, "refused")))
-                .order_by(_S.c.id.desc())
-                .limit(1)
-            ).first()
+            row = conn.execute(LAST_APPLIED_OR_REFUSED).first()
         if row is None or row._mapping["result"] != "refused":
             return None
         return _sync(row)
@@ -142,12 +156,7 @@ class SyncQueries:
         """The latest sync that applied a commit (the one `environment_states` were saved
         by, with the file errors it found)."""
         with self.engine.connect() as conn:
-            row = conn.execute(
-                select(_S)
-                .where(_S.c.result.in_(SYNC_APPLIED_RESULTS), _S.c.commit_sha.is_not(None))
-                .order_by(_S.c.id.desc())
-                .limit(1)
-            ).first()
+            row = conn.execute(APPLIED_SYNC).first()
         return None if row is None else _sync(row)
 
     def commit_subjects(self, sync_ids: Collection[int]) -> dict[int, str]:
@@ -156,8 +165,6 @@ class SyncQueries:
         out: dict[int, str] = {}
         with self.engine.connect() as conn:
             for chunk in rows.chunks(sorted(set(sync_ids))):
-                query = select(_S.c.id, _S.c.commit_subject).where(
-                    _S.c.id.in_(chunk), _S.c.commit_subject.is_not(None)
-                )
-                out.update({int(i): str(subject) for i, subject in conn.execute(query).all()})
+                found = conn.execute(COMMIT_SUBJECTS, {"ids": list(chunk)}).all()
+                out.update({int(i): str(subject) for i, subject in found})
         return out
