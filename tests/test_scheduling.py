@@ -335,6 +335,7 @@ class FakeEngine:
 
     def __init__(self) -> None:
         self.effective = {"staging": object(), "production": object()}
+        self.commit: Any = None  # the head applied (the daemon announces a new one)
         self.synced: list[str] = []
         self.woken: list[list[str]] = []
         self.done = asyncio.Event()
