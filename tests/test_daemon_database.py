@@ -73,7 +73,7 @@ def test_a_second_daemon_on_the_same_database_leaves_the_first_alone(
             assert deploy.returncode == 2 and "holds the database" in deploy.stderr, deploy.stderr
         else:  # asked of the second replica, which does not hold staging: refused
             assert deploy.returncode == 1, deploy.stderr
-            assert "another replica" in deploy.stderr and "Traceback" not in deploy.stderr
+            assert "is deployed by replica" in deploy.stderr and "Traceback" not in deploy.stderr
         # The first daemon's run was neither failed nor started again.
         [record] = _history(world)
         assert record["status"] == "in_progress"
