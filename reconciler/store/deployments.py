@@ -7,7 +7,7 @@ never changed, except ``failed`` → ``rolled_back`` (`_set_status`).
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
@@ -39,6 +39,7 @@ from reconciler.store.records import (
     EventRecord,
     LogLine,
     NewDeployment,
+    StatusStep,
     StoreError,
 )
 from reconciler.store.service_state import (
@@ -112,6 +113,11 @@ def _completed_query(size: int) -> Select[str, str, str]:
 # comes back from the write itself (RETURNING): no second read.
 _INSERT_DEPLOYMENT = insert(_D).returning(*_D.c)
 _INSERT_EVENT = insert(_E).values(deployment_id=bindparam("did"))
+_SET_PROCESS = (
+    update(_D)
+    .where(_D.c.id == bindparam("did"))
+    .values(run_pgid=bindparam("pgid"), run_process=bindparam("token"))
+)
 
 
 def _event_values(status: str, message: str | None, at: datetime) -> dict[str, Any]:
@@ -278,6 +284,39 @@ class DeploymentQueries:
                 validation=validation,
                 message=_one_line(message),
             )
+
+    def set_statuses(
+        self,
+        deployment_id: int,
+        steps: Sequence[StatusStep],
+        *,
+        run_process: tuple[int, str] | None = None,
+    ) -> DeploymentRecord:
+        """Several status changes of one deployment in one transaction, in order (each
+        recorded as by `set_status`, with its progress event), and ``run_process`` (the
+        process group and its start token, `set_run_process`) with them. The executor's
+        ``in_progress`` goes with the run's process group, or with the terminal status when
+        the run ended first: one transaction fewer per deployment. The last record."""
+        if not steps:
+            raise StoreError("no status to set")
+        for step in steps:
+            _check(step.status, STATUSES, "status")
+            _aware(step.at, "at")
+        with self._writer.begin() as conn:
+            for step in steps:
+                rec = self._set_status(
+                    conn,
+                    deployment_id,
+                    step.status,
+                    at=step.at,
+                    error_message=_one_line(step.error_message),
+                    validation=step.validation,
+                    message=_one_line(step.message),
+                )
+            if run_process is not None:
+                pgid, token = run_process
+                conn.execute(_SET_PROCESS, {"did": deployment_id, "pgid": pgid, "token": token})
+            return rec
 
     def _set_status(
         self,
@@ -486,9 +525,7 @@ class DeploymentQueries:
     def set_run_process(self, deployment_id: int, pgid: int, token: str) -> None:
         """Record the process group a deployment's run leads (see `unfinished_processes`)."""
         with self._writer.begin() as conn:
-            conn.execute(
-                update(_D).where(_D.c.id == deployment_id).values(run_pgid=pgid, run_process=token)
-            )
+            conn.execute(_SET_PROCESS, {"did": deployment_id, "pgid": pgid, "token": token})
 
     def unfinished_processes(self) -> list[tuple[int, int, str]]:
         """``(deployment id, process group, start token)`` of every unfinished deployment
