@@ -463,12 +463,11 @@ class Executor:
         self.listener = listener
         self.clock = clock
 
-    async def create(self, job: Job, *, starting: bool = False) -> DeploymentRecord:
-        """Record the job's deployment, ``pending``; ``starting``: it runs at once (`run`
-        follows), so it is recorded ``validating`` in the same write (both events kept)."""
+    def new_deployment(self, job: Job) -> NewDeployment:
+        """The record of ``job`` as the store creates it."""
         provider = self.providers[job.spec.provider]
         service = job.spec.services.get(job.service)
-        new = NewDeployment(
+        return NewDeployment(
             environment=job.environment,
             service=job.service,
             version=job.version,
@@ -485,14 +484,29 @@ class Executor:
             sync_id=job.sync_id,
             rollback_of=job.rollback_of,
         )
+
+    async def create(self, job: Job, *, starting: bool = False) -> DeploymentRecord:
+        """Record the job's deployment, ``pending``; ``starting``: it runs at once (`run`
+        follows), so it is recorded ``validating`` in the same write (both events kept)."""
         validating_at = self.clock() if starting else None
+        new = self.new_deployment(job)
         rec = await durable(self.store.create_deployment, new, validating_at=validating_at)
+        self.created(rec)
+        return rec
+
+    def create_now(self, job: Job) -> DeploymentRecord:
+        """Blocking (a worker thread): `create` of a job that runs at once, without its
+        retries and events (the runners record a deployment in the thread trip that
+        decided it, then call `created` on the loop)."""
+        return self.store.create_deployment(self.new_deployment(job), validating_at=self.clock())
+
+    def created(self, rec: DeploymentRecord) -> None:
+        """Publish a new record's events: ``pending``, and ``validating`` if it starts."""
         if self.listener is not None:
             run = _Run(self, rec, Redactor())
             run._emit("pending", "pending", None, None, rec.created_at)
-            if validating_at is not None:
-                run._emit("validating", "validating", None, None, validating_at)
-        return rec
+            if rec.status == "validating" and rec.started_at is not None:
+                run._emit("validating", "validating", None, None, rec.started_at)
 
     async def mark_rolled_back(self, rec: DeploymentRecord, message: str) -> DeploymentRecord:
         """failed -> rolled_back once its rollback completed (the one change to a terminal

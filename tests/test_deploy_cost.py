@@ -300,6 +300,29 @@ def test_incremental_service_state_equals_the_rebuilt_one(store: Store, seed: in
             assert rec.status in [p.status for p in full.progress]
 
 
+def test_a_services_first_deployment_inserts_its_row_and_only_then(store: Store) -> None:
+    """The first deployment of a service inserts the service's row (one guarded INSERT,
+    not the fold); a row missing beside older deployments (deleted here) is re-derived by
+    the fold instead, never made as if the new deployment were the first."""
+    from sqlalchemy import delete
+
+    from reconciler.store.models import service_state
+
+    first = store.create_deployment(new_deployment("staging", created_at=T0))
+    state = store.service_states()["staging", "api"]
+    assert (state.last_deployment_id, state.running_deployment_id) == (first.id, first.id)
+    assert (state.last_status, state.deployed_version, state.streak_count) == ("pending", None, 0)
+    store.set_status(first.id, "failed", at=T0 + timedelta(seconds=1), error_message="no")
+    with store._writer.begin() as conn:
+        conn.execute(delete(service_state))
+    second = store.create_deployment(new_deployment("staging", created_at=T0))
+    incremental = store.service_states()
+    state = incremental["staging", "api"]
+    assert (state.last_deployment_id, state.streak_count) == (second.id, 1)  # the fold ran
+    store.rebuild_service_state()
+    assert store.service_states() == incremental
+
+
 def test_the_fast_path_stores_started_at_as_the_column_type_does(store: Store) -> None:
     """The conditional UPDATE sets ``started_at`` from a parameter typed like the column:
     SQLite holds the same text as any other time (an untyped one held the driver's
