@@ -37,12 +37,13 @@ from reconciler.providers import (
     Redactor,
     Validation,
 )
-from reconciler.providers.process import start_token
+from reconciler.providers.process import process_gone, start_token
 from reconciler.store import (
     TERMINAL_STATUSES,
     CommitMeta,
     DeploymentRecord,
     NewDeployment,
+    StatusStep,
     Store,
     StoreError,
     is_transient,
@@ -276,6 +277,7 @@ class _Run:
     def __init__(self, executor: Executor, rec: DeploymentRecord, redact: Redactor) -> None:
         self.x, self.rec, self.redact = executor, rec, redact
         self.logs = _LogBuffer(executor.store, rec.id, redact, executor.log_cap)
+        self.deferred: StatusStep | None = None  # `defer`
 
     def _emit(
         self,
@@ -305,6 +307,30 @@ class _Run:
         except Exception:  # a slow or broken watcher never breaks a deployment
             log.exception("progress listener failed")
 
+    def step(
+        self,
+        status: str,
+        *,
+        message: str | None = None,
+        error_message: str | None = None,
+        validation: dict[str, Any] | None = None,
+    ) -> StatusStep:
+        """A status change as it is recorded: now, its texts redacted."""
+        if validation is not None:  # check messages may quote what a platform echoed
+            validation = json.loads(self.redact(json.dumps(validation)))
+        return StatusStep(
+            status,
+            self.x.clock(),
+            self.redact(message) if message else message,
+            self.redact(error_message) if error_message else error_message,
+            validation,
+        )
+
+    def defer(self, step: StatusStep) -> None:
+        """Hold ``in_progress`` back: written with the run's process group (`process`), or
+        with the terminal status when the run ended before that (one transaction fewer)."""
+        self.deferred = step
+
     async def status(
         self,
         status: str,
@@ -314,41 +340,43 @@ class _Run:
         validation: dict[str, Any] | None = None,
     ) -> DeploymentRecord:
         await self.logs.flush()
-        at = self.x.clock()
-        error_message = self.redact(error_message) if error_message else error_message
-        message = self.redact(message) if message else message
-        self.rec = await self._write(status, at, message, error_message, validation)
-        self._emit(
-            status,
-            message or error_message or status,
-            100 if status == "completed" else None,
-            None,
-            at,
+        step = self.step(
+            status, message=message, error_message=error_message, validation=validation
         )
-        return self.rec
+        return await self._write([step])
 
     async def _write(
-        self,
-        status: str,
-        at: datetime,
-        message: str | None,
-        error_message: str | None,
-        validation: dict[str, Any] | None,
+        self, steps: list[StatusStep], run_process: tuple[int, str] | None = None
     ) -> DeploymentRecord:
-        if validation is not None:  # check messages may quote what a platform echoed
-            validation = json.loads(self.redact(json.dumps(validation)))
-        kwargs: dict[str, Any] = dict(
-            at=at, message=message, error_message=error_message, validation=validation
-        )
-        if status not in TERMINAL_STATUSES:
-            return await durable(self.x.store.set_status, self.rec.id, status, **kwargs)
+        """Record ``steps`` (after a deferred ``in_progress``) in one transaction, then
+        publish each, in order."""
+        if self.deferred is not None:
+            steps = [self.deferred, *steps]
+            self.deferred = None
+        self.rec = await self._record(steps, run_process)
+        for step in steps:
+            self._emit(
+                step.status,
+                step.message or step.error_message or step.status,
+                100 if step.status == "completed" else None,
+                None,
+                step.at,
+            )
+        return self.rec
+
+    async def _record(
+        self, steps: list[StatusStep], run_process: tuple[int, str] | None
+    ) -> DeploymentRecord:
+        store = self.x.store
+        if steps[-1].status not in TERMINAL_STATUSES:
+            return await durable(store.set_statuses, self.rec.id, steps, run_process=run_process)
         try:  # a terminal status is written however long the database is away
             return await _retrying(
-                stop_never, self.x.store.set_status, self.rec.id, status, **kwargs
+                stop_never, store.set_statuses, self.rec.id, steps, run_process=run_process
             )
         except StoreError:
             # An attempt whose answer was lost may have been written already.
-            rec = await _retrying(stop_never, self.x.store.get_deployment, self.rec.id)
+            rec = await _retrying(stop_never, store.get_deployment, self.rec.id)
             if rec is None or rec.status not in TERMINAL_STATUSES:
                 raise
             return rec
@@ -385,15 +413,23 @@ class _Run:
         )
 
     async def process(self, pgid: int) -> None:
-        """Record the run's process group, so that a restart can end what a crash left."""
+        """Record the run's process group, so that a restart can end what a crash left
+        (with the deferred ``in_progress``, if any: one transaction)."""
         token = start_token(pgid)
-        if token is not None:
-            await durable(self.x.store.set_run_process, self.rec.id, pgid, token)
+        if self.deferred is None:
+            if token is not None:
+                await durable(self.x.store.set_run_process, self.rec.id, pgid, token)
+            return
+        if token is None and process_gone(pgid):
+            return  # it ran already: ``in_progress`` goes with the terminal status
+        await self._write([], None if token is None else (pgid, token))
 
     async def progress(
         self, percent: int | None, message: str, details: Mapping[str, Any] | None
     ) -> None:
         await self.logs.flush()
+        if self.deferred is not None:  # the status first, then what the run reports
+            await self._write([])
         at = self.x.clock()
         message = self.redact(message)
         clean = json.loads(self.redact(json.dumps(dict(details)))) if details else None
@@ -427,12 +463,11 @@ class Executor:
         self.listener = listener
         self.clock = clock
 
-    async def create(self, job: Job, *, starting: bool = False) -> DeploymentRecord:
-        """Record the job's deployment, ``pending``; ``starting``: it runs at once (`run`
-        follows), so it is recorded ``validating`` in the same write (both events kept)."""
+    def new_deployment(self, job: Job) -> NewDeployment:
+        """The record of ``job`` as the store creates it."""
         provider = self.providers[job.spec.provider]
         service = job.spec.services.get(job.service)
-        new = NewDeployment(
+        return NewDeployment(
             environment=job.environment,
             service=job.service,
             version=job.version,
@@ -449,14 +484,29 @@ class Executor:
             sync_id=job.sync_id,
             rollback_of=job.rollback_of,
         )
+
+    async def create(self, job: Job, *, starting: bool = False) -> DeploymentRecord:
+        """Record the job's deployment, ``pending``; ``starting``: it runs at once (`run`
+        follows), so it is recorded ``validating`` in the same write (both events kept)."""
         validating_at = self.clock() if starting else None
+        new = self.new_deployment(job)
         rec = await durable(self.store.create_deployment, new, validating_at=validating_at)
+        self.created(rec)
+        return rec
+
+    def create_now(self, job: Job) -> DeploymentRecord:
+        """Blocking (a worker thread): `create` of a job that runs at once, without its
+        retries and events (the runners record a deployment in the thread trip that
+        decided it, then call `created` on the loop)."""
+        return self.store.create_deployment(self.new_deployment(job), validating_at=self.clock())
+
+    def created(self, rec: DeploymentRecord) -> None:
+        """Publish a new record's events: ``pending``, and ``validating`` if it starts."""
         if self.listener is not None:
             run = _Run(self, rec, Redactor())
             run._emit("pending", "pending", None, None, rec.created_at)
-            if validating_at is not None:
-                run._emit("validating", "validating", None, None, validating_at)
-        return rec
+            if rec.status == "validating" and rec.started_at is not None:
+                run._emit("validating", "validating", None, None, rec.started_at)
 
     async def mark_rolled_back(self, rec: DeploymentRecord, message: str) -> DeploymentRecord:
         """failed -> rolled_back once its rollback completed (the one change to a terminal
@@ -524,11 +574,16 @@ class Executor:
                         error_message=validation.failure_message(),
                         validation=validation.to_json(),
                     )
-                await run.status(
+                step = run.step(
                     "in_progress",
                     validation=validation.to_json(),
                     message=f"deploying {job.service} {job.version} with {provider.name}",
                 )
+                if provider.reports_process:  # recorded with the process group
+                    run.defer(step)
+                else:
+                    await run.logs.flush()
+                    await run._write([step])
                 await provider.deploy(ctx)
         except DeploymentFailed as exc:
             return _Outcome("failed", error_message=str(exc) or "failed")

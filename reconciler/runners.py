@@ -22,7 +22,7 @@ from desired_state import EnvironmentSpec
 from reconciler.executor import Executor, Job
 from reconciler.plan import Decision
 from reconciler.planning import Planner
-from reconciler.store import DeploymentRecord
+from reconciler.store import DeploymentRecord, is_transient
 from reconciler.store.fence import FENCE, Fence, LeaseLost
 from reconciler.sync import Snapshot
 
@@ -161,40 +161,85 @@ class Runners:
                     break
                 self.busy.add(env)
                 try:
-                    step = await self._next(env, tried)
+                    step = await self._next(env, tried, create=True)
                     if step is None:
                         break
-                    snap, spec, decision = step
+                    job, rec = step
                     if once:
-                        tried.add(decision.service)
-                    done.extend(await self.deploy(_job(snap, spec, decision)))
+                        tried.add(job.service)
+                    done.extend(await self.deploy(job, rec))
                 finally:
                     self.busy.discard(env)
         return done
 
     async def _next(
-        self, env: str, tried: Collection[str]
-    ) -> tuple[Snapshot, EnvironmentSpec, Decision] | None:
+        self, env: str, tried: Collection[str], *, create: bool = False
+    ) -> tuple[Job, DeploymentRecord | None] | None:
         """The environment's first due action, decided from one snapshot: the deployment
         uses that snapshot's spec, commit and sync id, never a newer one's. None (and the
         next wake-up scheduled) when nothing is due: the environment was deleted, is
-        invalid or suspended, its window is closed, or it is in sync."""
+        invalid or suspended, its window is closed, or it is in sync.
+
+        ``create``: the due deployment is recorded in the same trip to a worker thread as
+        the decision (one hand-off fewer per deployment); its record comes back with the
+        job (None when that write met a database away: `run_job` records it, retrying).
+        """
         snap = self.snapshot()
         spec = snap.effective.get(env)
         if spec is None or env in snap.invalid:
             return None
-        if self.fence_for is not None and self.fence_for(env) is None:
-            return None  # another replica's: its holder plans it
-        decisions = await self.planner.decide(snap, [env])
+        fence = None
+        if self.fence_for is not None:
+            fence = self.fence_for(env)
+            if fence is None:
+                return None  # another replica's: its holder plans it
+        # The record it may create is fenced like the job's other writes (the worker
+        # thread inherits the context).
+        token = FENCE.set(fence) if fence is not None else None
+        try:
+            decisions, job, rec = await asyncio.to_thread(
+                self._decide, snap, spec, tried, create, self.planner.clock()
+            )
+        finally:
+            if token is not None:
+                FENCE.reset(token)
+        if job is None:
+            self._schedule_next(env, decisions)
+            return None
+        if rec is not None:
+            self.executor.created(rec)
+        return job, rec
+
+    def _decide(
+        self,
+        snap: Snapshot,
+        spec: EnvironmentSpec,
+        tried: Collection[str],
+        create: bool,
+        now: datetime,
+    ) -> tuple[list[Decision], Job | None, DeploymentRecord | None]:
+        """Blocking (a worker thread): `_next`'s decisions, due job and record."""
+        env = spec.environment
+        decisions = self.planner.decide_now(snap, [env], now)
         for d in decisions:
             if d.environment == env and d.deploy and d.service not in tried:
-                return snap, spec, d
-        self._schedule_next(env, decisions)
-        return None
+                job = _job(snap, spec, d)
+                if not create:
+                    return decisions, job, None
+                try:
+                    return decisions, job, self.executor.create_now(job)
+                except Exception as exc:
+                    if not is_transient(exc):
+                        raise
+                    return decisions, job, None
+        return decisions, None, None
 
-    async def deploy(self, job: Job) -> list[DeploymentRecord]:
-        """Run a job and, if it fails and the environment says `on_failure: rollback`,
-        deploy the previous version (SPEC §4 rule 6). Returns every record it made.
+    async def deploy(
+        self, job: Job, record: DeploymentRecord | None = None
+    ) -> list[DeploymentRecord]:
+        """Run a job (``record``: its deployment, recorded already) and, if it fails and
+        the environment says `on_failure: rollback`, deploy the previous version (SPEC §4
+        rule 6). Returns every record it made.
 
         With leases, every write of the job carries the environment's fence (store/fence.py)."""
         token = None
@@ -204,13 +249,13 @@ class Runners:
                 raise LeaseLost(f"environment {job.environment} is deployed by another replica")
             token = FENCE.set(fence)
         try:
-            return await self._deploy(job)
+            return await self._deploy(job, record)
         finally:
             if token is not None:
                 FENCE.reset(token)
 
-    async def _deploy(self, job: Job) -> list[DeploymentRecord]:
-        rec = await self.run_job(job)
+    async def _deploy(self, job: Job, record: DeploymentRecord | None) -> list[DeploymentRecord]:
+        rec = await self.run_job(job, record)
         out = [rec]
         previous = job.previous_version
         if (
@@ -252,8 +297,8 @@ class Runners:
                     self.busy.discard(job.environment)
         return out
 
-    async def run_job(self, job: Job) -> DeploymentRecord:
-        rec = await self.executor.create(job, starting=True)  # run at once, below
+    async def run_job(self, job: Job, record: DeploymentRecord | None = None) -> DeploymentRecord:
+        rec = record or await self.executor.create(job, starting=True)  # run at once, below
         self.deploying[job.environment] = rec
         log.info(
             "event=deployment_started id=%d environment=%s service=%s version=%s trigger=%s attempt=%d",

@@ -88,6 +88,11 @@ def test_kill_9_mid_deployment_is_recorded_interrupted_and_recovered(world: Worl
     daemon = DaemonProcess(world)
     try:
         wait_for(world.pids.exists, what="the deployment to start")
+        # `in_progress` is recorded with the run's process group, once the command runs.
+        wait_for(
+            lambda: [d["status"] for d in history(world)] == ["in_progress"],
+            what="the run recorded in_progress",
+        )
         daemon.stop(signal.SIGKILL)
     finally:
         if daemon.proc.poll() is None:

@@ -33,8 +33,20 @@ T0 = datetime(2026, 11, 1, tzinfo=UTC)
 class _NoProcess(CommandProvider):
     """Deploys at once and reports no process group (a hosted platform, say)."""
 
+    reports_process = False  # so its `in_progress` is written before `deploy`
+
     async def deploy(self, ctx: DeployContext) -> None:
         return None
+
+
+class _GoneAtOnce(CommandProvider):
+    """Its process has ended (and been reaped) before it reports it: a run faster than the
+    spawn's return, as `/bin/true` often is."""
+
+    async def deploy(self, ctx: DeployContext) -> None:
+        proc = await asyncio.create_subprocess_exec("true")
+        await proc.wait()
+        await ctx.process_started(proc.pid)
 
 
 class Commits:
@@ -54,33 +66,60 @@ def _no_process(providers: dict[str, Provider]) -> dict[str, Provider]:
     return {"local": _NoProcess("local", local.config, local.base_dir)}
 
 
-def test_a_deployment_is_three_transactions(tmp_path: Path) -> None:
-    """create + validating, in_progress, the terminal status: three commits per deployment,
-    and every status still recorded as its own progress event, in order."""
+def _three_services(tmp_path: Path) -> World:
     world = World(tmp_path)
     world.repo.set_env("staging", {"api": "1.0", "web": "1.0", "db": "1.0"})
+    return world
 
-    async def body(engine: Engine) -> tuple[int, list[list[str]]]:
-        engine.runners_enabled = False
-        await engine.sync("startup")
-        commits = Commits(engine.store)
-        engine.runners_enabled = True
-        engine.wake(["staging"])
-        await engine.idle()
-        records = [
-            engine.store.get_deployment(rec.id, with_progress=True)
-            for rec in engine.store.history()
-        ]
-        statuses = [[p.status for p in rec.progress or []] for rec in records if rec]
-        return commits.count, statuses
 
-    count, statuses = run_engine(world.config, body, providers=_no_process)
+async def _count_commits(engine: Engine) -> tuple[int, list[list[str]]]:
+    """Deploy every service of the synced state; the commits that took and the statuses
+    recorded (progress events) per deployment."""
+    engine.runners_enabled = False
+    await engine.sync("startup")
+    commits = Commits(engine.store)
+    engine.runners_enabled = True
+    engine.wake(["staging"])
+    await engine.idle()
+    records = [
+        engine.store.get_deployment(rec.id, with_progress=True) for rec in engine.store.history()
+    ]
+    statuses = [[p.status for p in rec.progress or []] for rec in records if rec]
+    return commits.count, statuses
+
+
+def test_a_deployment_is_three_transactions(tmp_path: Path) -> None:
+    """A provider without a process (a hosted platform): create + validating, in_progress
+    (before `deploy`), the terminal status: three commits per deployment, and every status
+    still recorded as its own progress event, in order."""
+    count, statuses = run_engine(
+        _three_services(tmp_path).config, _count_commits, providers=_no_process
+    )
     assert statuses == [["pending", "validating", "in_progress", "completed"]] * 3
     assert count == 3 * 3
 
 
-def test_a_run_with_a_process_adds_its_process_group_record(tmp_path: Path) -> None:
-    """The command provider records the run's process group (crash recovery): one more."""
+def test_a_run_over_before_it_reports_its_process_is_two_transactions(tmp_path: Path) -> None:
+    """A process gone by the time it is reported: ``in_progress`` is written with the
+    terminal status (create + validating, then in_progress + completed), every status
+    still its own progress event, in order."""
+
+    def gone(providers: dict[str, Provider]) -> dict[str, Provider]:
+        local = providers["local"]
+        assert isinstance(local, CommandProvider)
+        return {"local": _GoneAtOnce("local", local.config, local.base_dir)}
+
+    count, statuses = run_engine(_three_services(tmp_path).config, _count_commits, providers=gone)
+    assert statuses == [["pending", "validating", "in_progress", "completed"]] * 3
+    assert count == 2 * 3
+
+
+def test_a_run_with_a_process_records_in_progress_with_its_process_group(
+    tmp_path: Path,
+) -> None:
+    """The command provider records the run's process group (crash recovery) in the same
+    transaction as ``in_progress``: three commits (create + validating, in_progress + the
+    process group, the terminal status), the process group recorded while it runs."""
     world = World(tmp_path)
     gated = tmp_path / "gated.sh"
     gated.write_text('#!/bin/sh\nread -r _ < "$DEPLOY_GATE"\n')  # silent; alive until the gate
@@ -90,20 +129,24 @@ def test_a_run_with_a_process_adds_its_process_group_record(tmp_path: Path) -> N
     )
     world.repo.set_env("staging", {"api": "1.0"})
 
-    async def body(engine: Engine) -> tuple[int, list[str]]:
+    async def body(engine: Engine) -> tuple[int, list[str], Any]:
         engine.runners_enabled = False
         await engine.sync("startup")
         commits = Commits(engine.store)
         # The gate opens only once the process group is recorded: a script let go earlier
         # could exit before the executor reads its start time, and then nothing is recorded.
         recorded = threading.Event()
-        record = engine.store.set_run_process
+        record = engine.store.set_statuses
+        seen: list[Any] = []
 
-        def set_run_process(deployment_id: int, pgid: int, token: str) -> None:
-            record(deployment_id, pgid, token)
-            recorded.set()
+        def set_statuses(deployment_id: int, steps: Any, **kwargs: Any) -> Any:
+            rec = record(deployment_id, steps, **kwargs)
+            if kwargs.get("run_process") is not None:
+                seen.append(([s.status for s in steps], engine.store.unfinished_processes()))
+                recorded.set()
+            return rec
 
-        engine.store.set_run_process = set_run_process  # type: ignore[method-assign]
+        engine.store.set_statuses = set_statuses  # type: ignore[method-assign]
         engine.runners_enabled = True
         engine.wake(["staging"])
         assert await asyncio.to_thread(recorded.wait, 30)
@@ -112,11 +155,13 @@ def test_a_run_with_a_process_adds_its_process_group_record(tmp_path: Path) -> N
         [rec] = engine.store.history()
         full = engine.store.get_deployment(rec.id, with_progress=True)
         assert full is not None
-        return commits.count, [p.status for p in full.progress or []]
+        return commits.count, [p.status for p in full.progress or []], seen
 
-    count, statuses = run_engine(world.config, body)
+    count, statuses, seen = run_engine(world.config, body)
     assert statuses == ["pending", "validating", "in_progress", "completed"]
-    assert count == 4
+    [(written, unfinished)] = seen
+    assert written == ["in_progress"] and len(unfinished) == 1
+    assert count == 3
 
 
 # ---- the incremental service_state equals the rebuilt one ------------------------------------
@@ -255,6 +300,29 @@ def test_incremental_service_state_equals_the_rebuilt_one(store: Store, seed: in
             assert rec.status in [p.status for p in full.progress]
 
 
+def test_a_services_first_deployment_inserts_its_row_and_only_then(store: Store) -> None:
+    """The first deployment of a service inserts the service's row (one guarded INSERT,
+    not the fold); a row missing beside older deployments (deleted here) is re-derived by
+    the fold instead, never made as if the new deployment were the first."""
+    from sqlalchemy import delete
+
+    from reconciler.store.models import service_state
+
+    first = store.create_deployment(new_deployment("staging", created_at=T0))
+    state = store.service_states()["staging", "api"]
+    assert (state.last_deployment_id, state.running_deployment_id) == (first.id, first.id)
+    assert (state.last_status, state.deployed_version, state.streak_count) == ("pending", None, 0)
+    store.set_status(first.id, "failed", at=T0 + timedelta(seconds=1), error_message="no")
+    with store._writer.begin() as conn:
+        conn.execute(delete(service_state))
+    second = store.create_deployment(new_deployment("staging", created_at=T0))
+    incremental = store.service_states()
+    state = incremental["staging", "api"]
+    assert (state.last_deployment_id, state.streak_count) == (second.id, 1)  # the fold ran
+    store.rebuild_service_state()
+    assert store.service_states() == incremental
+
+
 def test_the_fast_path_stores_started_at_as_the_column_type_does(store: Store) -> None:
     """The conditional UPDATE sets ``started_at`` from a parameter typed like the column:
     SQLite holds the same text as any other time (an untyped one held the driver's
@@ -313,16 +381,13 @@ def test_children_are_waited_for_without_a_thread_each_in_every_loop() -> None:
 def test_a_failed_write_gives_the_writer_lock_back(sqlite_url: str) -> None:
     """The in-process SQLite writer lock is released when the connection goes back to the
     pool, after a commit and after a rollback, whichever thread wrote."""
-    from reconciler.store.db import _SQLiteWriters
+    from reconciler.store.db import sqlite_writers
 
     store = Store.from_url(sqlite_url)
-    writers: list[_SQLiteWriters] = []
-    for listener in store.engine.dispatch.begin:
-        owner = getattr(listener, "__self__", None)
-        if isinstance(owner, _SQLiteWriters):
-            writers.append(owner)
-    assert len(writers) == 1
-    lock = writers[0].lock
+    writers = sqlite_writers(store.engine)
+    assert writers is not None
+    lock = writers.lock
+    ended = writers.write_transactions
     # No such sync: the insert fails, the transaction rolls back.
     new = new_deployment("staging", sync_id=12345)
     with pytest.raises(StoreError):
@@ -343,4 +408,37 @@ def test_a_failed_write_gives_the_writer_lock_back(sqlite_url: str) -> None:
         thread.join()
     assert failed == [] and not lock.locked()
     assert len(store.history()) == 4
+    assert writers.write_transactions == ended + 5  # the failed one is counted too
+    store.close()
+
+
+def test_sqlite_statements_run_without_connection_events(sqlite_url: str) -> None:
+    """No connection event listener on the store's SQLite engines: one (the old ``begin``
+    hook) makes SQLAlchemy dispatch the before/after-execute events around every
+    statement. Writes still take the write lock at BEGIN (IMMEDIATE), reads do not."""
+    import sqlite3
+
+    from sqlalchemy.engine import make_url
+
+    store = Store.from_url(sqlite_url)
+    assert not store.engine._has_events and not store._writer._has_events
+    other = sqlite3.connect(str(make_url(sqlite_url).database), timeout=0, isolation_level=None)
+
+    def other_can_write() -> bool:
+        try:
+            other.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError:
+            return False
+        other.execute("ROLLBACK")
+        return True
+
+    with store._writer.begin():
+        assert not other_can_write()  # the write lock is held from BEGIN on
+        assert Store(store.engine)._writer is store._writer  # one writer engine per engine
+    with store.engine.connect() as conn:
+        conn.exec_driver_sql("SELECT count(*) FROM deployments")
+        assert conn.connection.driver_connection.in_transaction  # type: ignore[union-attr]
+        assert other_can_write()
+    assert other_can_write()
+    other.close()
     store.close()

@@ -12,7 +12,7 @@ from sqlalchemy.exc import OperationalError
 
 from reconciler.output import show_deployment
 from reconciler.replicas import Replica, assign
-from reconciler.store import Store, verify
+from reconciler.store import StatusStep, Store, verify
 from reconciler.store.fence import FENCE, Fence, LeaseLost
 from reconciler.store.holder import DatabaseHeld, DatabaseLock
 from reconciler.store.leases import ReplicaIdentity
@@ -102,16 +102,23 @@ def test_a_former_holder_cannot_record_over_the_new_one(
             a.append_log(rec.id, [("stdout", "late line", at(6))])
         with pytest.raises(LeaseLost):
             a.create_deployment(new("staging", version="2.0"))
-        # ... and its terminal result is kept beside the record, not over it.
+        with pytest.raises(LeaseLost):  # the executor's in_progress with its process group
+            a.set_statuses(rec.id, [StatusStep("in_progress", at(6))], run_process=(99, "t"))
+        # ... and its terminal result is kept beside the record, not over it: by itself,
+        # or at the end of several steps in one transaction (a run that ended at once).
         official = a.set_status(rec.id, "completed", at=at(7), message="api is at 1.0.0")
+        steps = [StatusStep("in_progress", at(8)), StatusStep("timed_out", at(8))]
+        also = a.set_statuses(rec.id, steps, run_process=(99, "t"))
     finally:
         FENCE.reset(token)
-    assert official.status == "failed"
+    assert official.status == also.status == "failed"
     shown = b.get_deployment(rec.id, with_progress=True, with_log=True)
     assert shown is not None and shown.status == "failed"
-    assert shown.unconfirmed is not None and len(shown.unconfirmed) == 1
+    assert shown.unconfirmed is not None and len(shown.unconfirmed) == 2
     late = shown.unconfirmed[0]
     assert (late["replica"], late["generation"], late["status"]) == ("A", 1, "completed")
+    assert shown.unconfirmed[1]["status"] == "timed_out"
+    assert b.unfinished_processes() == []  # the fenced-off process group was not recorded
     assert shown.to_json()["unconfirmed"][0]["status"] == "completed"
     show_deployment(shown)  # `reconciler show`
     assert "Unconfirmed: completed at" in capsys.readouterr().out

@@ -131,6 +131,11 @@ class Provider(abc.ABC):
     params_model: ClassVar[builtins.type[BaseModel] | None] = None
     # Strategy types this provider accepts (a per-instance override: supported_strategies).
     strategies: ClassVar[frozenset[str]] = frozenset({"rolling"})
+    # `deploy` calls `ctx.process_started` as soon as its process runs (the command
+    # provider): the executor then records `in_progress` with the process group in one
+    # write, or with the terminal status when the process is gone by then. A provider that
+    # may not call it must leave this False (its `in_progress` is written before `deploy`).
+    reports_process: ClassVar[bool] = False
 
     def __init__(self, name: str, config: ProviderConfig, base_dir: Path) -> None:
         self.name = name

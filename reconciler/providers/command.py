@@ -77,6 +77,7 @@ def parse_progress(line: str) -> tuple[int, str, dict[str, Any]] | None:
 
 class CommandProvider(Provider):
     type = "command"
+    reports_process = True  # `deploy` reports its process group right after the spawn
     reader_grace = READER_GRACE_SECONDS
 
     def __init__(self, name: str, config: ProviderConfig, base_dir: Path) -> None:

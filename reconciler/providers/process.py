@@ -113,6 +113,11 @@ def start_token(pid: int) -> str | None:
     return f"{boot}:{st[2]}"
 
 
+def process_gone(pid: int) -> bool:
+    """/proc says the process no longer exists (False where /proc cannot tell)."""
+    return _boot_id() is not None and _stat(pid) is None
+
+
 def group_members(pgid: int, token: str) -> list[int]:
     """Live (not zombie) processes of the group whose leader started as ``token`` says."""
     boot, _, ticks = token.partition(":")

@@ -7,6 +7,7 @@ migrations that live inside this package, configured programmatically (no alembi
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import threading
@@ -25,9 +26,10 @@ if TYPE_CHECKING:  # Alembic is imported when a migration check runs, not by eve
 
 MIGRATIONS_DIR = Path(__file__).resolve().with_name("migrations")
 
-#: Execution option: on SQLite, open transactions with ``BEGIN IMMEDIATE`` (take the write
-#: lock at once, waiting up to the busy timeout) instead of a deferred ``BEGIN``, so that
-#: a read-then-write transaction never fails on a lock upgrade.
+#: Execution option marking the writer engine (`write_engine`): on SQLite its transactions
+#: open with ``BEGIN IMMEDIATE`` (take the write lock at once, waiting up to the busy
+#: timeout) instead of a deferred ``BEGIN``, so that a read-then-write transaction never
+#: fails on a lock upgrade.
 SQLITE_WRITE_OPTION = "reconciler_sqlite_write"
 
 #: Key of the PostgreSQL advisory lock serialising concurrent `upgrade` calls (replicas).
@@ -60,38 +62,47 @@ class _SQLiteWriters:
     so the next writer starts the moment the last one ends. Other processes (a CLI
     command) still meet the busy handler. The lock only orders: a writer that waited a
     whole busy timeout for it goes on to SQLite's own lock, as before.
+
+    Transactions begin in the dialect's ``do_begin`` (the writer engine has a dialect of
+    its own, `write_engine`), not in a ``begin`` connection event: any connection event
+    makes SQLAlchemy dispatch the before/after-execute events of every statement, about
+    15 % of a write's CPU. ``write_transactions`` counts the write transactions ended (a
+    plain counter, so that a benchmark can read it without an event listener of its own).
     """
 
     KEY = "reconciler_sqlite_writer"
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
+        self.write_transactions = 0
 
-    def begin(self, connection: Connection) -> None:
-        # Straight to the driver: every transaction begins here, and a statement through
-        # SQLAlchemy's execution path costs several times the BEGIN itself. Errors are
-        # wrapped as SQLAlchemy's would be (`is_transient` reads SQLITE_BUSY from them).
-        import sqlite3
+    @staticmethod
+    def begin_read(connection: Any) -> None:
+        """The reader's BEGIN (deferred): one consistent view for a block of reads."""
+        _sqlite_begin(connection, "BEGIN")
 
-        from sqlalchemy.exc import DBAPIError
-
-        write = connection.get_execution_options().get(SQLITE_WRITE_OPTION)
-        info = connection.connection.info
-        held = False
-        if write and not info.get(self.KEY):
-            held = self.lock.acquire(timeout=SQLITE_BUSY_TIMEOUT_MS / 1000)
-            info[self.KEY] = held
-        statement = "BEGIN IMMEDIATE" if write else "BEGIN"
+    def begin_write(self, connection: Any) -> None:
+        """The writer's BEGIN IMMEDIATE, after this process's writer lock."""
+        info = connection.info
+        if not info.get(self.KEY):
+            info[self.KEY] = self.lock.acquire(timeout=SQLITE_BUSY_TIMEOUT_MS / 1000)
         try:
-            connection.connection.driver_connection.execute(statement)  # type: ignore[union-attr]
-        except sqlite3.Error as exc:
-            self.release(None, connection.connection._connection_record)
-            raise DBAPIError.instance(statement, (), exc, sqlite3.Error) from exc
+            _sqlite_begin(connection, "BEGIN IMMEDIATE")
+        except BaseException:
+            self.release(None, connection._connection_record)
+            raise
 
     def release(self, _dbapi_connection: Any, record: Any) -> None:
         """Pool checkin: the transaction ended (committed or rolled back) on this one."""
         if record is not None and record.info.pop(self.KEY, False):
+            self.write_transactions += 1
             self.lock.release()
+
+
+def _sqlite_begin(connection: Any, statement: str) -> None:
+    # Straight to the driver (the pool's connection: SQLAlchemy wraps what it raises as it
+    # would any statement's, so `is_transient` reads SQLITE_BUSY from it).
+    connection.driver_connection.execute(statement)
 
 
 def make_engine(url: str) -> Engine:
@@ -109,13 +120,25 @@ def make_engine(url: str) -> Engine:
         )
         event.listen(engine, "connect", _sqlite_on_connect)
         writers = _SQLiteWriters()
-        event.listen(engine, "begin", writers.begin)
+        engine.dialect.do_begin = writers.begin_read  # type: ignore[method-assign, assignment]
         event.listen(engine.pool, "checkin", writers.release)
+        engine.__dict__[_WRITERS] = writers
         return engine
     from reconciler.store.models import postgresql_options
 
     postgresql_options()  # the PostgreSQL dialect is loaded now anyway
     return create_engine(parsed, pool_pre_ping=True)
+
+
+#: Where a SQLite engine keeps its `_SQLiteWriters` and its writer engine.
+_WRITERS = "_reconciler_sqlite_writers"
+_WRITER = "_reconciler_sqlite_writer_engine"
+
+
+def sqlite_writers(engine: Engine) -> _SQLiteWriters | None:
+    """The writer lock and counter of a SQLite engine made by `make_engine`; else None."""
+    found: _SQLiteWriters | None = engine.__dict__.get(_WRITERS)
+    return found
 
 
 log = logging.getLogger(__name__)
@@ -181,8 +204,23 @@ class SQLiteFile:
 
 
 def write_engine(engine: Engine) -> Engine:
-    """``engine`` whose transactions take the SQLite write lock at BEGIN (no-op elsewhere)."""
-    return engine.execution_options(**{SQLITE_WRITE_OPTION: True})
+    """``engine`` whose transactions take the SQLite write lock at BEGIN (the engine itself
+    elsewhere). One per engine, kept: it shares the engine's pool but has a dialect of its
+    own (a copy whose ``do_begin`` is `_SQLiteWriters.begin_write`), so its compiled
+    statements are cached once, not per call."""
+    writers = sqlite_writers(engine)
+    if writers is None:
+        return engine
+    writer: Engine | None = engine.__dict__.get(_WRITER)
+    if writer is None:
+        with engine.connect():  # the dialect initialised (first connect) before the copy
+            pass
+        writer = engine.execution_options(**{SQLITE_WRITE_OPTION: True})
+        dialect = copy.copy(engine.dialect)
+        dialect.do_begin = writers.begin_write  # type: ignore[method-assign, assignment]
+        writer.dialect = dialect
+        writer = engine.__dict__.setdefault(_WRITER, writer)
+    return writer
 
 
 def alembic_config(connection: Connection | None = None) -> Config:

@@ -7,7 +7,7 @@ never changed, except ``failed`` → ``rolled_back`` (`_set_status`).
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from functools import lru_cache
@@ -39,6 +39,7 @@ from reconciler.store.records import (
     EventRecord,
     LogLine,
     NewDeployment,
+    StatusStep,
     StoreError,
 )
 from reconciler.store.service_state import (
@@ -112,6 +113,11 @@ def _completed_query(size: int) -> Select[str, str, str]:
 # comes back from the write itself (RETURNING): no second read.
 _INSERT_DEPLOYMENT = insert(_D).returning(*_D.c)
 _INSERT_EVENT = insert(_E).values(deployment_id=bindparam("did"))
+_SET_PROCESS = (
+    update(_D)
+    .where(_D.c.id == bindparam("did"))
+    .values(run_pgid=bindparam("pgid"), run_process=bindparam("token"))
+)
 
 
 def _event_values(status: str, message: str | None, at: datetime) -> dict[str, Any]:
@@ -239,6 +245,37 @@ LOG = (
 )
 
 
+def _fenced_off(
+    conn: Connection,
+    deployment_id: int,
+    status: str,
+    at: datetime,
+    message: str | None,
+    error_message: str | None,
+) -> DeploymentRecord | None:
+    """None while this process may write the deployment (it holds the environment's lease,
+    or needs none). Else a step on the way raises `LeaseLost`, and a terminal result, late
+    from a replica that lost the lease, is kept beside the record (the record stays the
+    new holder's): the record as it is."""
+    if fence.holds(conn):
+        return None
+    if status not in TERMINAL_STATUSES:
+        fence.check(conn)  # raises LeaseLost
+    fence.keep_unconfirmed(
+        conn,
+        deployment_id,
+        status,
+        at=at,
+        message=_one_line(message),
+        error_message=_one_line(error_message),
+        recorded_at=_now(),
+    )
+    row = conn.execute(select(_D).where(_D.c.id == deployment_id)).one_or_none()
+    if row is None:
+        raise StoreError(f"no deployment {deployment_id}")
+    return _deployment(row)
+
+
 class DeploymentQueries:
     """Deployment and progress event queries (mixed into `Store`)."""
 
@@ -316,23 +353,9 @@ class DeploymentQueries:
         _check(status, STATUSES, "status")
         _aware(at, "at")
         with self._writer.begin() as conn:
-            if not fence.holds(conn):
-                if status not in TERMINAL_STATUSES:
-                    fence.check(conn)  # raises LeaseLost
-                # A late result of a replica that lost the lease: kept beside the record.
-                fence.keep_unconfirmed(
-                    conn,
-                    deployment_id,
-                    status,
-                    at=at,
-                    message=_one_line(message),
-                    error_message=_one_line(error_message),
-                    recorded_at=_now(),
-                )
-                row = conn.execute(select(_D).where(_D.c.id == deployment_id)).one_or_none()
-                if row is None:
-                    raise StoreError(f"no deployment {deployment_id}")
-                return _deployment(row)
+            late = _fenced_off(conn, deployment_id, status, at, message, error_message)
+            if late is not None:
+                return late
             return self._set_status(
                 conn,
                 deployment_id,
@@ -342,6 +365,45 @@ class DeploymentQueries:
                 validation=validation,
                 message=_one_line(message),
             )
+
+    def set_statuses(
+        self,
+        deployment_id: int,
+        steps: Sequence[StatusStep],
+        *,
+        run_process: tuple[int, str] | None = None,
+    ) -> DeploymentRecord:
+        """Several status changes of one deployment in one transaction, in order (each
+        recorded as by `set_status`, with its progress event), and ``run_process`` (the
+        process group and its start token, `set_run_process`) with them. The executor's
+        ``in_progress`` goes with the run's process group, or with the terminal status when
+        the run ended first: one transaction fewer per deployment. The last record."""
+        if not steps:
+            raise StoreError("no status to set")
+        for step in steps:
+            _check(step.status, STATUSES, "status")
+            _aware(step.at, "at")
+        with self._writer.begin() as conn:
+            last = steps[-1]  # fenced off: only a terminal result is kept, unconfirmed
+            late = _fenced_off(
+                conn, deployment_id, last.status, last.at, last.message, last.error_message
+            )
+            if late is not None:
+                return late
+            for step in steps:
+                rec = self._set_status(
+                    conn,
+                    deployment_id,
+                    step.status,
+                    at=step.at,
+                    error_message=_one_line(step.error_message),
+                    validation=step.validation,
+                    message=_one_line(step.message),
+                )
+            if run_process is not None:
+                pgid, token = run_process
+                conn.execute(_SET_PROCESS, {"did": deployment_id, "pgid": pgid, "token": token})
+            return rec
 
     def _set_status(
         self,
@@ -553,9 +615,7 @@ class DeploymentQueries:
         """Record the process group a deployment's run leads (see `unfinished_processes`)."""
         with self._writer.begin() as conn:
             fence.check(conn)
-            conn.execute(
-                update(_D).where(_D.c.id == deployment_id).values(run_pgid=pgid, run_process=token)
-            )
+            conn.execute(_SET_PROCESS, {"did": deployment_id, "pgid": pgid, "token": token})
 
     def unfinished_processes(
         self, *, environments: Collection[str] | None = None

@@ -48,6 +48,17 @@ class CommitMeta:
 
 
 @dataclass(frozen=True, slots=True)
+class StatusStep:
+    """One status change of a deployment, as `Store.set_statuses` writes several at once."""
+
+    status: str
+    at: datetime
+    message: str | None = None
+    error_message: str | None = None
+    validation: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class NewDeployment:
     environment: str
     service: str

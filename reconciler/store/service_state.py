@@ -10,10 +10,23 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import lru_cache
 from itertools import groupby
 from typing import Any
 
-from sqlalchemy import Connection, Engine, bindparam, delete, func, insert, select, text, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    bindparam,
+    delete,
+    exists,
+    func,
+    insert,
+    literal,
+    select,
+    text,
+    update,
+)
 
 from reconciler.store import models, rows
 from reconciler.store.models import UNFINISHED_SQL
@@ -255,13 +268,48 @@ def refresh_service_state(conn: Connection, environment: str, service: str) -> N
     conn.execute(_UPDATE_ROW, {**key, **fold.values()})
 
 
+@lru_cache(maxsize=2)
+def _first_statement(dialect: str) -> Any:
+    """INSERT of a service's row made by its first deployment (the fold of one unfinished
+    deployment: it is the last and the running one, nothing deployed, no streak), only
+    when the service has no other deployment, and nothing when the row exists."""
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+
+        dialect_insert: Any = postgresql_insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+        dialect_insert = sqlite_insert
+    other = select(_D.c.id).where(*_DEPLOYMENTS_OF, _D.c.id != bindparam("id"))
+    names = ("environment", "service", "last_deployment_id", "last_status", "last_version")
+    values = select(
+        bindparam("env", type_=_SS.c.environment.type),
+        bindparam("svc", type_=_SS.c.service.type),
+        bindparam("id", type_=_SS.c.last_deployment_id.type),
+        bindparam("status", type_=_SS.c.last_status.type),
+        bindparam("version", type_=_SS.c.last_version.type),
+        bindparam("id", type_=_SS.c.running_deployment_id.type),
+        literal(0),
+    ).where(~exists(other))
+    return (
+        dialect_insert(_SS)
+        .from_select([*names, "running_deployment_id", "streak_count"], values)
+        .on_conflict_do_nothing(index_elements=["environment", "service"])
+    )
+
+
 def note_created(
     conn: Connection, environment: str, service: str, ident: int, status: str, version: str
 ) -> None:
     """A deployment was inserted: one guarded UPDATE when it is the service's newest and
-    the row exists (every deployment but a service's first), else the full refresh."""
+    the row exists (every deployment but a service's first); for a service's first
+    deployment one guarded INSERT; else (a row missing beside older deployments, a
+    concurrent newer one) the full refresh."""
     params = {"env": environment, "svc": service, "id": ident, "status": status, "version": version}
-    if conn.execute(_CREATED, params).rowcount != 1:
+    if conn.execute(_CREATED, params).rowcount == 1:
+        return
+    if conn.execute(_first_statement(conn.dialect.name), params).rowcount != 1:
         refresh_service_state(conn, environment, service)
 
 
