@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from reconciler.config import load_config
+from reconciler.store import Store
 from tests.support import RECONCILER, World, alive, cli_env, wait_for
 from tests.test_daemon import history
 
@@ -71,9 +72,14 @@ def test_kill_9_then_restart_ends_the_orphaned_run_before_running_the_service_ag
     world: World,
 ):
     world.repo.set_env("staging", {"api": "1.0-hang"})
+    store = Store.for_reading(load_config(world.config, environ={}).database_url)
     with Daemon(world) as first:
         wait_for(world.pids.exists, what="the deployment to start")
+        # The crash comes once the run's process group is recorded (the script may write
+        # its pids before the daemon commits it: a crash in between leaves an unknown run).
+        wait_for(store.unfinished_processes, what="the run's process group to be recorded")
         first.stop(signal.SIGKILL)
+    store.close()
     leader, child = (int(p) for p in world.pids.read_text().split())
     assert alive(leader) and alive(child)  # a crash leaves the run going
     world.pids.unlink()
