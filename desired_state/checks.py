@@ -14,8 +14,7 @@ import re
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
-from pydantic_core import PydanticCustomError
-
+from ._core import PydanticCustomError
 from .durations import format_duration, parse_duration
 
 if TYPE_CHECKING:

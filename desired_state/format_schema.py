@@ -11,8 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic_core import SchemaValidator
-
+from ._core import SchemaValidator
 from .checks import (
     check_cron,
     check_depends_on,

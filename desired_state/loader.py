@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import gc
 import os
 import stat
@@ -12,9 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias, cast
 
-from pydantic_core import ValidationError
 from yaml.nodes import Node, SequenceNode
 
+from ._core import ValidationError
 from .checks import NAME
 from .errors import FileError
 from .yamltext import compose, describe, find_key, locate, position
@@ -380,6 +379,8 @@ def assemble(
             failed.add(name)
         for i, dep in enumerate(spec.depends_on):
             if dep not in declared:
+                import difflib  # only for a mistake: not in every start-up
+
                 close = difflib.get_close_matches(dep, sorted(declared), n=1)
                 hint = f" (did you mean '{close[0]}'?)" if close else ""
                 fail(

@@ -5,6 +5,8 @@ document below, and `validate DIR` never imports Pydantic."""
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -324,9 +326,11 @@ def pydantic_modules(modules: set[str]) -> set[str]:
 def test_validate_dir_imports_pydantic_core_but_not_pydantic(tmp_path: Path):
     modules = run_listing_modules("validate", str(ROOT / "examples" / "desired-state"))
     assert "desired_state.format_schema" in modules  # it did check the files
-    assert "pydantic_core" in modules
+    assert "pydantic_core._pydantic_core" in modules
     assert not pydantic_modules(modules)
     assert "importlib.metadata" not in modules
+    # the compiled module alone, not the package's TypedDicts (desired_state/_core.py)
+    assert "pydantic_core.core_schema" not in modules
 
 
 def test_validate_dir_with_errors_imports_no_pydantic_either(tmp_path: Path):
@@ -334,3 +338,40 @@ def test_validate_dir_with_errors_imports_no_pydantic_either(tmp_path: Path):
     modules = run_listing_modules("validate", str(tmp_path))
     assert "desired_state.format_schema" in modules
     assert not pydantic_modules(modules)
+
+
+PYDANTIC_AFTER_THE_FORMAT = """
+import sys
+from desired_state.format_schema import VALIDATOR
+from desired_state import _core
+assert "pydantic_core.core_schema" not in sys.modules, "the package ran at once"
+import pydantic_core
+from pydantic import BaseModel
+from desired_state.models import EnvironmentSpec
+assert pydantic_core.ValidationError is _core.ValidationError
+assert pydantic_core.PydanticCustomError is _core.PydanticCustomError
+assert pydantic_core._pydantic_core is sys.modules["pydantic_core._pydantic_core"]
+bad = {"environment": "Prod", "provider": "p", "services": {"api": {"version": "1 2"}}}
+found = []
+for validate in (VALIDATOR.validate_python, EnvironmentSpec.model_validate):
+    try:
+        validate(bad)
+    except pydantic_core.ValidationError as exc:
+        found.append(exc.errors(include_url=False))
+assert len(found) == 2 and found[0] == found[1] and len(found[0]) == 2, found
+print("ok")
+"""
+
+
+def test_pydantic_works_after_the_format_loaded_pydantic_core_alone():
+    """The format's checks load pydantic-core's compiled module without its package; a
+    process that then uses Pydantic (or pydantic_core) gets the same classes."""
+    out = subprocess.run(
+        [sys.executable, "-c", PYDANTIC_AFTER_THE_FORMAT],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
