@@ -78,7 +78,7 @@ def _message(err: Any) -> tuple[str, str]:
     ctx: dict[str, Any] = err.get("ctx") or {}
     value = err.get("input")
     loc = err["loc"]
-    if "message" in ctx:  # our own errors (models._error)
+    if "message" in ctx:  # our own errors (checks.error)
         return str(ctx["message"]), "value"
     if kind == "missing":
         return "required key missing", "parent"

@@ -3,6 +3,11 @@
 The models expect text-first input (every YAML scalar a ``str``, see :mod:`.yamltext`)
 and convert per field: durations to seconds, ``suspended`` from ``true`` / ``false``.
 They also accept the natural Python values (ints, bools) when built from code.
+
+Every check they run is a function of :mod:`.checks`, which `validate DIR` also runs
+without Pydantic through :mod:`.format_schema`, generated from these models: after
+changing a model or a check, run ``scripts/gen_format_schema.py``
+(``tests/test_validate_format.py`` fails until then).
 """
 
 from __future__ import annotations
