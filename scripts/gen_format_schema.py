@@ -9,19 +9,13 @@ from __future__ import annotations
 
 import sys
 
+from _generated import write_or_check
+
 from desired_state.format_gen import OUTPUT, render
 
 
 def main() -> int:
-    text = render()
-    if "--check" in sys.argv[1:]:
-        if not OUTPUT.exists() or OUTPUT.read_text(encoding="utf-8") != text:
-            print(f"{OUTPUT} is stale: run scripts/gen_format_schema.py", file=sys.stderr)
-            return 1
-        return 0
-    OUTPUT.write_text(text, encoding="utf-8")
-    print(f"wrote {OUTPUT}")
-    return 0
+    return write_or_check(OUTPUT, render(), "scripts/gen_format_schema.py")
 
 
 if __name__ == "__main__":
