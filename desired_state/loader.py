@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import gc
 import os
 import stat
@@ -10,14 +9,17 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias, cast
 
-from pydantic import ValidationError
 from yaml.nodes import Node, SequenceNode
 
+from ._core import ValidationError
+from .checks import NAME
 from .errors import FileError
-from .models import _NAME, EnvironmentSpec
 from .yamltext import compose, describe, find_key, locate, position
+
+if TYPE_CHECKING:
+    from .models import EnvironmentSpec
 
 __all__ = [
     "DesiredState",
@@ -38,7 +40,7 @@ MAX_FILE_BYTES = 1024 * 1024
 # whose schema passed. It returns ``(key path, message)`` pairs; the loader places each at
 # its node's line and column (a path ending in "[key]" points at the key itself, as for
 # an unknown key). desired_state stays ignorant of who checks.
-SpecCheck = Callable[[EnvironmentSpec], Iterable[tuple[Sequence[str | int], str]]]
+SpecCheck: TypeAlias = "Callable[[EnvironmentSpec], Iterable[tuple[Sequence[str | int], str]]]"
 
 
 @dataclass
@@ -76,7 +78,7 @@ def _message(err: Any) -> tuple[str, str]:
     ctx: dict[str, Any] = err.get("ctx") or {}
     value = err.get("input")
     loc = err["loc"]
-    if "message" in ctx:  # our own errors (models._error)
+    if "message" in ctx:  # our own errors (checks.error)
         return str(ctx["message"]), "value"
     if kind == "missing":
         return "required key missing", "parent"
@@ -140,7 +142,7 @@ def _dotted(loc: tuple[str | int, ...]) -> str:
 def _read_env_name(data: Any) -> str | None:
     if isinstance(data, dict):
         name = data.get("environment")
-        if isinstance(name, str) and _NAME.fullmatch(name):
+        if isinstance(name, str) and NAME.fullmatch(name):
             return name
     return None
 
@@ -158,12 +160,35 @@ def _positions(root: Node) -> dict[str, tuple[int, int]]:
     return found
 
 
+_VALIDATE: dict[bool, Callable[[Any], Any]] = {}
+
+
+def _validator(format_only: bool) -> Callable[[Any], Any]:
+    """The models' validation, or (``format_only``) the generated schema's, which needs
+    pydantic-core but not Pydantic: imported at the first file, whichever is asked for."""
+    found = _VALIDATE.get(format_only)
+    if found is None:
+        if format_only:
+            from .format_schema import VALIDATOR
+
+            found = _VALIDATE[format_only] = VALIDATOR.validate_python
+        else:
+            from .models import EnvironmentSpec
+
+            found = _VALIDATE[format_only] = EnvironmentSpec.model_validate
+    return found
+
+
 def parse_environment_file(
-    path: str, data: bytes | str, check: SpecCheck | None = None
+    path: str, data: bytes | str, check: SpecCheck | None = None, *, format_only: bool = False
 ) -> ParsedFile:
     """Read one environment file. Never raises on bad content: errors are returned.
 
-    `check` adds the errors of the provider the file names (its params and strategy)."""
+    `check` adds the errors of the provider the file names (its params and strategy).
+    `format_only`: check the format without Pydantic (a start-up of a command that only
+    reports errors, like `validate DIR`): the same errors, but the environment is a plain
+    record of :mod:`.format_schema` with the model's fields and none of its methods."""
+    assert check is None or not format_only, "a provider's check needs the models"
     if len(data) > MAX_FILE_BYTES:
         return ParsedFile(path, None, [_too_large(path)], None)
     doc = compose(path, data)
@@ -198,7 +223,8 @@ def parse_environment_file(
     positions = _positions(root)
     spec: EnvironmentSpec | None = None
     try:
-        spec = EnvironmentSpec.model_validate(doc.data)
+        # a record with the model's fields when format_only (see the docstring)
+        spec = cast("EnvironmentSpec", _validator(format_only)(doc.data))
     except ValidationError as exc:
         errors.extend(_pydantic_errors(path, root, exc))
     if spec is not None and check is not None:
@@ -353,6 +379,8 @@ def assemble(
             failed.add(name)
         for i, dep in enumerate(spec.depends_on):
             if dep not in declared:
+                import difflib  # only for a mistake: not in every start-up
+
                 close = difflib.get_close_matches(dep, sorted(declared), n=1)
                 hint = f" (did you mean '{close[0]}'?)" if close else ""
                 fail(
@@ -433,12 +461,17 @@ def load_files(
 
 
 def load_directory(
-    root: Path, providers: Collection[str] | None = None, check: SpecCheck | None = None
+    root: Path,
+    providers: Collection[str] | None = None,
+    check: SpecCheck | None = None,
+    *,
+    format_only: bool = False,
 ) -> DesiredState:
     """Parse every environment file below ``root`` (hidden folders and files skipped).
 
     Files are reported as ``str(root / relative_path)``, so that they open from the
-    current directory when ``root`` was given relative to it.
+    current directory when ``root`` was given relative to it. ``format_only``: see
+    :func:`parse_environment_file` (the environments are then plain records).
     """
     found: list[tuple[str, Path]] = []
     inside = os.path.realpath(root)
@@ -464,7 +497,7 @@ def load_directory(
             except _NotRead as exc:
                 parsed.append(ParsedFile(shown, None, [FileError(shown, 1, 1, "", str(exc))], None))
                 continue
-            parsed.append(parse_environment_file(shown, data, check))
+            parsed.append(parse_environment_file(shown, data, check, format_only=format_only))
         return assemble(parsed, providers)
 
 

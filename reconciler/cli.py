@@ -466,8 +466,9 @@ def validate_cmd(ctx: click.Context, directory: str | None, as_json: bool) -> No
         from desired_state import load_directory
 
         providers = _known_providers(ctx)
-        if providers is None:  # no configuration: the format alone (a pre-commit hook)
-            state = load_directory(Path(directory))
+        if providers is None:  # no configuration: the format alone (a pre-commit hook),
+            # checked without Pydantic (tests/test_validate_format.py)
+            state = load_directory(Path(directory), format_only=True)
         else:
             from reconciler.providers import spec_check
 

@@ -9,19 +9,13 @@ from __future__ import annotations
 
 import sys
 
+from _generated import write_or_check
+
 from reconciler.store.read_statements import OUTPUT, render
 
 
 def main() -> int:
-    text = render()
-    if "--check" in sys.argv[1:]:
-        if OUTPUT.read_text(encoding="utf-8") != text:
-            print(f"{OUTPUT} is stale: run scripts/gen_read_sql.py", file=sys.stderr)
-            return 1
-        return 0
-    OUTPUT.write_text(text, encoding="utf-8")
-    print(f"wrote {OUTPUT}")
-    return 0
+    return write_or_check(OUTPUT, render(), "scripts/gen_read_sql.py")
 
 
 if __name__ == "__main__":
