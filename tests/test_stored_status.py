@@ -244,3 +244,24 @@ def test_the_daemon_stores_decisions_after_syncs_and_deployments(tmp_path: Path)
     finally:
         served.close()
     assert "event=decisions_error" not in served.stderr.read_text()
+
+
+def test_a_standalone_sync_stores_decisions(tmp_path: Path) -> None:
+    world = World(tmp_path, retries=1)
+    world.repo.set_env("staging", {"api": "1.0", "web": "2.0-fail"})
+    world.repo.set_env("production", {"api": "1.0"}, depends_on=["staging"])
+    out = world.cli("sync")
+    assert "staging" in out.stdout, out.stderr
+    config = load_config(world.config, environ={})
+    store = Store.for_reading(config.database_url)
+    try:
+        assert set(store.stored_decisions()) == {"staging", "production"}
+        now = datetime.now(UTC)
+        planned: list[int] = []
+        served = serve(
+            store, plan_settings(config), now, store.environment_names(), None, planned.append
+        )
+        assert served == fresh_plan(store, world, now) and planned == [0]
+        assert {d.state for d in served} >= {"synced", "failed"}
+    finally:
+        store.close()
