@@ -13,6 +13,7 @@ included; right after storing, nothing is planned again unless the clock says so
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -265,3 +266,43 @@ def test_a_standalone_sync_stores_decisions(tmp_path: Path) -> None:
         assert {d.state for d in served} >= {"synced", "failed"}
     finally:
         store.close()
+
+
+def test_the_triggers_count_what_planning_reads_and_nothing_else(store: Store) -> None:
+    """Each table planning reads raises its environment's counter (on both databases);
+    a drift reading that only moves `observed_at` does not."""
+    from tests.test_fleet_status import new_deployment
+
+    now = datetime.now(UTC)
+
+    def count(env: str = "alpha") -> int:
+        return store.environment_changes().get(env, 0)
+
+    assert count() == 0
+    spec = {"environment": "alpha", "provider": "local", "services": {"api": {"version": "1"}}}
+    store.save_environment_states([("alpha", spec, "alpha.yaml")], commit="a" * 40, at=now)
+    assert count() == 1
+    store.save_environment_states([("alpha", spec, "alpha.yaml")], commit="b" * 40, at=now)
+    assert count() == 1  # the same spec saved again
+    record = store.create_deployment(new_deployment("alpha", "api", "1"))
+    after_create = count()
+    assert after_create > 1
+    store.set_status(record.id, "in_progress", at=now)
+    store.set_status(record.id, "completed", at=now)
+    assert count() > after_create
+    before = count()
+    reading = LiveObservation("alpha", "api", "1", record.id, "1", now)
+    store.save_live_versions([reading])
+    assert count() == before + 1
+    store.save_live_versions([replace(reading, observed_at=now + timedelta(seconds=30))])
+    assert count() == before + 1  # the same reading, later
+    store.save_live_versions([replace(reading, version="2")])
+    assert count() == before + 2
+    store.record_operator_action(
+        environment="alpha", service=None, action="suspend", actor="me", note=None, at=now
+    )
+    assert count() == before + 3
+    store.reset_streak("alpha", "api")  # nothing to reset: the row is unchanged
+    store.forget_environment_states(["alpha"])
+    assert count() == before + 4
+    assert count("beta") == 0
