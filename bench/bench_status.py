@@ -9,8 +9,11 @@ the environments' states, as the daemon's would.
 Figures, each beside its target and a baseline measured in the same run:
 
 * the standalone read in-process (``reconciler.status.saved_status``, what `status` runs
-  without a daemon), CPU and wall, with where its time goes (parsing the saved specs,
-  reading the service states, planning) vs the naive GROUP BY status query;
+  without a daemon: the stored decisions, reconciler/stored_status.py), CPU and wall,
+  through the sqlite3 reader and the `Store`, each vs planning every service (what it did
+  before), with where its time goes; the naive GROUP BY status query for reference;
+* what storing the decisions costs the writer (a daemon's pass with nothing or 1 % of the
+  environments changed, all of them after a full load, the write alone);
 * the read in the daemon: a `status` query on the control socket of a running daemon
   (``reconciler run``), the daemon's CPU per answer and the round trip as the CLI sees
   it (ask, plan from the fleet summary, encode, parse) vs ``Store.service_states()``;
@@ -35,6 +38,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -67,12 +71,14 @@ from reconciler import channel
 from reconciler import operations as ops
 from reconciler.config import Config, load_config
 from reconciler.engine import Engine, open_source
+from reconciler.plan import Decision
 from reconciler.planning import Planner, plan_settings
 from reconciler.providers import build_providers
 from reconciler.status import SavedDesired, saved_status
 from reconciler.store import Store
 from reconciler.store.reading import open_reader
 from reconciler.store.sqlite_read import SQLiteReader
+from reconciler.stored_status import decode, refresh, serve
 
 TARGET = 0.050
 
@@ -108,71 +114,133 @@ def prepare(tmp: Path, args: argparse.Namespace) -> tuple[Config, str]:
         engine.wake = lambda environments: None  # type: ignore[method-assign]  # record only
         outcome = asyncio.run(engine.sync("manual"))
         assert outcome.result == "ok", outcome
+        asyncio.run(ops.store_decisions(engine))  # as a standalone sync does at its end
         engine.source.close()
     finally:
         store.close()
     return config, url
 
 
+def planned_status(config: Config, store: Store | SQLiteReader) -> list[Decision]:
+    """The baseline: what `saved_status` did before decisions were stored (parse every
+    saved spec, plan every service)."""
+    saved = store.environment_states()
+    desired = SavedDesired({n: EnvironmentSpec.model_validate(s.spec) for n, s in saved.items()})
+    now = datetime.now(UTC)
+    return Planner(store, plan_settings(config), lambda: now).decide_now(desired, None, now)
+
+
 def standalone(table: Table, config: Config, url: str, args: argparse.Namespace) -> Any:
     """`saved_status` in this process, and its parts."""
     store = Store.for_reading(url)
+    reader = open_reader(url)  # what `status` reads through on SQLite (no SQLAlchemy)
+    assert isinstance(reader, SQLiteReader)
     try:
-        walls, cpus, status = timed_cpu(lambda: saved_status(config, store, None), args.repeat)
+        status = saved_status(config, store, None)
         assert status is not None and len(status.decisions) == args.environments * args.services
+        assert status.decisions == planned_status(config, store), "stored != planned"
+        for label, source in (("sqlite3 reader", reader), ("Store", store)):
+            walls, cpus, served = timed_cpu(
+                partial(saved_status, config, source, None), args.repeat
+            )
+            assert served is not None and len(served.decisions) == len(status.decisions)
+            _, base_cpus, _ = timed_cpu(
+                partial(planned_status, config, source), max(2, args.repeat // 3)
+            )
+            cpu = median(cpus)
+            table.add(
+                f"standalone read: saved_status() all {len(status.decisions):,}, {label}",
+                f"{ms(median(walls), 1)} (cpu {ms(cpu, 1)}, p95 {ms(percentile(walls, 95), 1)})",
+                f"cpu {ms(median(base_cpus), 1)} planning all",
+                ratio(cpu, median(base_cpus)),
+                "< 50 ms cpu",
+                cpu < TARGET,
+            )
         base, naive = timed(lambda: naive_status(store), max(2, args.repeat // 3))
         assert len(naive) == len(status.decisions)
-        wall, cpu = median(walls), median(cpus)
-        table.add(
-            f"standalone read: saved_status() all {len(status.decisions):,}, Store",
-            f"{ms(wall, 1)} (cpu {ms(cpu, 1)}, p95 {ms(percentile(walls, 95), 1)})",
-            f"{ms(median(base), 1)} GROUP BY",
-            ratio(wall, median(base)),
-            "< 50 ms cpu",
-            cpu < TARGET,
-        )
-        reader = open_reader(url)  # what `status` reads through on SQLite (no SQLAlchemy)
-        assert isinstance(reader, SQLiteReader)
-        rwalls, rcpus, rstatus = timed_cpu(lambda: saved_status(config, reader, None), args.repeat)
-        assert rstatus is not None and len(rstatus.decisions) == len(status.decisions)
-        table.add(
-            f"standalone read: saved_status() all {len(status.decisions):,}, sqlite3 reader",
-            f"{ms(median(rwalls), 1)} (cpu {ms(median(rcpus), 1)}, "
-            f"p95 {ms(percentile(rwalls, 95), 1)})",
-            f"{ms(median(base), 1)} GROUP BY",
-            ratio(median(rwalls), median(base)),
-            "< 50 ms cpu",
-            median(rcpus) < TARGET,
-        )
-        reader.close()
-        saved = store.environment_states()
-        parts: list[tuple[str, Callable[[], Any]]] = [
-            ("  part: environment_states() read", store.environment_states),
-            (
-                "  part: EnvironmentSpec.model_validate x 1,000",
-                lambda: {n: EnvironmentSpec.model_validate(s.spec) for n, s in saved.items()},
-            ),
-            ("  part: service_states() all", store.service_states),
-        ]
-        desired = SavedDesired(
-            {n: EnvironmentSpec.model_validate(s.spec) for n, s in saved.items()}
-        )
+        table.add("  naive GROUP BY status query (reference)", ms(median(base), 1), target="-")
+        names = reader.environment_names()
+        settings = plan_settings(config)
         now = datetime.now(UTC)
-        planner = Planner(store, plan_settings(config), lambda: now)
-        parts.append(
+        parts: list[tuple[str, Callable[[], Any]]] = [
             (
-                "  part: Planner.decide_now (reads + plans)",
-                lambda: planner.decide_now(desired, None, now),
-            )
-        )
+                "  part: environment_changes() + stored_decisions() read",
+                lambda: (reader.environment_changes(), reader.stored_decisions()),
+            ),
+            (
+                "  part: decode 1,000 stored environments",
+                lambda: [decode(n, row.decisions) for n, row in reader.stored_decisions().items()],
+            ),
+            ("  part: serve() (nothing stale)", lambda: serve(reader, settings, now, names, None)),
+        ]
         for label, fn in parts:
             pw, pc, _ = timed_cpu(fn, args.repeat)
             table.add(label, f"{ms(median(pw), 1)} (cpu {ms(median(pc), 1)})", target="-")
         if args.profile:
             profile = cProfile.Profile()
-            profile.runcall(saved_status, config, store, None)
+            profile.runcall(saved_status, config, reader, None)
             pstats.Stats(profile, stream=sys.stderr).sort_stats("cumulative").print_stats(25)
         return [d.status_json(status.commit) for d in status.decisions]
+    finally:
+        reader.close()
+        store.close()
+
+
+def writes(table: Table, config: Config, url: str, args: argparse.Namespace) -> None:
+    """What storing decisions costs whoever plans (a standalone sync's end, the daemon's
+    pass after a sync or deployments)."""
+    store = Store.from_url(url, migrate=False)
+    settings = plan_settings(config)
+    try:
+        names = store.environment_names()
+        pw, pc, planned = timed_cpu(
+            lambda: refresh(store, settings, datetime.now(UTC)), args.repeat
+        )
+        assert planned == 0
+        table.add(
+            "write: refresh() with nothing changed (a pass of the daemon)",
+            f"{ms(median(pw), 1)} (cpu {ms(median(pc), 1)})",
+            target="-",
+        )
+        frozen = store.suspended_environments()  # left as they are: the daemon compares
+        one = [n for n in names if n not in frozen][: max(1, len(names) // 100)]
+
+        pw, pc, planned_counts = [], [], []
+        for _ in range(max(2, args.repeat // 3)):
+            for env in one:  # a change in 1 % of the environments (their counters move)
+                ops._suspend(store, env, True, "bench", None)
+                ops._suspend(store, env, False, "bench", None)
+            wall, cpu = time.perf_counter(), time.process_time()
+            planned_counts.append(refresh(store, settings, datetime.now(UTC)))
+            pc.append(time.process_time() - cpu)
+            pw.append(time.perf_counter() - wall)
+        assert min(planned_counts) >= len(one)  # and those that depend on them
+        table.add(
+            f"write: refresh() after {len(one)} environments changed "
+            f"({max(planned_counts)} planned)",
+            f"{ms(median(pw), 1)} (cpu {ms(median(pc), 1)})",
+            target="-",
+        )
+
+        def full() -> int:
+            with store.engine.begin() as conn:
+                conn.execute(text("DELETE FROM environment_decisions"))
+            return refresh(store, settings, datetime.now(UTC))
+
+        pw, pc, planned = timed_cpu(full, 2)
+        assert planned == len(names)
+        table.add(
+            f"write: refresh() of all {len(names):,} environments (after a full load)",
+            f"{ms(median(pw), 1)} (cpu {ms(median(pc), 1)})",
+            target="-",
+        )
+        rows = list(store.stored_decisions().values())
+        pw, pc, _ = timed_cpu(lambda: store.save_decisions(rows, at=datetime.now(UTC)), 3)
+        table.add(
+            f"  part: save_decisions() of {len(rows):,} environments (one transaction)",
+            f"{ms(median(pw), 1)} (cpu {ms(median(pc), 1)})",
+            target="-",
+        )
     finally:
         store.close()
 
@@ -281,6 +349,7 @@ def main() -> None:
         config, url = prepare(tmp, args)
         config_path = tmp / "reconciler.toml"
         expected = standalone(table, config, url, args)
+        writes(table, config, url, args)
         base = median([process(config_path, "--help") for _ in range(args.process_repeat)])
         processes(table, config_path, "no daemon", args.process_repeat, base)
         with_daemon(table, config, url, expected, args, base)

@@ -26,7 +26,7 @@ from typing import Any, cast
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from pydantic import BaseModel
 
-from reconciler import chain_head, channel
+from reconciler import chain_head, channel, stored_status
 from reconciler.bus import Bus, open_bus
 from reconciler.config import Config, ConfigError, load_config
 from reconciler.engine import Engine, SyncOutcome, open_source, open_verifier
@@ -68,6 +68,8 @@ WATCH_RETRY_SECONDS = 2.0
 BUS_OPTIONS: dict[str, float] = {"retry_min": 0.5, "retry_max": 30.0, "check_interval": 30.0}
 #: How often retention (`[audit] keep`) looks for old runs' detail to prune, at most.
 PRUNE_EVERY_SECONDS = 3600.0
+#: After a sync or deployment event, how long to gather more before storing decisions.
+DECISIONS_DELAY = 2.0
 
 
 class Daemon:
@@ -79,6 +81,7 @@ class Daemon:
         self.sd = SystemdNotifier()
         self.ready = asyncio.Event()
         self._sync_requested = asyncio.Event()
+        self._decisions_due = asyncio.Event()  # environments changed: store decisions
         self._triggers: set[str] = set()  # every reason asked for since the last sync began
         self._stop = asyncio.Event()
         self._sync_started: float | None = None
@@ -157,6 +160,7 @@ class Daemon:
         """A reset streak publishes no deployment event: the fleet summary is told here."""
         if self.fleet is not None:
             self.fleet.mark(environment)
+        self._decisions_due.set()
 
     def request_sync(self, trigger: str) -> None:
         # Requests coalesce into one sync, but none is forgotten: the set of reasons is
@@ -302,6 +306,7 @@ class Daemon:
             self._spawn(self._sync_loop(), "sync-loop")
             self._spawn(self._watchdog_loop(), "watchdog")
             self._spawn(self._database_check_loop(), "database-check")
+            self._spawn(self._decisions_loop(), "stored-decisions")
             if cfg.audit.verify_interval > 0:
                 self._spawn(self._verify_loop(cfg.audit.verify_interval), "audit-verify")
             self._start_polling()
@@ -592,6 +597,29 @@ class Daemon:
             log.warning("event=audit_head_unreadable error=%r", str(exc))
             return None
 
+    async def _decisions_loop(self) -> None:
+        """Store the decisions of the environments changed since the last pass, for a
+        standalone `status` (reconciler/stored_status.py). Off the deployment path: a
+        burst of events (a sync, deployments ending) is one pass, ``DECISIONS_DELAY``
+        after its first; the pass plans only what changed, in a worker thread."""
+        engine = self.engine
+        assert engine is not None
+        await self.ready.wait()
+        self._decisions_due.set()  # once at start: the database may hold none yet
+        while True:
+            await self._decisions_due.wait()
+            await asyncio.sleep(DECISIONS_DELAY)
+            self._decisions_due.clear()
+            try:
+                await asyncio.to_thread(
+                    stored_status.refresh, engine.store, engine.settings, engine.clock()
+                )
+            except Exception as exc:  # the database is away, say: the next change retries
+                log.warning(
+                    "event=decisions_error error=%r",
+                    f"{type(exc).__name__}: {exc}".splitlines()[0],
+                )
+
     async def _watchdog_loop(self) -> None:
         """WATCHDOG=1 at half the interval, only while the reconcile loop is healthy: a
         blocked event loop or a sync stuck for STUCK_SYNC_SECONDS gets the service restarted."""
@@ -734,6 +762,10 @@ class Daemon:
     def _on_event(self, event: Event) -> None:
         if isinstance(event, SyncOutcome):
             self._last_fetch_error = event.message if event.result == "failed" else None
+        if isinstance(event, DeploymentEvent) or (
+            isinstance(event, SyncOutcome) and event.result not in ("unchanged", "failed")
+        ):
+            self._decisions_due.set()  # a poll that found nothing new changes nothing
         if isinstance(event, SyncOutcome | DeploymentEvent) and self.ready.is_set():
             self.sd.status(self._status_line())
 

@@ -179,6 +179,7 @@ async def sync(
         envs = [environment] if environment else list(engine.effective)
         only = {service} if service else None
         results = await asyncio.gather(*(engine.drain(e, once=True, services=only) for e in envs))
+        await store_decisions(engine)
         return SyncReport(outcome, [d for r in results for d in r])
 
 
@@ -451,7 +452,20 @@ async def deploy(
         )
         if warning and warn is not None:
             warn(warning)
-        return await engine.deploy_in_turn(jobs)
+        records = await engine.deploy_in_turn(jobs)
+        await store_decisions(engine)
+        return records
+
+
+async def store_decisions(engine: Engine) -> int:
+    """Store the decisions of the environments changed since they were last stored, as
+    the daemon does after its syncs and deployments: what a standalone `status` serves
+    without planning them again (reconciler/stored_status.py)."""
+    from reconciler import stored_status
+
+    return await asyncio.to_thread(
+        stored_status.refresh, engine.store, engine.settings, engine.clock()
+    )
 
 
 def _rollback_target(

@@ -71,8 +71,11 @@ class PlanSettings:
     timezone: tzinfo = UTC
 
 
-@dataclass(frozen=True)
-class Decision:
+class Decision(NamedTuple):
+    """What planning says of one service. A named tuple, as `ServiceRecord`: `status`
+    builds 20,000 of them from the stored decisions (reconciler/stored_status.py), ~4x
+    cheaper than a frozen dataclass."""
+
     environment: str
     service: str
     desired: str | None

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterable, Mapping
 from contextlib import AbstractContextManager
-from dataclasses import replace
 from datetime import UTC, datetime, tzinfo
 from typing import TYPE_CHECKING, Protocol
 from zoneinfo import ZoneInfo
@@ -128,7 +127,7 @@ def with_refusal(decision: Decision, refusal: str) -> Decision:
     """The decision, its message saying that the head is refused and why (the desired
     state it was planned from is the last applied one)."""
     message = f"{decision.message}; {refusal}" if decision.message else refusal
-    return replace(decision, message=message)
+    return decision._replace(message=message)
 
 
 class Planner:

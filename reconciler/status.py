@@ -3,7 +3,9 @@
 Each sync saves the environments' effective desired state (`environment_state`). After a
 sync that found no broken file, those rows are what the engine would read back from git
 at that commit, so the status is planned from them by the daemon's own `Planner`: no
-git, no providers, no engine, which were most of the command's start-up. After a sync with
+git, no providers, no engine, which were most of the command's start-up. The decisions
+stored with what they were planned from are served where they still hold, and only the
+other environments planned (`reconciler.stored_status`). After a sync with
 file errors, the broken environments' rows come from the files themselves: `saved_status`
 answers None and the caller asks the engine (`operations.decisions`).
 """
@@ -17,7 +19,8 @@ from typing import TYPE_CHECKING
 
 from desired_state import EnvironmentSpec
 from reconciler.plan import Decision
-from reconciler.planning import Planner, plan_settings
+from reconciler.planning import plan_settings
+from reconciler.stored_status import serve
 
 if TYPE_CHECKING:
     from reconciler.config import Config
@@ -49,21 +52,20 @@ def saved_status(
     now: datetime | None = None,
 ) -> Status | None:
     """The status of every service (or `environment`'s), or None when the last applied
-    sync found broken files (then only the engine can show them as `invalid`)."""
+    sync found broken files (then only the engine can show them as `invalid`).
+
+    Served from the decisions stored with what they were planned from, planning only the
+    environments whose stored ones no longer hold (`reconciler.stored_status`)."""
     sync = store.applied_sync()
     if sync is not None and sync.errors:
         return None
-    saved = store.environment_states() if sync is not None else {}
+    names = store.environment_names() if sync is not None else []
     refused = store.refusal_in_force()  # as the engine's `load_at_last_sync` reads it
-    desired = SavedDesired(
-        {name: EnvironmentSpec.model_validate(state.spec) for name, state in saved.items()},
-        refusal=refused.error_message if refused is not None and refused.error_message else None,
-    )
+    refusal = refused.error_message if refused is not None and refused.error_message else None
     commit = sync.commit_sha if sync is not None else None
-    if environment is not None and environment not in saved:
-        return Status(commit, frozenset(saved), [], desired.refusal)  # named unknown by caller
+    if environment is not None and environment not in names:
+        return Status(commit, frozenset(names), [], refusal)  # named unknown by caller
     when = now or datetime.now(UTC)
-    planner = Planner(store, plan_settings(config), lambda: when)
-    envs = None if environment is None else [environment]
-    decisions = planner.decide_now(desired, envs, when)
-    return Status(commit, frozenset(saved), decisions, desired.refusal)
+    envs = names if environment is None else [environment]
+    decisions = serve(store, plan_settings(config), when, envs, refusal)
+    return Status(commit, frozenset(names), decisions, refusal)

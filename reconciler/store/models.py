@@ -221,6 +221,33 @@ environment_state = Table(
 )
 
 
+#: One counter per environment, raised by database triggers (migration 0011) whenever a
+#: row the planner reads about it changes: its `service_state` rows, its `live_versions`
+#: readings, its `operator_suspended` row, its saved `environment_state`. Triggers, not
+#: the store's code, so that no write path can forget it and no deployment pays one more
+#: statement for it. Stored decisions name the counts they were planned from.
+environment_changes = Table(
+    "environment_changes",
+    metadata,
+    Column("environment", String(63), primary_key=True),
+    Column("seq", BigInteger, nullable=False),
+)
+
+
+#: Each environment's decisions as last planned (`reconciler.stored_status`): `status`
+#: serves them while ``basis`` (the change counts and plan settings they were planned
+#: from) still holds and ``valid_until`` (a window's edge) has not passed.
+environment_decisions = Table(
+    "environment_decisions",
+    metadata,
+    Column("name", String(63), primary_key=True),
+    Column("basis", Text, nullable=False),
+    Column("valid_until", UTCDateTime()),
+    Column("decisions", Text, nullable=False),  # JSON, decoded only when served
+    Column("planned_at", UTCDateTime(), nullable=False),
+)
+
+
 operator_actions = Table(
     "operator_actions",
     metadata,

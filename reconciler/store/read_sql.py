@@ -113,6 +113,29 @@ STATEMENTS: dict[str, tuple[str, str]] = {
         'live_versions WHERE live_versions.environment IN (__[POSTCOMPILE_envs])',
         '-----t-t',
     ),
+    'environment_changes': (
+        'SELECT environment_changes.environment, environment_changes.seq FROM '
+        'environment_changes',
+        '--',
+    ),
+    'stored_decisions': (
+        'SELECT environment_decisions.name, environment_decisions.basis, '
+        'environment_decisions.valid_until, environment_decisions.decisions FROM '
+        'environment_decisions',
+        '--t-',
+    ),
+    'environment_names': (
+        'SELECT environment_state.name FROM environment_state ORDER BY '
+        'environment_state.name',
+        '-',
+    ),
+    'environment_states_in': (
+        'SELECT environment_state.name, environment_state.spec, '
+        'environment_state.source_path, environment_state."commit", '
+        'environment_state.updated_at FROM environment_state WHERE environment_state.name '
+        'IN (__[POSTCOMPILE_names]) ORDER BY environment_state.name',
+        '-j--t',
+    ),
 }
 
 #: history's statements by (environment, service, status given, since form).

@@ -27,6 +27,7 @@ from sqlalchemy.sql import Select
 
 from reconciler.store import (
     db,
+    decisions,
     deployments,
     drift,
     environments,
@@ -60,6 +61,10 @@ def statements() -> dict[str, Select[*tuple[Any, ...]]]:
         "suspension_reasons": environments.SUSPENSION_REASONS,
         "live": drift.LIVE,
         "live_in": drift.LIVE_IN,
+        "environment_changes": decisions.ENVIRONMENT_CHANGES,
+        "stored_decisions": decisions.STORED_DECISIONS,
+        "environment_names": decisions.ENVIRONMENT_NAMES,
+        "environment_states_in": decisions.ENVIRONMENT_STATES_IN,
     }
     return found
 

@@ -241,6 +241,16 @@ class EnvironmentStateRecord:
     updated_at: datetime
 
 
+class StoredDecisions(NamedTuple):
+    """An environment's decisions as last planned (`reconciler.stored_status`): valid while
+    ``basis`` matches what planning would read now and ``valid_until`` has not passed."""
+
+    name: str
+    basis: str
+    valid_until: datetime | None
+    decisions: str  # JSON text: decoded only when served
+
+
 @dataclass(frozen=True, slots=True)
 class OperatorActionRecord:
     id: int

@@ -4,4 +4,4 @@ reader (`sqlite_read.py`) compares a database with it without importing SQLAlche
 from __future__ import annotations
 
 #: The newest migration shipped in this package (tests check it against Alembic's head).
-HEAD_REVISION = "0010"
+HEAD_REVISION = "0011"

@@ -37,6 +37,7 @@ from reconciler.store.records import (
     LiveObservation,
     LogLine,
     ServiceState,
+    StoredDecisions,
     StoreError,
     SyncRecord,
     deployment_from,
@@ -215,6 +216,27 @@ class SQLiteReader:
 
     def environment_states(self) -> dict[str, EnvironmentStateRecord]:
         return {m["name"]: environment_state_from(m) for m in self._mappings("environment_states")}
+
+    def environment_names(self) -> list[str]:
+        return [row[0] for row in self._run("environment_names")]
+
+    def environment_states_of(self, names: Collection[str]) -> dict[str, EnvironmentStateRecord]:
+        found: dict[str, EnvironmentStateRecord] = {}
+        wanted = sorted(set(names))
+        for start in range(0, len(wanted), CHUNK):
+            names_, rows = self._execute(
+                STATEMENTS["environment_states_in"], None, {"names": wanted[start : start + CHUNK]}
+            )
+            for row in rows:
+                record = environment_state_from(dict(zip(names_, row, strict=True)))
+                found[record.name] = record
+        return dict(sorted(found.items()))
+
+    def environment_changes(self) -> dict[str, int]:
+        return {env: int(seq) for env, seq in self._run("environment_changes")}
+
+    def stored_decisions(self) -> dict[str, StoredDecisions]:
+        return {row[0]: StoredDecisions(*row) for row in self._run("stored_decisions")}
 
     def suspension_reasons(self) -> dict[str, str | None]:
         return {env: note for env, note in self._run("suspension_reasons")}

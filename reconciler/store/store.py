@@ -28,6 +28,7 @@ from reconciler.store.db import (
     upgrade,
     write_engine,
 )
+from reconciler.store.decisions import DecisionQueries
 from reconciler.store.deployment_logs import LogQueries
 from reconciler.store.deployments import DeploymentQueries
 from reconciler.store.drift import DriftQueries
@@ -54,6 +55,7 @@ class Store(
     BlameQueries,
     LedgerQueries,
     LeaseQueries,
+    DecisionQueries,
 ):
     """All reads and writes of the reconciler's records."""
 
