@@ -46,9 +46,10 @@ from reconciler.store import (
     StatusStep,
     Store,
     StoreError,
+    WouldWait,
+    inline,
     is_transient,
 )
-from reconciler.store.db import WouldWait, inline
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -22,8 +22,7 @@ from desired_state import EnvironmentSpec
 from reconciler.executor import Executor, Job
 from reconciler.plan import Decision
 from reconciler.planning import Planner
-from reconciler.store import DeploymentRecord, is_transient
-from reconciler.store.db import WouldWait, inline
+from reconciler.store import DeploymentRecord, WouldWait, inline, is_transient
 from reconciler.store.fence import FENCE, Fence, LeaseLost
 from reconciler.sync import Snapshot
 
