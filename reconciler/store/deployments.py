@@ -322,21 +322,28 @@ def _advance_at_once(
     _INSERT_EVENT.execute_many(conn, events)
     for _ in steps:
         notices.notify(conn, "progress", f"{deployment_id} {rec.environment}")
+    _note(conn, rec, last.status)
     if last.status in TERMINAL_STATUSES:
+        chain.record_deployment(conn, deployment_id, row)
+    return rec
+
+
+def _note(conn: Connection, rec: DeploymentRecord, status: str) -> None:
+    """The service's row after an unfinished deployment moved to ``status`` (its row
+    written): advanced once at the end of a run, else only its `last_status`."""
+    if status in TERMINAL_STATUSES:
         note_ended(
             conn,
             rec.environment,
             rec.service,
             rec.id,
             version=rec.version,
-            status=last.status,
+            status=status,
             trigger=rec.trigger,
             completed_at=rec.completed_at,
         )
-        chain.record_deployment(conn, deployment_id, row)
     else:
-        note_status(conn, rec.environment, rec.service, rec.id, last.status)
-    return rec
+        note_status(conn, rec.environment, rec.service, rec.id, status)
 
 
 class DeploymentQueries:
@@ -515,19 +522,8 @@ class DeploymentQueries:
         notices.notify(conn, "progress", f"{deployment_id} {rec.environment}")
         if checked:  # off the common path: the service's row is re-derived
             refresh_service_state(conn, rec.environment, rec.service)
-        elif status in TERMINAL_STATUSES:  # the end of a run: the row advances once, here
-            note_ended(
-                conn,
-                rec.environment,
-                rec.service,
-                rec.id,
-                version=rec.version,
-                status=status,
-                trigger=rec.trigger,
-                completed_at=rec.completed_at,
-            )
-        else:
-            note_status(conn, rec.environment, rec.service, rec.id, status)
+        else:  # the end of a run: the row advances once, here
+            _note(conn, rec, status)
         if status in TERMINAL_STATUSES:
             # The audit ledger, same transaction, from the row the UPDATE returned.
             chain.record_deployment(conn, deployment_id, mapping)
