@@ -46,6 +46,8 @@ from reconciler.store import (
     StatusStep,
     Store,
     StoreError,
+    WouldWait,
+    inline,
     is_transient,
 )
 
@@ -87,13 +89,27 @@ def _log_first_retry(exc: BaseException) -> None:
 
 async def durable(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
     """Run a store call off the loop, retrying with backoff while the database is away."""
-    return await _retrying(stop_after_delay(STORE_RETRY_SECONDS), fn, *args, **kwargs)
+    return await _retrying(stop_after_delay(STORE_RETRY_SECONDS), None, fn, *args, **kwargs)
 
 
-async def _retrying(stop: Any, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
-    # The first attempt goes straight to the worker thread: setting up the retry loop
-    # costs more than the write it guards, and nearly every write succeeds at once.
+async def _record_durably(store: Store, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+    """`durable` for a run's own short writes: on SQLite the first attempt runs inline
+    when it need not wait (`store.inline`)."""
+    return await _retrying(stop_after_delay(STORE_RETRY_SECONDS), store, fn, *args, **kwargs)
+
+
+async def _retrying(
+    stop: Any, store: Store | None, fn: Callable[..., T], /, *args: Any, **kwargs: Any
+) -> T:
+    # The first attempt goes straight to the worker thread (or runs inline, ``store``):
+    # setting up the retry loop costs more than the write it guards, and nearly every
+    # write succeeds at once.
     try:
+        if store is not None:
+            try:
+                return inline(store.engine, fn, *args, **kwargs)
+            except WouldWait:
+                pass
         return await asyncio.to_thread(fn, *args, **kwargs)
     except Exception as exc:
         if not is_transient(exc):
@@ -220,7 +236,7 @@ class _LogBuffer:
         async with self._lock:
             while self.lines:
                 batch, self.lines = self.lines[:LOG_FLUSH_LINES], self.lines[LOG_FLUSH_LINES:]
-                await durable(self.store.append_log, self.id, batch)
+                await _record_durably(self.store, self.store.append_log, self.id, batch)
 
     async def close(self) -> None:
         """Write what is left: the count of dropped lines, then the tail."""
@@ -369,14 +385,16 @@ class _Run:
     ) -> DeploymentRecord:
         store = self.x.store
         if steps[-1].status not in TERMINAL_STATUSES:
-            return await durable(store.set_statuses, self.rec.id, steps, run_process=run_process)
+            return await _record_durably(
+                store, store.set_statuses, self.rec.id, steps, run_process=run_process
+            )
         try:  # a terminal status is written however long the database is away
             return await _retrying(
-                stop_never, store.set_statuses, self.rec.id, steps, run_process=run_process
+                stop_never, store, store.set_statuses, self.rec.id, steps, run_process=run_process
             )
         except StoreError:
             # An attempt whose answer was lost may have been written already.
-            rec = await _retrying(stop_never, store.get_deployment, self.rec.id)
+            rec = await _retrying(stop_never, None, store.get_deployment, self.rec.id)
             if rec is None or rec.status not in TERMINAL_STATUSES:
                 raise
             return rec
@@ -418,7 +436,8 @@ class _Run:
         token = start_token(pgid)
         if self.deferred is None:
             if token is not None:
-                await durable(self.x.store.set_run_process, self.rec.id, pgid, token)
+                store = self.x.store
+                await _record_durably(store, store.set_run_process, self.rec.id, pgid, token)
             return
         if token is None and process_gone(pgid):
             return  # it ran already: ``in_progress`` goes with the terminal status
@@ -433,7 +452,8 @@ class _Run:
         at = self.x.clock()
         message = self.redact(message)
         clean = json.loads(self.redact(json.dumps(dict(details)))) if details else None
-        await durable(
+        await _record_durably(
+            self.x.store,
             self.x.store.add_event,
             self.rec.id,
             status="in_progress",
@@ -490,7 +510,9 @@ class Executor:
         follows), so it is recorded ``validating`` in the same write (both events kept)."""
         validating_at = self.clock() if starting else None
         new = self.new_deployment(job)
-        rec = await durable(self.store.create_deployment, new, validating_at=validating_at)
+        rec = await _record_durably(
+            self.store, self.store.create_deployment, new, validating_at=validating_at
+        )
         self.created(rec)
         return rec
 

@@ -22,7 +22,7 @@ from desired_state import EnvironmentSpec
 from reconciler.executor import Executor, Job
 from reconciler.plan import Decision
 from reconciler.planning import Planner
-from reconciler.store import DeploymentRecord, is_transient
+from reconciler.store import DeploymentRecord, WouldWait, inline, is_transient
 from reconciler.store.fence import FENCE, Fence, LeaseLost
 from reconciler.sync import Snapshot
 
@@ -197,9 +197,11 @@ class Runners:
         # thread inherits the context).
         token = FENCE.set(fence) if fence is not None else None
         try:
-            decisions, job, rec = await asyncio.to_thread(
-                self._decide, snap, spec, tried, create, self.planner.clock()
-            )
+            args = (snap, spec, tried, create, self.planner.clock())
+            try:  # SQLite: on the loop when nothing would wait (store.db.inline)
+                decisions, job, rec = inline(self.executor.store.engine, self._decide, *args)
+            except WouldWait:
+                decisions, job, rec = await asyncio.to_thread(self._decide, *args)
         finally:
             if token is not None:
                 FENCE.reset(token)

@@ -170,7 +170,10 @@ class CommandProvider(Provider):
         settings (its database URL) and credentials never reach a command, nor a log that
         prints its environment. The allowlisted host variables, `env`, the environment and
         service names, and the params as RECONCILER_PARAM_*."""
-        env = {k: v for k, v in os.environ.items() if k in INHERITED_ENV or k.startswith("LC_")}
+        # Names first, values of the few kept: reading every value (``items()``) decodes
+        # the whole environment at each deployment (issue 12).
+        environ = os.environ
+        env = {k: environ[k] for k in environ if k in INHERITED_ENV or k.startswith("LC_")}
         env.update(self.env)
         env["RECONCILER_ENVIRONMENT"] = environment
         env["RECONCILER_SERVICE"] = service

@@ -38,6 +38,7 @@ from sqlalchemy import (
 from sqlalchemy.sql.elements import ColumnElement
 
 from reconciler.store import models
+from reconciler.store.fast import Fast
 from reconciler.store.models import UTCDateTime
 from reconciler.store.records import TERMINAL_STATUSES
 
@@ -205,8 +206,9 @@ def dialect_columns(
 # Statements of the append path, built once: building and keying a statement per call
 # costs more than running it (issue 12).
 _LOCK = text("SELECT pg_advisory_xact_lock(:key)")
-_HEAD = select(A.c.seq, A.c.hash, A.c.at).order_by(A.c.seq.desc()).limit(1)
-_INSERT = insert(A)
+# Run through the driver on SQLite (fast.py): one of each per deployment.
+_HEAD = Fast(select(A.c.seq, A.c.hash, A.c.at).order_by(A.c.seq.desc()).limit(1))
+_INSERT = Fast(insert(A))
 
 
 def lock(conn: Connection) -> None:
@@ -216,8 +218,11 @@ def lock(conn: Connection) -> None:
 
 
 def head(conn: Connection) -> Head | None:
-    row = conn.execute(_HEAD).first()
-    return None if row is None else Head(int(row[0]), str(row[1]), row[2])
+    found = _HEAD.rows(conn)
+    if not found:
+        return None
+    row = found[0]
+    return Head(int(row["seq"]), str(row["hash"]), row["at"])
 
 
 class Appender:
@@ -251,7 +256,7 @@ class Appender:
 
     def flush(self) -> None:
         if self._rows:
-            self.conn.execute(_INSERT, self._rows)
+            _INSERT.execute_many(self.conn, self._rows)
             self._rows = []
 
 
@@ -269,9 +274,9 @@ def append(conn: Connection, kind: str, ref: int | None, payload: str) -> Head:
 
 
 @lru_cache(maxsize=8)
-def _digest_query(dialect: str, table: Any, names: tuple[str, ...]) -> Any:
+def _digest_query(dialect: str, table: Any, names: tuple[str, ...]) -> Fast:
     """One deployment's rows of ``table`` (bound as ``did``), in id order, as digested."""
-    return (
+    return Fast(
         select(*dialect_columns(dialect, table, names))
         .where(table.c.deployment_id == bindparam("did"))
         .order_by(table.c.id)
@@ -281,8 +286,8 @@ def _digest_query(dialect: str, table: Any, names: tuple[str, ...]) -> Any:
 def digest_of(conn: Connection, table: Any, names: tuple[str, ...], deployment_id: int) -> Digest:
     digest = Digest()
     query = _digest_query(conn.dialect.name, table, names)
-    for row in conn.execute(query, {"did": deployment_id}):
-        digest.add(row._mapping, names)
+    for row in query.rows(conn, {"did": deployment_id}):
+        digest.add(row, names)
     return digest
 
 

@@ -7,7 +7,7 @@ never changed, except ``failed`` → ``rolled_back`` (`_set_status`).
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from functools import lru_cache
@@ -30,6 +30,7 @@ from sqlalchemy.exc import IntegrityError
 
 from desired_state import one_line
 from reconciler.store import chain, fence, models, notices, rows
+from reconciler.store.fast import Fast
 from reconciler.store.records import (
     ACTIVE_STATUSES,
     STATUSES,
@@ -41,6 +42,7 @@ from reconciler.store.records import (
     NewDeployment,
     StatusStep,
     StoreError,
+    deployment_from,
 )
 from reconciler.store.service_state import (
     note_created,
@@ -111,8 +113,9 @@ def _completed_query(size: int) -> Select[str, str, str]:
 
 # Statements of the write path, built once (see service_state.py). The deployment's row
 # comes back from the write itself (RETURNING): no second read.
-_INSERT_DEPLOYMENT = insert(_D).returning(*_D.c)
-_INSERT_EVENT = insert(_E).values(deployment_id=bindparam("did"))
+# Run through the driver on SQLite (fast.py).
+_INSERT_DEPLOYMENT = Fast(insert(_D).returning(*_D.c))
+_INSERT_EVENT = Fast(insert(_E).values(deployment_id=bindparam("did")))
 _SET_PROCESS = (
     update(_D)
     .where(_D.c.id == bindparam("did"))
@@ -132,7 +135,7 @@ def _event_values(status: str, message: str | None, at: datetime) -> dict[str, A
 
 
 @lru_cache(maxsize=32)
-def _advance_statement(columns: tuple[str, ...], starts: bool) -> Any:
+def _advance_statement(columns: tuple[str, ...], starts: bool) -> Fast:
     """UPDATE of an unfinished deployment to ``:new_status`` (setting ``columns`` from
     the parameters of the same names; ``started_at`` the first time when ``starts``),
     returning the row; matches nothing when the deployment is finished or unknown."""
@@ -143,7 +146,7 @@ def _advance_statement(columns: tuple[str, ...], starts: bool) -> Any:
         # aware datetime ("... 10:00:01+00:00"), not the stored form the column's type makes.
         at = bindparam("at", type_=_D.c.started_at.type)
         values["started_at"] = func.coalesce(_D.c.started_at, at)
-    return (
+    return Fast(
         update(_D)
         .where(_D.c.id == bindparam("did"), _D.c.status.in_(_ACTIVE))
         .values(values)
@@ -276,6 +279,73 @@ def _fenced_off(
     return _deployment(row)
 
 
+def _advance_at_once(
+    conn: Connection, deployment_id: int, steps: Sequence[StatusStep]
+) -> DeploymentRecord | None:
+    """Steps of an unfinished deployment through unfinished statuses (the executor's
+    ``in_progress`` and, often, the terminal status after it) written as the last one
+    with one UPDATE, their events in one INSERT, the `service_state` row advanced once:
+    the same rows as `_set_status` step by step (each step's event, ``started_at`` from
+    the first starting step, the last given error and validation), in fewer statements.
+    None, having written nothing, when that does not apply (a ``pending`` or terminal
+    step before the last, a record no longer unfinished): the caller goes step by step."""
+    *before, last = steps
+    if any(s.status == "pending" or s.status in TERMINAL_STATUSES for s in before):
+        return None
+    if last.status == "pending":
+        return None
+    changes: dict[str, Any] = {}
+    started: datetime | None = None
+    for step in steps:
+        if started is None and step.status in ("validating", "in_progress"):
+            started = step.at
+        if step.error_message is not None:
+            changes["error_message"] = _one_line(step.error_message)
+        if step.validation is not None:
+            changes["validation"] = dict(step.validation)
+    if last.status in TERMINAL_STATUSES:
+        changes["completed_at"] = last.at
+    statement = _advance_statement(tuple(sorted(changes)), started is not None)
+    row = statement.one_or_none(
+        conn, {"did": deployment_id, "new_status": last.status, "at": started, **changes}
+    )
+    if row is None:
+        return None
+    rec = deployment_from(row)
+    events = [
+        {
+            "did": deployment_id,
+            **_event_values(s.status, _one_line(s.message) or _one_line(s.error_message), s.at),
+        }
+        for s in steps
+    ]
+    _INSERT_EVENT.execute_many(conn, events)
+    for _ in steps:
+        notices.notify(conn, "progress", f"{deployment_id} {rec.environment}")
+    _note(conn, rec, last.status)
+    if last.status in TERMINAL_STATUSES:
+        chain.record_deployment(conn, deployment_id, row)
+    return rec
+
+
+def _note(conn: Connection, rec: DeploymentRecord, status: str) -> None:
+    """The service's row after an unfinished deployment moved to ``status`` (its row
+    written): advanced once at the end of a run, else only its `last_status`."""
+    if status in TERMINAL_STATUSES:
+        note_ended(
+            conn,
+            rec.environment,
+            rec.service,
+            rec.id,
+            version=rec.version,
+            status=status,
+            trigger=rec.trigger,
+            completed_at=rec.completed_at,
+        )
+    else:
+        note_status(conn, rec.environment, rec.service, rec.id, status)
+
+
 class DeploymentQueries:
     """Deployment and progress event queries (mixed into `Store`)."""
 
@@ -300,8 +370,8 @@ class DeploymentQueries:
         with self._writer.begin() as conn:
             fence.check(conn, new.environment)
             try:
-                row = conn.execute(
-                    _INSERT_DEPLOYMENT,
+                row = _INSERT_DEPLOYMENT.rows(
+                    conn,
                     {
                         "environment": new.environment,
                         "service": new.service,
@@ -322,17 +392,17 @@ class DeploymentQueries:
                         "sync_id": new.sync_id,
                         "rollback_of": new.rollback_of,
                     },
-                ).one()
+                )[0]
             except IntegrityError as exc:
                 raise StoreError(
                     f"cannot record deployment: unknown sync {new.sync_id} "
                     f"or deployment {new.rollback_of}"
                 ) from exc
-            conn.execute(_INSERT_EVENT, [{"did": row.id, **event} for event in events])
+            _INSERT_EVENT.execute_many(conn, [{"did": row.id, **event} for event in events])
             # Other replicas' live pages, and their fleet summaries (the environment).
             notices.notify(conn, "progress", f"{row.id} {new.environment}")
             note_created(conn, new.environment, new.service, row.id, status, new.version)
-            return _deployment(row)
+            return deployment_from(row)
 
     def set_status(
         self,
@@ -390,7 +460,8 @@ class DeploymentQueries:
             )
             if late is not None:
                 return late
-            for step in steps:
+            merged = _advance_at_once(conn, deployment_id, steps) if len(steps) > 1 else None
+            for step in steps if merged is None else ():
                 rec = self._set_status(
                     conn,
                     deployment_id,
@@ -403,7 +474,7 @@ class DeploymentQueries:
             if run_process is not None:
                 pgid, token = run_process
                 conn.execute(_SET_PROCESS, {"did": deployment_id, "pgid": pgid, "token": token})
-            return rec
+            return rec if merged is None else merged
 
     def _set_status(
         self,
@@ -434,34 +505,28 @@ class DeploymentQueries:
         if status != "pending":
             starts = status in ("validating", "in_progress")
             statement = _advance_statement(tuple(sorted(changes)), starts)
-            row = conn.execute(
-                statement, {"did": deployment_id, "new_status": status, "at": at, **changes}
-            ).one_or_none()
+            row = statement.one_or_none(
+                conn, {"did": deployment_id, "new_status": status, "at": at, **changes}
+            )
         checked = row is None
+        mapping: Mapping[str, Any]
         if row is None:
-            row = _checked_update(conn, deployment_id, status, at, error_message, validation)
-        rec = _deployment(row)
+            mapping = _checked_update(
+                conn, deployment_id, status, at, error_message, validation
+            )._mapping
+        else:
+            mapping = row
+        rec = deployment_from(mapping)
         event = _event_values(status, message or error_message, at)
-        conn.execute(_INSERT_EVENT, {"did": deployment_id, **event})
+        _INSERT_EVENT.execute(conn, {"did": deployment_id, **event})
         notices.notify(conn, "progress", f"{deployment_id} {rec.environment}")
         if checked:  # off the common path: the service's row is re-derived
             refresh_service_state(conn, rec.environment, rec.service)
-        elif status in TERMINAL_STATUSES:  # the end of a run: the row advances once, here
-            note_ended(
-                conn,
-                rec.environment,
-                rec.service,
-                rec.id,
-                version=rec.version,
-                status=status,
-                trigger=rec.trigger,
-                completed_at=rec.completed_at,
-            )
-        else:
-            note_status(conn, rec.environment, rec.service, rec.id, status)
+        else:  # the end of a run: the row advances once, here
+            _note(conn, rec, status)
         if status in TERMINAL_STATUSES:
             # The audit ledger, same transaction, from the row the UPDATE returned.
-            chain.record_deployment(conn, deployment_id, row._mapping)
+            chain.record_deployment(conn, deployment_id, mapping)
         return rec
 
     def add_event(

@@ -18,6 +18,7 @@ from typing import Any
 from sqlalchemy import Engine, Table, bindparam, func, insert, select
 
 from reconciler.store import models
+from reconciler.store.fast import Fast
 from reconciler.store.records import LiveObservation as LiveObservation
 from reconciler.store.records import NotificationCursorRecord, StoreError
 from reconciler.store.rows import chunks, insert_ignore, reader
@@ -55,6 +56,8 @@ _COLUMNS = (
 # Built once: the planner reads an environment's live versions before every deployment.
 LIVE = _LIVE = select(*(_L.c[name] for name in _COLUMNS))
 LIVE_IN = _LIVE_IN = _LIVE.where(_L.c.environment.in_(bindparam("envs", expanding=True)))
+# One environment's, read before each of its deployments (driver-run on SQLite: fast.py).
+_LIVE_ONE = Fast(_LIVE.where(_L.c.environment == bindparam("env")))
 
 
 class DriftQueries:
@@ -107,6 +110,9 @@ class DriftQueries:
                 rows = list(conn.execute(_LIVE))
             else:
                 envs = sorted(set(environments))
+                if len(envs) == 1:
+                    found = [r._tuple for r in _LIVE_ONE.rows(conn, {"env": envs[0]})]
+                    return {(t[0], t[1]): LiveObservation(*t) for t in found}
                 for i in range(0, len(envs), _CHUNK):
                     chunk = envs[i : i + _CHUNK]
                     rows.extend(conn.execute(_LIVE_IN, {"envs": chunk}))

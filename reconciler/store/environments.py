@@ -14,6 +14,7 @@ from typing import Any
 from sqlalchemy import Engine, delete, func, insert, select
 
 from reconciler.store import chain, models, notices, rows
+from reconciler.store.fast import Fast
 from reconciler.store.records import (
     OPERATOR_ACTIONS,
     EnvironmentStateRecord,
@@ -34,6 +35,7 @@ _OA = models.operator_actions
 _OS = models.operator_suspended
 _SUSPENDED = select(_OS.c.environment)  # built once: read before every deployment
 SUSPENDED = _SUSPENDED
+_FAST_SUSPENDED = Fast(_SUSPENDED)  # driver-run on SQLite (fast.py)
 #: Every environment's saved desired state (`environment_states`).
 ENVIRONMENT_STATES = select(_ENV).order_by(_ENV.c.name)
 #: Each suspended environment with the note of its latest `suspend` action.
@@ -175,7 +177,7 @@ class EnvironmentQueries:
 
     def suspended_environments(self) -> set[str]:
         with _reader(self.engine) as conn:
-            return set(conn.execute(_SUSPENDED).scalars())
+            return {row["environment"] for row in _FAST_SUSPENDED.rows(conn)}
 
     def suspension_reasons(self) -> dict[str, str | None]:
         """Each environment an operator suspended: the reason given (`suspend --reason`,

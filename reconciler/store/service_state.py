@@ -29,6 +29,7 @@ from sqlalchemy import (
 )
 
 from reconciler.store import models, rows
+from reconciler.store.fast import Fast
 from reconciler.store.models import UNFINISHED_SQL
 from reconciler.store.records import (
     ACTIVE_STATUSES,
@@ -226,11 +227,15 @@ _CREATED = (
 )
 # An unfinished status change of the newest deployment: only `last_status` moves (the
 # fold skips unfinished deployments, and the newest unfinished one stays the running one).
-_STATUS = (
+_STATUS = Fast(
     update(_SS)
     .where(*_KEY, _SS.c.last_deployment_id == bindparam("id"))
     .values(last_status=bindparam("status"))
 )
+# The statements of every deployment, run through the driver on SQLite (fast.py).
+_FAST_CREATED = Fast(_CREATED)
+_FAST_LOCK_ROW = Fast(_LOCK_ROW)
+_FAST_ENDED = Fast(_ENDED)
 
 #: Far above any id: the first page of a fold reads from the newest deployment.
 _NO_BOUND = 2**62
@@ -269,7 +274,7 @@ def refresh_service_state(conn: Connection, environment: str, service: str) -> N
 
 
 @lru_cache(maxsize=2)
-def _first_statement(dialect: str) -> Any:
+def _first_statement(dialect: str) -> Fast:
     """INSERT of a service's row made by its first deployment (the fold of one unfinished
     deployment: it is the last and the running one, nothing deployed, no streak), only
     when the service has no other deployment, and nothing when the row exists."""
@@ -292,7 +297,7 @@ def _first_statement(dialect: str) -> Any:
         bindparam("id", type_=_SS.c.running_deployment_id.type),
         literal(0),
     ).where(~exists(other))
-    return (
+    return Fast(
         dialect_insert(_SS)
         .from_select([*names, "running_deployment_id", "streak_count"], values)
         .on_conflict_do_nothing(index_elements=["environment", "service"])
@@ -307,16 +312,16 @@ def note_created(
     deployment one guarded INSERT; else (a row missing beside older deployments, a
     concurrent newer one) the full refresh."""
     params = {"env": environment, "svc": service, "id": ident, "status": status, "version": version}
-    if conn.execute(_CREATED, params).rowcount == 1:
+    if _FAST_CREATED.execute(conn, params) == 1:
         return
-    if conn.execute(_first_statement(conn.dialect.name), params).rowcount != 1:
+    if _first_statement(conn.dialect.name).execute(conn, params) != 1:
         refresh_service_state(conn, environment, service)
 
 
 def note_status(conn: Connection, environment: str, service: str, ident: int, status: str) -> None:
     """An unfinished deployment moved to another unfinished status. Nothing else in the
     row depends on it: `last_status` when it is the newest, else nothing."""
-    conn.execute(_STATUS, {"env": environment, "svc": service, "id": ident, "status": status})
+    _STATUS.execute(conn, {"env": environment, "svc": service, "id": ident, "status": status})
 
 
 def note_ended(
@@ -338,12 +343,12 @@ def note_ended(
     refresh.
     """
     key = {"env": environment, "svc": service}
-    row = conn.execute(_LOCK_ROW, key).one_or_none()
+    row = _FAST_LOCK_ROW.one_or_none(conn, key)
     if row is None or row.last_deployment_id != ident or row.running_deployment_id != ident:
         refresh_service_state(conn, environment, service)
         return
     values = ServiceFold.ended_newest(row, version, status, trigger, completed_at)
-    conn.execute(_ENDED, {**key, **values})
+    _FAST_ENDED.execute(conn, {**key, **values})
 
 
 class ServiceStateQueries:
