@@ -32,6 +32,12 @@ log = logging.getLogger("reconciler.engine")
 FAILURES = frozenset({"failed", "timed_out"})
 
 
+#: Above this many services an environment is planned in a worker thread, never inline
+#: on the event loop: planning costs ~30 us a service, and the loop serves the HTTP API,
+#: the control socket and every other runner meanwhile.
+INLINE_PLAN_SERVICES = 100
+
+
 class Runners:
     def __init__(
         self,
@@ -198,7 +204,10 @@ class Runners:
         token = FENCE.set(fence) if fence is not None else None
         try:
             args = (snap, spec, tried, create, self.planner.clock())
-            try:  # SQLite: on the loop when nothing would wait (store.db.inline)
+            try:  # SQLite: on the loop when nothing would wait (store.db.inline) and
+                # the environment is small enough to plan without stalling the loop
+                if len(spec.services) > INLINE_PLAN_SERVICES:
+                    raise WouldWait("too many services to plan on the loop")
                 decisions, job, rec = inline(self.executor.store.engine, self._decide, *args)
             except WouldWait:
                 decisions, job, rec = await asyncio.to_thread(self._decide, *args)

@@ -19,6 +19,7 @@ from sqlalchemy import create_engine, event, text
 from sqlalchemy.exc import DBAPIError
 
 import reconciler.planning
+import reconciler.runners
 from reconciler.engine import Engine
 from reconciler.store import NewDeployment, Store, is_transient
 from tests.support import World, git
@@ -176,10 +177,16 @@ def test_scheduled_wake_ups_run_on_the_event_loop(tmp_path: Path) -> None:
         loop.close()
 
 
-def test_planning_runs_off_the_event_loop(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("big", [False, True], ids=["small-env-inline", "big-env-in-thread"])
+def test_planning_runs_off_the_event_loop(
+    world: World, monkeypatch: pytest.MonkeyPatch, big: bool
+) -> None:
     """The fleet's planning (`Engine.decisions`: every environment, seconds of Python at
     20,000 services) runs in a worker thread. A runner's decision for its one environment
-    runs inline on the loop on SQLite, with its store calls (`store.db.inline`)."""
+    runs inline on the loop on SQLite, with its store calls (`store.db.inline`), unless the
+    environment has more services than `INLINE_PLAN_SERVICES`."""
+    if big:
+        monkeypatch.setattr(reconciler.runners, "INLINE_PLAN_SERVICES", 0)
     world.repo.set_env("staging", {"api": "1.0"}, windows=WINDOW)
     threads: list[bool] = []
     real = reconciler.planning.plan
@@ -201,7 +208,7 @@ def test_planning_runs_off_the_event_loop(world: World, monkeypatch: pytest.Monk
         await engine.drain("staging")
 
     run_engine(world, body)
-    assert threads == [False, True], "the fleet's plan() ran on the event loop"
+    assert threads == [False, not big], "plan() ran on the wrong side of the event loop"
 
 
 # ---------------------------------------------------------------- the running look-up
