@@ -500,8 +500,10 @@ class Daemon:
             finally:
                 self._sync_started = None
             await self._audit()
-            if self.replica is not None and outcome.result != "failed":
-                self._spawn(self.replica.rebalance(), "rebalance")  # new environments, say
+            if self.replica is not None and outcome.result not in ("failed", "unchanged"):
+                # new environments, say; a poll that found the same head changes nothing
+                # (with a 1 s poll that was a lease pass a second), the timer covers the rest
+                self._spawn(self.replica.rebalance(), "rebalance")
             after = self.engine.commit.sha if self.engine.commit else None
             if after is not None and after != before and trigger != "notice":
                 self._announce_head(after)  # a head applied here, not one refused

@@ -41,6 +41,7 @@ from reconciler.lock import AlreadyRunning, StateLock
 from reconciler.plan import Decision
 from reconciler.providers import build_providers
 from reconciler.store import (
+    TERMINAL_STATUSES,
     DatabaseHeld,
     DatabaseLock,
     DeploymentRecord,
@@ -725,14 +726,23 @@ async def handle(
         return
     # A sync: its outcome, then the runs in scope until nothing there is due or running.
     ids = {r.id for env, r in engine.deploying.items() if started.covers(env, r.service)}
+    ended: set[int] = set()  # the runs whose terminal event was passed on
+
+    def ours(event: object) -> DeploymentEvent | None:
+        if isinstance(event, DeploymentEvent) and started.covers(event.environment, event.service):
+            ids.add(event.deployment_id)
+            if event.status in TERMINAL_STATUSES:
+                ended.add(event.deployment_id)
+            return event
+        return None
+
     outcome: SyncOutcome | None = None
     while outcome is None:
         event = await events.get()
         if isinstance(event, SyncOutcome):
             if event.trigger == "manual":
                 outcome = event
-        elif started.covers(event.environment, event.service):
-            ids.add(event.deployment_id)
+        elif ours(event) is not None:
             yield _progress(event)
     yield SyncResult(
         sync_id=outcome.sync_id,
@@ -743,16 +753,25 @@ async def handle(
         message=outcome.message,
     )
     if outcome.result not in ("failed", "refused"):
-        while not await _quiet(engine, started):
+        # Quiet in the store can come before the last events of a run reach this queue
+        # (they are published once its record is written): a run seen going is followed
+        # to its terminal event, or for one more poll once the store says it ended.
+        quiet = False
+        while True:
+            while (left := events.get_nowait()) is not None:
+                if (mine := ours(left)) is not None:
+                    yield _progress(mine)
+            quiet = quiet or await _quiet(engine, started)
+            if quiet and ids <= ended:
+                break
             try:
                 event = await asyncio.wait_for(events.get(), POLL_SECONDS)
             except TimeoutError:
+                if quiet:
+                    break  # its event went elsewhere: the records below still tell
                 continue
-            if isinstance(event, DeploymentEvent) and started.covers(
-                event.environment, event.service
-            ):
-                ids.add(event.deployment_id)
-                yield _progress(event)
+            if (mine := ours(event)) is not None:
+                yield _progress(mine)
     # The runs of the head commit: one running an older commit when we asked is not ours.
     commit = outcome.commit
     yield Done(
