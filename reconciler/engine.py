@@ -30,7 +30,7 @@ from reconciler.executor import Executor, Job, Listener, utcnow
 from reconciler.plan import Decision, PlanSettings, RecordedState
 from reconciler.planning import Planner, host_timezone, plan_settings
 from reconciler.providers import Provider, spec_check
-from reconciler.providers.process import end_group, use_pidfd_child_watcher
+from reconciler.providers.process import end_group, marked_groups, use_pidfd_child_watcher
 from reconciler.runners import FAILURES, Runners
 from reconciler.source import GitSource
 from reconciler.store import CommitMeta, DeploymentRecord, Store
@@ -225,14 +225,25 @@ class Engine:
         own): it is ended first (SIGTERM, SIGKILL after `kill_grace`), so the same service
         never runs twice at once once its record is closed and planned again. (Only on
         this host: its start token does not match a process of another host.)
+
+        The group is found by its record, and by the marker in the environment of every
+        process of the run (`marked_groups`): a daemon killed between the spawn and the
+        record of the group, or a child that left the group, leaves processes only the
+        marker names. Without ``/proc`` (not Linux) the recorded group alone is ended.
         """
-        survivors = await asyncio.to_thread(
-            self.store.unfinished_processes, environments=environments
-        )
-        ended = await asyncio.gather(
-            *(end_group(pgid, token, self.config.daemon.kill_grace) for _, pgid, token in survivors)
-        )
-        for (deployment_id, pgid, _), was_running in zip(survivors, ended, strict=True):
+        unfinished = await asyncio.to_thread(self.store.unfinished_runs, environments=environments)
+        groups: dict[tuple[int, int], str] = {
+            (did, pgid): token for did, pgid, token in unfinished if pgid is not None and token
+        }
+        if unfinished:
+            ledger = await asyncio.to_thread(self.store.ledger_id)
+            marked = await asyncio.to_thread(marked_groups, ledger, [u[0] for u in unfinished])
+            for did, found in marked.items():
+                for pgid, token in found.items():
+                    groups.setdefault((did, pgid), token)  # the recorded leader's goes first
+        grace = self.config.daemon.kill_grace
+        ended = await asyncio.gather(*(end_group(g[1], t, grace) for g, t in groups.items()))
+        for (deployment_id, pgid), was_running in zip(groups, ended, strict=True):
             if was_running:
                 log.warning("event=orphan_ended id=%d pgid=%d", deployment_id, pgid)
         ids = await asyncio.to_thread(

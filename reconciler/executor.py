@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -68,6 +69,10 @@ LINE_LIMIT = 16 * 1024
 # What a line counts against the cap at least: a stored row costs more than its text, and
 # a flood of empty lines must not fill the tail with a million tiny objects.
 LINE_MIN_COST = 32
+# Tests only: a run's process group is never recorded, so that a test can kill the daemon
+# in the window between a spawn and that record (tests/test_daemon_runs.py), which is
+# otherwise a few milliseconds long. Read once, at import.
+HOLD_PROCESS_RECORD = bool(os.environ.get("RECONCILER_TEST_HOLD_PROCESS_RECORD"))
 
 
 def utcnow() -> datetime:
@@ -433,6 +438,8 @@ class _Run:
     async def process(self, pgid: int) -> None:
         """Record the run's process group, so that a restart can end what a crash left
         (with the deferred ``in_progress``, if any: one transaction)."""
+        if HOLD_PROCESS_RECORD:
+            await asyncio.Event().wait()  # a crash in the window, for as long as a test needs
         token = start_token(pgid)
         if self.deferred is None:
             if token is not None:
@@ -482,6 +489,7 @@ class Executor:
         self.log_cap = log_cap
         self.listener = listener
         self.clock = clock
+        self._ledger_id: str | None = None  # read once: the run marker's database identity
 
     def new_deployment(self, job: Job) -> NewDeployment:
         """The record of ``job`` as the store creates it."""
@@ -543,6 +551,8 @@ class Executor:
         """
         rec = record or await self.create(job, starting=True)
         provider = self.providers[job.spec.provider]
+        if self._ledger_id is None and provider.reports_process:
+            self._ledger_id = await durable(self.store.ledger_id)
         deadline = time.monotonic() + job.spec.timeout
         request = DeployRequest(
             environment=job.environment,
@@ -555,6 +565,7 @@ class Executor:
             strategy=rec.strategy,
             params=rec.params,
             trigger=job.trigger,
+            ledger_id=self._ledger_id or "",
         )
         run = _Run(self, rec, Redactor(provider.secrets()))
         ctx = DeployContext(

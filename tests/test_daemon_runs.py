@@ -96,6 +96,42 @@ def test_kill_9_then_restart_ends_the_orphaned_run_before_running_the_service_ag
     assert first_run["error_message"] == "interrupted: reconciler stopped during the run"
 
 
+def test_kill_9_before_the_process_group_is_recorded_then_restart_ends_the_orphan(world: World):
+    """The window between a run's spawn and the record of its group: a test hook holds the
+    record back for good, so the crash comes inside it every time."""
+    world.repo.set_env("staging", {"api": "1.0-hang"})
+    store = Store.for_reading(load_config(world.config, environ={}).database_url)
+    with Daemon(world, RECONCILER_TEST_HOLD_PROCESS_RECORD="1") as first:
+        pids = wait_for(lambda: _pids(world), what="the script to run")
+        [(deployment_id, pgid, token)] = store.unfinished_runs()
+        assert pgid is None and token is None  # nothing recorded says what runs
+        first.stop(signal.SIGKILL)
+    store.close()
+    leader, child = pids
+    assert alive(leader) and alive(child)  # a crash leaves the run going
+    world.pids.unlink()
+    with Daemon(world) as second:
+        # Found by the marker in its environment, ended before the record is closed and
+        # the version planned again: the retry never overlaps it.
+        wait_for(lambda: _pids(world), what="the retry to start")
+        still = [p for p in (leader, child) if alive(p)]
+        assert second.stop() == 0
+    assert not still
+    assert f"event=orphan_ended id={deployment_id} pgid={leader}" in second.log()
+    first_run = next(d for d in history(world) if d["id"] == deployment_id)
+    assert first_run["status"] == "failed"
+    assert first_run["error_message"] == "interrupted: reconciler stopped during the run"
+
+
+def _pids(world: World) -> list[int] | None:
+    """The -hang script's leader and child, once it has written both."""
+    try:
+        pids = [int(p) for p in world.pids.read_text().split()]
+    except FileNotFoundError:
+        return None
+    return pids if len(pids) == 2 else None
+
+
 def test_sigterm_leaves_no_process_of_a_run_that_ignores_sigterm(tmp_path: Path):
     world = World(tmp_path, shutdown_grace="1s")
     world.repo.set_env("staging", {"api": "1.0-trap"})

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -10,8 +12,10 @@ from typing import Any
 import pytest
 
 from reconciler.engine import Engine
+from reconciler.providers.process import MARKER_DEPLOYMENT, MARKER_LEDGER
 from tests import support
 from tests.support import World, alive, env_yaml
+from tests.test_store import new
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -370,3 +374,38 @@ def test_a_database_outage_delays_records_but_loses_none(world: World, monkeypat
     assert rec.status == "completed"
     assert [p.message for p in rec.progress if p.status == "in_progress"][-1] == "done"
     assert any("token is ***" in line.line for line in rec.log)
+
+
+def test_recovery_ends_the_marked_runs_of_the_environments_it_recovers_only(world: World):
+    """Runs whose process group was never recorded (the daemon died right after the
+    spawn): found by their marker, per environment as a replica recovers what it claims."""
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    async def body(engine: Engine):
+        store = engine.store
+        ledger = store.ledger_id()
+        records = {}
+        for env in ("staging", "production"):
+            rec = store.create_deployment(new(environment=env), validating_at=engine.clock())
+            records[env] = rec.id
+            marker = {MARKER_LEDGER: ledger, MARKER_DEPLOYMENT: str(rec.id)}
+            procs[env] = subprocess.Popen(
+                ["sleep", "300"], env={**os.environ, **marker}, start_new_session=True
+            )
+        assert [pgid for _, pgid, _ in store.unfinished_runs()] == [None, None]
+        first = await engine.recover(["staging"])
+        staging_gone = not alive(procs["staging"].pid)
+        production_alive = alive(procs["production"].pid)
+        second = await engine.recover()
+        return records, first, staging_gone, production_alive, second
+
+    try:
+        records, first, staging_gone, production_alive, second = run_engine(world, body)
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+    assert first == [records["staging"]] and staging_gone and production_alive
+    assert second == [records["production"]]
+    assert procs["production"].returncode == -15  # SIGTERM, as a recorded group gets

@@ -40,6 +40,9 @@ class DeployRequest:
     strategy: Mapping[str, Any]
     params: Mapping[str, Any]
     trigger: str
+    # The identity of the database's ledger, for the marker a run's processes carry
+    # (`process.MARKER_LEDGER`): "" where the executor did not ask for it.
+    ledger_id: str = ""
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from reconciler.providers.base import (
     Provider,
     Validation,
 )
-from reconciler.providers.process import killpg
+from reconciler.providers.process import MARKER_DEPLOYMENT, MARKER_LEDGER, killpg
 
 STDERR_TAIL = 5
 # Output is read in chunks of this size; a line is held up to READ_LIMIT bytes (the run's
@@ -155,12 +155,14 @@ class CommandProvider(Provider):
             {
                 "RECONCILER_VERSION": req.version,
                 "RECONCILER_PREVIOUS_VERSION": req.previous_version or "",
-                "RECONCILER_DEPLOYMENT_ID": str(req.deployment_id),
+                MARKER_DEPLOYMENT: str(req.deployment_id),
                 "RECONCILER_COMMIT": req.commit or "",
                 "RECONCILER_TIMEOUT": str(req.timeout_seconds),
                 "RECONCILER_STRATEGY": json.dumps(dict(req.strategy), sort_keys=True),
             }
         )
+        if req.ledger_id:  # with the deployment id: how recovery finds the run's processes
+            env[MARKER_LEDGER] = req.ledger_id
         return env
 
     def _base_environment(

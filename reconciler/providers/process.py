@@ -6,6 +6,12 @@ from ``/proc``), so that after a crash recovery can end a group that outlived it
 ever signalling an unrelated process that happens to reuse the number. Linux does not
 hand out a pid while a process group of that number exists, so a group member that
 started no earlier than the recorded leader is one of ours.
+
+The group is recorded a few milliseconds after the spawn: a daemon killed in between
+leaves a run nobody recorded. So every run's environment also carries a marker, the
+deployment id and the identity of the database's ledger (`MARKER_DEPLOYMENT`,
+`MARKER_LEDGER`), and recovery finds the processes of an unfinished deployment by it
+(`marked_groups`, Linux: ``/proc/<pid>/environ``), recorded group or not.
 """
 
 from __future__ import annotations
@@ -15,11 +21,16 @@ import contextlib
 import os
 import signal
 import sys
+from collections.abc import Collection
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 PROC = Path("/proc")
+#: The variables that mark a run's processes (SPEC §6): which deployment, of which database
+#: (deployment ids repeat across databases; a ledger's genesis hash does not).
+MARKER_DEPLOYMENT = "RECONCILER_DEPLOYMENT_ID"
+MARKER_LEDGER = "RECONCILER_LEDGER_ID"
 # How often a group that is not our child is looked at while it ends (no wait() for it).
 GONE_POLL_SECONDS = 0.02
 # How long a SIGKILLed group may take to vanish before recovery goes on without waiting.
@@ -135,6 +146,58 @@ def group_members(pgid: int, token: str) -> list[int]:
         if st is not None and st[1] == pgid and st[2] >= started and st[0] != "Z":
             members.append(int(entry.name))
     return members
+
+
+def marked_groups(ledger: str, deployment_ids: Collection[int]) -> dict[int, dict[int, str]]:
+    """The process groups of the host's live processes whose environment marks them as a
+    run of one of ``deployment_ids`` in the database whose ledger is ``ledger``:
+    ``{deployment id: {process group: start token}}``, each token as `end_group` takes it
+    (the leader's, or the earliest marked member's when the leader is gone).
+
+    Processes whose environment cannot be read (another user's) are skipped, and so are
+    this process and its own group: a daemon started by a run of another must not end
+    itself. Empty where there is no ``/proc`` (not Linux): the recorded group alone counts.
+    """
+    boot = _boot_id()
+    if boot is None or not deployment_ids:
+        return {}
+    wanted = {str(i).encode(): i for i in deployment_ids}
+    ledger_entry = f"{MARKER_LEDGER}={ledger}".encode()
+    deployment_key = f"{MARKER_DEPLOYMENT}=".encode()
+    me, my_group = os.getpid(), os.getpgrp()
+    earliest: dict[int, dict[int, int]] = {}  # deployment -> group -> earliest start
+    try:
+        entries = list(os.scandir(PROC))
+    except OSError:
+        return {}
+    for entry in entries:
+        if not entry.name.isdigit() or int(entry.name) == me:
+            continue
+        try:
+            with open(PROC / entry.name / "environ", "rb") as f:
+                environ = f.read()
+        except OSError:  # another user's, or gone
+            continue
+        if ledger_entry not in environ:
+            continue  # nearly every process: one search, no split
+        deployment, marked = None, False
+        for item in environ.split(b"\0"):
+            if item == ledger_entry:
+                marked = True
+            elif item.startswith(deployment_key):
+                deployment = wanted.get(item[len(deployment_key) :])
+        st = _stat(int(entry.name))
+        if not marked or deployment is None or st is None or st[0] == "Z" or st[1] == my_group:
+            continue
+        groups = earliest.setdefault(deployment, {})
+        groups[st[1]] = min(groups.get(st[1], st[2]), st[2])
+    found: dict[int, dict[int, str]] = {}
+    for deployment, groups in earliest.items():
+        for pgid, started in groups.items():
+            leader = _stat(pgid)
+            ticks = leader[2] if leader is not None else started
+            found.setdefault(deployment, {})[pgid] = f"{boot}:{ticks}"
+    return found
 
 
 def killpg(pgid: int, sig: signal.Signals) -> None:

@@ -267,10 +267,26 @@ def append(conn: Connection, kind: str, ref: int | None, payload: str) -> Head:
     now = datetime.now(UTC)
     chain = Appender(conn, after)
     if after is None:  # an offline-migrated database: the chain starts here
-        chain.add("genesis", None, canonical({"format": FORMAT, "backfilled": None}), now)
+        _genesis(chain, now)
     entry = chain.add(kind, ref, payload, now)
     chain.flush()
     return entry
+
+
+def _genesis(chain: Appender, now: datetime) -> Head:
+    return chain.add("genesis", None, canonical({"format": FORMAT, "backfilled": None}), now)
+
+
+def begin(conn: Connection) -> str:
+    """The genesis entry's hash, the entry written first if the chain has not begun."""
+    lock(conn)
+    first = conn.execute(select(A.c.hash).where(A.c.seq == 1)).scalar()
+    if first is not None:
+        return str(first)
+    chain = Appender(conn, None)
+    entry = _genesis(chain, datetime.now(UTC))
+    chain.flush()
+    return entry.hash
 
 
 @lru_cache(maxsize=8)

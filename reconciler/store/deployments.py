@@ -688,14 +688,24 @@ class DeploymentQueries:
         """``(deployment id, process group, start token)`` of every unfinished deployment
         that recorded a process: what a crashed daemon may have left running (in
         ``environments`` only, when given: a replica's newly claimed ones)."""
-        query = select(_D.c.id, _D.c.run_pgid, _D.c.run_process).where(
-            _D.c.status.in_(_ACTIVE), _D.c.run_pgid.is_not(None)
-        )
+        return [
+            (did, pgid, token)
+            for did, pgid, token in self.unfinished_runs(environments=environments)
+            if pgid is not None and token
+        ]
+
+    def unfinished_runs(
+        self, *, environments: Collection[str] | None = None
+    ) -> list[tuple[int, int | None, str | None]]:
+        """``(deployment id, process group, start token)`` of every unfinished deployment,
+        the group None where none was recorded: a daemon killed between a run's spawn and
+        that record leaves one, found by the marker in its processes' environment."""
+        query = select(_D.c.id, _D.c.run_pgid, _D.c.run_process).where(_D.c.status.in_(_ACTIVE))
         if environments is not None:
             query = query.where(_D.c.environment.in_(sorted(environments)))
         with self.engine.connect() as conn:
             rows = conn.execute(query.order_by(_D.c.id))
-            return [(r.id, r.run_pgid, r.run_process) for r in rows if r.run_process]
+            return [(r.id, r.run_pgid, r.run_process) for r in rows]
 
     def interrupt_unfinished(
         self, *, message: str, at: datetime, environments: Collection[str] | None = None

@@ -19,6 +19,7 @@ from reconciler.store.records import TERMINAL_STATUSES
 
 _D, _E, _L = chain.D, chain.E, chain.L
 _TERMINAL = tuple(sorted(TERMINAL_STATUSES))
+_GENESIS = select(chain.A.c.hash).where(chain.A.c.seq == 1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +42,19 @@ class LedgerQueries:
         """The newest ledger entry (seq, hash, at): one index look-up."""
         with self.engine.connect() as conn:
             return chain.head(conn)
+
+    def ledger_id(self) -> str:
+        """What tells this database from another on the same host: its ledger's genesis
+        hash (cut to 32 hex digits), carried by a run's processes (`MARKER_LEDGER`) beside
+        the deployment id, which repeats across databases. A chain not begun yet (an
+        offline-migrated database) gets its genesis entry here, as its first append would.
+        A copy of the database (a restored backup) has the same identity."""
+        with self.engine.connect() as conn:
+            genesis = conn.execute(_GENESIS).scalar()
+        if genesis is None:
+            with self._writer.begin() as conn:
+                genesis = chain.begin(conn)
+        return str(genesis)[:32]
 
     def prune_history(self, before: datetime, *, batch: int = 500) -> PruneReport:
         """Delete the progress events and logs of terminal deployments that ended before
